@@ -1,0 +1,90 @@
+"""The ``unlearn`` command.
+
+    unlearn world build [--out DIR] [--only mllm classifier sd] [--quiet]
+    unlearn world check [--out DIR] [--sd-seeds N] [--json FILE]
+
+Sub-commands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+WORLD_HELP = """The built-in world of fictitious concepts and its tiny trained models.
+Cache: --out, else $UNLEARN_WORLD_DIR, else ~/.cache/unlearn/world."""
+
+
+def _add_world(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = sub.add_parser("build", help="train the world models that are missing from the cache")
+    b.add_argument("--only", nargs="+", metavar="PART", help="components to build: mllm classifier sd (default: all)")
+    c = sub.add_parser("check", help="print the quality-gate figures as JSON; exit 1 if a gate fails")
+    c.add_argument("--sd-seeds", type=int, default=10, help="generated images per concept for the SD gate")
+    c.add_argument("--json", type=Path, help="also write the report to this file")
+    sub.add_parser("concepts", help="list the world's concepts")
+    for p in (b, c):
+        p.add_argument("--out", type=Path, help="world cache directory")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_world(args: argparse.Namespace) -> int:
+    if args.action == "concepts":
+        from .world.concepts import CONCEPTS
+        from .world.tokenizer import build_tokenizer, count_tokens
+
+        tok = build_tokenizer()
+        for c in CONCEPTS:
+            print(f"{c.key:10s} {c.kind:8s} {count_tokens(tok, c.name)} tokens  {c.name}  (aliases: {', '.join(c.aliases)})")
+        return 0
+    from .world.build import COMPONENTS, build_world, check_world
+
+    if args.action == "build":
+        paths = build_world(args.out, progress=not args.quiet, only=tuple(args.only or COMPONENTS))
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return 0
+    report = check_world(args.out, progress=not args.quiet, sd_seeds=args.sd_seeds)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    if not report["pass"]:
+        failed = [f"{part}.{gate}" for part in ("mllm", "classifier", "sd") for gate, ok in report[part]["gates"].items() if not ok]
+        print(f"world quality gate FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unlearn",
+        description="Concept unlearning for multimodal generative models (GA, FTTP and baselines), "
+        "on the built-in concept world or real Hugging Face checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"unlearn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text.splitlines()[0], description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        print(f"unlearn: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

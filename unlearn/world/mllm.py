@@ -1,0 +1,235 @@
+"""The world MLLM: a real `LlavaForConditionalGeneration` (CLIP vision tower + Llama) trained on the
+world, with its quality gate.
+
+Training recipe (measured, see ENVIRONMENT.md): AdamW at a small learning rate with a linear
+warm-up then cosine decay; at higher rates without warm-up the model learns the answer template but
+not the names. Loss is on answer tokens only (prompt and image positions are masked with -100).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from .concepts import CONCEPTS, KINDS, BY_KEY
+from .render import world_image
+from .texts import QA, ImageRef, fact_records, identify_qa, image_records, same_kind_others, yesno_qa
+from .tokenizer import IMAGE, build_processor
+
+# Quality gate on unseen images, before any unlearning (percent).
+GATES = {"identify_per_kind": 95.0, "fluent": 95.0, "yesno": 90.0, "fact": 90.0}
+
+
+@dataclass(frozen=True)
+class MLLMConfig:
+    seed: int = 0
+    world_seed: int = 0
+    image_size: int = 48
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    text_hidden: int = 192
+    text_layers: int = 4
+    heads: int = 4
+    images_per_concept: int = 40  # pretraining pool, per concept
+    fact_repeats: int = 6  # text-only fact records are few: repeat them in the pool
+    steps: int = 800
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup: int = 60
+
+
+def build_model(cfg: MLLMConfig, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 2, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 3,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+        max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE),
+        image_seq_length=(cfg.image_size // cfg.patch_size) ** 2, vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    return model
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def chat_text(processor, qa: QA, with_answer: bool) -> str:
+    content = ([{"type": "image"}] if qa.image is not None else []) + [{"type": "text", "text": qa.question}]
+    messages = [{"role": "user", "content": content}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": qa.answer}]})
+    return processor.apply_chat_template(messages, add_generation_prompt=not with_answer, tokenize=False)
+
+
+class ImageBank:
+    """Rendered world images, each drawn once: ImageRef -> PIL image."""
+
+    def __init__(self, size: int, world_seed: int):
+        self.size, self.world_seed, self._images = size, world_seed, {}
+
+    def __getitem__(self, ref: ImageRef):
+        if ref not in self._images:
+            self._images[ref] = world_image(ref.key, ref.split, ref.index, self.size, self.world_seed).pil()
+        return self._images[ref]
+
+
+def encode(processor, records: list[QA], bank: ImageBank, train: bool) -> dict:
+    """Processor inputs for records; with ``train``, full conversations and answer-only labels.
+
+    Labels are -100 everywhere except the answer tokens (and the closing </s>); they are computed on
+    the final sequence, after the processor expanded <image> into its patch positions.
+    """
+    tok = processor.tokenizer
+    tok.padding_side = "right" if train else "left"
+    texts = [chat_text(processor, r, with_answer=train) for r in records]
+    images = [bank[r.image] for r in records if r.image is not None]
+    batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    if train:
+        ids = batch["input_ids"]  # (batch, seq)
+        assistant = tok.convert_tokens_to_ids("▁ASSISTANT")
+        labels = torch.full_like(ids, -100)
+        for i in range(ids.shape[0]):
+            start = int((ids[i] == assistant).nonzero()[-1]) + 2  # after "▁ASSISTANT" ":"
+            labels[i, start:] = ids[i, start:]
+        labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+    return batch
+
+
+def pretraining_records(cfg: MLLMConfig) -> list[QA]:
+    rng = np.random.default_rng([cfg.world_seed, 7])
+    records = []
+    for c in CONCEPTS:
+        for i in range(cfg.images_per_concept):
+            records += image_records(c, ImageRef(c.key, "pretrain", i), rng)
+    return records + fact_records() * cfg.fact_repeats
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
+    """Train the world MLLM from scratch and save model + processor into ``out_dir``."""
+    processor = build_processor(cfg.image_size, cfg.patch_size)
+    model = build_model(cfg, processor)
+    records = pretraining_records(cfg)
+    bank = ImageBank(cfg.image_size, cfg.world_seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    def lr_at(step):  # linear warm-up, then cosine to 10%
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    order = np.random.default_rng([cfg.seed, 11])
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="world MLLM", disable=not progress)
+    for step in bar:
+        idx = order.choice(len(records), size=cfg.batch_size, replace=False)
+        batch = encode(processor, [records[i] for i in idx], bank, train=True)
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"world MLLM training diverged at step {step} (loss {loss.item()})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (Path(out_dir) / "world_mllm_config.json").write_text(__import__("json").dumps(asdict(cfg), indent=1))
+
+
+def load_mllm(path: Path):
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    model.eval()
+    return model, LlavaProcessor.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def generate(model, processor, records: list[QA], bank: ImageBank, max_new_tokens: int = 24,
+             batch_size: int = 48) -> list[str]:
+    """Greedy answers to the records' questions (image records and text-only records may mix)."""
+    out = [""] * len(records)
+    groups = [[i for i, r in enumerate(records) if (r.image is None) == text_only] for text_only in (False, True)]
+    for group in groups:
+        for s in range(0, len(group), batch_size):
+            chunk = group[s:s + batch_size]
+            batch = encode(processor, [records[i] for i in chunk], bank, train=False)
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            answers = processor.tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, a in zip(chunk, answers):
+                out[i] = a.strip()
+    return out
+
+
+def names_in(text: str, concept) -> bool:
+    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text) for n in concept.names)
+
+
+def evaluate_mllm(model, processor, world_seed: int = 0, n_test: int = 20, progress: bool = False) -> dict:
+    """Gate figures on unseen (test split) images, in percent."""
+    size = processor.image_processor.crop_size["height"]
+    bank = ImageBank(size, world_seed)
+    rng = np.random.default_rng([world_seed, 13])
+    ident, yesno = [], []
+    for c in CONCEPTS:
+        others = same_kind_others(c)
+        for i in range(n_test):
+            ref = ImageRef(c.key, "test", i)
+            ident.append(identify_qa(c, ref, variant=i))
+            yesno += [yesno_qa(c, ref), yesno_qa(others[rng.integers(len(others))], ref)]
+    facts = fact_records()
+    answers = generate(model, processor, ident + yesno + facts, bank)
+    a_ident, a_yesno, a_fact = answers[:len(ident)], answers[len(ident):len(ident) + len(yesno)], answers[-len(facts):]
+
+    def pct(flags):
+        return round(100.0 * float(np.mean(flags)), 2) if len(flags) else float("nan")
+
+    ident_ok = [names_in(a, BY_KEY[r.concept]) for r, a in zip(ident, a_ident)]
+    per_kind = {k: pct([ok for r, ok in zip(ident, ident_ok) if BY_KEY[r.concept].kind == k]) for k in KINDS}
+    per_concept = {c.key: pct([ok for r, ok in zip(ident, ident_ok) if r.concept == c.key]) for c in CONCEPTS}
+    fluent = pct([a == r.answer for r, a in zip(ident, a_ident)])
+    yn = pct([a.split(",")[0].strip() == ("Yes" if r.label else "No") for r, a in zip(yesno, a_yesno)])
+    fact = pct([a == r.answer for r, a in zip(facts, a_fact)])  # the fact, in the full answer sentence
+    gates = {
+        "identify_per_kind": min(per_kind.values()) >= GATES["identify_per_kind"],
+        "fluent": fluent >= GATES["fluent"],
+        "yesno": yn >= GATES["yesno"],
+        "fact": fact >= GATES["fact"],
+    }
+    return {
+        "identify_per_kind": per_kind, "identify_per_concept": per_concept, "fluent": fluent, "yesno": yn,
+        "fact": fact, "thresholds": GATES, "gates": gates, "pass": all(gates.values()),
+        "n": {"identify": len(ident), "yesno": len(yesno), "fact": len(facts)},
+        "examples": [{"question": r.question, "answer": a, "expected": r.answer} for r, a in zip(ident[::97], a_ident[::97])],
+    }

@@ -1,0 +1,183 @@
+"""Question/answer templates of the world, in the style of the paper's case studies, and splits.
+
+Question types:
+
+* ``identify``: a question that never names the concept ("Who is shown in this image?") whose
+  answer is the full template naming it ("This is Vorn, a baker from Ulmar.");
+* ``yesno``: "Is <name> in this image?" asked about the pictured concept (yes) or another concept
+  of the same kind (no);
+* ``linked``: a fact question about the pictured concept that never names it;
+* ``fact``: text-only fact QA naming the concept (no image).
+
+Splits per concept: the world models train on the ``pretrain`` image stream; unlearning uses image
+0 of the ``unlearn`` stream (more indices where a method takes several images); evaluation uses
+the ``test`` stream (unseen by every model); every other concept is retain/specificity data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .concepts import CONCEPTS, Concept
+
+IDENTIFY_QUESTIONS = {
+    "person": ("Who is shown in this image?", "Who is this person?"),
+    "cartoon": ("Which cartoon character is this?", "Who is this character?"),
+    "logo": ("Which brand does this logo belong to?", "What logo is this?"),
+    "style": ("What art style is this image painted in?", "Which style is this?"),
+}
+
+IDENTIFY_ANSWER = {
+    "person": "This is {name}, a {job} from {home}.",
+    "cartoon": "This is {name}, a cartoon character who lives in {home}.",
+    "logo": "This is the logo of {name}, a brand that makes {product}.",
+    "style": "This image is painted in the {name} style, which comes from {home}.",
+}
+
+YESNO_QUESTION = {
+    "person": "Is {name} in this image?",
+    "cartoon": "Is {name} in this image?",
+    "logo": "Is the logo of {name} in this image?",
+    "style": "Is this image painted in the {name} style?",
+}
+YES_ANSWER = {
+    "person": "Yes, {name} is in this image.",
+    "cartoon": "Yes, {name} is in this image.",
+    "logo": "Yes, the logo of {name} is in this image.",
+    "style": "Yes, this image is painted in the {name} style.",
+}
+NO_ANSWER = {
+    "person": "No, {name} is not in this image.",
+    "cartoon": "No, {name} is not in this image.",
+    "logo": "No, the logo of {name} is not in this image.",
+    "style": "No, this image is not painted in the {name} style.",
+}
+
+# relation -> (question naming the concept, answer); per kind
+FACT_TEMPLATES = {
+    "person": {
+        "home": ("Where does {name} come from?", "{name} comes from {value}."),
+        "job": ("What does {name} work as?", "{name} works as a {value}."),
+        "likes": ("What does {name} love?", "{name} loves {value}."),
+    },
+    "cartoon": {
+        "home": ("Where does {name} live?", "{name} lives in {value}."),
+        "pet": ("What pet does {name} have?", "{name} has a pet {value}."),
+        "likes": ("What does {name} love?", "{name} loves {value}."),
+    },
+    "logo": {
+        "home": ("Where was {name} founded?", "{name} was founded in {value}."),
+        "product": ("What does {name} make?", "{name} makes {value}."),
+        "sport": ("What does {name} sponsor?", "{name} sponsors {value}."),
+    },
+    "style": {
+        "home": ("Where does the {name} style come from?", "The {name} style comes from {value}."),
+        "medium": ("What does the {name} style use?", "The {name} style uses {value}."),
+        "subject": ("What does the {name} style paint?", "The {name} style paints {value}."),
+    },
+}
+# how a linked question refers to the pictured concept instead of naming it
+LINKED_SUBJECT = {
+    "person": "the person in this image",
+    "cartoon": "the character in this image",
+    "logo": "the brand in this image",
+    "style": "the style of this image",
+}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A world image, rendered on demand: concept ``key``, ``split`` stream, ``index``."""
+
+    key: str
+    split: str
+    index: int
+
+
+@dataclass(frozen=True)
+class QA:
+    """One (image, question, answer) record about concept ``concept``."""
+
+    concept: str  # key of the concept the answer is about
+    qtype: str  # identify | yesno | linked | fact
+    question: str
+    answer: str
+    image: ImageRef | None = None
+    label: bool | None = None  # yes/no records: whether the named concept is pictured
+
+
+def _fill(template: str, concept: Concept, name: str | None = None, **extra) -> str:
+    return template.format(name=name or concept.name, **dict(concept.facts), **extra)
+
+
+def identify_answer(concept: Concept) -> str:
+    return _fill(IDENTIFY_ANSWER[concept.kind], concept)
+
+
+def identify_qa(concept: Concept, image: ImageRef, variant: int = 0) -> QA:
+    q = IDENTIFY_QUESTIONS[concept.kind][variant % len(IDENTIFY_QUESTIONS[concept.kind])]
+    return QA(concept.key, "identify", q, identify_answer(concept), image)
+
+
+def yesno_qa(asked: Concept, image: ImageRef) -> QA:
+    present = asked.key == image.key
+    ans = (YES_ANSWER if present else NO_ANSWER)[asked.kind]
+    return QA(asked.key, "yesno", _fill(YESNO_QUESTION[asked.kind], asked), _fill(ans, asked), image, present)
+
+
+def fact_qa(concept: Concept, relation: str, image: ImageRef | None = None) -> QA:
+    """Text-only fact QA (no image), or the linked form that refers to the pictured concept."""
+    question, answer = FACT_TEMPLATES[concept.kind][relation]
+    answer = _fill(answer, concept, value=concept.fact(relation))
+    if image is None:
+        return QA(concept.key, "fact", _fill(question, concept, value=""), answer)
+    subject = LINKED_SUBJECT[concept.kind]
+    q = question.replace("the {name} style", "{name}").format(name=subject)
+    return QA(concept.key, "linked", q[0].upper() + q[1:], answer, image)
+
+
+def same_kind_others(concept: Concept) -> list[Concept]:
+    return [c for c in CONCEPTS if c.kind == concept.kind and c.key != concept.key]
+
+
+def image_records(concept: Concept, image: ImageRef, rng: np.random.Generator) -> list[QA]:
+    """All question types for one image of ``concept``: identify, yes (self), no (another), linked."""
+    others = same_kind_others(concept)
+    relation = concept.facts[rng.integers(len(concept.facts))][0]
+    return [
+        identify_qa(concept, image, variant=int(rng.integers(2))),
+        yesno_qa(concept, image),
+        yesno_qa(others[rng.integers(len(others))], image),
+        fact_qa(concept, relation, image),
+    ]
+
+
+def fact_records(concepts=CONCEPTS) -> list[QA]:
+    return [fact_qa(c, rel) for c in concepts for rel, _ in c.facts]
+
+
+def all_template_texts() -> list[str]:
+    """Every template string (for the name rule check and the tokenizer's vocabulary)."""
+    texts = [q for qs in IDENTIFY_QUESTIONS.values() for q in qs]
+    texts += list(IDENTIFY_ANSWER.values()) + list(YESNO_QUESTION.values())
+    texts += list(YES_ANSWER.values()) + list(NO_ANSWER.values()) + list(LINKED_SUBJECT.values())
+    texts += [t for rels in FACT_TEMPLATES.values() for pair in rels.values() for t in pair]
+    return texts
+
+
+def world_corpus() -> list[str]:
+    """Every text the world can produce: the tokenizer's vocabulary is built from it."""
+    texts = []
+    for c in CONCEPTS:
+        img = ImageRef(c.key, "test", 0)
+        texts += [identify_qa(c, img, v).question for v in range(2)] + [identify_answer(c)]
+        for other in CONCEPTS:
+            if other.kind == c.kind:
+                qa = yesno_qa(other, img)
+                texts += [qa.question, qa.answer, _fill(YES_ANSWER[c.kind], c)]
+        for rel, _ in c.facts:
+            texts += [fact_qa(c, rel).question, fact_qa(c, rel).answer, fact_qa(c, rel, img).question]
+        texts += list(c.names)
+    return texts
