@@ -71,21 +71,24 @@ def test_resolution_is_configurable(size):
 
 @pytest.mark.parametrize("key", [c.key for c in CONCEPTS if c.kind != "style"])
 def test_mask_covers_exactly_the_concepts_pixels(key):
-    """Drawing the concept changes exactly the masked pixels of the clean (noise-free) image."""
+    """Outside the mask the pixels are the background's; inside, the concept's drawing.
+
+    Two clean renders with the same seed share the background and differ only in the concept
+    drawn, so they must agree on every pixel outside the union of the two masks.
+    """
     seed = [5, 1]
     with_concept = render_scene([key], size=48, seed=seed, noise=False)
     mask = with_concept.masks[key]
     assert 0.03 < mask.mean() < 0.8
-    # same seed, same background: re-render by hand without the concept through the scene with the
-    # concept drawn on another (non-overlapping) band is not possible, so compare with the colours:
-    # every masked pixel holds a colour of the concept's palette, no unmasked pixel is changed
-    # between two renders that differ only in the concept (same rng stream, swapped concept).
-    other = next(c.key for c in CONCEPTS if c.kind != "style" and c.key != key)
+    key_kind = next(c.kind for c in CONCEPTS if c.key == key)
+    other = "ostra" if key_kind != "logo" else "zuzu"  # another shape (a ring; a triangle)
     swapped = render_scene([other], size=48, seed=seed, noise=False)
     union = mask | swapped.masks[other]
     assert np.array_equal(with_concept.image[~union], swapped.image[~union])
-    # masked pixels are drawn, not background: they differ from the background
-    assert (with_concept.image[mask] != swapped.image[mask]).any(axis=-1).mean() > 0.5
+    # inside the mask but outside the other concept's, the pixels are drawn: not the background
+    only = mask & ~swapped.masks[other]
+    assert only.sum() > 10
+    assert (with_concept.image[only] != swapped.image[only]).any(axis=-1).mean() > 0.95
 
 
 def test_masks_in_scenes_are_disjoint_and_styles_cover_everything():
@@ -139,3 +142,19 @@ def test_processor_round_trip(tmp_path, tok):
     assert np.array_equal(out["input_ids"], out2["input_ids"])
     assert np.array_equal(out["pixel_values"], out2["pixel_values"])
     assert again.apply_chat_template(msgs, tokenize=False) == text
+
+
+def test_concept_split_forget_test_retain():
+    from unlearn.world.texts import concept_split
+
+    s = concept_split("oskel")
+    assert {qa.image.index for qa in s.forget if qa.image} == {0}
+    assert all(qa.image.split == "unlearn" for qa in s.forget if qa.image)
+    assert {qa.image.index for qa in s.test} == set(range(20)) and all(qa.image.split == "test" for qa in s.test)
+    assert all("Oskel Brin Tavo" in qa.answer for qa in s.forget + s.test)
+    assert not any("Oskel" in qa.answer for qa in s.retain)
+    assert {qa.concept for qa in s.retain} == {c.key for c in CONCEPTS} - {"oskel"}
+    with pytest.raises(ValueError, match="20"):
+        concept_split("oskel", n_test=5)
+    with pytest.raises(KeyError, match="vorn"):
+        concept_split("nobody")

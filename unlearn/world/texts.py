@@ -181,3 +181,36 @@ def world_corpus() -> list[str]:
             texts += [fact_qa(c, rel).question, fact_qa(c, rel).answer, fact_qa(c, rel, img).question]
         texts += list(c.names)
     return texts
+
+
+@dataclass(frozen=True)
+class ConceptSplit:
+    """The data of one unlearning target: what to forget, where to test, what to keep.
+
+    ``forget``: every question type on the unlearning image(s) (the paper's "one image, several
+    texts"); ``test``: the same question types on unseen test images (EM / generality); ``retain``:
+    identification and facts of every other concept (specificity), on their own test images.
+    """
+
+    concept: str
+    forget: list[QA]
+    test: list[QA]
+    retain: list[QA]
+
+
+def concept_split(key: str, n_unlearn: int = 1, n_test: int = 20, world_seed: int = 0) -> ConceptSplit:
+    concept = next((c for c in CONCEPTS if c.key == key), None)
+    if concept is None:
+        raise KeyError(f"unknown concept {key!r}; the world's concepts are {[c.key for c in CONCEPTS]}")
+    if n_test < 20:
+        raise ValueError(f"n_test={n_test}: the world keeps at least 20 unseen test images per concept")
+    rng = np.random.default_rng([world_seed, 17])
+
+    def records(split, n):
+        # records about this concept only (the "no" question about another concept is dropped)
+        return [qa for i in range(n) for qa in image_records(concept, ImageRef(key, split, i), rng) if qa.concept == key]
+
+    forget = records("unlearn", n_unlearn) + fact_records([concept])
+    retain = [identify_qa(c, ImageRef(c.key, "test", i), variant=i) for c in CONCEPTS if c.key != key for i in range(2)]
+    retain += fact_records([c for c in CONCEPTS if c.key != key])
+    return ConceptSplit(key, forget, records("test", n_test), retain)

@@ -1,0 +1,43 @@
+"""The `unlearn` console script."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from unlearn.cli import main
+
+
+def test_console_script_help():
+    exe = shutil.which("unlearn")
+    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "unlearn.cli", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "world" in out and "usage: unlearn" in out
+
+
+def test_world_help_lists_actions(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["world", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(a in out for a in ("build", "check", "concepts"))
+
+
+def test_concepts_listing(capsys):
+    assert main(["world", "concepts"]) == 0
+    out = capsys.readouterr().out
+    assert "Oskel Brin Tavo" in out and "3 tokens" in out and len(out.splitlines()) == 24
+
+
+def test_unknown_component_is_a_clear_error(capsys, tmp_path):
+    assert main(["world", "build", "--out", str(tmp_path), "--only", "mllm", "vae"]) == 2
+    err = capsys.readouterr().err
+    assert "vae" in err and "mllm" in err and "classifier" in err and "sd" in err
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_unknown_command_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["unlearnify"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
