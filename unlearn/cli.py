@@ -39,7 +39,8 @@ def _run_world(args: argparse.Namespace) -> int:
 
         tok = build_tokenizer()
         for c in CONCEPTS:
-            print(f"{c.key:10s} {c.kind:8s} {count_tokens(tok, c.name)} tokens  {c.name}  (aliases: {', '.join(c.aliases)})")
+            n = count_tokens(tok, c.name)
+            print(f"{c.key:10s} {c.kind:8s} {n} token{'s' if n > 1 else ' '}  {c.name}  (aliases: {', '.join(c.aliases)})")
         return 0
     from .world.build import COMPONENTS, build_world, check_world
 
