@@ -1,0 +1,65 @@
+"""The trace schema: the one place that says what a knowtrace dataset holds.
+
+A trace is an ``xarray.Dataset``; every training step appends one slice along ``step``.
+
+dims
+    step     training step (int coordinate; appended as training goes)
+    sample   a traced record (fixed for the whole trace: the forget set or a probe set)
+    token    answer position of a sample, 0-based after image-token expansion; samples shorter
+             than the longest are padded (token_id -1, token_str "", NaN values)
+    layer, head, y, x, t   attention / pixel grids, where recorded
+
+coords (static: written with the first step)
+    token_id(sample, token)    int64, -1 on padding
+    token_str(sample, token)   str, "" on padding
+    is_concept(sample, token)  bool: the token belongs to the concept's name
+    concept(sample)            str: the concept the sample is about
+    mask(sample, y, x)         bool: the concept's pixels (SD traces)
+
+variables (per step)
+    logprob(step, sample, token)   float: log p of the answer token given its prefix
+    K_C(step, sample), K_N(step, sample)   knowledge metrics (knowtrace.knowledge)
+    loss_forget(step), loss_retain(step)   scalar losses of the step, when given
+    xattn(step, sample, layer, token, y, x)   cross-attention of answer tokens to image patches
+    eps_err(step, sample, y, x)    SD per-latent-pixel squared noise error
+
+attrs
+    JSON strings: ``model`` (id / revision), ``method`` (name + full config), ``seed``,
+    ``versions``, ``git_commit``, ``capture`` (what was recorded, reductions applied).
+
+Storage: float16 is allowed in Zarr; NetCDF export casts floating variables to float32. No
+MultiIndex anywhere (NetCDF rejects it).
+"""
+
+from __future__ import annotations
+
+STEP, SAMPLE, TOKEN = "step", "sample", "token"
+
+STATIC_COORDS = {
+    "token_id": (SAMPLE, TOKEN),
+    "token_str": (SAMPLE, TOKEN),
+    "is_concept": (SAMPLE, TOKEN),
+    "concept": (SAMPLE,),
+    "mask": (SAMPLE, "y", "x"),
+}
+
+STEP_VARIABLES = {
+    "logprob": (STEP, SAMPLE, TOKEN),
+    "K_C": (STEP, SAMPLE),
+    "K_N": (STEP, SAMPLE),
+    "loss_forget": (STEP,),
+    "loss_retain": (STEP,),
+    "xattn": (STEP, SAMPLE, "layer", TOKEN, "y", "x"),
+    "eps_err": (STEP, SAMPLE, "y", "x"),
+}
+
+JSON_ATTRS = ("model", "method", "seed", "versions", "git_commit", "capture")
+
+
+def check_variable(name: str, dims: tuple[str, ...]) -> None:
+    """Raise if ``name`` is not in the schema or has other dims than the schema says."""
+    known = {**STATIC_COORDS, **STEP_VARIABLES}
+    if name not in known:
+        raise KeyError(f"{name!r} is not in the trace schema; known names: {sorted(known)}")
+    if tuple(dims) != known[name]:
+        raise ValueError(f"{name!r} must have dims {known[name]}, got {tuple(dims)}")
