@@ -1,0 +1,96 @@
+"""What every MLLM family adapter provides, and the parts that are the same for all of them.
+
+An adapter wraps a Hugging Face model and the way its family turns (image, question, answer)
+records into model inputs. Only two things differ between families: the chat text of a record
+(:meth:`MLLMAdapter.chat`) and how texts and images become tensors (:meth:`MLLMAdapter.prepare`,
+which expands the image placeholder into patch positions). Labels, batching and generation are
+written once, here.
+
+Labels are computed on the final, image-expanded sequence: a record's prompt (its conversation up
+to the assistant's turn) is prepared alone, and its length masks the full conversation's prompt
+positions with -100; the prompt must be a token prefix of the full conversation (checked).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..data.records import Record
+
+IGNORE_INDEX = -100
+
+
+class MLLMAdapter(ABC):
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter serves
+    # LoRA targets: the language model's attention projections (a peft regex over module names)
+    lora_targets: ClassVar[str] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+    def __init__(self, model, processor, name: str = ""):
+        self.model, self.processor, self.name = model, processor, name or model.config.model_type
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    # ----------------------------------------------------------------- family-specific
+    @abstractmethod
+    def chat(self, record: Record, with_answer: bool) -> str:
+        """The record's conversation as text, with the family's image placeholder; without the
+        answer it ends with the generation prompt."""
+
+    @abstractmethod
+    def prepare(self, texts: list[str], images: list) -> dict:
+        """Tensors for texts (placeholders expanded into patch positions) and their images, padded."""
+
+    # ----------------------------------------------------------------- shared
+    def messages(self, record: Record, with_answer: bool) -> list[dict]:
+        content = ([{"type": "image"}] if record.image is not None else []) + [{"type": "text", "text": record.question}]
+        messages = [{"role": "user", "content": content}]
+        if with_answer:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": record.answer}]})
+        return messages
+
+    def encode(self, records: list[Record], train: bool = True) -> dict:
+        """Batch for ``records``: full conversations with answer-only labels (``train``), or
+        left-padded prompts for generation."""
+        tok = self.tokenizer
+        images = [r.image for r in records if r.image is not None]
+        tok.padding_side = "left"
+        prompts = self.prepare([self.chat(r, with_answer=False) for r in records], images)
+        if not train:
+            return prompts
+        tok.padding_side = "right"
+        batch = self.prepare([self.chat(r, with_answer=True) for r in records], images)
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (batch, seq)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        width = prompts["input_ids"].shape[1]
+        for i, r in enumerate(records):
+            n = int(prompts["attention_mask"][i].sum())
+            prompt_ids = prompts["input_ids"][i, width - n:]  # left-padded: the prompt is at the end
+            if not torch.equal(ids[i, :n], prompt_ids):
+                raise ValueError(f"record {r.id}: the prompt's tokens are not a prefix of the full conversation's "
+                                 f"under {self.family}'s chat template, so answer tokens cannot be located")
+            end = int(mask[i].sum())
+            labels[i, n:end] = ids[i, n:end]
+        batch["labels"] = labels
+        return batch
+
+    @torch.inference_mode()
+    def generate(self, records: list[Record], max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
+        """Greedy answers; image and text-only records are batched separately."""
+        out = [""] * len(records)
+        for with_image in (True, False):
+            group = [i for i, r in enumerate(records) if (r.image is not None) == with_image]
+            for s in range(0, len(group), batch_size):
+                chunk = group[s:s + batch_size]
+                batch = self.encode([records[i] for i in chunk], train=False)
+                gen = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+                texts = self.tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                for i, t in zip(chunk, texts):
+                    out[i] = t.strip()
+        return out

@@ -1,0 +1,56 @@
+"""Qwen2-VL and Qwen2.5-VL.
+
+Their `Qwen2VLProcessor` needs torchvision (its video processor), which cannot be installed on CPU
+machines here, so inputs are built from the parts that do not: the PIL image processor
+(`Qwen2VLImageProcessorPil`, the same resizing and patching) and the tokenizer, expanding each
+``<|image_pad|>`` into ``t * h * w / merge_size**2`` positions exactly as the processor does, and
+adding the ``mm_token_type_ids`` (1 = image position) the model needs for its M-RoPE. The same path
+runs on a GPU machine; torchvision is never needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import MLLMAdapter
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass
+class Qwen2VLInputs:
+    """Stands where a processor would: the tokenizer (with the chat template) and the image processor."""
+
+    tokenizer: object
+    image_processor: object
+
+    def save_pretrained(self, path):
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
+class Qwen2VLAdapter(MLLMAdapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    def chat(self, record, with_answer):
+        return self.tokenizer.apply_chat_template(self.messages(record, with_answer),
+                                                  add_generation_prompt=not with_answer, tokenize=False)
+
+    def prepare(self, texts, images):
+        out = {}
+        if images:
+            out.update(self.processor.image_processor(images=images, return_tensors="pt"))
+            merge = self.processor.image_processor.merge_size
+            counts = iter((out["image_grid_thw"].prod(-1) // merge**2).tolist())  # positions per image
+            expanded = []
+            for text in texts:
+                pieces = text.split(IMAGE_PAD)
+                expanded.append(pieces[0] + "".join(IMAGE_PAD * next(counts) + p for p in pieces[1:]))
+            texts = expanded
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        enc["mm_token_type_ids"] = (enc["input_ids"] == image_id).to(torch.long)
+        return {**enc, **out}
