@@ -7,7 +7,9 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from unlearn.world.concepts import BY_KEY
-from unlearn.world.mllm import ImageBank, MLLMConfig, build_model, encode, evaluate_mllm, load_mllm, train_mllm
+from unlearn.data.records import world_records
+from unlearn.models import LlavaAdapter
+from unlearn.world.mllm import ImageBank, MLLMConfig, build_model, evaluate_mllm, load_mllm, train_mllm
 from unlearn.world.texts import ImageRef, fact_qa, identify_qa
 from unlearn.world.tokenizer import build_processor
 
@@ -26,8 +28,9 @@ def test_labels_cover_exactly_the_answer_after_image_expansion():
     proc = build_processor(TINY.image_size, TINY.patch_size)
     bank = ImageBank(TINY.image_size, 0)
     vorn = BY_KEY["vorn"]
-    records = [identify_qa(vorn, ImageRef("vorn", "test", 0)), fact_qa(vorn, "home")]
-    batch = encode(proc, records, bank, train=True)
+    records = world_records([identify_qa(vorn, ImageRef("vorn", "test", 0)), fact_qa(vorn, "home")], bank)
+    model = build_model(TINY, proc)
+    batch = LlavaAdapter(model, proc).encode(records, train=True)
     tok = proc.tokenizer
     assert batch["pixel_values"].shape == (1, 3, 32, 32)  # one image: the text-only record has none
     for i, qa in enumerate(records):
@@ -43,7 +46,8 @@ def test_model_is_a_real_llava_and_round_trips(tiny_world):
     assert isinstance(model, LlavaForConditionalGeneration)
     assert (tiny_world / "model.safetensors").exists() and not list(tiny_world.glob("*.bin"))
     bank = ImageBank(TINY.image_size, 0)
-    batch = encode(proc, [identify_qa(BY_KEY["blip"], ImageRef("blip", "test", 1))], bank, train=True)
+    records = world_records([identify_qa(BY_KEY["blip"], ImageRef("blip", "test", 1))], bank)
+    batch = LlavaAdapter(model, proc).encode(records, train=True)
     with torch.no_grad():
         a = model(**batch).logits
         model2, _ = load_mllm(tiny_world)

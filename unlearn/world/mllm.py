@@ -1,13 +1,17 @@
 """The world MLLM: a real `LlavaForConditionalGeneration` (CLIP vision tower + Llama) trained on the
 world, with its quality gate.
 
+Batches and generation go through the same LLaVA adapter that unlearning uses (labels on answer
+tokens only, computed after the image token's expansion).
+
 Training recipe (measured, see ENVIRONMENT.md): AdamW at a small learning rate with a linear
 warm-up then cosine decay; at higher rates without warm-up the model learns the answer template but
-not the names. Loss is on answer tokens only (prompt and image positions are masked with -100).
+not the names.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -18,7 +22,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from .concepts import CONCEPTS, KINDS, BY_KEY
+from ..data.records import world_records
+from ..models.llava import LlavaAdapter
+from .concepts import BY_KEY, CONCEPTS, KINDS
 from .render import world_image
 from .texts import QA, ImageRef, fact_records, identify_qa, image_records, same_kind_others, yesno_qa
 from .tokenizer import IMAGE, build_processor
@@ -74,14 +80,6 @@ def build_model(cfg: MLLMConfig, processor: LlavaProcessor) -> LlavaForCondition
 # ----------------------------------------------------------------------------- batching
 
 
-def chat_text(processor, qa: QA, with_answer: bool) -> str:
-    content = ([{"type": "image"}] if qa.image is not None else []) + [{"type": "text", "text": qa.question}]
-    messages = [{"role": "user", "content": content}]
-    if with_answer:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": qa.answer}]})
-    return processor.apply_chat_template(messages, add_generation_prompt=not with_answer, tokenize=False)
-
-
 class ImageBank:
     """Rendered world images, each drawn once: ImageRef -> PIL image."""
 
@@ -92,29 +90,6 @@ class ImageBank:
         if ref not in self._images:
             self._images[ref] = world_image(ref.key, ref.split, ref.index, self.size, self.world_seed).pil()
         return self._images[ref]
-
-
-def encode(processor, records: list[QA], bank: ImageBank, train: bool) -> dict:
-    """Processor inputs for records; with ``train``, full conversations and answer-only labels.
-
-    Labels are -100 everywhere except the answer tokens (and the closing </s>); they are computed on
-    the final sequence, after the processor expanded <image> into its patch positions.
-    """
-    tok = processor.tokenizer
-    tok.padding_side = "right" if train else "left"
-    texts = [chat_text(processor, r, with_answer=train) for r in records]
-    images = [bank[r.image] for r in records if r.image is not None]
-    batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-    if train:
-        ids = batch["input_ids"]  # (batch, seq)
-        assistant = tok.convert_tokens_to_ids("▁ASSISTANT")
-        labels = torch.full_like(ids, -100)
-        for i in range(ids.shape[0]):
-            start = int((ids[i] == assistant).nonzero()[-1]) + 2  # after "▁ASSISTANT" ":"
-            labels[i, start:] = ids[i, start:]
-        labels[batch["attention_mask"] == 0] = -100
-        batch["labels"] = labels
-    return batch
 
 
 def pretraining_records(cfg: MLLMConfig) -> list[QA]:
@@ -133,8 +108,8 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
     """Train the world MLLM from scratch and save model + processor into ``out_dir``."""
     processor = build_processor(cfg.image_size, cfg.patch_size)
     model = build_model(cfg, processor)
-    records = pretraining_records(cfg)
-    bank = ImageBank(cfg.image_size, cfg.world_seed)
+    adapter = LlavaAdapter(model, processor, name="world")
+    records = world_records(pretraining_records(cfg), ImageBank(cfg.image_size, cfg.world_seed))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     def lr_at(step):  # linear warm-up, then cosine to 10%
@@ -149,7 +124,7 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
     bar = tqdm(range(cfg.steps), desc="world MLLM", disable=not progress)
     for step in bar:
         idx = order.choice(len(records), size=cfg.batch_size, replace=False)
-        batch = encode(processor, [records[i] for i in idx], bank, train=True)
+        batch = adapter.encode([records[i] for i in idx], train=True)
         loss = model(**batch).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"world MLLM training diverged at step {step} (loss {loss.item()})")
@@ -163,7 +138,7 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
     model.eval()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (Path(out_dir) / "world_mllm_config.json").write_text(__import__("json").dumps(asdict(cfg), indent=1))
+    (Path(out_dir) / "world_mllm_config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
 
 def load_mllm(path: Path):
@@ -173,23 +148,6 @@ def load_mllm(path: Path):
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-@torch.inference_mode()
-def generate(model, processor, records: list[QA], bank: ImageBank, max_new_tokens: int = 24,
-             batch_size: int = 48) -> list[str]:
-    """Greedy answers to the records' questions (image records and text-only records may mix)."""
-    out = [""] * len(records)
-    groups = [[i for i, r in enumerate(records) if (r.image is None) == text_only] for text_only in (False, True)]
-    for group in groups:
-        for s in range(0, len(group), batch_size):
-            chunk = group[s:s + batch_size]
-            batch = encode(processor, [records[i] for i in chunk], bank, train=False)
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-            answers = processor.tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            for i, a in zip(chunk, answers):
-                out[i] = a.strip()
-    return out
 
 
 def names_in(text: str, concept) -> bool:
@@ -209,7 +167,7 @@ def evaluate_mllm(model, processor, world_seed: int = 0, n_test: int = 20, progr
             ident.append(identify_qa(c, ref, variant=i))
             yesno += [yesno_qa(c, ref), yesno_qa(others[rng.integers(len(others))], ref)]
     facts = fact_records()
-    answers = generate(model, processor, ident + yesno + facts, bank)
+    answers = LlavaAdapter(model, processor).generate(world_records(ident + yesno + facts, bank), max_new_tokens=24)
     a_ident, a_yesno, a_fact = answers[:len(ident)], answers[len(ident):len(ident) + len(yesno)], answers[-len(facts):]
 
     def pct(flags):
