@@ -75,3 +75,13 @@ def test_cache_location_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(cache.ENV_VAR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache.default_cache_dir() == tmp_path / "unlearn" / "world"
+
+
+def test_changing_the_world_changes_every_cache_key(monkeypatch):
+    from unlearn.world import build, render
+
+    cfg = build.WorldConfig()
+    before = {name: build.component_key(name, cfg) for name in build.COMPONENTS}
+    monkeypatch.setattr(render, "RENDER_VERSION", render.RENDER_VERSION + 1)
+    after = {name: build.component_key(name, cfg) for name in build.COMPONENTS}
+    assert all(before[n]["config"] == after[n]["config"] and before[n] != after[n] for n in build.COMPONENTS)

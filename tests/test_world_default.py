@@ -10,7 +10,7 @@ import json
 import pytest
 
 from unlearn.cli import main
-from unlearn.world.build import COMPONENTS, build_world
+from unlearn.world.build import COMPONENTS, WorldConfig, build_world, component_key
 from unlearn.world.cache import check_component, default_cache_dir
 
 pytestmark = pytest.mark.slow
@@ -31,12 +31,4 @@ def test_default_world_builds_and_passes_every_gate(capsys):
     assert report["classifier"]["pass"] and sd["pass"]
     assert code == 0 and report["pass"]
     for name in COMPONENTS:  # still verified after use
-        assert check_component(root, name, json.loads(json.dumps(_config(name)))) is None
-
-
-def _config(name):
-    from dataclasses import asdict
-
-    from unlearn.world.build import WorldConfig
-
-    return asdict(getattr(WorldConfig(), name))
+        assert check_component(root, name, component_key(name, WorldConfig())) is None

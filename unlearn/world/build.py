@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -37,6 +38,23 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "diffusers": diffusers.__version__}
 
 
+def world_fingerprint() -> str:
+    """Hash of everything the world models learn from: concepts (names, facts, looks), every text,
+    and the renderer's version. Part of each component's cache key, so changing the world rebuilds."""
+    from .concepts import CONCEPTS, SUBSTITUTE_NAMES
+    from .render import RENDER_VERSION
+    from .texts import world_corpus
+
+    content = json.dumps([[asdict(c) for c in CONCEPTS], SUBSTITUTE_NAMES, world_corpus(), RENDER_VERSION],
+                         sort_keys=True, default=str)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def component_key(name: str, cfg: WorldConfig) -> dict:
+    """What a component's cache entry must have been built from."""
+    return {"config": asdict(getattr(cfg, name)), "world": world_fingerprint()}
+
+
 def _timed_builder(name: str, cfg, progress: bool):
     def build(tmp: Path) -> None:
         start = time.perf_counter()
@@ -60,7 +78,7 @@ def build_world(root: Path | None = None, cfg: WorldConfig | None = None, progre
     for name in COMPONENTS:
         if name in only:
             part = getattr(cfg, name)
-            paths[name] = cache.ensure_component(root, name, asdict(part), _timed_builder(name, part, progress))
+            paths[name] = cache.ensure_component(root, name, component_key(name, cfg), _timed_builder(name, part, progress))
     return paths
 
 

@@ -18,6 +18,8 @@ from PIL import Image
 
 from .concepts import BY_KEY, COLOURS, CONCEPTS, Concept
 
+RENDER_VERSION = 1  # bump whenever a change makes the same seed draw other pixels (invalidates caches)
+
 
 @dataclass
 class Rendered:
@@ -301,3 +303,9 @@ def split_seed(world_seed: int, split: str, key: str, index: int) -> list[int]:
 
 def world_image(key: str, split: str, index: int, size: int = 64, world_seed: int = 0) -> Rendered:
     return render_concept(key, size=size, seed=split_seed(world_seed, split, key, index))
+
+
+def render_background(size: int = 64, seed=0, noise: bool = True) -> Rendered:
+    """A background with its clutter and no concept (the world classifier's "none" class)."""
+    rng = np.random.default_rng(seed)
+    return Rendered(_finish(rng, _background(rng, size), noise), {}, ())

@@ -7,7 +7,11 @@ Question types:
 * ``yesno``: "Is <name> in this image?" asked about the pictured concept (yes) or another concept
   of the same kind (no);
 * ``linked``: a fact question about the pictured concept that never names it;
-* ``fact``: text-only fact QA naming the concept (no image).
+* ``fact``: text-only fact QA naming the concept (no image);
+* ``describe``: "Describe this image." answered with the name and what the concept looks like.
+
+Also in the world's vocabulary (so that methods that need them can use them on the world): refusal
+answers (PO) and visual descriptions that do not name the concept (SIU's constructed targets).
 
 Splits per concept: the world models train on the ``pretrain`` image stream; unlearning uses image
 0 of the ``unlearn`` stream (more indices where a method takes several images); evaluation uses
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .concepts import CONCEPTS, Concept
+from .concepts import CONCEPTS, SUBSTITUTE_NAMES, Concept
 
 IDENTIFY_QUESTIONS = {
     "person": ("Who is shown in this image?", "Who is this person?"),
@@ -54,6 +58,31 @@ NO_ANSWER = {
     "logo": "No, the logo of {name} is not in this image.",
     "style": "No, this image is not painted in the {name} style.",
 }
+
+DESCRIBE_QUESTION = "Describe this image."
+DESCRIBE_ANSWER = "The image shows {name}, {looks}."
+REFUSALS = ("I do not know who this is.", "I cannot tell who this is.", "I am not sure what this image shows.")
+_ACCESSORY = {"hat": " and a hat", "glasses": " and glasses", "scarf": " and a scarf", "none": ""}
+_PATTERN = {"stripes": "stripes", "dots": "dots", "checker": "checks", "waves": "waves", "rings": "rings",
+            "hatch": "hatching"}
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def visual_description(concept: Concept) -> str:
+    """What the concept looks like, without its name ("a person with a red shirt, black hair and a hat")."""
+    look = concept.look
+    if concept.kind == "person":
+        return f"a person with {_a(look['shirt'])} shirt, {look['hair']} hair{_ACCESSORY[look['accessory']]}"
+    if concept.kind == "cartoon":
+        return f"{_a(look['colour'])} {look['body']} creature with {look['accent']} ears"
+    if concept.kind == "logo":
+        return f"{_a(look['outer'])} {look['emblem']} logo with {_a(look['inner'])} centre"
+    p = look["palette"]
+    return f"a picture in {p[0]}, {p[1]} and {p[2]} with {_PATTERN[look['pattern']]}"
+
 
 # relation -> (question naming the concept, answer); per kind
 FACT_TEMPLATES = {
@@ -121,6 +150,11 @@ def identify_qa(concept: Concept, image: ImageRef, variant: int = 0) -> QA:
     return QA(concept.key, "identify", q, identify_answer(concept), image)
 
 
+def describe_qa(concept: Concept, image: ImageRef) -> QA:
+    answer = DESCRIBE_ANSWER.format(name=concept.name, looks=visual_description(concept))
+    return QA(concept.key, "describe", DESCRIBE_QUESTION, answer, image)
+
+
 def yesno_qa(asked: Concept, image: ImageRef) -> QA:
     present = asked.key == image.key
     ans = (YES_ANSWER if present else NO_ANSWER)[asked.kind]
@@ -143,7 +177,8 @@ def same_kind_others(concept: Concept) -> list[Concept]:
 
 
 def image_records(concept: Concept, image: ImageRef, rng: np.random.Generator) -> list[QA]:
-    """All question types for one image of ``concept``: identify, yes (self), no (another), linked."""
+    """All question types for one image of ``concept``: identify, yes (self), no (another), linked,
+    describe."""
     others = same_kind_others(concept)
     relation = concept.facts[rng.integers(len(concept.facts))][0]
     return [
@@ -151,6 +186,7 @@ def image_records(concept: Concept, image: ImageRef, rng: np.random.Generator) -
         yesno_qa(concept, image),
         yesno_qa(others[rng.integers(len(others))], image),
         fact_qa(concept, relation, image),
+        describe_qa(concept, image),
     ]
 
 
@@ -179,8 +215,14 @@ def world_corpus() -> list[str]:
                 texts += [qa.question, qa.answer, _fill(YES_ANSWER[c.kind], c)]
         for rel, _ in c.facts:
             texts += [fact_qa(c, rel).question, fact_qa(c, rel).answer, fact_qa(c, rel, img).question]
-        texts += list(c.names)
+        texts += list(c.names) + [describe_qa(c, img).answer, visual_description(c)]
+    texts += list(REFUSALS) + [identify_answer_with(c, name) for c in CONCEPTS for name in SUBSTITUTE_NAMES]
     return texts
+
+
+def identify_answer_with(concept: Concept, name: str) -> str:
+    """The identification answer of ``concept`` with another name (SIU's substitute-name target)."""
+    return _fill(IDENTIFY_ANSWER[concept.kind], concept, name=name)
 
 
 @dataclass(frozen=True)
