@@ -1,0 +1,116 @@
+"""MLLM evaluation (paper Appendix C, on the world or a user-given evaluation set).
+
+* efficacy: share (%) of answers on the training image(s) that do not identify the concept;
+* em (generality): the same on unseen images, over prompts that never name the concept and yes/no
+  prompts about it ("no" counts as forgotten); ``em_identify`` and ``em_yesno`` separately;
+* specificity: share (%) of retain records (other concepts' identification and text-only facts on
+  the world) whose expected answer appears in the generated one (case and punctuation ignored);
+* diversity: unique words / all words (%) over every answer generated for em and specificity;
+* K_C, K_N: Eq. 3 and 5 on the forget answers, teacher-forced, mean over records.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from knowtrace import mllm_knowledge, token_logprobs
+
+from ..data.records import Record, world_records
+from ..data.token_weights import token_weights
+
+
+@dataclass
+class MLLMEvalSet:
+    efficacy: list[Record]  # questions on the training image(s)
+    test: list[Record]  # questions on unseen images of the concept
+    retain: list[Record]  # other knowledge, with expected answers
+    forget: list[Record]  # the forget answers (for K_C / K_N)
+
+
+def world_eval_set(concept: str, image_size: int, n_test: int = 20, n_images: int = 1, world_seed: int = 0) -> MLLMEvalSet:
+    from ..world.mllm import ImageBank
+    from ..world.texts import concept_split
+
+    split = concept_split(concept, n_unlearn=n_images, n_test=n_test, world_seed=world_seed)
+    bank = ImageBank(image_size, world_seed)
+    probes = ("identify", "yesno")  # questions that never name the concept, and yes/no about it
+
+    def pick(qas):
+        return world_records([q for q in qas if q.qtype in probes], bank)
+
+    return MLLMEvalSet(pick(split.forget), pick(split.test), world_records(split.retain, bank),
+                       world_records(split.forget, bank))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def names_concept(answer: str, names) -> bool:
+    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", answer, re.IGNORECASE) for n in names)
+
+
+def forgotten(answer: str, record: Record, names) -> bool:
+    if record.qtype == "yesno":
+        return not answer.strip().lower().startswith("yes")
+    return not names_concept(answer, names)
+
+
+def answers_match(generated: str, expected: str) -> bool:
+    g, e = " ".join(_words(generated)), " ".join(_words(expected))
+    return bool(e) and f" {e} " in f" {g} "
+
+
+def diversity(answers: list[str]) -> float:
+    words = [w for a in answers for w in _words(a)]
+    return 100.0 * len(set(words)) / len(words) if words else 0.0
+
+
+def _pct(flags) -> float:
+    return round(100.0 * float(np.mean(flags)), 2) if len(flags) else float("nan")
+
+
+@torch.no_grad()
+def knowledge(adapter, records: list[Record], names, batch_size: int = 8) -> tuple[float, float]:
+    """Mean K_C, K_N over the records' answers (teacher-forced)."""
+    k_c, k_n = [], []
+    for s in range(0, len(records), batch_size):
+        chunk = records[s:s + batch_size]
+        batch = adapter.encode(chunk, train=True)
+        logits = adapter.model(**batch).logits
+        logp = token_logprobs(logits, batch["labels"])
+        _, is_concept = token_weights(adapter.tokenizer, batch["labels"], names, 1.0, 1.0, allow_missing=True)
+        c, n = mllm_knowledge(logp, is_concept)
+        k_c += c.tolist()
+        k_n += n.tolist()
+    return float(np.mean(k_c)), float(np.mean(k_n))
+
+
+def evaluate(adapter, evalset: MLLMEvalSet, names, max_new_tokens: int = 32, samples: int = 8) -> dict:
+    """All MLLM metrics (percentages 0-100), plus a few generated samples."""
+    was_training = adapter.model.training
+    adapter.model.eval()
+    eff = adapter.generate(evalset.efficacy, max_new_tokens)
+    test = adapter.generate(evalset.test, max_new_tokens)
+    ret = adapter.generate(evalset.retain, max_new_tokens)
+    f_test = [forgotten(a, r, names) for a, r in zip(test, evalset.test)]
+    k_c, k_n = knowledge(adapter, evalset.forget, names)
+    metrics = {
+        "efficacy": _pct([forgotten(a, r, names) for a, r in zip(eff, evalset.efficacy)]),
+        "em": _pct(f_test),
+        "em_identify": _pct([f for f, r in zip(f_test, evalset.test) if r.qtype != "yesno"]),
+        "em_yesno": _pct([f for f, r in zip(f_test, evalset.test) if r.qtype == "yesno"]),
+        "specificity": _pct([answers_match(a, r.answer) for a, r in zip(ret, evalset.retain)]),
+        "diversity": round(diversity(test + ret), 2),
+        "K_C": k_c,
+        "K_N": k_n,
+    }
+    pick = np.linspace(0, len(test) - 1, num=min(samples, len(test))).astype(int) if test else []
+    metrics["samples"] = [{"id": evalset.test[i].id, "question": evalset.test[i].question, "answer": test[i]}
+                          for i in pick]
+    adapter.model.train(was_training)
+    return metrics

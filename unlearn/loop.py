@@ -1,0 +1,183 @@
+"""The one unlearning loop, for every MLLM method.
+
+Seeds, LoRA (peft) or full fine-tuning, Adam, gradient accumulation, autocast where the hardware
+has it (bf16 on CUDA), several processes through accelerate (``accelerate launch``; each process
+takes its own slice of each step's records and gradients are averaged), callbacks after every step
+(the tracer attaches there). A non-finite loss or parameter stops the run with a clear message,
+keeping the last good parameters.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .data.records import Record
+from .methods.base import MLLMMethod, StepContext, retain_iterator
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 10
+    lr: float = 3e-4
+    batch_size: int = 2
+    grad_accum: int = 1
+    seed: int = 0
+    lora: bool = True
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: str = ""  # peft regex over module names; "" = the model family's default
+    max_grad_norm: float = 0.0  # 0 = no clipping (the paper clips nothing)
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
+    options: dict = field(default_factory=dict)
+
+
+class Callback(Protocol):
+    def on_step_end(self, step: int, logs: dict, state: "LoopState") -> None: ...
+
+
+@dataclass
+class LoopState:
+    model: torch.nn.Module  # unwrapped model being trained
+    batch: list[Record]  # the step's forget records (this process's slice)
+    accelerator: object
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def apply_lora(model, rank: int, alpha: int, targets: str):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
+    return get_peft_model(model, config)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_loop(adapter, method: MLLMMethod, forget: list[Record], retain: list[Record], cfg: TrainConfig,
+             concept: str, names: tuple[str, ...], callbacks=(), progress: bool = True) -> dict:
+    """Train ``adapter.model`` in place with ``method``; return logs and timings.
+
+    With LoRA the adapter's model becomes a peft model (its base weights untouched).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    if not forget:
+        raise ValueError("the forget set is empty: give at least one record")
+    if method.needs_retain and not retain:
+        raise ValueError(f"method {method.name!r} needs retain records; none were given")
+    seed_everything(cfg.seed)
+    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
+                              cpu=not torch.cuda.is_available())
+    model = adapter.model
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or adapter.lora_targets)
+    else:
+        model.requires_grad_(True)
+    reference = None
+    if method.needs_reference and not cfg.lora:  # with LoRA the reference is the model with adapters off
+        import copy
+
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    adapter.model = model
+
+    def reference_logits(batch):
+        with torch.no_grad():
+            if reference is not None:
+                return reference(**batch).logits
+            with unwrapped.disable_adapter():
+                return unwrapped(**batch).logits
+
+    retain_batches = retain_iterator(retain, cfg.batch_size, cfg.seed) if retain else None
+    ctx = StepContext(adapter, concept, tuple(names), next_retain=(lambda: next(retain_batches)) if retain else None,
+                      reference_logits=reference_logits)
+    method.setup(ctx, forget, retain)
+    hook = method.gradient_hook()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    history, last_good = [], trainable_state(unwrapped)
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=f"{method.name}", disable=not progress or not accelerator.is_main_process)
+    for step in bar:
+        ctx.step = step
+        logs: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            # this process's records for this micro-batch: consecutive, cycling through the forget set
+            first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+            batch = [forget[(first + i) % len(forget)] for i in range(cfg.batch_size)]
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss, logs = method.loss(ctx, batch)
+                if not torch.isfinite(loss):
+                    _restore(unwrapped, last_good)
+                    raise NonFiniteError(f"{method.name}: loss is {loss.item()} at step {step}; the run stops "
+                                         f"here with the parameters of the last finished step")
+                accelerator.backward(loss)
+                if hook is not None:
+                    hook()
+                if cfg.max_grad_norm and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for p in params):
+            _restore(unwrapped, last_good)
+            raise NonFiniteError(f"{method.name}: parameters became non-finite at step {step}; restored the "
+                                 f"parameters of the last finished step")
+        last_good = trainable_state(unwrapped)
+        logs = {k: float(_mean_over_processes(accelerator, v)) for k, v in logs.items()}
+        history.append({"step": step, **logs})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")})
+        for cb in callbacks:
+            cb.on_step_end(step, logs, LoopState(unwrapped, batch, accelerator))
+    model.eval()
+    adapter.model = unwrapped
+    return {"history": history, "train_seconds": round(time.perf_counter() - start, 3),
+            "world_size": world, "mixed_precision": mixed, "accelerator": accelerator}
+
+
+def _mean_over_processes(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=accelerator.device, dtype=torch.float64)
+    return accelerator.reduce(t, reduction="mean").item()
+
+
+def _restore(model, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
+
+
+def save_trained(model, out: Path, lora: bool) -> Path:
+    """Only the trained parameters, as safetensors: the LoRA adapter, or the full model's weights."""
+    out = Path(out)
+    if lora:
+        model.save_pretrained(out / "adapter")
+        return out / "adapter"
+    from safetensors.torch import save_file
+
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, out / "weights" / "model.safetensors")
+    return out / "weights"

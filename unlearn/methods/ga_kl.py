@@ -1,0 +1,22 @@
+"""GA+KL: gradient ascent on the forget answers plus KL(p_ref || p_theta) per token on retain data."""
+
+from dataclasses import dataclass
+
+from .base import MLLMMethod, register
+from .losses import mean_nll, token_kl
+
+
+@register
+@dataclass
+class GAKL(MLLMMethod):
+    name = "ga_kl"
+    needs_retain = True
+    needs_reference = True
+    kl_weight: float = 1.0
+
+    def loss(self, ctx, forget):
+        f = ctx.adapter.encode(forget)
+        r = ctx.adapter.encode(ctx.retain_batch(self.name))
+        forget_loss = -mean_nll(ctx.adapter.model(**f).logits, f["labels"])
+        kl = token_kl(ctx.reference_logits(r), ctx.adapter.model(**r).logits, r["labels"])
+        return forget_loss + self.kl_weight * kl, {"loss_forget": forget_loss.item(), "loss_retain": kl.item()}

@@ -1,0 +1,34 @@
+"""NPO: ``(2/beta) * mean log(1 + (p_theta(y|x) / p_ref(y|x))^beta)`` over forget answers (sequences).
+
+A bounded alternative to GA: the loss saturates once the model's likelihood falls well below the
+reference's. ``retain_weight`` > 0 adds the retain NLL (NPO+RT).
+"""
+
+from dataclasses import dataclass
+
+from torch.nn import functional as F
+
+from .base import MLLMMethod, register
+from .losses import mean_nll, sequence_logprob
+
+
+@register
+@dataclass
+class NPO(MLLMMethod):
+    name = "npo"
+    needs_reference = True
+    beta: float = 0.1
+    retain_weight: float = 0.0
+
+    def loss(self, ctx, forget):
+        f = ctx.adapter.encode(forget)
+        log_ratio = sequence_logprob(ctx.adapter.model(**f).logits, f["labels"]) - \
+            sequence_logprob(ctx.reference_logits(f), f["labels"])
+        loss = (2.0 / self.beta) * F.softplus(self.beta * log_ratio).mean()
+        logs = {"loss_forget": loss.item()}
+        if self.retain_weight:
+            r = ctx.adapter.encode(ctx.retain_batch(self.name))
+            retain_loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
+            loss = loss + self.retain_weight * retain_loss
+            logs["loss_retain"] = retain_loss.item()
+        return loss, logs

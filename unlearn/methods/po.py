@@ -1,0 +1,38 @@
+"""PO (preference optimisation toward refusals): fine-tune the forget questions toward refusal
+answers ("I do not know who this is."), plus the retain loss.
+
+Refusals: ``refusals`` (texts separated by "|"), or the world's refusal answers by default.
+"""
+
+import zlib
+from dataclasses import dataclass, replace
+
+from .base import MLLMMethod, register
+from .losses import mean_nll
+
+
+@register
+@dataclass
+class PO(MLLMMethod):
+    name = "po"
+    needs_retain = True
+    retain_weight: float = 1.0
+    refusals: str = ""
+
+    def refusal_texts(self) -> list[str]:
+        if self.refusals.strip():
+            return [t.strip() for t in self.refusals.split("|") if t.strip()]
+        from ..world.texts import REFUSALS
+
+        return list(REFUSALS)
+
+    def loss(self, ctx, forget):
+        texts = self.refusal_texts()
+        # each record always gets the same refusal (chosen from its id: stable across runs)
+        refused = [replace(r, answer=texts[zlib.crc32(r.id.encode()) % len(texts)]) for r in forget]
+        f = ctx.adapter.encode(refused)
+        r = ctx.adapter.encode(ctx.retain_batch(self.name))
+        forget_loss = mean_nll(ctx.adapter.model(**f).logits, f["labels"])
+        retain_loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
+        return forget_loss + self.retain_weight * retain_loss, {"loss_forget": forget_loss.item(),
+                                                                "loss_retain": retain_loss.item()}

@@ -1,0 +1,121 @@
+"""One MLLM unlearning run, start to finish: load, evaluate the starting model, train, evaluate,
+write the run directory (manifest, metrics, trained parameters, samples).
+
+On the world (the default) the concept's data comes from the world's splits: the forget set is
+every question about the concept on its unlearning image(s) plus its text facts; retain data (for
+the methods that use it) is the other concepts' records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from .data.records import Record, world_records
+from .eval.mllm import evaluate, world_eval_set
+from .loop import TrainConfig, run_loop, save_trained
+from .methods import get_method, method_options
+from .methods.base import METHODS
+from .runs import git_commit, prepare_run_dir, versions, write_json
+
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"options"}
+
+
+def split_options(method: str, pairs: dict[str, str]) -> tuple[dict, dict]:
+    """key=value pairs -> (TrainConfig fields, method options); unknown keys are an error."""
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; methods: {', '.join(sorted(METHODS))}")
+    own = method_options(METHODS[method])
+    train, opts = {}, {}
+    for k, v in pairs.items():
+        if k in own:
+            opts[k] = v
+        elif k in TRAIN_KEYS:
+            train[k] = v
+        else:
+            raise KeyError(f"unknown option {k!r}; training options: {', '.join(sorted(TRAIN_KEYS))}; "
+                           f"options of {method!r}: {', '.join(own) or 'none'}")
+    return train, opts
+
+
+def _train_config(values: dict) -> TrainConfig:
+    defaults = TrainConfig()
+    typed = {}
+    for k, v in values.items():
+        d = getattr(defaults, k)
+        if isinstance(v, str) and isinstance(d, bool):
+            typed[k] = v.lower() in ("1", "true", "yes")
+        elif isinstance(v, str) and not isinstance(d, str):
+            try:
+                typed[k] = type(d)(v)
+            except ValueError:
+                raise ValueError(f"{k} must be a {type(d).__name__}, got {v!r}") from None
+        else:
+            typed[k] = v
+    return dataclasses.replace(defaults, **typed)
+
+
+def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size: int = 48):
+    from .world.concepts import BY_KEY, CONCEPTS
+    from .world.mllm import ImageBank
+    from .world.texts import concept_split, fact_records, identify_qa, ImageRef
+
+    split = concept_split(concept_key, n_unlearn=n_images, world_seed=world_seed)
+    bank = ImageBank(image_size, world_seed)
+    forget = world_records(split.forget, bank)
+    # retain data for the methods that use one: other concepts on their own unlearning-split images
+    others = [c for c in CONCEPTS if c.key != concept_key]
+    retain = world_records([identify_qa(c, ImageRef(c.key, "unlearn", 0)) for c in others] + fact_records(others), bank)
+    return BY_KEY[concept_key], forget, retain
+
+
+def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 0, model: str = "world",
+             images: int = 1, options: dict | None = None, world_dir=None, world_config=None, progress: bool = True,
+             overwrite: bool = False, callbacks=()) -> dict:
+    """Run ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``."""
+    from .models import load_mllm
+    from .world.concepts import get_concept
+
+    timings = {}
+    train_opts, method_opts = split_options(method, dict(options or {}))
+    cfg = _train_config({**train_opts, "steps": steps, "seed": seed})
+    algo = get_method(method, **method_opts)  # validates before anything is loaded or written
+    if model != "world":
+        raise NotImplementedError("real checkpoints need user-given forget/retain/eval records: "
+                                  "not wired into run_mllm yet (use the adapters and run_loop directly)")
+    c = get_concept(concept)
+    out = prepare_run_dir(out, overwrite)
+    t = time.perf_counter()
+    adapter = load_mllm(model, world_dir=world_dir, world_config=world_config)
+    image_size = adapter.processor.image_processor.crop_size["height"]
+    c, forget, retain = world_data(c.key, images, image_size=image_size)
+    evalset = world_eval_set(c.key, image_size, n_images=images)
+    timings["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    original = evaluate(adapter, evalset, c.names)
+    timings["eval_original"] = time.perf_counter() - t
+    result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, c.key, c.names,
+                      callbacks=callbacks, progress=progress)
+    timings["train"] = result["train_seconds"]
+    accelerator = result["accelerator"]
+    t = time.perf_counter()
+    after = evaluate(adapter, evalset, c.names)
+    timings["eval"] = time.perf_counter() - t
+    metrics = {k: v for k, v in after.items() if k != "samples"}
+    metrics.update(steps=cfg.steps, images=images, method=method, concept=c.key,
+                   original={k: v for k, v in original.items() if k != "samples"})
+    if accelerator.is_main_process:
+        save_trained(adapter.model, out, cfg.lora)
+        (out / "samples").mkdir(exist_ok=True)
+        write_json(out / "samples" / "answers.json", {"original": original["samples"], "unlearned": after["samples"]})
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "manifest.json", {
+            "kind": "mllm", "model": model, "concept": c.key, "names": list(c.names), "method": method,
+            "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
+            "images": images, "records": {"forget": len(forget), "retain": len(retain)},
+            "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
+            "world_size": result["world_size"], "mixed_precision": result["mixed_precision"],
+            "history": result["history"],
+        })
+    return metrics
