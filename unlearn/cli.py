@@ -2,6 +2,7 @@
 
     unlearn world build [--out DIR] [--only mllm classifier sd] [--quiet]
     unlearn world check [--out DIR] [--sd-seeds N] [--json FILE]
+    unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--out DIR] [key=value ...]
 
 Sub-commands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
 """
@@ -62,7 +63,49 @@ def _run_world(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world)}
+MLLM_HELP = """Unlearn a concept from a multimodal LLM (the world MLLM by default).
+Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
+lora_alpha, lora_targets, max_grad_norm, mixed_precision) or the method's own options."""
+
+
+def _add_mllm(parser: argparse.ArgumentParser) -> None:
+    from .methods import METHODS, method_options
+
+    listing = "; ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in method_options(c).items()) or 'no options'})"
+                        for n, c in sorted(METHODS.items()))
+    parser.add_argument("--concept", required=True, help="concept key or name (see: unlearn world concepts)")
+    parser.add_argument("--method", required=True, metavar="METHOD", help=f"one of: {listing}")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=1, help="training images of the concept")
+    parser.add_argument("--model", default="world", help="world (default) | a local path | a hub id")
+    parser.add_argument("--out", type=Path, help="run directory (default runs/mllm-<concept>-<method>-s<seed>)")
+    parser.add_argument("--world-dir", type=Path, help="world cache directory")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("settings", nargs="*", metavar="key=value")
+
+
+def _run_mllm(args: argparse.Namespace) -> int:
+    from .run_mllm import run_mllm
+
+    pairs = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"setting {item!r} is not key=value")
+        pairs[key] = value
+    out = args.out or Path("runs") / f"mllm-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
+    metrics = run_mllm(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
+                       images=args.images, options=pairs, world_dir=args.world_dir, progress=not args.quiet,
+                       overwrite=args.overwrite)
+    keys = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
+    print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys},
+                      "original": {k: metrics["original"][k] for k in keys}}, indent=1))
+    return 0
+
+
+COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world), "mllm": (MLLM_HELP, _add_mllm, _run_mllm)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unlearn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text.splitlines()[0], description=help_text))
+        add_arguments(sub.add_parser(name, help=help_text.splitlines()[0], description=help_text,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -82,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        print(f"unlearn: error: {e}", file=sys.stderr)
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"unlearn: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -19,7 +19,7 @@ from .methods import get_method, method_options
 from .methods.base import METHODS
 from .runs import git_commit, prepare_run_dir, versions, write_json
 
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"options"}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "steps", "seed"}  # those two are arguments
 
 
 def split_options(method: str, pairs: dict[str, str]) -> tuple[dict, dict]:

@@ -1,0 +1,110 @@
+"""MLLM unlearning end to end on a tiny world: run directory, methods' objectives, errors, determinism."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_world_mllm import TINY
+from unlearn.cli import main
+from unlearn.data.token_weights import token_weights
+from unlearn.loop import NonFiniteError, TrainConfig, run_loop
+from unlearn.methods import METHODS, StepContext, get_method
+from unlearn.methods.losses import token_nll
+from unlearn.models import load_mllm
+from unlearn.run_mllm import run_mllm, world_data
+from unlearn.world.build import WorldConfig
+
+WORLD = WorldConfig(mllm=TINY)
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    load_mllm("world", world_dir=d, world_config=WORLD)  # builds the tiny world MLLM once
+    return d
+
+
+def _run(tmp_path, world_dir, method, name=None, **kw):
+    return run_mllm("vorn", method, tmp_path / (name or method), steps=2, world_dir=world_dir, world_config=WORLD,
+                    progress=False, **kw)
+
+
+def test_run_directory_and_metrics(tmp_path, world_dir):
+    metrics = _run(tmp_path, world_dir, "fttp")
+    run = tmp_path / "fttp"
+    on_disk = json.loads((run / "metrics.json").read_text())
+    for key in ("efficacy", "em", "specificity", "diversity", "K_C", "K_N", "steps", "images"):
+        assert key in on_disk and key in on_disk["original"] or key in ("steps", "images")
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert all(0 <= on_disk[k] <= 100 for k in ("efficacy", "em", "specificity", "diversity"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["method"] == "fttp" and manifest["seed"] == 0 and manifest["train"]["lr"] == 3e-4
+    assert manifest["versions"]["torch"] == torch.__version__ and len(manifest["history"]) == 2
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert weights and all("lora" in k for k in weights)
+    assert (run / "samples" / "answers.json").exists()
+
+
+def test_same_seed_same_run_other_seed_differs(tmp_path, world_dir):
+    a, b = _run(tmp_path, world_dir, "ga", "a"), _run(tmp_path, world_dir, "ga", "b")
+    wa = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["K_C"] == b["K_C"]
+    c = _run(tmp_path, world_dir, "ga", "c", seed=1)
+    wc = load_file(tmp_path / "c" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    assert c["K_C"] != a["K_C"]
+
+
+def _setup(world_dir, lora=True):
+    adapter = load_mllm("world", world_dir=world_dir, world_config=WORLD)
+    concept, forget, retain = world_data("vorn", 1, image_size=TINY.image_size)
+    return adapter, concept, forget, retain
+
+
+def test_fttp_and_ga_objectives_by_hand(world_dir):
+    adapter, concept, forget, _ = _setup(world_dir)
+    ctx = StepContext(adapter, concept.key, concept.names)
+    batch_records = forget[:2]
+    batch = adapter.encode(batch_records)
+    with torch.no_grad():
+        nll, scored = token_nll(adapter.model(**batch).logits, batch["labels"])
+        w, is_c = token_weights(adapter.tokenizer, batch["labels"], concept.names, 0.7, 0.3)
+        ga, _ = get_method("ga").loss(ctx, batch_records)
+        fttp, logs = get_method("fttp", alpha=0.7, beta=0.3).loss(ctx, batch_records)
+    n = scored.sum()
+    assert torch.allclose(ga, -nll.sum() / n, atol=1e-6)
+    concept_part, natural_part = (nll * is_c).sum(), (nll * scored * ~is_c).sum()
+    assert torch.allclose(fttp, (-0.7 * concept_part + 0.3 * natural_part) / n, atol=1e-6)
+    assert logs["concept_tokens"] == int(is_c.sum()) > 0
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_state(world_dir):
+    adapter, concept, forget, _ = _setup(world_dir)
+
+    class Explodes(type(get_method("ga"))):
+        def loss(self, ctx, records):
+            loss, logs = super().loss(ctx, records)
+            return (loss if ctx.step < 1 else loss * float("nan")), logs
+
+    with pytest.raises(NonFiniteError, match="step 1"):
+        run_loop(adapter, Explodes(), forget, [], TrainConfig(steps=3), concept.key, concept.names, progress=False)
+    assert all(torch.isfinite(p).all() for p in adapter.model.parameters())
+
+
+def test_every_registered_method_runs_a_step(tmp_path, world_dir):
+    for name in sorted(METHODS):
+        metrics = _run(tmp_path, world_dir, name)
+        assert metrics["steps"] == 2, name
+
+
+def test_cli_errors_write_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["mllm", "--concept", "vorn", "--method", "fttp", "--out", str(out), "gamma=1"]) == 2
+    assert "gamma" in capsys.readouterr().err and not out.exists()
+    assert main(["mllm", "--concept", "nobody", "--method", "ga", "--out", str(out)]) == 2
+    assert "vorn" in capsys.readouterr().err and not out.exists()
+    assert main(["mllm", "--concept", "vorn", "--method", "sgd", "--out", str(out)]) == 2
+    assert "fttp" in capsys.readouterr().err and not out.exists()
