@@ -108,3 +108,29 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     assert "vorn" in capsys.readouterr().err and not out.exists()
     assert main(["mllm", "--concept", "vorn", "--method", "sgd", "--out", str(out)]) == 2
     assert "fttp" in capsys.readouterr().err and not out.exists()
+
+
+def test_mmunlearner_mask_covers_lora_parameters(world_dir):
+    adapter, concept, forget, retain = _setup(world_dir)
+    method = get_method("mmunlearner", tau=1.0)
+    run_loop(adapter, method, forget, retain, TrainConfig(steps=2), concept.key, concept.names, progress=False)
+    assert method.mask and all("lora_" in n for n in method.mask)  # exactly the trained (LoRA) parameters
+    assert 0.0 < method.salient_fraction < 1.0
+
+
+def test_siu_targets_and_dual_masked_kl(world_dir):
+    adapter, concept, forget, retain = _setup(world_dir)
+    method = get_method("siu")
+    ctx = StepContext(adapter, concept.key, concept.names, next_retain=lambda: retain[:2],
+                      reference_logits=lambda b: adapter.model(**b).logits.detach())
+    method.setup(ctx, forget, retain)
+    answers = [t.answer for t in method._targets]
+    assert any("Ferra" in a for a in answers) and not any("Vorn" in a for a in answers if "Ferra" in a)
+    assert any(a.startswith("The image shows a person with a red shirt") for a in answers)
+    assert any(t.image is None and "Vorn" in t.answer for t in method._targets)  # facts kept
+    # the reference equals the model here: the masked KL is 0
+    t = adapter.encode(method._targets[:2])
+    with torch.no_grad():
+        logits = adapter.model(**t).logits
+        assert method.dual_masked_kl(ctx, logits, logits, t["labels"]).abs() < 1e-6
+        assert method.dual_masked_kl(ctx, logits, logits + torch.randn_like(logits), t["labels"]) > 0

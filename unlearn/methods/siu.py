@@ -1,0 +1,102 @@
+"""SIU (Single Image Unlearning): fine-tune on four constructed targets with cross-entropy plus a
+Dual Masked KL to the frozen reference.
+
+Targets, built once from the forget records (one image, several texts):
+1. the image's answers with the concept's name replaced by a substitute fictitious name;
+2. the image described anew: "Describe this image." -> "The image shows <visual description>.";
+3. the concept's text-only facts, kept as they are;
+4. other concepts' records, kept (the retain batches).
+Dual Masked KL (on the target batch): KL(p_ref || p_theta) per answer position, with positions of
+the substitute name left out (token-level mask: there the model must move away from the
+reference) and the concept name's token ids removed from both distributions before normalising
+(vocabulary-level mask: the reference's preference for the name is not copied).
+
+Substitute and description: ``substitute`` / ``description`` options, or the world's (its first
+substitute name; the concept's visual description) when the concept is a world concept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+from torch.nn import functional as F
+
+from ..data.records import Record
+from ..data.token_weights import concept_token_mask
+from .base import MLLMMethod, register
+from .losses import IGNORE_INDEX, mean_nll
+
+
+def name_token_ids(tokenizer, names) -> list[int]:
+    """Ids of every token of the names, written as-is, lower/title case, with and without a space."""
+    ids = set()
+    for name in names:
+        for variant in {name, name.lower(), name.title()}:
+            for text in (variant, " " + variant):
+                ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return sorted(ids - {tokenizer.unk_token_id} if tokenizer.unk_token_id is not None else ids)
+
+
+@register
+@dataclass
+class SIU(MLLMMethod):
+    name = "siu"
+    needs_retain = True
+    needs_reference = True
+    substitute: str = ""
+    description: str = ""
+    kl_weight: float = 1.0
+
+    def setup(self, ctx, forget, retain):
+        substitute, description = self.substitute, self.description
+        if not substitute or not description:
+            from ..world.concepts import BY_KEY, SUBSTITUTE_NAMES
+            from ..world.texts import visual_description
+
+            if ctx.concept not in BY_KEY:
+                raise ValueError("siu needs substitute=NAME and description=TEXT for a concept outside the world")
+            substitute = substitute or SUBSTITUTE_NAMES[0]
+            description = description or visual_description(BY_KEY[ctx.concept])
+        pattern = re.compile("|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in sorted(ctx.names, key=len, reverse=True)),
+                             re.IGNORECASE)
+        targets = []
+        for r in forget:
+            if r.image is None:
+                targets.append(r)  # 3: text-only facts kept
+            elif r.qtype != "yesno":
+                targets.append(replace(r, id=r.id + ":substitute", answer=pattern.sub(substitute, r.answer)))  # 1
+        images = {id(r.image): r.image for r in forget if r.image is not None}
+        for i, image in enumerate(images.values()):  # 2: new visual descriptions
+            targets.append(Record(f"{ctx.concept}:describe:{i}", "Describe this image.",
+                                  f"The image shows {description}.", image, ctx.concept))
+        self._targets, self._substitute = targets, substitute
+        self._vocab_mask = name_token_ids(ctx.adapter.tokenizer, ctx.names)
+        self._cursor = 0
+
+    def loss(self, ctx, forget):
+        n = len(forget)
+        batch = [self._targets[(self._cursor + i) % len(self._targets)] for i in range(n)]
+        self._cursor += n
+        t = ctx.adapter.encode(batch)
+        r = ctx.adapter.encode(ctx.retain_batch(self.name))  # 4: other concepts kept
+        logits = ctx.adapter.model(**t).logits
+        ce = mean_nll(logits, t["labels"]) + mean_nll(ctx.adapter.model(**r).logits, r["labels"])
+        kl = self.dual_masked_kl(ctx, ctx.reference_logits(t), logits, t["labels"])
+        return ce + self.kl_weight * kl, {"loss_forget": ce.item(), "loss_retain": kl.item()}
+
+    def dual_masked_kl(self, ctx, ref_logits, logits, labels):
+        keep = labels[:, 1:] != IGNORE_INDEX  # (batch, seq-1): position t-1 predicts label t
+        for row in range(labels.shape[0]):  # token-level mask: not on the substitute name's tokens
+            pos = (labels[row, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
+            on_sub = concept_token_mask(ctx.adapter.tokenizer, labels[row, 1:][pos].tolist(), [self._substitute])
+            keep[row, pos[torch.tensor(on_sub, dtype=torch.bool)]] = False
+        ref, cur = ref_logits[:, :-1][keep].float(), logits[:, :-1][keep].float()
+        if self._vocab_mask:  # vocabulary-level mask: the concept's name tokens leave both distributions
+            ref[:, self._vocab_mask] = float("-inf")
+            cur = cur.index_fill(1, torch.tensor(self._vocab_mask, device=cur.device), float("-inf"))
+        ref_lp, cur_lp = F.log_softmax(ref, -1), F.log_softmax(cur, -1)
+        finite = torch.isfinite(ref_lp)
+        terms = torch.where(finite, ref_lp.exp() * (ref_lp - cur_lp), torch.zeros_like(ref_lp))
+        return terms.sum() / max(int(keep.sum()), 1)
