@@ -12,6 +12,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
+
 from .data.records import Record, world_records
 from .eval.mllm import evaluate, world_eval_set
 from .loop import TrainConfig, run_loop, save_trained
@@ -19,6 +21,7 @@ from .methods import get_method, method_options
 from .methods.base import METHODS
 from .runs import git_commit, prepare_run_dir, versions, write_json
 
+WORLD_MARKER = "world_mllm_config.json"  # a directory holding a world MLLM
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "steps", "seed"}  # those two are arguments
 
 
@@ -74,6 +77,8 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
              images: int = 1, options: dict | None = None, world_dir=None, world_config=None, progress: bool = True,
              overwrite: bool = False, callbacks=()) -> dict:
     """Run ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``."""
+    from accelerate import PartialState
+
     from .models import load_mllm
     from .world.concepts import get_concept
 
@@ -81,13 +86,16 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
     train_opts, method_opts = split_options(method, dict(options or {}))
     cfg = _train_config({**train_opts, "steps": steps, "seed": seed})
     algo = get_method(method, **method_opts)  # validates before anything is loaded or written
-    if model != "world":
-        raise NotImplementedError("real checkpoints need user-given forget/retain/eval records: "
-                                  "not wired into run_mllm yet (use the adapters and run_loop directly)")
+    if model != "world" and not (Path(model) / WORLD_MARKER).exists():
+        raise ValueError(f"{model}: runs on models other than the world MLLM need user-given forget/retain/eval "
+                         f"records, which this command does not take yet; use the world (--model world) or a "
+                         f"world MLLM directory")
     c = get_concept(concept)
-    out = prepare_run_dir(out, overwrite)
     t = time.perf_counter()
-    adapter = load_mllm(model, world_dir=world_dir, world_config=world_config)
+    # the main process builds the world / creates the run directory first; the others then reuse them
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+        out = prepare_run_dir(out, overwrite)
+        adapter = load_mllm(model, world_dir=world_dir, world_config=world_config)
     image_size = adapter.processor.image_processor.crop_size["height"]
     c, forget, retain = world_data(c.key, images, image_size=image_size)
     evalset = world_eval_set(c.key, image_size, n_images=images)

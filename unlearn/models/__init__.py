@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .base import MLLMAdapter
 from .llava import LlavaAdapter
 from .qwen2vl import Qwen2VLAdapter, Qwen2VLInputs
@@ -26,6 +28,10 @@ def load_mllm(model: str = "world", world_dir=None, world_config=None) -> MLLMAd
         m, processor = load_world(path)
         return adapter_for(m, processor, name="world")
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    if not Path(model).exists() and "/" not in str(model):
+        raise FileNotFoundError(f"model {model!r}: no such directory, and not a hub id (owner/name); "
+                                f"use 'world', a local path or a hub id")
 
     config = AutoConfig.from_pretrained(model)
     if config.model_type not in ADAPTERS:
