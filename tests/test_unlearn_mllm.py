@@ -134,3 +134,15 @@ def test_siu_targets_and_dual_masked_kl(world_dir):
         logits = adapter.model(**t).logits
         assert method.dual_masked_kl(ctx, logits, logits, t["labels"]).abs() < 1e-6
         assert method.dual_masked_kl(ctx, logits, logits + torch.randn_like(logits), t["labels"]) > 0
+
+
+def test_eval_reproduces_the_runs_metrics(tmp_path, world_dir):
+    from unlearn.run_mllm import evaluate_run
+
+    metrics = _run(tmp_path, world_dir, "fttp")
+    again = evaluate_run(tmp_path / "fttp", world_dir=world_dir, world_config=WORLD)
+    for key in ("efficacy", "em", "specificity", "diversity"):
+        assert again[key] == metrics[key], key
+    assert abs(again["K_C"] - metrics["K_C"]) < 1e-4 * max(1.0, abs(metrics["K_C"]))
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        evaluate_run(tmp_path)

@@ -2,6 +2,7 @@
 
     unlearn world build [--out DIR] [--only mllm classifier sd] [--quiet]
     unlearn world check [--out DIR] [--sd-seeds N] [--json FILE]
+    unlearn eval RUN
     unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--out DIR] [key=value ...]
 
 Sub-commands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
@@ -105,7 +106,23 @@ def _run_mllm(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world), "mllm": (MLLM_HELP, _add_mllm, _run_mllm)}
+EVAL_HELP = """Evaluate a finished run again (from its directory) and print its metrics as JSON."""
+
+
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="run directory (holds manifest.json)")
+    parser.add_argument("--world-dir", type=Path, help="world cache directory")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .run_mllm import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run, world_dir=args.world_dir), indent=1))
+    return 0
+
+
+COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world), "mllm": (MLLM_HELP, _add_mllm, _run_mllm),
+            "eval": (EVAL_HELP, _add_eval, _run_eval)}
 
 
 def build_parser() -> argparse.ArgumentParser:

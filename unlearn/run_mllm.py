@@ -127,3 +127,30 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
             "history": result["history"],
         })
     return metrics
+
+
+def evaluate_run(run: Path, world_dir=None, world_config=None) -> dict:
+    """Re-evaluate a finished run from its directory: the starting model plus the trained parameters."""
+    import json
+
+    from .models import load_mllm
+
+    run = Path(run)
+    manifest_path = run / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{run} is not a run directory (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    adapter = load_mllm(manifest["model"], world_dir=world_dir, world_config=world_config)
+    if manifest["train"]["lora"]:
+        from peft import PeftModel
+
+        adapter.model = PeftModel.from_pretrained(adapter.model, run / "adapter").eval()
+    else:
+        from safetensors.torch import load_file
+
+        adapter.model.load_state_dict(load_file(run / "weights" / "model.safetensors"))
+    image_size = adapter.processor.image_processor.crop_size["height"]
+    evalset = world_eval_set(manifest["concept"], image_size, n_images=manifest["images"])
+    metrics = evaluate(adapter, evalset, tuple(manifest["names"]))
+    metrics.pop("samples")
+    return metrics
