@@ -20,11 +20,19 @@ class FTTP(MLLMMethod):
     beta: float = 1.0
     allow_missing: bool = False  # answers without the concept: all natural (+beta) instead of an error
 
+    def weights(self, ctx, forget, labels):
+        """Signed token weights, computed once per distinct batch (steps revisit the same records)."""
+        cache = self.__dict__.setdefault("_weights", {})
+        key = (labels.shape, labels.cpu().numpy().tobytes())
+        if key not in cache:
+            cache[key] = token_weights(ctx.adapter.tokenizer, labels, ctx.names, self.alpha, self.beta,
+                                       record_ids=[r.id for r in forget], concept=ctx.concept,
+                                       allow_missing=self.allow_missing)
+        return cache[key]
+
     def loss(self, ctx, forget):
         batch = ctx.adapter.encode(forget)
-        weights, is_concept = token_weights(ctx.adapter.tokenizer, batch["labels"], ctx.names, self.alpha, self.beta,
-                                            record_ids=[r.id for r in forget], concept=ctx.concept,
-                                            allow_missing=self.allow_missing)
+        weights, is_concept = self.weights(ctx, forget, batch["labels"])
         logits = ctx.adapter.model(**batch).logits
         loss = weighted_token_loss(logits, batch["labels"], weights)
         return loss, {"loss_forget": loss.item(), "concept_tokens": int(is_concept.sum())}

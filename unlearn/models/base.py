@@ -14,6 +14,7 @@ positions with -100; the prompt must be a token prefix of the full conversation 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from typing import ClassVar
 
 import torch
@@ -29,8 +30,11 @@ class MLLMAdapter(ABC):
     # LoRA targets: the language model's attention projections (a peft regex over module names)
     lora_targets: ClassVar[str] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
+    ENCODE_CACHE = 256  # batches kept: unlearning revisits the same few records every step
+
     def __init__(self, model, processor, name: str = ""):
         self.model, self.processor, self.name = model, processor, name or model.config.model_type
+        self._encoded: OrderedDict = OrderedDict()
 
     @property
     def tokenizer(self):
@@ -56,7 +60,20 @@ class MLLMAdapter(ABC):
 
     def encode(self, records: list[Record], train: bool = True) -> dict:
         """Batch for ``records``: full conversations with answer-only labels (``train``), or
-        left-padded prompts for generation."""
+        left-padded prompts for generation. Batches are cached (keyed by the records' contents and
+        image objects, which the cache keeps alive), so a step over known records costs no
+        preprocessing; callers must not modify the returned tensors in place."""
+        key = (train, tuple((r.id, r.question, r.answer, id(r.image)) for r in records))
+        if key in self._encoded:
+            self._encoded.move_to_end(key)
+            return dict(self._encoded[key][0])
+        batch = self._encode(records, train)
+        self._encoded[key] = (batch, [r.image for r in records])
+        if len(self._encoded) > self.ENCODE_CACHE:
+            self._encoded.popitem(last=False)
+        return dict(batch)
+
+    def _encode(self, records: list[Record], train: bool) -> dict:
         tok = self.tokenizer
         images = [r.image for r in records if r.image is not None]
         tok.padding_side = "left"
