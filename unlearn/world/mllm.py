@@ -46,7 +46,7 @@ class MLLMConfig:
     heads: int = 4
     images_per_concept: int = 40  # pretraining pool, per concept
     fact_repeats: int = 6  # text-only fact records are few: repeat them in the pool
-    steps: int = 1200
+    steps: int = 1400
     batch_size: int = 16
     lr: float = 5e-4
     warmup: int = 60
