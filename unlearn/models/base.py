@@ -58,11 +58,13 @@ class MLLMAdapter(ABC):
             messages.append({"role": "assistant", "content": [{"type": "text", "text": record.answer}]})
         return messages
 
-    def encode(self, records: list[Record], train: bool = True) -> dict:
+    def encode(self, records: list[Record], train: bool = True, cache: bool = True) -> dict:
         """Batch for ``records``: full conversations with answer-only labels (``train``), or
         left-padded prompts for generation. Batches are cached (keyed by the records' contents and
         image objects, which the cache keeps alive), so a step over known records costs no
         preprocessing; callers must not modify the returned tensors in place."""
+        if not cache:  # batches that will not come back (pre-training on random batches)
+            return self._encode(records, train)
         key = (train, tuple((r.id, r.question, r.answer, id(r.image)) for r in records))
         if key in self._encoded:
             self._encoded.move_to_end(key)

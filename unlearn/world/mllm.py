@@ -124,7 +124,7 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
     bar = tqdm(range(cfg.steps), desc="world MLLM", disable=not progress)
     for step in bar:
         idx = order.choice(len(records), size=cfg.batch_size, replace=False)
-        batch = adapter.encode([records[i] for i in idx], train=True)
+        batch = adapter.encode([records[i] for i in idx], train=True, cache=False)
         loss = model(**batch).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"world MLLM training diverged at step {step} (loss {loss.item()})")
