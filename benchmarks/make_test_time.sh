@@ -16,3 +16,5 @@ end=$(date +%s)
 echo "make test (fresh clone, fresh world cache, installs included): $((end - start)) s" \
      "= $(( (end - start) * 100 / 1800 ))% of the 30 min budget"
 python benchmarks/world_build.py --out "$UNLEARN_WORLD_DIR"
+# optionally keep the freshly built world (e.g. as the user cache): KEEP_WORLD_TO=~/.cache/unlearn/world
+if [ -n "${KEEP_WORLD_TO:-}" ]; then rm -rf "$KEEP_WORLD_TO"; mkdir -p "$(dirname "$KEEP_WORLD_TO")"; cp -r "$UNLEARN_WORLD_DIR" "$KEEP_WORLD_TO"; fi
