@@ -146,3 +146,12 @@ def test_eval_reproduces_the_runs_metrics(tmp_path, world_dir):
     assert abs(again["K_C"] - metrics["K_C"]) < 1e-4 * max(1.0, abs(metrics["K_C"]))
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         evaluate_run(tmp_path)
+
+
+def test_traced_run_writes_a_trace(tmp_path, world_dir):
+    from knowtrace.store import open_trace
+
+    _run(tmp_path, world_dir, "ga", trace=True)
+    ds = open_trace(tmp_path / "ga" / "trace.zarr")
+    assert ds.sizes["step"] == 2 and ds.attrs["method"]["name"] == "ga" and ds.attrs["seed"] == 0
+    assert ds.sizes["sample"] == 6  # every forget record is a traced sample

@@ -75,7 +75,7 @@ def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size:
 
 def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 0, model: str = "world",
              images: int = 1, options: dict | None = None, world_dir=None, world_config=None, progress: bool = True,
-             overwrite: bool = False, callbacks=()) -> dict:
+             overwrite: bool = False, callbacks=(), trace: bool = False) -> dict:
     """Run ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``."""
     from accelerate import PartialState
 
@@ -103,8 +103,26 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
     t = time.perf_counter()
     original = evaluate(adapter, evalset, c.names)
     timings["eval_original"] = time.perf_counter() - t
-    result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, c.key, c.names,
-                      callbacks=callbacks, progress=progress)
+    tracer = None
+    # per-step token log-probs and K_C/K_N of the forget answers -> out/trace.zarr, on the main process
+    # (with several processes it sees its own slice of each step's records; the others' are NaN)
+    if trace and PartialState().is_main_process:
+        from knowtrace.tracer import MLLMTracer
+
+        from .tracing import traced_samples
+
+        attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,
+                 "versions": versions(), "git_commit": git_commit(),
+                 "capture": {"logprob": "answer tokens of the forget records in each step's batch"}}
+        tracer = MLLMTracer(adapter.model, out / "trace.zarr", traced_samples(adapter, forget, c.names),
+                            attrs=attrs).__enter__()
+        callbacks = [*callbacks, tracer]
+    try:
+        result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, c.key, c.names,
+                          callbacks=callbacks, progress=progress)
+    finally:
+        if tracer is not None:
+            tracer.__exit__(None, None, None)
     timings["train"] = result["train_seconds"]
     accelerator = result["accelerator"]
     t = time.perf_counter()
