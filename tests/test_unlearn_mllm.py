@@ -155,3 +155,19 @@ def test_traced_run_writes_a_trace(tmp_path, world_dir):
     ds = open_trace(tmp_path / "ga" / "trace.zarr")
     assert ds.sizes["step"] == 2 and ds.attrs["method"]["name"] == "ga" and ds.attrs["seed"] == 0
     assert ds.sizes["sample"] == 6  # every forget record is a traced sample
+
+
+def test_non_finite_gradients_stop_before_the_update(world_dir):
+    adapter, concept, forget, _ = _setup(world_dir)
+
+    class BadGrad(type(get_method("ga"))):
+        def loss(self, ctx, records):
+            loss, logs = super().loss(ctx, records)
+            if ctx.step == 1:  # a finite loss (sqrt(0) = 0) whose gradient is not (0 * 1/sqrt(0) = nan)
+                p = next(p for p in ctx.adapter.model.parameters() if p.requires_grad)
+                loss = loss + torch.sqrt((p * 0).sum())
+            return loss, logs
+
+    with pytest.raises(NonFiniteError, match="gradients are non-finite at step 1"):
+        run_loop(adapter, BadGrad(), forget, [], TrainConfig(steps=3), concept.key, concept.names, progress=False)
+    assert all(torch.isfinite(p).all() for p in adapter.model.parameters())

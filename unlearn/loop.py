@@ -22,6 +22,9 @@ from .data.records import Record
 from .methods.base import MLLMMethod, StepContext, retain_iterator
 
 
+SNAPSHOT_LIMIT = 100_000_000  # trained parameters (elements) up to which a per-step copy is kept
+
+
 class NonFiniteError(FloatingPointError):
     pass
 
@@ -117,7 +120,10 @@ def run_loop(adapter, method: MLLMMethod, forget: list[Record], retain: list[Rec
     method.setup(ctx, forget, retain)
     hook = method.gradient_hook()
     rank, world = accelerator.process_index, accelerator.num_processes
-    history, last_good = [], trainable_state(unwrapped)
+    # a copy of the trained parameters after every step, to restore if the next one breaks them; for
+    # large full fine-tuning the gradient check before each update is the guard instead (no copy)
+    keep_snapshots = sum(p.numel() for p in params) <= SNAPSHOT_LIMIT
+    history, last_good = [], trainable_state(unwrapped) if keep_snapshots else {}
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=f"{method.name}", disable=not progress or not accelerator.is_main_process)
     for step in bar:
@@ -134,6 +140,11 @@ def run_loop(adapter, method: MLLMMethod, forget: list[Record], retain: list[Rec
                     raise NonFiniteError(f"{method.name}: loss is {loss.item()} at step {step}; the run stops "
                                          f"here with the parameters of the last finished step")
                 accelerator.backward(loss)
+                if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                    optimizer.zero_grad(set_to_none=True)
+                    _restore(unwrapped, last_good)
+                    raise NonFiniteError(f"{method.name}: gradients are non-finite at step {step}; the run stops "
+                                         f"here with the parameters of the last finished step")
                 if hook is not None:
                     hook()
                 if cfg.max_grad_norm and accelerator.sync_gradients:
@@ -142,9 +153,10 @@ def run_loop(adapter, method: MLLMMethod, forget: list[Record], retain: list[Rec
                 optimizer.zero_grad(set_to_none=True)
         if not all(torch.isfinite(p).all() for p in params):
             _restore(unwrapped, last_good)
-            raise NonFiniteError(f"{method.name}: parameters became non-finite at step {step}; restored the "
-                                 f"parameters of the last finished step")
-        last_good = trainable_state(unwrapped)
+            kept = "restored the parameters of the last finished step" if keep_snapshots else \
+                "too large to keep a copy of: the parameters are not usable"
+            raise NonFiniteError(f"{method.name}: parameters became non-finite at step {step}; {kept}")
+        last_good = trainable_state(unwrapped) if keep_snapshots else {}
         logs = {k: float(_mean_over_processes(accelerator, v)) for k, v in logs.items()}
         history.append({"step": step, **logs})
         bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")})
