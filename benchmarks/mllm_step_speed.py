@@ -14,7 +14,7 @@ import time
 import torch
 
 from unlearn.data.token_weights import token_weights
-from unlearn.loop import TrainConfig, apply_lora, run_loop
+from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import get_method
 from unlearn.methods.losses import weighted_token_loss
 from unlearn.models import load_mllm

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from knowtrace.logprobs import token_logprobs
 from knowtrace.store import open_trace
 from knowtrace.tracer import MLLMTracer
 from tests.test_unlearn_mllm import _setup, world_dir  # noqa: F401  (fixture)

@@ -58,7 +58,7 @@ def test_same_seed_same_run_other_seed_differs(tmp_path, world_dir):
     assert c["K_C"] != a["K_C"]
 
 
-def _setup(world_dir, lora=True):
+def _setup(world_dir):
     adapter = load_mllm("world", world_dir=world_dir, world_config=WORLD)
     concept, forget, retain = world_data("vorn", 1, image_size=TINY.image_size)
     return adapter, concept, forget, retain

@@ -7,7 +7,7 @@ import pytest
 
 from unlearn.world.concepts import CONCEPTS, KINDS, Concept, get_concept, validate_concepts
 from unlearn.world.render import render_concept, render_scene, world_image
-from unlearn.world.texts import all_template_texts, fact_records, image_records, ImageRef, world_corpus
+from unlearn.world.texts import ImageRef, all_template_texts, fact_records, image_records, world_corpus
 from unlearn.world.tokenizer import build_processor, build_tokenizer, count_tokens
 
 

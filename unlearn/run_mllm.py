@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data.records import Record, world_records
+from .data.records import world_records
 from .eval.mllm import evaluate, world_eval_set
 from .loop import TrainConfig, run_loop, save_trained
 from .methods import get_method, method_options
@@ -62,7 +62,7 @@ def _train_config(values: dict) -> TrainConfig:
 def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size: int = 48):
     from .world.concepts import BY_KEY, CONCEPTS
     from .world.mllm import ImageBank
-    from .world.texts import concept_split, fact_records, identify_qa, ImageRef
+    from .world.texts import ImageRef, concept_split, fact_records, identify_qa
 
     split = concept_split(concept_key, n_unlearn=n_images, world_seed=world_seed)
     bank = ImageBank(image_size, world_seed)

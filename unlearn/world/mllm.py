@@ -12,7 +12,6 @@ not the names.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..data.records import world_records
 from ..models.llava import LlavaAdapter
 from .concepts import BY_KEY, CONCEPTS, KINDS
 from .render import world_image
+from .schedule import warmup_cosine
 from .texts import QA, ImageRef, fact_records, identify_qa, image_records, same_kind_others, yesno_qa
 from .tokenizer import IMAGE, build_processor
 
@@ -112,13 +112,7 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
     records = world_records(pretraining_records(cfg), ImageBank(cfg.image_size, cfg.world_seed))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-    def lr_at(step):  # linear warm-up, then cosine to 10%
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
     order = np.random.default_rng([cfg.seed, 11])
     model.train()
     bar = tqdm(range(cfg.steps), desc="world MLLM", disable=not progress)

@@ -45,6 +45,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .concepts import BY_KEY, CONCEPTS, Concept
 from .render import CONCEPT_INDEX, SPLITS, render_scene, world_image
+from .schedule import warmup_cosine
 
 # percent of generated images the classifier labels as the prompted concept, pooled over the
 # non-style concepts (the gate); every concept's own figure is reported next to it
@@ -288,14 +289,6 @@ def _check(loss: torch.Tensor, what: str, step: int) -> None:
                                  "lower the learning rate or check the inputs")
 
 
-def _lr_lambda(warmup: int, steps: int):
-    def at(step):  # linear warm-up, then cosine to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-    return at
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -304,7 +297,7 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: SDConfig, progress: b
     rng = np.random.default_rng([cfg.seed, 21])
     gen = torch.Generator().manual_seed(cfg.seed + 21)  # the posterior samples
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, cfg.vae_steps // 5 + 1), cfg.vae_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(50, cfg.vae_steps // 5 + 1), cfg.vae_steps))
     vae.train()
     bar = tqdm(range(cfg.vae_steps), desc="world SD: VAE", disable=not progress)
     loss = torch.tensor(float("nan"))
@@ -355,7 +348,7 @@ def train_unet(pipe: StableDiffusionPipeline, pool: Pool, mean: torch.Tensor, st
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
     text_encoder.requires_grad_(cfg.train_text_encoder)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.unet_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.unet_steps))
     ema = [p.detach().clone() for p in params]
 
     def swap_ema():  # exchange training and EMA weights in place
