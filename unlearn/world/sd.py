@@ -6,8 +6,9 @@ Parts, all built from configs and trained here (nothing is downloaded):
 * ``tokenizer``: a `CLIPTokenizer` whose vocabulary is CLIP's 512 byte-level symbols plus one token
   ``"word</w>"`` for every word of the world's prompts (merges built so that each word is exactly one
   token; see :func:`build_tokenizer`);
-* ``text_encoder``: a small `CLIPTextModel`, frozen at its seeded random initialisation (the UNet
-  learns to read it through cross-attention);
+* ``text_encoder``: a small `CLIPTextModel`, trained jointly with the UNet (measured: at 1500 UNet
+  steps the pooled gate figure was 87% trained vs 44% frozen at its random init;
+  ``train_text_encoder=False`` keeps it frozen);
 * ``vae``: a small `AutoencoderKL`, 32x32x3 images <-> 4x16x16 latents, trained first on plain
   reconstruction with a tiny KL weight; ``scaling_factor`` is set so that latents have unit variance;
 * ``unet``: a `UNet2DConditionModel` on latents, epsilon prediction under the DDPM noise schedule
@@ -22,10 +23,12 @@ a person's or character's name or "the logo of <name>".
 
 Quality gate: over the non-style concepts, the world classifier must recognise the prompted
 concept in >= 80% of the images generated from their canonical prompts (``seeds_per_concept`` seeds
-each, 10 by default). Every concept's own share is reported beside it, with the lowest one: a
-per-concept reading of the gate (every concept >= 80%) was NOT reached inside the build budget
-(measured with these defaults: pooled 90%, lowest concept 70%, four more at 80%), and with 10
-seeds a single concept's share moves in steps of 10 points. Art styles are reported, not gated.
+each, 10 by default). Every concept's own share is reported beside it, with the lowest one.
+Measured with these defaults, built alone on 2 cores in 726 s: pooled 98.3%, lowest concept 80%
+(moko), every other >= 90%, so the per-concept reading (every concept >= 80%) held too in that
+build; an earlier run of the same settings gave one concept 70%: with 10 seeds a single concept's
+share moves in steps of 10 points, which is why the gate is on the pooled share. Art styles are
+reported, not gated.
 """
 
 from __future__ import annotations
@@ -66,27 +69,28 @@ class SDConfig:
     scene_share: float = 0.15  # share of UNet training samples that are scenes
     alias_share: float = 0.25  # share of prompts naming the concept by an alias
     empty_share: float = 0.1  # share of empty prompts (classifier-free guidance)
-    # text encoder (CLIP, frozen at its random init unless train_text_encoder)
+    # text encoder (CLIP), trained with the UNet (else frozen at its seeded random init)
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 2
     max_length: int = 32  # tokens, start and end tokens included; every prompt is padded to this
-    train_text_encoder: bool = False
+    train_text_encoder: bool = True
     # VAE
     vae_channels: tuple[int, ...] = (32, 64)
     latent_channels: int = 4
-    vae_steps: int = 300
+    vae_steps: int = 600  # test PSNR 24.1 dB (300 steps at 2e-3: 20.8 dB)
     vae_batch_size: int = 32
-    vae_lr: float = 2e-3
+    vae_lr: float = 4e-3
     kl_weight: float = 1e-6
     # UNet
-    # two levels at 16x16 and 8x8 latents, 3000 steps: the best measured inside the budget (pooled
-    # 90%, lowest concept 70% at 10 seeds); three levels (32, 64, 128) at 2000 steps did worse
+    # two levels at 16x16 and 8x8 latents; with the text encoder trained, 2500 steps measured pooled
+    # 97.2%, lowest concept 70% (moko), every other >= 90% at 10 seeds (frozen text encoder, 3000
+    # steps: pooled 90%, lowest 70%); three levels (32, 64, 128) cost ~2.5x per step
     unet_channels: tuple[int, ...] = (32, 64)
     unet_attention: tuple[bool, ...] = (False, True)  # cross-attention blocks per level
     unet_heads: tuple[int, ...] = (1, 2)  # attention heads per level
     unet_layers: int = 1  # resnet (+ transformer) layers per level
-    unet_steps: int = 3000
+    unet_steps: int = 2500
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
