@@ -2,8 +2,9 @@
 
     unlearn world build [--out DIR] [--only mllm classifier sd] [--quiet]
     unlearn world check [--out DIR] [--sd-seeds N] [--json FILE]
+    unlearn world export --concept NAME --out DIR [--images N]
     unlearn eval RUN
-    unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--out DIR] [key=value ...]
+    unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--data DIR] [--out DIR] [key=value ...]
 
 Sub-commands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
 """
@@ -29,6 +30,10 @@ def _add_world(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--sd-seeds", type=int, default=10, help="generated images per concept for the SD gate")
     c.add_argument("--json", type=Path, help="also write the report to this file")
     sub.add_parser("concepts", help="list the world's concepts")
+    e = sub.add_parser("export", help="write a concept's MLLM records as a record directory (the --data layout)")
+    e.add_argument("--concept", required=True, help="concept key or name")
+    e.add_argument("--out", type=Path, required=True, help="directory to create")
+    e.add_argument("--images", type=int, default=1, help="training images of the concept")
     for p in (b, c):
         p.add_argument("--out", type=Path, help="world cache directory")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -43,6 +48,11 @@ def _run_world(args: argparse.Namespace) -> int:
         for c in CONCEPTS:
             n = count_tokens(tok, c.name)
             print(f"{c.key:10s} {c.kind:8s} {n} token{'s' if n > 1 else ' '}  {c.name}  (aliases: {', '.join(c.aliases)})")
+        return 0
+    if args.action == "export":
+        from .world_export import export_concept
+
+        print(export_concept(args.concept, args.out, images=args.images))
         return 0
     from .world.build import COMPONENTS, build_world, check_world
 
@@ -80,6 +90,8 @@ def _add_mllm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=1, help="training images of the concept")
     parser.add_argument("--model", default="world", help="world (default) | a local path | a hub id")
+    parser.add_argument("--data", type=Path, help="record directory (concept.json, forget/test/specificity/retain "
+                        ".jsonl); required for models other than the world's (example: unlearn world export)")
     parser.add_argument("--out", type=Path, help="run directory (default runs/mllm-<concept>-<method>-s<seed>)")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
@@ -100,7 +112,7 @@ def _run_mllm(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"mllm-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
     metrics = run_mllm(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
                        images=args.images, options=pairs, world_dir=args.world_dir, progress=not args.quiet,
-                       overwrite=args.overwrite, trace=args.trace)
+                       overwrite=args.overwrite, trace=args.trace, data=args.data)
     keys = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
     print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys},
                       "original": {k: metrics["original"][k] for k in keys}}, indent=1))

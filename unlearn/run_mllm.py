@@ -3,7 +3,9 @@ write the run directory (manifest, metrics, trained parameters, samples).
 
 On the world (the default) the concept's data comes from the world's splits: the forget set is
 every question about the concept on its unlearning image(s) plus its text facts; retain data (for
-the methods that use it) is the other concepts' records.
+the methods that use it) is the other concepts' records. Any other model (LLaVA-1.5, Qwen2-VL, a
+world MLLM directory) takes its data from a directory of record files
+(:mod:`unlearn.data.record_files`; ``unlearn world export`` writes a world concept that way).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .data.record_files import load_record_data
 from .data.records import world_records
-from .eval.mllm import evaluate, world_eval_set
+from .eval.mllm import MLLMEvalSet, evaluate, world_eval_set
 from .loop import TrainConfig, run_loop, save_trained
 from .methods import get_method, method_options
 from .methods.base import METHODS
@@ -73,10 +76,46 @@ def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size:
     return BY_KEY[concept_key], forget, retain
 
 
+def _record_data(concept: str, data: Path):
+    rd = load_record_data(data)
+    if concept.lower() not in {n.lower() for n in rd.names}:
+        raise ValueError(f"concept {concept!r} is not the concept of {data} ({rd.name}; aliases: "
+                         f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r}")
+    return rd
+
+
+@dataclasses.dataclass
+class RunData:
+    key: str  # the concept's key (world) or name (record files)
+    names: tuple[str, ...]
+    forget: list
+    retain: list
+    evalset: MLLMEvalSet
+    images: int  # distinct training images
+
+
+def load_run_data(concept: str, data: Path | None, image_size: int | None, images: int = 1) -> RunData:
+    """The concept's training and evaluation records: from the world, or from a record directory."""
+    if data is None:
+        from .world.concepts import get_concept
+
+        c, forget, retain = world_data(get_concept(concept).key, images, image_size=image_size)
+        return RunData(c.key, c.names, forget, retain, world_eval_set(c.key, image_size, n_images=images), images)
+    rd = _record_data(concept, data)
+    n_images = len({r.image.tobytes() for r in rd.forget if r.image is not None})
+    return RunData(rd.name, rd.names, rd.forget, rd.retain,
+                   MLLMEvalSet(rd.efficacy, rd.test, rd.specificity, rd.forget), n_images)
+
+
 def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 0, model: str = "world",
              images: int = 1, options: dict | None = None, world_dir=None, world_config=None, progress: bool = True,
-             overwrite: bool = False, callbacks=(), trace: bool = False) -> dict:
-    """Run ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``."""
+             overwrite: bool = False, callbacks=(), trace: bool = False, data: Path | None = None) -> dict:
+    """Run ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
+
+    ``data``: a directory of record files (:mod:`unlearn.data.record_files`); required for models
+    other than the world's, optional for the world (default: the world's own splits, ``images``
+    training images).
+    """
     from accelerate import PartialState
 
     from .models import load_mllm
@@ -86,22 +125,25 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
     train_opts, method_opts = split_options(method, dict(options or {}))
     cfg = _train_config({**train_opts, "steps": steps, "seed": seed})
     algo = get_method(method, **method_opts)  # validates before anything is loaded or written
-    if model != "world" and not (Path(model) / WORLD_MARKER).exists():
-        raise ValueError(f"{model}: runs on models other than the world MLLM need user-given forget/retain/eval "
-                         f"records, which this command does not take yet; use the world (--model world) or a "
-                         f"world MLLM directory")
-    c = get_concept(concept)
+    if data is None and model != "world" and not (Path(model) / WORLD_MARKER).exists():
+        raise ValueError(f"{model}: a model other than the world MLLM needs its data as record files: give "
+                         f"--data DIR (layout: python -c 'import unlearn.data.record_files as m; help(m)'; "
+                         f"`unlearn world export --concept oskel --out DIR` writes an example)")
+    if data is None:
+        get_concept(concept)  # an unknown world concept fails before anything is loaded or written
+    else:
+        data = Path(data).resolve()
+        _record_data(concept, data)  # bad records fail before anything is loaded or written
     t = time.perf_counter()
     # the main process builds the world / creates the run directory first; the others then reuse them
     with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
         out = prepare_run_dir(out, overwrite)
         adapter = load_mllm(model, world_dir=world_dir, world_config=world_config)
-    image_size = adapter.processor.image_processor.crop_size["height"]
-    c, forget, retain = world_data(c.key, images, image_size=image_size)
-    evalset = world_eval_set(c.key, image_size, n_images=images)
+    rd = load_run_data(concept, data, _image_size(adapter), images)
+    forget, retain, evalset, images = rd.forget, rd.retain, rd.evalset, rd.images
     timings["load"] = time.perf_counter() - t
     t = time.perf_counter()
-    original = evaluate(adapter, evalset, c.names)
+    original = evaluate(adapter, evalset, rd.names)
     timings["eval_original"] = time.perf_counter() - t
     tracer = None
     # per-step token log-probs and K_C/K_N of the forget answers -> out/trace.zarr, on the main process
@@ -114,11 +156,11 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
         attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,
                  "versions": versions(), "git_commit": git_commit(),
                  "capture": {"logprob": "answer tokens of the forget records in each step's batch"}}
-        tracer = MLLMTracer(adapter.model, out / "trace.zarr", traced_samples(adapter, forget, c.names),
+        tracer = MLLMTracer(adapter.model, out / "trace.zarr", traced_samples(adapter, forget, rd.names),
                             attrs=attrs).__enter__()
         callbacks = [*callbacks, tracer]
     try:
-        result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, c.key, c.names,
+        result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, rd.key, rd.names,
                           callbacks=callbacks, progress=progress)
     finally:
         if tracer is not None:
@@ -126,10 +168,10 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
     timings["train"] = result["train_seconds"]
     accelerator = result["accelerator"]
     t = time.perf_counter()
-    after = evaluate(adapter, evalset, c.names)
+    after = evaluate(adapter, evalset, rd.names)
     timings["eval"] = time.perf_counter() - t
     metrics = {k: v for k, v in after.items() if k != "samples"}
-    metrics.update(steps=cfg.steps, images=images, method=method, concept=c.key,
+    metrics.update(steps=cfg.steps, images=images, method=method, concept=rd.key,
                    original={k: v for k, v in original.items() if k != "samples"})
     if accelerator.is_main_process:
         save_trained(adapter.model, out, cfg.lora)
@@ -137,7 +179,8 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
         write_json(out / "samples" / "answers.json", {"original": original["samples"], "unlearned": after["samples"]})
         write_json(out / "metrics.json", metrics)
         write_json(out / "manifest.json", {
-            "kind": "mllm", "model": model, "concept": c.key, "names": list(c.names), "method": method,
+            "kind": "mllm", "model": model, "concept": rd.key, "names": list(rd.names), "method": method,
+            "data": str(data) if data is not None else "world",
             "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
             "images": images, "records": {"forget": len(forget), "retain": len(retain)},
             "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
@@ -167,8 +210,18 @@ def evaluate_run(run: Path, world_dir=None, world_config=None) -> dict:
         from safetensors.torch import load_file
 
         adapter.model.load_state_dict(load_file(run / "weights" / "model.safetensors"))
-    image_size = adapter.processor.image_processor.crop_size["height"]
-    evalset = world_eval_set(manifest["concept"], image_size, n_images=manifest["images"])
-    metrics = evaluate(adapter, evalset, tuple(manifest["names"]))
+    data = manifest.get("data", "world")
+    rd = load_run_data(manifest["concept"], None if data == "world" else Path(data), _image_size(adapter),
+                       manifest["images"])
+    metrics = evaluate(adapter, rd.evalset, rd.names)
     metrics.pop("samples")
     return metrics
+
+
+def _image_size(adapter) -> int | None:
+    """The world MLLM's image side (world images are rendered at it); None for other processors."""
+    crop = getattr(adapter.processor.image_processor, "crop_size", None)
+    try:
+        return int(crop["height"])
+    except (TypeError, KeyError):
+        return None
