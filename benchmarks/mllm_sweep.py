@@ -21,9 +21,8 @@ from unlearn.run_mllm import run_mllm
 KEYS = ("efficacy", "em", "em_identify", "em_yesno", "specificity", "diversity", "K_C", "K_N")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", required=True)
+def add_arguments(ap: argparse.ArgumentParser, methods_required: bool = True) -> None:
+    ap.add_argument("--methods", nargs="+", required=methods_required)
     ap.add_argument("--concepts", nargs="+", default=["oskel", "grom", "korvex"])  # person, cartoon, logo
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -31,7 +30,10 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed setting for every run")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--world-dir", type=Path)
-    args = ap.parse_args()
+
+
+def run_sweep(args: argparse.Namespace) -> list[dict]:
+    """Every run of the sweep that is not in results.jsonl yet; returns all rows of results.jsonl."""
     fixed = dict(kv.split("=", 1) for kv in args.set)
     axes = [(k, vs.split(",")) for k, vs in (g.split("=", 1) for g in args.grid)]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -51,6 +53,13 @@ def main() -> None:
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{name}: " + "  ".join(f"{k} {m[k]:.1f}" for k in ("em", "specificity", "diversity")), flush=True)
+    return [json.loads(line) for line in results.read_text().splitlines()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    run_sweep(ap.parse_args())
 
 
 if __name__ == "__main__":

@@ -171,3 +171,18 @@ def test_non_finite_gradients_stop_before_the_update(world_dir):
     with pytest.raises(NonFiniteError, match="gradients are non-finite at step 1"):
         run_loop(adapter, BadGrad(), forget, [], TrainConfig(steps=3), concept.key, concept.names, progress=False)
     assert all(torch.isfinite(p).all() for p in adapter.model.parameters())
+
+
+def test_fttp_only_the_ratio_of_alpha_to_beta_matters_under_adam(tmp_path, world_dir):
+    """Why the documented defaults are a ratio: Adam's update ignores a common scale of the loss."""
+    def adapter_weights(name, alpha, beta):
+        _run(tmp_path, world_dir, "fttp", name, options={"alpha": alpha, "beta": beta, "lr": 3e-3})
+        return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+    a, b, c = adapter_weights("a", 1.0, 1.0), adapter_weights("b", 2.0, 2.0), adapter_weights("c", 2.0, 0.5)
+
+    def distance(x, y):
+        return sum(float((x[k] - y[k]).norm() ** 2) for k in x) ** 0.5
+
+    # equal up to Adam's epsilon (1e-8), which matters a little for LoRA-A's tiny second-step gradients
+    assert distance(a, b) < 0.05 * distance(a, c)

@@ -84,7 +84,8 @@ def _add_mllm(parser: argparse.ArgumentParser) -> None:
 
     listing = "; ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in method_options(c).items()) or 'no options'})"
                         for n, c in sorted(METHODS.items()))
-    parser.add_argument("--concept", required=True, help="concept key or name (see: unlearn world concepts)")
+    parser.add_argument("--concept", help="concept key or name (see: unlearn world concepts); with --data, "
+                        "default: the name in DATA/concept.json")
     parser.add_argument("--method", required=True, metavar="METHOD", help=f"one of: {listing}")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -109,6 +110,12 @@ def _run_mllm(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ValueError(f"setting {item!r} is not key=value")
         pairs[key] = value
+    if args.concept is None:
+        if args.data is None:
+            raise ValueError("give --concept NAME (see: unlearn world concepts), or --data DIR")
+        from .data.record_files import read_concept
+
+        args.concept = read_concept(args.data)[0]
     out = args.out or Path("runs") / f"mllm-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
     metrics = run_mllm(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
                        images=args.images, options=pairs, world_dir=args.world_dir, progress=not args.quiet,
