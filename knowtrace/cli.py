@@ -22,12 +22,13 @@ import numpy as np
 import xarray as xr
 
 from . import plots
-from .schema import JSON_ATTRS, SAMPLE, STEP
+from .schema import JSON_ATTRS, PROBE_GROUP, SAMPLE, STEP
 from .store import export_netcdf, open_trace
 
 TRACE_NAME = "trace.zarr"
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")
-IMAGE_NAMES = ("sample-{n}.png", "sample{n}.png", "{n}.png")  # looked up in RUN/samples/ for attention underlays
+# looked up in RUN/samples/ for attention underlays: by sample index, then by sample id
+IMAGE_NAMES = ("sample-{n}.png", "{n}.png")
 
 
 def resolve(run: Path) -> tuple[Path, Path | None]:
@@ -44,9 +45,14 @@ def resolve(run: Path) -> tuple[Path, Path | None]:
                             f"file); record one with `unlearn mllm ... --trace` or knowtrace's MLLMTracer")
 
 
-def load(run: Path) -> tuple[xr.Dataset, Path, Path | None]:
-    """The trace of RUN, lazily, with its JSON attrs decoded; plus its path and run directory."""
+def load(run: Path, probe: bool = False) -> tuple[xr.Dataset, Path, Path | None]:
+    """The trace of RUN (or its probe group), lazily, JSON attrs decoded; plus its path and run directory."""
     trace, run_dir = resolve(run)
+    if probe:
+        if trace.is_file() or not (trace / PROBE_GROUP).exists():
+            raise FileNotFoundError(f"{trace} has no probe group: it was traced without a probe set "
+                                    f"(knowtrace.ProbeSet); drop --probe to use the training-step trace")
+        return open_trace(trace / PROBE_GROUP), trace / PROBE_GROUP, run_dir
     if trace.is_file():
         ds = xr.open_dataset(trace, engine="h5netcdf", chunks={})  # dask-backed, like open_trace
         ds.attrs = {k: json.loads(v) if k in JSON_ATTRS and isinstance(v, str) else v for k, v in ds.attrs.items()}
@@ -72,16 +78,19 @@ def _first_last(da: xr.DataArray) -> dict:
         if len(ok):
             first.append(v[ok[0], s])
             last.append(v[ok[-1], s])
-    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
-    return {"first": mean(first), "last": mean(last)}
+    if not first:
+        return None  # never recorded (all NaN)
+    return {"first": float(np.mean(first)), "last": float(np.mean(last))}
 
 
 def summarize(ds: xr.Dataset, trace: Path, run_dir: Path | None) -> dict:
     """The numbers ``knowtrace summary`` prints."""
     steps = ds[STEP].values
-    out = {"trace": str(trace), "steps": int(len(steps)),
+    out = {"trace": str(trace), "probe_group": (trace / PROBE_GROUP).exists() if trace.is_dir() else False,
+           "steps": int(len(steps)),
            "step_range": [int(steps[0]), int(steps[-1])] if len(steps) else None,
            "samples": int(ds.sizes.get(SAMPLE, 0)),
+           **({"sample_ids": [str(i) for i in ds.coords["sample_id"].values]} if "sample_id" in ds.coords else {}),
            "variables": {str(k): list(map(str, v.dims)) for k, v in ds.data_vars.items()}}
     if "is_concept" in ds.coords:
         flags = np.asarray(ds.coords["is_concept"].values, dtype=bool)
@@ -122,15 +131,18 @@ samples of each sample's first / last recorded value), concept tokens per sample
 def _add_summary(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="run directory, trace.zarr or exported .nc")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--probe", action="store_true", help="the probe group of the trace (probe mode)")
 
 
 def _run_summary(args: argparse.Namespace) -> int:
-    info = summarize(*load(args.run))
+    info = summarize(*load(args.run, args.probe))
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
     for key, value in info.items():
-        if key == "variables":
+        if value is None:
+            print(f"{key}: not recorded")
+        elif key == "variables":
             print("variables:")
             for name, dims in value.items():
                 print(f"  {name}({', '.join(dims)})")
@@ -152,10 +164,11 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directory, trace.zarr or .nc "
                         "(several only with --kind scatter)")
     parser.add_argument("--kind", required=True, choices=KINDS)
-    parser.add_argument("--sample", type=int, default=0, help="sample index (tokens, attention, eps_err)")
-    parser.add_argument("--samples", default="mean", help="knowledge: mean (with a min..max band) | all | an index")
+    parser.add_argument("--sample", default="0", help="sample index or id (tokens, attention, eps_err)")
+    parser.add_argument("--probe", action="store_true", help="plot the probe group of the trace (probe mode)")
+    parser.add_argument("--samples", default="mean", help="knowledge: mean (with a min..max band) | all | an index or id")
     parser.add_argument("--tokens", type=int, nargs="+", help="attention: answer positions (default: concept tokens)")
-    parser.add_argument("--layer", default="mean", help="attention: a layer index or mean (default)")
+    parser.add_argument("--layer", default="mean", help="attention: a recorded decoder layer, or mean (default)")
     parser.add_argument("--mode", default="final", choices=("final", "trajectory"), help="scatter: final step or path")
     parser.add_argument("--image", type=Path, help="attention/eps_err: image drawn under the map (default: "
                         f"RUN/samples/{IMAGE_NAMES[0].format(n='N')} if present)")
@@ -164,13 +177,15 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", type=Path, help="write a PNG (a slider view shows its first step)")
 
 
-def _image(args, run_dir: Path | None):
+def _image(args, ds: xr.Dataset, run_dir: Path | None):
     from PIL import Image
 
     path = args.image
     if path is None and run_dir is not None:
-        path = next((run_dir / "samples" / n.format(n=args.sample) for n in IMAGE_NAMES
-                     if (run_dir / "samples" / n.format(n=args.sample)).exists()), None)
+        index = plots.sample_index(ds, args.sample)
+        keys = [index] + ([str(ds.coords["sample_id"].values[index])] if "sample_id" in ds.coords else [])
+        candidates = [run_dir / "samples" / name.format(n=k) for k in keys for name in IMAGE_NAMES]
+        path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         return None  # the map alone
     if not path.exists():
@@ -179,24 +194,29 @@ def _image(args, run_dir: Path | None):
         return np.asarray(im.convert("RGB"))
 
 
+def _int_or(text: str):
+    """'3' -> 3 (an index, a layer number); anything else stays a string (a sample id, 'mean', 'all')."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _figure(args: argparse.Namespace, ds: xr.Dataset, run_dir: Path | None):
+    args.sample = _int_or(args.sample)
     if args.kind == "tokens":
         return plots.token_trajectories(ds, sample=args.sample)
     if args.kind == "knowledge":
-        samples = int(args.samples) if args.samples.lstrip("-").isdigit() else args.samples
-        return plots.knowledge_over_steps(ds, samples=samples, log_y=args.log)
+        return plots.knowledge_over_steps(ds, samples=_int_or(args.samples), log_y=args.log)
     if args.kind == "attention":
         plots.variable(ds, "xattn")  # the missing-variable error before the image is looked for
-        layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
-        return plots.attention_slider(ds, sample=args.sample, tokens=args.tokens, layer=layer, image=_image(args, run_dir))
+        return plots.attention_slider(ds, sample=args.sample, tokens=args.tokens, layer=_int_or(args.layer),
+                                      image=_image(args, ds, run_dir))
     plots.variable(ds, "eps_err")
-    return plots.eps_err_slider(ds, sample=args.sample, image=_image(args, run_dir))
+    return plots.eps_err_slider(ds, sample=args.sample, image=_image(args, ds, run_dir))
 
 
 def _run_plot(args: argparse.Namespace) -> int:
     if args.kind != "scatter" and len(args.runs) != 1:
         raise ValueError(f"--kind {args.kind} draws one run; several runs go with --kind scatter")
-    loaded = [load(r) for r in args.runs]
+    loaded = [load(r, args.probe) for r in args.runs]
     if args.kind == "scatter":
         names = [str(run_dir.name if run_dir is not None else trace.stem) for _, trace, run_dir in loaded]
         if len(set(names)) != len(names):  # same directory names in different places: use the paths
@@ -214,7 +234,8 @@ def _run_plot(args: argparse.Namespace) -> int:
         _, trace, run_dir = loaded[0]
         where = (run_dir if run_dir is not None else trace.parent) / "plots"
         where.mkdir(exist_ok=True)
-        suffix = f"-s{args.sample}" if args.kind in ("tokens", "attention", "eps_err") else ""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(args.sample))  # a sample id may hold "/"
+        suffix = f"-s{safe}" if args.kind in ("tokens", "attention", "eps_err") else ""
         targets = [where / f"{args.kind}{suffix}.html"]
     for path in plots.save({p: fig for p in targets}):
         print(path)

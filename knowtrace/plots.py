@@ -69,11 +69,29 @@ def _values(da: xr.DataArray) -> np.ndarray:
     return np.asarray(da.values, dtype=np.float64)  # computes a dask-backed slice; float16 -> float64
 
 
-def _pick_sample(da: xr.DataArray, sample: int) -> xr.DataArray:
+def sample_index(data: xr.Dataset | xr.DataArray, sample: int | str) -> int:
+    """A sample's index from its index or its id (coord ``sample_id``)."""
+    if isinstance(sample, str) and not isinstance(sample, np.integer):
+        ids = [str(i) for i in data.coords["sample_id"].values] if "sample_id" in data.coords else []
+        if sample not in ids:
+            raise KeyError(f"no sample with id {sample!r} in this trace" + (f"; ids: {ids[:8]}{' ...' if len(ids) > 8 else ''}"
+                                                                           if ids else " (it has no sample ids: give an index)"))
+        return ids.index(sample)
+    return sample
+
+
+def _pick_sample(da: xr.DataArray, sample: int | str) -> xr.DataArray:
+    sample = sample_index(da, sample)
     n = da.sizes[SAMPLE]
     if not isinstance(sample, (int, np.integer)) or not -n <= sample < n:
         raise IndexError(f"sample {sample!r} is out of range: this trace has {n} samples (0..{n - 1})")
     return da.isel({SAMPLE: int(sample)})
+
+
+def _sample_text(da: xr.DataArray, sample) -> str:
+    """'sample 2 (id)' for titles; ``da`` is the one-sample selection."""
+    sid = str(da.coords["sample_id"].values) if "sample_id" in da.coords else ""
+    return f"sample {sample}" + (f" ({sid})" if sid and sid != str(sample) else "")
 
 
 def clean_token(s: str) -> str:
@@ -98,13 +116,15 @@ def _title(data, text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- Fig. 2
-def token_trajectories(logprob: xr.DataArray | xr.Dataset, sample: int = 0) -> go.Figure:
+def token_trajectories(logprob: xr.DataArray | xr.Dataset, sample: int | str = 0) -> go.Figure:
     """log p of each answer token of ``sample`` over steps: one line per answer position.
 
     Lines are named "pos:token" so a token that occurs twice keeps two lines; concept tokens are red
     and thick, the others thin (coords ``token_str`` / ``is_concept`` when present).
     """
-    da = _pick_sample(variable(logprob, "logprob"), sample)  # (step, token)
+    full = variable(logprob, "logprob")
+    sample = sample_index(full, sample)
+    da = _pick_sample(full, sample)  # (step, token)
     steps = da[STEP].values.tolist()
     strs = da.coords["token_str"].values.astype(str) if "token_str" in da.coords else None
     concept = da.coords["is_concept"].values.astype(bool) if "is_concept" in da.coords else np.zeros(da.sizes[TOKEN], bool)
@@ -121,8 +141,8 @@ def token_trajectories(logprob: xr.DataArray | xr.Dataset, sample: int = 0) -> g
             hovertemplate=f"{label}<br>step %{{x}}<br>log p %{{y:.4f}}<extra>{'concept' if is_c else ''}</extra>",
         ))
     concept_name = str(da.coords["concept"].values) if "concept" in da.coords else ""
-    fig.update_layout(title=_title(logprob, f"Token log-probabilities, sample {sample}"
-                                            + (f" ({concept_name})" if concept_name else "")),
+    fig.update_layout(title=_title(logprob, f"Token log-probabilities, {_sample_text(da, sample)}"
+                                            + (f", concept {concept_name}" if concept_name else "")),
                       xaxis_title="step", yaxis_title="log p(token | image, prefix)", legend=dict(groupclick="toggleitem"))
     return fig
 
@@ -148,14 +168,14 @@ def _nan_stats(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 
 def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | None = None,
-                         samples: str | int | Sequence[int] = "mean", band: str | None = "range",
+                         samples: str | int | Sequence[int | str] = "mean", band: str | None = "range",
                          log_y: bool = False) -> go.Figure:
     """K_C (top) and K_N (bottom) over steps.
 
     ``data``: a trace (with K_C and K_N) or the K_C DataArray, then ``k_n`` is K_N.
     ``samples``: "mean" (the mean over the samples recorded at each step, with a ``band``: "range" =
     min..max over samples, "std" = mean +- one standard deviation, None = no band), "all", an index
-    or a list of indices (one line per sample).
+    or id, or a list of them (one line per sample).
     """
     if band not in ("range", "std", None):
         raise ValueError(f"band must be 'range', 'std' or None, got {band!r}")
@@ -177,12 +197,11 @@ def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | No
                                      line=dict(color=colors[name], width=3), connectgaps=True, legendgroup=name),
                           row=row, col=1)
             continue
-        if isinstance(samples, str):
-            if samples != "all":
-                raise ValueError(f"samples must be 'mean', 'all', an index or a list of indices, got {samples!r}")
+        if isinstance(samples, str) and samples == "all":
             chosen = range(v.shape[1])
-        else:
-            chosen = [samples] if isinstance(samples, (int, np.integer)) else list(samples)
+        else:  # an index or id, or a list of them
+            chosen = [samples] if isinstance(samples, (int, np.integer, str)) else list(samples)
+        chosen = [sample_index(da, s) for s in chosen]
         for s in chosen:
             _pick_sample(da, s)  # range check with a clear error
             fig.add_trace(go.Scatter(x=steps, y=v[:, s], name=f"{name} sample {s}", mode="lines+markers",
@@ -322,7 +341,7 @@ def _select_tokens(da: xr.DataArray, tokens) -> list[int]:
     return [int(t) for t in chosen]
 
 
-def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int = 0, tokens: int | Sequence[int] | None = None,
+def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0, tokens: int | Sequence[int] | None = None,
                      image=None, layer: int | str = "mean", opacity: float = 0.55) -> go.Figure:
     """Cross-attention of answer tokens to the image patches, one frame per step (slider).
 
@@ -330,32 +349,40 @@ def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int = 0, tokens: 
     else all answer tokens) and over layers (``layer="mean"``) or one layer (index into ``layer``).
     ``image``: the sample's image (array or PIL), drawn under the map; without it, the map alone.
     """
-    da = _pick_sample(variable(xattn, "xattn"), sample).astype(np.float64)  # (step, layer, token, y, x); means in float64
+    full = variable(xattn, "xattn")
+    sample = sample_index(full, sample)
+    da = _pick_sample(full, sample).astype(np.float64)  # (step, layer, token, y, x); means in float64
     positions = _select_tokens(da, tokens)
     if isinstance(layer, str):
         if layer != "mean":
             raise ValueError(f"layer must be 'mean' or a layer index, got {layer!r}")
         by_layer, layer_text = da.mean("layer"), "mean over layers"
-    else:
+    elif "layer" in da.coords:  # the decoder layer number the tracer recorded (coord ``layer``)
+        recorded = [int(v) for v in da["layer"].values]
+        if layer not in recorded:
+            raise IndexError(f"layer {layer} was not recorded: this trace has decoder layers {recorded}")
+        by_layer, layer_text = da.sel(layer=layer), f"layer {layer}"
+    else:  # no layer coord: an index into the recorded layers
         n = da.sizes["layer"]
         if not -n <= layer < n:
             raise IndexError(f"layer {layer} is out of range: this trace has {n} recorded layers")
-        by_layer = da.isel(layer=layer)
-        layer_text = f"layer {da['layer'].values[layer] if 'layer' in da.coords else layer}"
+        by_layer, layer_text = da.isel(layer=layer), f"layer #{layer}"
     maps = by_layer.isel({TOKEN: positions}).mean(TOKEN)  # (step, y, x)
     strs = da.coords["token_str"].values.astype(str) if "token_str" in da.coords else None
     names = ", ".join(f"{p}:{clean_token(strs[p])}" if strs is not None else str(p) for p in positions)
     return map_slider(maps, image=image, opacity=opacity, colorbar="attention",
-                      title=_title(xattn, f"Attention of [{names}] over the image, sample {sample}, {layer_text}"))
+                      title=_title(xattn, f"Attention of [{names}] over the image, {_sample_text(da, sample)}, {layer_text}"))
 
 
-def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int = 0, image=None, opacity: float = 0.55) -> go.Figure:
+def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, image=None, opacity: float = 0.55) -> go.Figure:
     """SD: the per-latent-pixel squared noise error of ``sample`` over steps (slider); the concept's
     mask (coord ``mask``) is outlined when the trace has it."""
-    da = _pick_sample(variable(eps_err, "eps_err"), sample)  # (step, y, x)
+    full = variable(eps_err, "eps_err")
+    sample = sample_index(full, sample)
+    da = _pick_sample(full, sample)  # (step, y, x)
     contour = np.asarray(da.coords["mask"].values, dtype=bool) if "mask" in da.coords else None
     return map_slider(da, image=image, opacity=opacity, colorbar="error", contour=contour,
-                      title=_title(eps_err, f"Noise-prediction error over the latent grid, sample {sample}"))
+                      title=_title(eps_err, f"Noise-prediction error over the latent grid, {_sample_text(da, sample)}"))
 
 
 # ---------------------------------------------------------------------------------------- saving

@@ -27,6 +27,8 @@ def write_synthetic(path, seed=0, method="fttp"):
         "is_concept": pad_ragged(CONCEPT, False, dtype=bool),
         "concept": np.array(["vorn"] * 3),
         "mask": rng.random((3, GRID, GRID)) > 0.6,
+        "sample_id": np.array(["s/a", "s/b", "s/c"]),
+        "layer": np.array([1, 3]),  # decoder layers the maps come from
     }
     store = TraceStore(path, static=static, attrs={"method": {"name": method}, "seed": seed}, float_dtype="float32")
     pad = torch.tensor(static["token_id"] < 0)
@@ -118,8 +120,13 @@ def test_attention_slider_frames_values_and_image_underlay(synthetic):
     np.testing.assert_allclose(np.asarray(fig.data[0].z, float), expected[0])
     assert fig.data[0].zmin == pytest.approx(expected.min()) and fig.data[0].zmax == pytest.approx(expected.max())
     assert "1:foo, 3:foo" in fig.layout.title.text
-    one = plots.attention_slider(synthetic.xattn, sample=1, tokens=[1], layer=1)
+    one = plots.attention_slider(synthetic.xattn, sample="s/b", tokens=[1], layer=3)  # by id; decoder layer 3
     np.testing.assert_allclose(np.asarray(one.frames[2].data[0].z, float), synthetic.xattn.values[2, 1, 1, 1])
+    assert "sample 1 (s/b)" in one.layout.title.text and "layer 3" in one.layout.title.text
+    with pytest.raises(IndexError, match=r"decoder layers \[1, 3\]"):
+        plots.attention_slider(synthetic, layer=0)
+    with pytest.raises(KeyError, match="no sample with id 'nope'"):
+        plots.attention_slider(synthetic, sample="nope")
     image = world_image("vorn", "unlearn", 0, size=32).image
     under = plots.attention_slider(synthetic, sample=0, image=image)
     assert isinstance(under.data[0], go.Image) and under.data[1].dx == 32 / GRID
@@ -179,9 +186,10 @@ def test_png_export_batched(tmp_path, synthetic):
 # ------------------------------------------------------------------ a real trace of a real (tiny) LLaVA
 @pytest.fixture(scope="module")
 def real_trace(tmp_path_factory):
-    """3 FTTP steps on the tiny world LLaVA, traced by MLLMTracer (as tests/test_tracer.py does)."""
+    """3 FTTP steps on the tiny world LLaVA, traced with attention capture (knowtrace.trace, last layer);
+    returns the trace path and the forget records (their images are the attention underlays)."""
+    from knowtrace import trace
     from tests.test_unlearn_mllm import WORLD, _setup
-    from knowtrace.tracer import MLLMTracer
     from unlearn.loop import TrainConfig, run_loop
     from unlearn.methods import get_method
     from unlearn.models import load_mllm
@@ -191,15 +199,15 @@ def real_trace(tmp_path_factory):
     load_mllm("world", world_dir=root / "world", world_config=WORLD)
     adapter, concept, forget, _ = _setup(root / "world")
     path = root / "trace.zarr"
-    with MLLMTracer(adapter.model, path, traced_samples(adapter, forget, concept.names), float_dtype="float32",
-                    attrs={"method": {"name": "fttp"}, "seed": 0}) as tracer:
+    with trace(adapter.model, path, traced_samples(adapter, forget, concept.names), attention=True,
+               float_dtype="float32", attrs={"method": {"name": "fttp"}, "seed": 0}) as tracer:
         run_loop(adapter, get_method("fttp"), forget, [], TrainConfig(steps=3), concept.key, concept.names,
                  callbacks=[tracer], progress=False)
-    return path
+    return path, forget
 
 
 def test_views_of_a_real_trace(real_trace):
-    ds = open_trace(real_trace)
+    ds = open_trace(real_trace[0])
     strs, ids, flags = ds.token_str.values[0], ds.token_id.values[0], ds.is_concept.values[0]
     n = int((ids >= 0).sum())
     fig = plots.token_trajectories(ds, sample=0)
@@ -214,5 +222,23 @@ def test_views_of_a_real_trace(real_trace):
     np.testing.assert_allclose(np.asarray(k.data[2].y, float), np.nanmean(ds.K_C.values, 1))
     scatter = plots.knowledge_scatter({"fttp": ds})
     assert scatter.data[0].x[0] == pytest.approx(float(np.nanmean(plots.last_finite(ds.K_C))))
-    with pytest.raises(plots.MissingVariableError, match="this trace has no xattn"):
-        plots.attention_slider(ds)
+
+
+def test_attention_slider_on_a_real_trace(real_trace):
+    path, forget = real_trace
+    ds = open_trace(path)
+    assert ds.xattn.sizes["layer"] == 1 and np.isfinite(ds.xattn.values[0, 0]).any()  # sample 0: step 0's batch
+    image = np.asarray(forget[0].image)
+    fig = plots.attention_slider(ds, sample=0, image=image)
+    assert len(fig.frames) == ds.sizes["step"] == len(fig.layout.sliders[0].steps) == 3
+    concept = np.flatnonzero(ds.is_concept.values[0])
+    expected = ds.xattn.values[:, 0, 0][:, concept].astype(float).mean(1)  # (step, y, x), the one recorded layer
+    for k, frame in enumerate(fig.frames):
+        np.testing.assert_allclose(np.asarray(frame.data[0].z, float), expected[k])
+    assert np.isfinite(expected[0]).all()
+    assert under_cells(fig) == (image.shape[1] / ds.sizes["x"], image.shape[0] / ds.sizes["y"])
+    assert f"{concept[0]}:Vorn" in fig.layout.title.text
+
+
+def under_cells(fig):
+    return fig.data[1].dx, fig.data[1].dy
