@@ -112,7 +112,10 @@ def _answer_positions(da: xr.DataArray) -> list[int]:
 def _title(data, text: str) -> str:
     method = data.attrs.get("method") if hasattr(data, "attrs") else None
     name = method.get("name") if isinstance(method, dict) else method if isinstance(method, str) else None
-    return f"{text} ({name})" if name else text
+    if not name:
+        return text
+    head, sep, rest = text.partition("<br>")  # the method goes on the first line
+    return f"{head} ({name}){sep}{rest}"
 
 
 # ---------------------------------------------------------------------------------------- Fig. 2
@@ -141,8 +144,8 @@ def token_trajectories(logprob: xr.DataArray | xr.Dataset, sample: int | str = 0
             hovertemplate=f"{label}<br>step %{{x}}<br>log p %{{y:.4f}}<extra>{'concept' if is_c else ''}</extra>",
         ))
     concept_name = str(da.coords["concept"].values) if "concept" in da.coords else ""
-    fig.update_layout(title=_title(logprob, f"Token log-probabilities, {_sample_text(da, sample)}"
-                                            + (f", concept {concept_name}" if concept_name else "")),
+    fig.update_layout(title=_title(logprob, f"Token log-probabilities<br><sub>{_sample_text(da, sample)}"
+                                            + (f", concept {concept_name}" if concept_name else "") + "</sub>"),
                       xaxis_title="step", yaxis_title="log p(token | image, prefix)", legend=dict(groupclick="toggleitem"))
     return fig
 
@@ -151,8 +154,9 @@ def token_trajectories(logprob: xr.DataArray | xr.Dataset, sample: int | str = 0
 def _band(fig, x, lo, hi, color, name, row):
     fig.add_trace(go.Scatter(x=x, y=hi, mode="lines", line=dict(width=0), showlegend=False, hoverinfo="skip",
                              legendgroup=name, connectgaps=True), row=row, col=1)
+    rgba = "rgba({},{},{},0.2)".format(*(int(color[i:i + 2], 16) for i in (1, 3, 5)))  # "#rrggbb", translucent
     fig.add_trace(go.Scatter(x=x, y=lo, mode="lines", line=dict(width=0), fill="tonexty", showlegend=False,
-                             fillcolor=color, opacity=0.2, hoverinfo="skip", legendgroup=name, connectgaps=True),
+                             fillcolor=rgba, hoverinfo="skip", legendgroup=name, connectgaps=True),
                   row=row, col=1)
 
 
@@ -275,11 +279,28 @@ def _as_image(image) -> np.ndarray:
     return np.clip(arr[..., :3], 0, 255).astype(np.uint8)
 
 
+def mask_outline(mask: np.ndarray, x0: float, dx: float, y0: float, dy: float) -> tuple[list, list]:
+    """The cell edges between mask and non-mask cells (and the grid border) as one polyline with None
+    breaks: exact to the cell, unlike a smoothed contour. ``mask``: (y, x) bool; cell (i, j) is
+    centred at (x0 + j dx, y0 + i dy)."""
+    padded = np.pad(mask, 1)
+    xs, ys = [], []
+    for i, j in zip(*np.nonzero(mask)):
+        cx, cy = x0 + j * dx, y0 + i * dy
+        left, right, top, bottom = cx - dx / 2, cx + dx / 2, cy - dy / 2, cy + dy / 2
+        for (di, dj), (xa, ya, xb, yb) in (((-1, 0), (left, top, right, top)), ((1, 0), (left, bottom, right, bottom)),
+                                           ((0, -1), (left, top, left, bottom)), ((0, 1), (right, top, right, bottom))):
+            if not padded[i + 1 + di, j + 1 + dj]:
+                xs += [xa, xb, None]
+                ys += [ya, yb, None]
+    return xs, ys
+
+
 def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = "", opacity: float = 0.55,
                contour: np.ndarray | None = None) -> go.Figure:
     """A heatmap per step with a step slider. ``maps``: (step, y, x); ``image`` (H, W, 3) is drawn
     under the map, each map cell stretched over its H/y x W/x pixels; ``contour`` (y, x) bool is
-    outlined on top. Colours share one range over all steps, so frames compare."""
+    outlined on top (cell edges). Colours share one range over all steps, so frames compare."""
     maps = maps.transpose(STEP, "y", "x")
     z = _values(maps)  # (step, y, x)
     steps = maps[STEP].values.tolist()
@@ -303,13 +324,16 @@ def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = 
 
     fig.add_trace(heat(0))
     if contour is not None:
-        fig.add_trace(go.Contour(z=np.asarray(contour, dtype=float), contours=dict(start=0.5, end=0.5, coloring="none"),
-                                 line=dict(color="cyan", width=2), showscale=False, hoverinfo="skip", **cell))
+        xs, ys = mask_outline(np.asarray(contour, dtype=bool), **cell)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="cyan", width=2), name="concept mask",
+                                 hoverinfo="skip", showlegend=False))
     fig.frames = [go.Frame(data=[heat(k)], traces=[heat_index], name=str(s)) for k, s in enumerate(steps)]
     fig.update_layout(
         title=title,
-        yaxis=dict(autorange="reversed", scaleanchor="x", constrain="domain"),  # row 0 at the top, square cells
-        xaxis=dict(constrain="domain"),
+        # the grid's extent exactly; row 0 at the top (reversed range); square cells
+        yaxis=dict(range=[cell["y0"] + (ny - 0.5) * cell["dy"], cell["y0"] - cell["dy"] / 2], scaleanchor="x",
+                   constrain="domain"),
+        xaxis=dict(range=[cell["x0"] - cell["dx"] / 2, cell["x0"] + (nx - 0.5) * cell["dx"]], constrain="domain"),
         sliders=[dict(active=0, currentvalue=dict(prefix="step "), pad=dict(t=40), steps=[
             dict(label=str(s), method="animate",
                  args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
@@ -371,7 +395,7 @@ def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0, to
     strs = da.coords["token_str"].values.astype(str) if "token_str" in da.coords else None
     names = ", ".join(f"{p}:{clean_token(strs[p])}" if strs is not None else str(p) for p in positions)
     return map_slider(maps, image=image, opacity=opacity, colorbar="attention",
-                      title=_title(xattn, f"Attention of [{names}] over the image, {_sample_text(da, sample)}, {layer_text}"))
+                      title=_title(xattn, f"Attention of [{names}] over the image<br><sub>{_sample_text(da, sample)}, {layer_text}</sub>"))
 
 
 def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, image=None, opacity: float = 0.55) -> go.Figure:
@@ -382,7 +406,7 @@ def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, im
     da = _pick_sample(full, sample)  # (step, y, x)
     contour = np.asarray(da.coords["mask"].values, dtype=bool) if "mask" in da.coords else None
     return map_slider(da, image=image, opacity=opacity, colorbar="error", contour=contour,
-                      title=_title(eps_err, f"Noise-prediction error over the latent grid, {_sample_text(da, sample)}"))
+                      title=_title(eps_err, f"Noise-prediction error over the latent grid<br><sub>{_sample_text(da, sample)}</sub>"))
 
 
 # ---------------------------------------------------------------------------------------- saving

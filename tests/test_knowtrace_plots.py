@@ -140,8 +140,16 @@ def test_attention_slider_frames_values_and_image_underlay(synthetic):
 
 def test_eps_err_slider_outlines_the_mask(synthetic):
     fig = plots.eps_err_slider(synthetic, sample=2)
-    assert len(fig.frames) == len(STEPS) and isinstance(fig.data[1], go.Contour)
-    np.testing.assert_array_equal(np.asarray(fig.data[1].z, float), synthetic.mask.values[2].astype(float))
+    assert len(fig.frames) == len(STEPS) and fig.data[1].name == "concept mask"
+    mask = synthetic.mask.values[2]
+    # each outline segment separates a mask cell from a non-mask cell (or the border): count them by hand
+    padded = np.pad(mask, 1)
+    edges = sum(int(not padded[i + 1 + di, j + 1 + dj]) for i, j in zip(*np.nonzero(mask))
+                for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+    assert edges > 0 and list(fig.data[1].x).count(None) == edges
+    xs, ys = plots.mask_outline(np.array([[True, False]]), x0=0, dx=1, y0=0, dy=1)  # one cell: its 4 sides
+    assert xs == [-0.5, 0.5, None, -0.5, 0.5, None, -0.5, -0.5, None, 0.5, 0.5, None]
+    assert ys == [-0.5, -0.5, None, 0.5, 0.5, None, -0.5, 0.5, None, -0.5, 0.5, None]
     np.testing.assert_allclose(np.asarray(fig.frames[3].data[0].z, float), synthetic.eps_err.values[3, 2])
     # the map is what K_C / K_N summarise: same error, same mask
     k_c, _ = sd_knowledge(torch.from_numpy(synthetic.eps_err.values[3, 2:3]), torch.from_numpy(synthetic.mask.values[2:3]))
