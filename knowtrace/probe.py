@@ -48,11 +48,13 @@ class ProbeSet:
 class ProbeRunner:
     """Runs a :class:`ProbeSet` for a tracer (built by it; not used directly)."""
 
-    def __init__(self, tracer, probes: ProbeSet, path: Path, attrs: dict | None, float_dtype: str, n_heads: int):
+    def __init__(self, tracer, probes: ProbeSet, path: Path, attrs: dict | None, float_dtype: str, n_heads: int,
+                 flush_seconds: float = 0.0):
         from .tracer import SampleTrace  # the tracer module builds probe runners
 
         self.tracer, self.probes = tracer, probes
-        self.trace = SampleTrace(path / PROBE_GROUP, probes.samples, attrs, float_dtype, tracer.attention, n_heads)
+        self.trace = SampleTrace(path / PROBE_GROUP, probes.samples, attrs, float_dtype, tracer.attention, n_heads,
+                                 flush_seconds)
 
     def maybe_run(self, step: int) -> bool:
         if step % self.probes.every:
@@ -89,6 +91,8 @@ class ProbeRunner:
                                      f"labels; give the samples in the order of the batch rows")
                 rows.append((i, call, r))
                 i += 1
+        if tracer.store.last_step is None:  # the root group first: creating it later would delete this group
+            tracer.store.flush()
         self.trace.write(step, rows)
 
 

@@ -13,6 +13,10 @@ Per step it writes ``eps_err(step, sample, y, x)`` (NaN for samples not in the s
 ``K_C``, ``K_N`` (:func:`knowtrace.knowledge.sd_knowledge`, Eq. 4, 6: by default the *mean* error over
 the concept's / the other pixels and lambda = 1; see that module), with the static
 ``mask(sample, y, x)`` on the latent grid. SD cross-attention capture is a separate module.
+
+Steps are buffered and written every ``flush_seconds`` (default 5 s; an xarray append costs tens of
+ms): use the tracer as a context manager (``with SDTracer(...) as tr:``), which flushes on exit, also
+after an exception, or call :meth:`SDTracer.flush` at the end.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class SDSample:
 
 class SDTracer:
     def __init__(self, path: str | os.PathLike, samples: Sequence[SDSample], unet: torch.nn.Module | None = None,
-                 lam: float = 1.0, reduce: str = "mean", attrs: dict | None = None, float_dtype: str = "float16"):
+                 lam: float = 1.0, reduce: str = "mean", attrs: dict | None = None, float_dtype: str = "float16",
+                 flush_seconds: float = 5.0):
         if not samples:
             raise ValueError("nothing to trace: give at least one sample")
         self.samples = list(samples)
@@ -58,7 +63,7 @@ class SDTracer:
         self.lam, self.reduce, self.unet = lam, reduce, unet
         static = {"sample_id": np.array([s.id for s in self.samples]), "concept": np.array([s.concept for s in self.samples]),
                   "mask": self.mask}
-        self.store = TraceStore(path, static=static, attrs=attrs, float_dtype=float_dtype)
+        self.store = TraceStore(path, static=static, attrs=attrs, float_dtype=float_dtype, flush_seconds=flush_seconds)
         self._handle = None
         self._prediction: torch.Tensor | None = None
 
@@ -77,7 +82,12 @@ class SDTracer:
             self._handle = None
             setattr(self.unet, _ATTACHED, False)
         self._prediction = None
+        self.flush()
         return False
+
+    def flush(self) -> None:
+        """Write buffered steps now (done on exit; call it when the tracer is used without ``with``)."""
+        self.store.flush()
 
     def _keep(self, module, args, output):
         sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ class SampleTrace:
     one slice per step built from matched rows of captured forwards."""
 
     def __init__(self, path, samples: Sequence[TracedSample], attrs: dict | None, float_dtype: str,
-                 attention: AttentionCapture | None = None, n_heads: int = 0):
+                 attention: AttentionCapture | None = None, n_heads: int = 0, flush_seconds: float = 0.0):
         if not samples:
             raise ValueError("nothing to trace: give at least one sample")
         self.samples = list(samples)
@@ -100,7 +101,7 @@ class SampleTrace:
             static["layer"] = np.array(attention.layers, dtype=np.int64)
         self.width = static["token_id"].shape[1]
         self._concept = torch.from_numpy(static["is_concept"])
-        self.store = TraceStore(path, static=static, attrs=attrs, float_dtype=float_dtype)
+        self.store = TraceStore(path, static=static, attrs=attrs, float_dtype=float_dtype, flush_seconds=flush_seconds)
 
     def write(self, step: int, rows: Sequence[tuple[int, _Call, int]], losses: dict | None = None) -> None:
         """Append ``step`` from ``rows`` = (sample index, call, batch row); other samples are NaN."""
@@ -139,25 +140,27 @@ class MLLMTracer:
     """Per-step token log-probs, K_C / K_N and (optionally) cross-attention of ``samples``.
 
     ``attention``: :class:`~knowtrace.mllm_attention.AttentionOptions` (None: no attention);
-    ``probes``: a :class:`~knowtrace.probe.ProbeSet` run every ``probes.every`` steps.
+    ``probes``: a :class:`~knowtrace.probe.ProbeSet` run every ``probes.every`` steps;
+    ``flush_seconds``: steps are buffered and written at most this often (and on exit, also after an
+    exception; see :class:`~knowtrace.store.TraceStore`); 0 writes every step at once.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample],
                  attrs: dict | None = None, float_dtype: str = "float16", attention: AttentionOptions | None = None,
-                 probes=None):
+                 probes=None, flush_seconds: float = 5.0):
         self.model = model
         self.attention = AttentionCapture(model, attention) if attention is not None else None
         n_heads = 0
         if self.attention is not None:
             n_heads = 1 if attention.heads == "mean" else self.attention.config.num_attention_heads
         on_steps = self.attention if attention is not None and attention.on_steps else None
-        self.trace = SampleTrace(path, samples, attrs, float_dtype, on_steps, n_heads)
+        self.trace = SampleTrace(path, samples, attrs, float_dtype, on_steps, n_heads, flush_seconds)
         self.samples, self.index, self.store = self.trace.samples, self.trace.index, self.trace.store
         self.probe = None
         if probes is not None:
             from .probe import ProbeRunner  # probe mode builds on this module
 
-            self.probe = ProbeRunner(self, probes, Path(path), attrs, float_dtype, n_heads)
+            self.probe = ProbeRunner(self, probes, Path(path), attrs, float_dtype, n_heads, flush_seconds)
         self._calls: list[_Call] = []
         self._handles = []
         self._recording_attention = False
@@ -171,6 +174,16 @@ class MLLMTracer:
     def __enter__(self):
         if getattr(self.model, _ATTACHED, False):
             raise RuntimeError("a knowtrace tracer is already attached to this model; exit it first")
+        self._attach()
+        return self
+
+    def __exit__(self, *exc):
+        self._detach()
+        self._calls.clear()
+        self.flush()
+        return False
+
+    def _attach(self):
         try:
             if self.attention is not None:
                 self.attention.__enter__()
@@ -178,20 +191,35 @@ class MLLMTracer:
                              self.model.register_forward_hook(self._capture, with_kwargs=True)]
             setattr(self.model, _ATTACHED, True)
         except BaseException:
-            self.__exit__(None, None, None)
+            self._detach()
             raise
-        return self
 
-    def __exit__(self, *exc):
+    def _detach(self):
         for h in self._handles:
             h.remove()
         self._handles = []
         if self.attention is not None:
-            self.attention.__exit__(*exc)
+            self.attention.__exit__(None, None, None)
         if getattr(self.model, _ATTACHED, False):
             setattr(self.model, _ATTACHED, False)
-        self._calls.clear()
-        return False
+
+    @contextmanager
+    def paused(self):
+        """Detach hooks and the attention function for a while (forwards inside are not traced, e.g.
+        an evaluation); re-attached afterwards, buffered steps kept."""
+        if not self.attached:
+            raise RuntimeError("the tracer is not attached; pause it inside its `with` block")
+        self._detach()
+        try:
+            yield self
+        finally:
+            self._attach()
+
+    def flush(self) -> None:
+        """Write buffered steps now (the main trace first: the probe group lives inside its store)."""
+        self.store.flush()
+        if self.probe is not None:
+            self.probe.trace.store.flush()
 
     def _begin(self, module, args, kwargs):
         labels = kwargs.get("labels")
@@ -275,11 +303,11 @@ class MLLMTracer:
 
 def trace(model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample], *,
           attention: AttentionOptions | bool | None = None, probes=None, attrs: dict | None = None,
-          float_dtype: str = "float16") -> MLLMTracer:
+          float_dtype: str = "float16", flush_seconds: float = 5.0) -> MLLMTracer:
     """A tracer to use as a context manager: ``with knowtrace.trace(model, path, samples) as tr: ...``.
 
     ``attention=True`` records the last layer's head-mean maps; pass AttentionOptions for more."""
     if attention is True:
         attention = AttentionOptions()
     return MLLMTracer(model, path, samples, attrs=attrs, float_dtype=float_dtype, attention=attention or None,
-                      probes=probes)
+                      probes=probes, flush_seconds=flush_seconds)
