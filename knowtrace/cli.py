@@ -124,8 +124,9 @@ def _fmt(v) -> str:
 
 
 # ------------------------------------------------------------------------------- summary
-SUMMARY_HELP = """Print what a trace holds: steps, samples, variables, first/last K_C and K_N (the mean over
-samples of each sample's first / last recorded value), concept tokens per sample, run attrs."""
+SUMMARY_HELP = """Print what a trace holds.
+Steps, samples, variables, first/last K_C and K_N (the mean over samples of each sample's first /
+last recorded value), concept tokens per sample, the run's attrs and metrics."""
 
 
 def _add_summary(parser: argparse.ArgumentParser) -> None:
@@ -152,8 +153,8 @@ def _run_summary(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- plot
-PLOT_HELP = """Draw a view of a trace as HTML (interactive, self-contained) and/or PNG (needs kaleido and a
-Chromium). Kinds: tokens (token log-probs, paper Fig. 2), knowledge (K_C and K_N over steps, Fig. 3),
+PLOT_HELP = """Draw a view of a trace as HTML and/or PNG.
+HTML is interactive and self-contained; PNG needs kaleido and a Chromium. Kinds: tokens (token log-probs, paper Fig. 2), knowledge (K_C and K_N over steps, Fig. 3),
 attention (cross-attention over the image with a step slider, Fig. 8), eps_err (SD noise error map),
 scatter (K_C vs K_N of several runs, Fig. 5). Without --html/--png: RUN/plots/<kind>.html."""
 
@@ -243,7 +244,8 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- export
-EXPORT_HELP = """Export a Zarr trace to NetCDF (float variables as float32; streamed chunk by chunk)."""
+EXPORT_HELP = """Export a Zarr trace to NetCDF.
+Float variables become float32 (NetCDF has no float16); the trace is streamed chunk by chunk."""
 
 
 def _add_export(parser: argparse.ArgumentParser) -> None:
