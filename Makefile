@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH_PIN ?= torch==2.13.0
 STAMP := .make/installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean chromium
 
 # torch first, pinned: a plain "torch" pulls several GB of CUDA wheels on these CPU machines.
 $(STAMP): pyproject.toml
@@ -20,8 +20,21 @@ demo: $(STAMP)
 	unlearn world build
 	unlearn world check
 
-test: $(STAMP)
-	$(PYTHON) -m pytest -x -q
+# PNG export of the knowtrace plots (kaleido 1.x) drives a Chromium. Install one if there is none
+# (apt-get; as root, else with sudo -n); without one, say how to get it and stop.
+chromium:
+	@if [ -n "$$BROWSER_PATH" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || command -v google-chrome >/dev/null 2>&1; then exit 0; fi; \
+	echo "installing chromium (kaleido needs it for PNG export of the knowtrace plots) ..."; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	if ! { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }; then \
+	  echo "make: could not install chromium with apt-get. PNG export needs a Chrome/Chromium: install one" \
+	       "(Debian/Ubuntu: apt-get install -y chromium) or point BROWSER_PATH at its binary, then run make test again." >&2; \
+	  exit 1; fi
+
+# KNOWTRACE_REQUIRE_PNG=1: the PNG export tests fail instead of skipping when they cannot export
+test: $(STAMP) chromium
+	KNOWTRACE_REQUIRE_PNG=1 $(PYTHON) -m pytest -x -q
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/world_build.py

@@ -10,6 +10,8 @@ dims
     layer, head, y, x, t   attention / pixel grids, where recorded
 
 coords (static: written with the first step)
+    sample_id(sample)          str: the traced record's id
+    layer(layer)               int: decoder layer index of the attention maps (when recorded)
     token_id(sample, token)    int64, -1 on padding
     token_str(sample, token)   str, "" on padding
     is_concept(sample, token)  bool: the token belongs to the concept's name
@@ -20,8 +22,18 @@ variables (per step)
     logprob(step, sample, token)   float: log p of the answer token given its prefix
     K_C(step, sample), K_N(step, sample)   knowledge metrics (knowtrace.knowledge)
     loss_forget(step), loss_retain(step)   scalar losses of the step, when given
-    xattn(step, sample, layer, token, y, x)   cross-attention of answer tokens to image patches
-    eps_err(step, sample, y, x)    SD per-latent-pixel squared noise error
+    xattn(step, sample, layer, token, y, x)   cross-attention of answer tokens to image patches, head
+             mean (knowtrace.mllm_attention): token t's row is the query position predicting answer
+             token t (the logprob convention); y, x the patch grid; NaN where not recorded
+    xattn_head(step, sample, layer, head, token, y, x)   the same per head (``heads="all"``)
+    eps_err(step, sample, y, x)    SD per-latent-pixel squared noise error, mean over channels
+             (knowtrace.sd_tracer); K_C / K_N of SD traces are Eq. 4, 6 over it and ``mask``
+
+probe group
+    Probe mode (knowtrace.probe) writes a second trace with this same schema in the Zarr group
+    ``probe`` of the store (the directory ``<trace>/probe``): ``sample`` = the probe set, ``step``
+    = the training step after which the probes ran (every k steps), values under inference mode.
+    Open it with ``knowtrace.probe.open_probe_trace(path)``.
 
 attrs
     JSON strings: ``model`` (id / revision), ``method`` (name + full config), ``seed``,
@@ -36,6 +48,8 @@ from __future__ import annotations
 STEP, SAMPLE, TOKEN = "step", "sample", "token"
 
 STATIC_COORDS = {
+    "sample_id": (SAMPLE,),
+    "layer": ("layer",),
     "token_id": (SAMPLE, TOKEN),
     "token_str": (SAMPLE, TOKEN),
     "is_concept": (SAMPLE, TOKEN),
@@ -50,8 +64,11 @@ STEP_VARIABLES = {
     "loss_forget": (STEP,),
     "loss_retain": (STEP,),
     "xattn": (STEP, SAMPLE, "layer", TOKEN, "y", "x"),
+    "xattn_head": (STEP, SAMPLE, "layer", "head", TOKEN, "y", "x"),
     "eps_err": (STEP, SAMPLE, "y", "x"),
 }
+
+PROBE_GROUP = "probe"
 
 JSON_ATTRS = ("model", "method", "seed", "versions", "git_commit", "capture")
 

@@ -1,13 +1,19 @@
 """Streaming a trace to Zarr, one step at a time; opening it lazily; exporting it to NetCDF.
 
-Every :meth:`TraceStore.append` writes its step to disk before returning, so a crash keeps every
-finished step; opening an existing store resumes it (later steps are appended after the last one).
+With ``flush_seconds=0`` (the default) every :meth:`TraceStore.append` writes its step to disk before
+returning, so a crash keeps every finished step. An xarray append costs tens of milliseconds whatever
+its size (it reopens the store's metadata), which is most of a small model's step: with
+``flush_seconds=s > 0`` steps are buffered and written together once the oldest buffered step is
+``s`` seconds old (and on :meth:`TraceStore.flush`, which tracers call on exit, also after an
+exception), so the write cost per step is at most (one write) / s and a hard kill loses at most the
+last ``s`` seconds. Opening an existing store resumes it (later steps are appended after the last one).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,8 +40,12 @@ class TraceStore:
     """
 
     def __init__(self, path: str | os.PathLike, static: dict | None = None, attrs: dict | None = None,
-                 float_dtype: str = "float16"):
+                 float_dtype: str = "float16", flush_seconds: float = 0.0):
         self.path = Path(path)
+        self.flush_seconds = float(flush_seconds)
+        self._buffer: list[tuple[int, dict]] = []
+        self._shapes: dict[str, tuple[int, ...]] = {}  # variable -> shape per step, fixed by the first step
+        self._buffered_since = 0.0
         self.float_dtype = np.dtype(float_dtype)
         self._static = {k: np.asarray(v) for k, v in (static or {}).items()}
         for name, values in self._static.items():
@@ -60,12 +70,18 @@ class TraceStore:
                                f"delete it to start a new trace") from e
         # appending rewrites the group's attrs: carry the stored ones (a resumed run may give none)
         self._attrs = {**existing.attrs, **self._attrs}
+        self._shapes = {name: tuple(v.shape[1:]) for name, v in existing.data_vars.items() if v.dims[:1] == (STEP,)}
         return int(steps[-1]) if len(steps) else None
 
     def append(self, step: int, **variables) -> None:
-        """Write one step. Values have the schema's dims without ``step`` (numpy or torch)."""
-        if self.last_step is not None and step <= self.last_step:
-            raise ValueError(f"step {step} is not after the last stored step {self.last_step} of {self.path}")
+        """Write one step (or buffer it, see ``flush_seconds``). Values have the schema's dims without
+        ``step`` (numpy or torch); they are checked now, so a bad step never reaches the buffer."""
+        last = self._buffer[-1][0] if self._buffer else self.last_step
+        if last is not None and step <= last:
+            raise ValueError(f"step {step} is not after the last stored step {last} of {self.path}")
+        if self._shapes and set(variables) != set(self._shapes):
+            raise ValueError(f"step {step} has variables {sorted(variables)}, the trace {sorted(self._shapes)}: every "
+                             f"step of a trace has the same variables")
         data = {}
         for name, value in variables.items():
             dims = STEP_VARIABLES.get(name)
@@ -74,17 +90,72 @@ class TraceStore:
             arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
             if arr.ndim != len(dims) - 1:
                 raise ValueError(f"{name!r} needs dims {dims[1:]} per step, got shape {arr.shape}")
+            if name in self._shapes and arr.shape != self._shapes[name]:
+                raise ValueError(f"{name!r} has shape {arr.shape} per step, the trace's earlier steps {self._shapes[name]}")
             if np.issubdtype(arr.dtype, np.floating):
                 arr = arr.astype(self.float_dtype)
-            data[name] = (dims, arr[None])
-        ds = xr.Dataset(data, coords={STEP: [step]}, attrs=self._attrs)
+            data[name] = (dims, arr)
+        if not self._shapes:
+            self._shapes = {name: arr.shape for name, (_, arr) in data.items()}
+        if not self._buffer:
+            self._buffered_since = time.monotonic()
+        self._buffer.append((step, data))
+        if time.monotonic() - self._buffered_since >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered steps (one xarray append for all of them)."""
+        if not self._buffer:
+            return
+        steps = [s for s, _ in self._buffer]
+        first = self._buffer[0][1]
+        data = {name: (dims, np.stack([d[name][1] for _, d in self._buffer])) for name, (dims, _) in first.items()}
         if self.last_step is None:
+            ds = xr.Dataset(data, coords={STEP: steps}, attrs=self._attrs)
             for name, values in self._static.items():
                 ds = ds.assign_coords({name: (STATIC_COORDS[name], values)})
-            ds.to_zarr(self.path, mode="w", consolidated=False)
+            # chunks of many steps: appending then writes one file per variable and flush, not one per step
+            encoding = {name: {"chunks": (_step_chunk(v[1][0].nbytes),) + v[1].shape[1:]} for name, v in data.items()}
+            ds.to_zarr(self.path, mode="w", consolidated=False, encoding=encoding)
         else:
-            ds.to_zarr(self.path, append_dim=STEP, consolidated=False)
-        self.last_step = step
+            self._append_direct(steps, data)
+        self.last_step = steps[-1]
+        self._buffer = []
+
+    def _append_direct(self, steps: list[int], data: dict) -> None:
+        """Append along ``step`` with zarr itself: xarray's append re-reads and re-validates the whole
+        store (~100 ms here); resizing the arrays xarray created and writing the new rows is what it
+        does in the end. Every variable is checked first, so a mismatch writes nothing."""
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        arrays = {name: group[name] for name in (*data, STEP) if name in group}
+        missing = set(data) - set(arrays)
+        if missing or STEP not in arrays:
+            raise ValueError(f"variables {sorted(missing)} are not in the existing trace {self.path}; a trace keeps "
+                             f"the variables of its first step")
+        n, k = arrays[STEP].shape[0], len(steps)
+        for name, (dims, values) in data.items():
+            a = arrays[name]
+            if a.shape[1:] != values.shape[1:]:
+                raise ValueError(f"{name!r} has shape {values.shape[1:]} per step, the trace {a.shape[1:]}")
+            if a.shape[0] != n:
+                raise RuntimeError(f"{self.path}: {name!r} has {a.shape[0]} steps but the step coordinate {n}; "
+                                   f"the store is inconsistent")
+        for name, (dims, values) in data.items():
+            a = arrays[name]
+            a.resize((n + k, *a.shape[1:]))
+            a[n:] = values.astype(a.dtype)
+        arrays[STEP].resize((n + k,))  # last: readers see the new steps only once every value is there
+        arrays[STEP][n:] = np.asarray(steps, dtype=arrays[STEP].dtype)
+
+
+STEP_CHUNK_BYTES = 4 * 2**20  # target size of one chunk along ``step``
+MAX_STEP_CHUNK = 256
+
+
+def _step_chunk(step_nbytes: int) -> int:
+    return int(max(1, min(MAX_STEP_CHUNK, STEP_CHUNK_BYTES // max(step_nbytes, 1))))
 
 
 def open_trace(path: str | os.PathLike) -> xr.Dataset:

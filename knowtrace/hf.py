@@ -1,0 +1,40 @@
+"""knowtrace as a Hugging Face ``TrainerCallback``.
+
+The tracer's forward hook captures the log-probs (and attention maps) of every forward the Trainer
+makes with labels; at ``on_step_end`` they are written as one trace step, ``step = state.global_step``
+(1-based, HF's count of optimizer steps; with gradient accumulation all micro-batches of the step
+count). The Trainer does not say which dataset items a batch holds, so rows are matched to traced
+samples by their tokens: give ``TracedSample.input_ids`` (the item's unpadded input ids) when two
+samples share an answer. Probes (``trace(..., probes=ProbeSet(...))``) run after the due steps.
+
+Enter the tracer around training, so that hooks are removed even if training fails::
+
+    with knowtrace.trace(model, "trace.zarr", samples) as tracer:
+        Trainer(model=model, ..., callbacks=[KnowtraceCallback(tracer)]).train()
+
+With several processes only the main one writes; the others drop their captures.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from .tracer import MLLMTracer
+
+
+class KnowtraceCallback(TrainerCallback):
+    def __init__(self, tracer: MLLMTracer):
+        if not isinstance(tracer, MLLMTracer):
+            raise TypeError(f"KnowtraceCallback takes an MLLMTracer (knowtrace.trace(...)), got {type(tracer).__name__}")
+        self.tracer = tracer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.tracer.attached:
+            raise RuntimeError("the tracer is not attached: run training inside `with tracer:` (or "
+                               "`with knowtrace.trace(...) as tracer:`) so its hooks are removed after it")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.tracer.record(state.global_step)
+        else:
+            self.tracer.clear()

@@ -1,0 +1,460 @@
+"""Plotly views of a trace: they take DataArrays / Datasets of :mod:`knowtrace.schema` and return
+``plotly.graph_objects.Figure`` objects (show them in a notebook, or save them with :func:`save`).
+
+* :func:`token_trajectories`  log p of every answer token over steps (FTTP paper Fig. 2);
+* :func:`knowledge_over_steps` K_C and K_N over steps, per sample or mean with a band (Fig. 3);
+* :func:`knowledge_scatter`   K_C vs K_N, one trace per run / method (Fig. 5);
+* :func:`attention_slider`    answer tokens' cross-attention over the image, one frame per step (Fig. 8);
+* :func:`eps_err_slider`      the SD per-latent-pixel noise error over the image, one frame per step.
+
+Values are plotted as they are stored (float16 traces are shown as float16 values cast to float64):
+no smoothing, no rescaling. Steps where a sample was not in the step's batch are NaN in the trace;
+lines bridge them (``connectgaps``) and markers show the steps that were recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import xarray as xr
+from plotly.subplots import make_subplots
+
+from .schema import SAMPLE, STEP, TOKEN
+
+CONCEPT_COLOR = "#d62728"
+OTHER_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#7f7f7f", "#bcbd22", "#e377c2")
+# what to do to record each variable, for the "this trace has no X" errors
+HOW_TO_RECORD = {
+    "logprob": "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)",
+    "K_C": "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)",
+    "K_N": "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)",
+    "xattn": "run with attention capture enabled (the tracer's cross-attention capture of answer tokens "
+             "to image patches)",
+    "eps_err": "record an SD trace (per-latent-pixel noise error, eps_err)",
+}
+
+
+class ExportUnavailable(RuntimeError):
+    """Static image export cannot run here (no kaleido or no Chromium); the message says how to fix it."""
+
+
+class MissingVariableError(KeyError):
+    """The trace lacks the variable a view needs. ``str()`` is the plain message (not KeyError's repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def variable(data: xr.Dataset | xr.DataArray, name: str) -> xr.DataArray:
+    """``data[name]`` from a Dataset, or ``data`` itself when it is that DataArray; clear error if absent."""
+    if isinstance(data, xr.DataArray):
+        if data.name not in (None, name):
+            raise MissingVariableError(f"expected the {name!r} variable of a trace, got a DataArray named {data.name!r}")
+        return data
+    if not isinstance(data, xr.Dataset):
+        raise TypeError(f"expected an xarray Dataset or DataArray (a knowtrace trace), got {type(data).__name__}")
+    if name not in data.variables:
+        present = sorted(str(v) for v in data.data_vars)
+        raise MissingVariableError(f"this trace has no {name}: {HOW_TO_RECORD.get(name, 'record it first')} "
+                                   f"(variables in this trace: {', '.join(present) or 'none'})")
+    return data[name]
+
+
+def _values(da: xr.DataArray) -> np.ndarray:
+    return np.asarray(da.values, dtype=np.float64)  # computes a dask-backed slice; float16 -> float64
+
+
+def sample_index(data: xr.Dataset | xr.DataArray, sample: int | str) -> int:
+    """A sample's index from its index or its id (coord ``sample_id``)."""
+    if isinstance(sample, str) and not isinstance(sample, np.integer):
+        ids = [str(i) for i in data.coords["sample_id"].values] if "sample_id" in data.coords else []
+        if sample not in ids:
+            raise KeyError(f"no sample with id {sample!r} in this trace" + (f"; ids: {ids[:8]}{' ...' if len(ids) > 8 else ''}"
+                                                                           if ids else " (it has no sample ids: give an index)"))
+        return ids.index(sample)
+    return sample
+
+
+def _pick_sample(da: xr.DataArray, sample: int | str) -> xr.DataArray:
+    sample = sample_index(da, sample)
+    n = da.sizes[SAMPLE]
+    if not isinstance(sample, (int, np.integer)) or not -n <= sample < n:
+        raise IndexError(f"sample {sample!r} is out of range: this trace has {n} samples (0..{n - 1})")
+    return da.isel({SAMPLE: int(sample)})
+
+
+def _sample_text(da: xr.DataArray, sample) -> str:
+    """'sample 2 (id)' for titles; ``da`` is the one-sample selection."""
+    sid = str(da.coords["sample_id"].values) if "sample_id" in da.coords else ""
+    return f"sample {sample}" + (f" ({sid})" if sid and sid != str(sample) else "")
+
+
+def clean_token(s: str) -> str:
+    """A token string for a label: the tokenizers' word-start markers (SentencePiece "▁", byte-level
+    BPE "Ġ") dropped, so labels read "3:foo"."""
+    return str(s).lstrip("▁Ġ") or str(s)
+
+
+def _answer_positions(da: xr.DataArray) -> list[int]:
+    """Answer positions of one sample that are not padding (token_id -1 / token_str "" per the schema)."""
+    if "token_id" in da.coords:
+        return [int(i) for i in np.flatnonzero(np.asarray(da.coords["token_id"].values) >= 0)]
+    if "token_str" in da.coords:
+        return [int(i) for i in np.flatnonzero(np.asarray(da.coords["token_str"].values).astype(str) != "")]
+    return list(range(da.sizes[TOKEN]))
+
+
+def _title(data, text: str) -> str:
+    method = data.attrs.get("method") if hasattr(data, "attrs") else None
+    name = method.get("name") if isinstance(method, dict) else method if isinstance(method, str) else None
+    if not name:
+        return text
+    head, sep, rest = text.partition("<br>")  # the method goes on the first line
+    return f"{head} ({name}){sep}{rest}"
+
+
+# ---------------------------------------------------------------------------------------- Fig. 2
+def token_trajectories(logprob: xr.DataArray | xr.Dataset, sample: int | str = 0) -> go.Figure:
+    """log p of each answer token of ``sample`` over steps: one line per answer position.
+
+    Lines are named "pos:token" so a token that occurs twice keeps two lines; concept tokens are red
+    and thick, the others thin (coords ``token_str`` / ``is_concept`` when present).
+    """
+    full = variable(logprob, "logprob")
+    sample = sample_index(full, sample)
+    da = _pick_sample(full, sample)  # (step, token)
+    steps = da[STEP].values.tolist()
+    strs = da.coords["token_str"].values.astype(str) if "token_str" in da.coords else None
+    concept = da.coords["is_concept"].values.astype(bool) if "is_concept" in da.coords else np.zeros(da.sizes[TOKEN], bool)
+    values = _values(da.transpose(STEP, TOKEN))  # (step, token)
+    fig = go.Figure()
+    for k, pos in enumerate(_answer_positions(da)):
+        label = f"{pos}:{clean_token(strs[pos])}" if strs is not None else str(pos)
+        is_c = bool(concept[pos])
+        fig.add_trace(go.Scatter(
+            x=steps, y=values[:, pos], name=label, mode="lines+markers", connectgaps=True,
+            line=dict(color=CONCEPT_COLOR if is_c else OTHER_COLORS[k % len(OTHER_COLORS)], width=4 if is_c else 1.5),
+            marker=dict(size=7 if is_c else 4), legendgroup="concept" if is_c else "other",
+            legendgrouptitle_text="concept tokens" if is_c else "other answer tokens",
+            hovertemplate=f"{label}<br>step %{{x}}<br>log p %{{y:.4f}}<extra>{'concept' if is_c else ''}</extra>",
+        ))
+    concept_name = str(da.coords["concept"].values) if "concept" in da.coords else ""
+    fig.update_layout(title=_title(logprob, f"Token log-probabilities<br><sub>{_sample_text(da, sample)}"
+                                            + (f", concept {concept_name}" if concept_name else "") + "</sub>"),
+                      xaxis_title="step", yaxis_title="log p(token | image, prefix)", legend=dict(groupclick="toggleitem"))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------- Fig. 3
+def _band(fig, x, lo, hi, color, name, row):
+    fig.add_trace(go.Scatter(x=x, y=hi, mode="lines", line=dict(width=0), showlegend=False, hoverinfo="skip",
+                             legendgroup=name, connectgaps=True), row=row, col=1)
+    rgba = "rgba({},{},{},0.2)".format(*(int(color[i:i + 2], 16) for i in (1, 3, 5)))  # "#rrggbb", translucent
+    fig.add_trace(go.Scatter(x=x, y=lo, mode="lines", line=dict(width=0), fill="tonexty", showlegend=False,
+                             fillcolor=rgba, hoverinfo="skip", legendgroup=name, connectgaps=True),
+                  row=row, col=1)
+
+
+def _nan_stats(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-step mean, std, min, max over samples (axis 1), ignoring NaN; all-NaN steps stay NaN."""
+    seen = ~np.isnan(v).all(1)
+    out = [np.full(v.shape[0], np.nan) for _ in range(4)]
+    if seen.any():
+        w = v[seen]
+        for o, f in zip(out, (np.nanmean, np.nanstd, np.nanmin, np.nanmax)):
+            o[seen] = f(w, axis=1)
+    return tuple(out)
+
+
+def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | None = None,
+                         samples: str | int | Sequence[int | str] = "mean", band: str | None = "range",
+                         log_y: bool = False) -> go.Figure:
+    """K_C (top) and K_N (bottom) over steps.
+
+    ``data``: a trace (with K_C and K_N) or the K_C DataArray, then ``k_n`` is K_N.
+    ``samples``: "mean" (the mean over the samples recorded at each step, with a ``band``: "range" =
+    min..max over samples, "std" = mean +- one standard deviation, None = no band), "all", an index
+    or id, or a list of them (one line per sample).
+    """
+    if band not in ("range", "std", None):
+        raise ValueError(f"band must be 'range', 'std' or None, got {band!r}")
+    k_c = variable(data, "K_C")
+    k_n = variable(data if k_n is None else k_n, "K_N")
+    steps = k_c[STEP].values.tolist()
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("Conceptual knowledge K_C", "Natural knowledge K_N"))
+    colors = {"K_C": CONCEPT_COLOR, "K_N": OTHER_COLORS[0]}
+    for row, (name, da) in enumerate((("K_C", k_c), ("K_N", k_n)), start=1):
+        v = _values(da.transpose(STEP, SAMPLE))  # (step, sample)
+        if isinstance(samples, str) and samples == "mean":
+            mean, std, lo, hi = _nan_stats(v)
+            if band == "range":
+                _band(fig, steps, lo, hi, colors[name], name, row)
+            elif band == "std":
+                _band(fig, steps, mean - std, mean + std, colors[name], name, row)
+            fig.add_trace(go.Scatter(x=steps, y=mean, name=f"{name} (mean of {v.shape[1]} samples)", mode="lines+markers",
+                                     line=dict(color=colors[name], width=3), connectgaps=True, legendgroup=name),
+                          row=row, col=1)
+            continue
+        if isinstance(samples, str) and samples == "all":
+            chosen = range(v.shape[1])
+        else:  # an index or id, or a list of them
+            chosen = [samples] if isinstance(samples, (int, np.integer, str)) else list(samples)
+        chosen = [sample_index(da, s) for s in chosen]
+        for s in chosen:
+            _pick_sample(da, s)  # range check with a clear error
+            fig.add_trace(go.Scatter(x=steps, y=v[:, s], name=f"{name} sample {s}", mode="lines+markers",
+                                     connectgaps=True, legendgroup=name,
+                                     line=dict(color=colors[name] if len(chosen) == 1 else None)), row=row, col=1)
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    fig.update_yaxes(title_text="K_C", type="log" if log_y else None, row=1, col=1)
+    fig.update_yaxes(title_text="K_N", type="log" if log_y else None, row=2, col=1)
+    fig.update_layout(title=_title(data, "Conceptual and natural knowledge over steps"))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------- Fig. 5
+def last_finite(da: xr.DataArray) -> np.ndarray:
+    """Per sample, the value at the last step where it is finite (NaN if never): (sample,)."""
+    v = _values(da.transpose(STEP, SAMPLE))
+    out = np.full(v.shape[1], np.nan)
+    for s in range(v.shape[1]):
+        ok = np.flatnonzero(np.isfinite(v[:, s]))
+        if len(ok):
+            out[s] = v[ok[-1], s]
+    return out
+
+
+def knowledge_scatter(runs: Mapping[str, xr.Dataset], mode: str = "final", log: bool = False) -> go.Figure:
+    """K_C (x) against K_N (y), one trace per run (e.g. per method).
+
+    ``mode="final"``: one point per run, the mean over samples of each sample's last recorded value
+    (what unlearning ended with). ``mode="trajectory"``: the per-step mean over samples, as a path
+    from the first step (open marker) to the last.
+    """
+    if mode not in ("final", "trajectory"):
+        raise ValueError(f"mode must be 'final' or 'trajectory', got {mode!r}")
+    if not runs:
+        raise ValueError("no runs to plot: give a dict of name -> trace Dataset")
+    fig = go.Figure()
+    for k, (name, ds) in enumerate(runs.items()):
+        k_c, k_n = variable(ds, "K_C"), variable(ds, "K_N")
+        color = OTHER_COLORS[k % len(OTHER_COLORS)]
+        if mode == "final":
+            x, y = float(np.nanmean(last_finite(k_c))), float(np.nanmean(last_finite(k_n)))
+            fig.add_trace(go.Scatter(x=[x], y=[y], name=name, mode="markers+text", text=[name],
+                                     textposition="top center", marker=dict(size=12, color=color),
+                                     hovertemplate=f"{name}<br>K_C %{{x:.4g}}<br>K_N %{{y:.4g}}<extra></extra>"))
+            continue
+        steps = k_c[STEP].values
+        x = _nan_stats(_values(k_c.transpose(STEP, SAMPLE)))[0]
+        y = _nan_stats(_values(k_n.transpose(STEP, SAMPLE)))[0]
+        ok = np.isfinite(x) & np.isfinite(y)
+        symbols = ["circle-open"] + ["circle"] * (int(ok.sum()) - 1)
+        fig.add_trace(go.Scatter(x=x[ok], y=y[ok], name=name, mode="lines+markers", customdata=steps[ok],
+                                 line=dict(color=color), marker=dict(symbol=symbols, size=9, color=color),
+                                 hovertemplate=f"{name}<br>step %{{customdata}}<br>K_C %{{x:.4g}}<br>K_N %{{y:.4g}}"
+                                               f"<extra></extra>"))
+    kind = "log" if log else None
+    fig.update_layout(title="Conceptual vs natural knowledge" + (" (final step)" if mode == "final" else " over steps"),
+                      xaxis=dict(title="K_C (conceptual knowledge)", type=kind),
+                      yaxis=dict(title="K_N (natural knowledge)", type=kind))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------- Fig. 8
+def _as_image(image) -> np.ndarray:
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, -1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"image must be (height, width, 3) RGB (array or PIL image), got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating) and arr.max() <= 1.0:
+        arr = arr * 255.0  # [0, 1] floats
+    return np.clip(arr[..., :3], 0, 255).astype(np.uint8)
+
+
+def mask_outline(mask: np.ndarray, x0: float, dx: float, y0: float, dy: float) -> tuple[list, list]:
+    """The cell edges between mask and non-mask cells (and the grid border) as one polyline with None
+    breaks: exact to the cell, unlike a smoothed contour. ``mask``: (y, x) bool; cell (i, j) is
+    centred at (x0 + j dx, y0 + i dy)."""
+    padded = np.pad(mask, 1)
+    xs, ys = [], []
+    for i, j in zip(*np.nonzero(mask)):
+        cx, cy = x0 + j * dx, y0 + i * dy
+        left, right, top, bottom = cx - dx / 2, cx + dx / 2, cy - dy / 2, cy + dy / 2
+        for (di, dj), (xa, ya, xb, yb) in (((-1, 0), (left, top, right, top)), ((1, 0), (left, bottom, right, bottom)),
+                                           ((0, -1), (left, top, left, bottom)), ((0, 1), (right, top, right, bottom))):
+            if not padded[i + 1 + di, j + 1 + dj]:
+                xs += [xa, xb, None]
+                ys += [ya, yb, None]
+    return xs, ys
+
+
+def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = "", opacity: float = 0.55,
+               contour: np.ndarray | None = None) -> go.Figure:
+    """A heatmap per step with a step slider. ``maps``: (step, y, x); ``image`` (H, W, 3) is drawn
+    under the map, each map cell stretched over its H/y x W/x pixels; ``contour`` (y, x) bool is
+    outlined on top (cell edges). Colours share one range over all steps, so frames compare."""
+    maps = maps.transpose(STEP, "y", "x")
+    z = _values(maps)  # (step, y, x)
+    steps = maps[STEP].values.tolist()
+    finite = z[np.isfinite(z)]
+    zmin, zmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    ny, nx = z.shape[1:]
+    fig = go.Figure()
+    if image is not None:
+        img = _as_image(image)
+        h, w = img.shape[:2]
+        fig.add_trace(go.Image(z=img, hoverinfo="skip"))
+        cell = dict(x0=(w / nx) / 2 - 0.5, dx=w / nx, y0=(h / ny) / 2 - 0.5, dy=h / ny)  # image pixel centres are integers
+    else:
+        cell = dict(x0=0, dx=1, y0=0, dy=1)
+    heat_index = len(fig.data)
+
+    def heat(k):
+        return go.Heatmap(z=z[k], zmin=zmin, zmax=zmax, colorscale="Inferno", opacity=opacity if image is not None else 1.0,
+                          colorbar=dict(title=colorbar), hovertemplate="x %{x}<br>y %{y}<br>%{z:.4g}<extra></extra>",
+                          **cell)
+
+    fig.add_trace(heat(0))
+    if contour is not None:
+        xs, ys = mask_outline(np.asarray(contour, dtype=bool), **cell)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="cyan", width=2), name="concept mask",
+                                 hoverinfo="skip", showlegend=False))
+    fig.frames = [go.Frame(data=[heat(k)], traces=[heat_index], name=str(s)) for k, s in enumerate(steps)]
+    fig.update_layout(
+        title=title,
+        # the grid's extent exactly; row 0 at the top (reversed range); square cells
+        yaxis=dict(range=[cell["y0"] + (ny - 0.5) * cell["dy"], cell["y0"] - cell["dy"] / 2], scaleanchor="x",
+                   constrain="domain"),
+        xaxis=dict(range=[cell["x0"] - cell["dx"] / 2, cell["x0"] + (nx - 0.5) * cell["dx"]], constrain="domain"),
+        sliders=[dict(active=0, currentvalue=dict(prefix="step "), pad=dict(t=40), steps=[
+            dict(label=str(s), method="animate",
+                 args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
+            for s in steps])],
+        updatemenus=[dict(type="buttons", showactive=False, x=0, y=0, xanchor="right", yanchor="top", pad=dict(t=40, r=10),
+                          buttons=[dict(label="play", method="animate",
+                                        args=[None, dict(frame=dict(duration=400, redraw=True), fromcurrent=True)]),
+                                   dict(label="pause", method="animate",
+                                        args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))])])],
+    )
+    return fig
+
+
+def _select_tokens(da: xr.DataArray, tokens) -> list[int]:
+    """Answer positions to show: given ones, else the concept's tokens, else every answer token."""
+    n = da.sizes[TOKEN]
+    if tokens is None:
+        answer = _answer_positions(da)
+        if "is_concept" in da.coords:
+            flags = da.coords["is_concept"].values.astype(bool)
+            concept = [p for p in answer if flags[p]]
+            if concept:
+                return concept
+        return answer
+    chosen = [tokens] if isinstance(tokens, (int, np.integer)) else list(tokens)
+    bad = [t for t in chosen if not isinstance(t, (int, np.integer)) or not 0 <= t < n]
+    if bad or not chosen:
+        raise IndexError(f"token positions {bad or chosen} are out of range: this trace has {n} answer positions (0..{n - 1})")
+    return [int(t) for t in chosen]
+
+
+def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0, tokens: int | Sequence[int] | None = None,
+                     image=None, layer: int | str = "mean", opacity: float = 0.55) -> go.Figure:
+    """Cross-attention of answer tokens to the image patches, one frame per step (slider).
+
+    The map is the mean over the chosen ``tokens`` (answer positions; default: the concept's tokens,
+    else all answer tokens) and over layers (``layer="mean"``) or one layer (index into ``layer``).
+    ``image``: the sample's image (array or PIL), drawn under the map; without it, the map alone.
+    """
+    full = variable(xattn, "xattn")
+    sample = sample_index(full, sample)
+    da = _pick_sample(full, sample).astype(np.float64)  # (step, layer, token, y, x); means in float64
+    positions = _select_tokens(da, tokens)
+    if isinstance(layer, str):
+        if layer != "mean":
+            raise ValueError(f"layer must be 'mean' or a layer index, got {layer!r}")
+        by_layer, layer_text = da.mean("layer"), "mean over layers"
+    elif "layer" in da.coords:  # the decoder layer number the tracer recorded (coord ``layer``)
+        recorded = [int(v) for v in da["layer"].values]
+        if layer not in recorded:
+            raise IndexError(f"layer {layer} was not recorded: this trace has decoder layers {recorded}")
+        by_layer, layer_text = da.sel(layer=layer), f"layer {layer}"
+    else:  # no layer coord: an index into the recorded layers
+        n = da.sizes["layer"]
+        if not -n <= layer < n:
+            raise IndexError(f"layer {layer} is out of range: this trace has {n} recorded layers")
+        by_layer, layer_text = da.isel(layer=layer), f"layer #{layer}"
+    maps = by_layer.isel({TOKEN: positions}).mean(TOKEN)  # (step, y, x)
+    strs = da.coords["token_str"].values.astype(str) if "token_str" in da.coords else None
+    names = ", ".join(f"{p}:{clean_token(strs[p])}" if strs is not None else str(p) for p in positions)
+    return map_slider(maps, image=image, opacity=opacity, colorbar="attention",
+                      title=_title(xattn, f"Attention of [{names}] over the image<br><sub>{_sample_text(da, sample)}, {layer_text}</sub>"))
+
+
+def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, image=None, opacity: float = 0.55) -> go.Figure:
+    """SD: the per-latent-pixel squared noise error of ``sample`` over steps (slider); the concept's
+    mask (coord ``mask``) is outlined when the trace has it."""
+    full = variable(eps_err, "eps_err")
+    sample = sample_index(full, sample)
+    da = _pick_sample(full, sample)  # (step, y, x)
+    contour = np.asarray(da.coords["mask"].values, dtype=bool) if "mask" in da.coords else None
+    return map_slider(da, image=image, opacity=opacity, colorbar="error", contour=contour,
+                      title=_title(eps_err, f"Noise-prediction error over the latent grid<br><sub>{_sample_text(da, sample)}</sub>"))
+
+
+# ---------------------------------------------------------------------------------------- saving
+def png_unavailable() -> str | None:
+    """Why static image export cannot work here (None when it can): kaleido 1.x and a Chromium."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return "PNG export needs kaleido>=1.0: pip install kaleido"
+    try:  # kaleido's own browser lookup (choreographer): BROWSER_PATH, PATH, typical install paths
+        from choreographer.browsers.chromium import Chromium
+
+        found = Chromium.find_browser(skip_local=False)
+    except (ImportError, AttributeError, TypeError):  # another choreographer version: look on PATH
+        found = os.environ.get("BROWSER_PATH") or next(
+            filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome"))), None)
+    if found is None:
+        return ("PNG export needs a Chromium for kaleido: apt-get install -y chromium (Debian/Ubuntu), "
+                "or set BROWSER_PATH to a Chrome/Chromium binary")
+    return None
+
+
+def save(figures: Mapping[str | os.PathLike, go.Figure]) -> list[Path]:
+    """Write figures by file suffix: .html (self-contained, works offline) or .png/.svg/.pdf/.jpg/.webp
+    (kaleido; all static images in ONE browser start, ~2.5 s). Each file is written under a temporary
+    name and renamed, so a failure leaves no half-written file."""
+    static_suffixes = {".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"}
+    items = [(Path(p), f) for p, f in figures.items()]
+    for path, _ in items:
+        if path.suffix.lower() not in static_suffixes | {".html"}:
+            raise ValueError(f"{path}: unknown figure format {path.suffix!r}; use .html or one of {sorted(static_suffixes)}")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"{path}: directory {path.parent} does not exist")
+    static = [(p, f) for p, f in items if p.suffix.lower() in static_suffixes]
+    if static and (why := png_unavailable()):
+        raise ExportUnavailable(why)
+    tmps = [p.with_name(f".{p.stem}.partial{p.suffix}") for p, _ in items]
+    try:
+        for (path, fig), tmp in zip(items, tmps):
+            if path.suffix.lower() == ".html":
+                fig.write_html(tmp, include_plotlyjs=True, auto_play=False)
+        if static:
+            import plotly.io as pio
+
+            pio.write_images([f for _, f in static], [t for (p, _), t in zip(items, tmps) if p.suffix.lower() in static_suffixes])
+        for (path, _), tmp in zip(items, tmps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return [p for p, _ in items]

@@ -1,0 +1,104 @@
+"""Probe mode: every k training steps, a fixed probe set runs through the model being trained under
+``torch.inference_mode()`` and ``eval()`` (dropout off; the previous train/eval flag of every module is
+restored afterwards), and its log-probs, K_C / K_N and, when the tracer traces attention, its
+cross-attention maps are written to the ``probe`` group of the same trace (:mod:`knowtrace.schema`):
+the directory ``<trace>/probe``, a Zarr group of the store with the trace schema, ``step`` = the
+training step after which the probes ran.
+
+Unlike the training-step trace, which sees only the samples of each step's batch, every probe sample
+is measured at every probe step, on the same inputs: a clean trajectory at a k-fold lower cost.
+Probe forwards are kept apart from the training step's captured forwards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xarray as xr
+
+from .schema import PROBE_GROUP
+from .store import open_trace
+
+
+@dataclass
+class ProbeSet:
+    """``batches``: model inputs with ``labels`` (tensors; moved to the model's device when run);
+    ``samples``: one TracedSample per batch row, in order over all batches; ``every``: run after
+    every step with ``step % every == 0``."""
+
+    batches: Sequence[dict]
+    samples: Sequence  # TracedSample
+    every: int = 10
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"probe every must be >= 1 step, got {self.every}")
+        rows = sum(int(b["labels"].shape[0]) if "labels" in b else -10**9 for b in self.batches)
+        if rows < 0:
+            raise ValueError("every probe batch needs labels (the answer tokens to score)")
+        if rows != len(self.samples):
+            raise ValueError(f"the probe batches have {rows} rows but {len(self.samples)} probe samples were given; "
+                             f"give one sample per row, in order")
+
+
+class ProbeRunner:
+    """Runs a :class:`ProbeSet` for a tracer (built by it; not used directly)."""
+
+    def __init__(self, tracer, probes: ProbeSet, path: Path, attrs: dict | None, float_dtype: str, n_heads: int,
+                 flush_seconds: float = 0.0):
+        from .tracer import SampleTrace  # the tracer module builds probe runners
+
+        self.tracer, self.probes = tracer, probes
+        self.trace = SampleTrace(path / PROBE_GROUP, probes.samples, attrs, float_dtype, tracer.attention, n_heads,
+                                 flush_seconds)
+
+    def maybe_run(self, step: int) -> bool:
+        if step % self.probes.every:
+            return False
+        self.run(step)
+        return True
+
+    def run(self, step: int) -> None:
+        tracer, model = self.tracer, self.tracer.model
+        training = {m: m.training for m in model.modules()}
+        saved, tracer._calls = tracer._calls, []  # the step's own forwards are not probes
+        device = next(model.parameters()).device
+        try:
+            model.eval()
+            tracer._recording_attention = True
+            with torch.inference_mode():
+                for batch in self.probes.batches:
+                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            calls = tracer._calls
+        finally:
+            tracer._recording_attention = False
+            tracer._calls = saved
+            for m, flag in training.items():
+                m.training = flag
+        if len(calls) != len(self.probes.batches):
+            raise RuntimeError(f"{len(self.probes.batches)} probe batches ran but {len(calls)} forwards were captured; "
+                               f"is the tracer attached (inside its `with` block)?")
+        rows, i = [], 0
+        for call in calls:
+            for r in range(call.labels.shape[0]):
+                sample = self.probes.samples[i]
+                if call.answer(r) != list(sample.token_ids):
+                    raise ValueError(f"probe sample {sample.id!r}: its answer tokens differ from row {r} of its batch's "
+                                     f"labels; give the samples in the order of the batch rows")
+                rows.append((i, call, r))
+                i += 1
+        if tracer.store.last_step is None:  # the root group first: creating it later would delete this group
+            tracer.store.flush()
+        self.trace.write(step, rows)
+
+
+def open_probe_trace(path: str | os.PathLike) -> xr.Dataset:
+    """The probe group of a trace, lazily, attrs decoded (like :func:`knowtrace.store.open_trace`)."""
+    probe = Path(path) / PROBE_GROUP
+    if not probe.exists():
+        raise FileNotFoundError(f"{path} has no probe group: it was traced without a ProbeSet")
+    return open_trace(probe)

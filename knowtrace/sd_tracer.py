@@ -1,0 +1,129 @@
+"""Tracing a Stable Diffusion unlearning run: per-latent-pixel noise errors, K_C / K_N, concept masks.
+
+An SD training step already computes ``e_x = mean over channels of (eps_theta(z_t, c, t) - eps)^2``
+at every latent pixel (FTTP weights it by the concept mask). The tracer records those errors as they
+are, no extra forward:
+
+* ``tracer.record_errors(step, err, sample_ids)`` with ``err`` (batch, h, w) from the step; or
+* ``tracer.record_target(step, target, sample_ids)`` with the target noise ``eps`` (batch, C, h, w),
+  when the tracer was given the UNet: a forward hook kept (detached) the prediction of the UNet's last
+  forward in the step, and the error is computed from it.
+
+Per step it writes ``eps_err(step, sample, y, x)`` (NaN for samples not in the step's batch) and
+``K_C``, ``K_N`` (:func:`knowtrace.knowledge.sd_knowledge`, Eq. 4, 6: by default the *mean* error over
+the concept's / the other pixels and lambda = 1; see that module), with the static
+``mask(sample, y, x)`` on the latent grid. SD cross-attention capture is a separate module.
+
+Steps are buffered and written every ``flush_seconds`` (default 5 s; an xarray append costs tens of
+ms): use the tracer as a context manager (``with SDTracer(...) as tr:``), which flushes on exit, also
+after an exception, or call :meth:`SDTracer.flush` at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .knowledge import sd_knowledge
+from .store import TraceStore
+
+_ATTACHED = "_knowtrace_sd_attached"
+
+
+@dataclass
+class SDSample:
+    """One traced training image: its id, its concept mask on the latent grid (h, w) and concept."""
+
+    id: str
+    mask: np.ndarray | torch.Tensor
+    concept: str = ""
+
+
+class SDTracer:
+    def __init__(self, path: str | os.PathLike, samples: Sequence[SDSample], unet: torch.nn.Module | None = None,
+                 lam: float = 1.0, reduce: str = "mean", attrs: dict | None = None, float_dtype: str = "float16",
+                 flush_seconds: float = 5.0):
+        if not samples:
+            raise ValueError("nothing to trace: give at least one sample")
+        self.samples = list(samples)
+        self.index = {s.id: i for i, s in enumerate(self.samples)}
+        if len(self.index) != len(self.samples):
+            raise ValueError("traced sample ids must be unique")
+        masks = [np.asarray(s.mask.cpu() if torch.is_tensor(s.mask) else s.mask) for s in self.samples]
+        shapes = {m.shape for m in masks}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"sample masks must all be (h, w) on the same latent grid; got shapes {sorted(shapes)}")
+        self.mask = np.stack(masks).astype(bool)  # (sample, h, w)
+        if reduce not in ("mean", "sum"):
+            raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+        self.lam, self.reduce, self.unet = lam, reduce, unet
+        static = {"sample_id": np.array([s.id for s in self.samples]), "concept": np.array([s.concept for s in self.samples]),
+                  "mask": self.mask}
+        self.store = TraceStore(path, static=static, attrs=attrs, float_dtype=float_dtype, flush_seconds=flush_seconds)
+        self._handle = None
+        self._prediction: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ hook (optional)
+    def __enter__(self):
+        if self.unet is not None:
+            if getattr(self.unet, _ATTACHED, False):
+                raise RuntimeError("a knowtrace SD tracer is already attached to this UNet; exit it first")
+            self._handle = self.unet.register_forward_hook(self._keep)
+            setattr(self.unet, _ATTACHED, True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            setattr(self.unet, _ATTACHED, False)
+        self._prediction = None
+        self.flush()
+        return False
+
+    def flush(self) -> None:
+        """Write buffered steps now (done on exit; call it when the tracer is used without ``with``)."""
+        self.store.flush()
+
+    def _keep(self, module, args, output):
+        sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        self._prediction = sample.detach()  # (batch, C, h, w): only the last forward of the step is kept
+
+    # ------------------------------------------------------------------ steps
+    def record_target(self, step: int, target: torch.Tensor, sample_ids: Sequence[str], losses: dict | None = None):
+        """Record from the hooked UNet's last prediction and the step's target noise (batch, C, h, w)."""
+        if self._handle is None:
+            raise RuntimeError("record_target needs the UNet hook: build the tracer with unet=... and enter it")
+        if self._prediction is None:
+            raise RuntimeError("the UNet made no forward since the last record; call record_target after the step")
+        pred, self._prediction = self._prediction, None
+        if pred.shape != target.shape:
+            raise ValueError(f"target noise {tuple(target.shape)} does not match the UNet's output {tuple(pred.shape)}")
+        with torch.no_grad():
+            err = (pred.float() - target.detach().float()).pow(2).mean(1)  # (batch, h, w)
+        self.record_errors(step, err, sample_ids, losses)
+
+    def record_errors(self, step: int, err: torch.Tensor, sample_ids: Sequence[str], losses: dict | None = None):
+        """Record per-latent-pixel squared errors (batch, h, w), mean over channels, of the step's samples."""
+        unknown = [i for i in sample_ids if i not in self.index]
+        if unknown:
+            raise KeyError(f"samples {unknown} are not traced; traced: {list(self.index)[:10]}...")
+        err = err.detach().float().cpu()
+        if err.ndim != 3 or err.shape[0] != len(sample_ids) or tuple(err.shape[1:]) != self.mask.shape[1:]:
+            raise ValueError(f"err must be (batch={len(sample_ids)}, h, w) on the masks' grid {self.mask.shape[1:]}, "
+                             f"got {tuple(err.shape)} (mean the squared error over channels first)")
+        rows = [self.index[i] for i in sample_ids]
+        eps_err = np.full(self.mask.shape, np.nan, dtype=np.float32)
+        eps_err[rows] = err.numpy()
+        k_c = np.full(len(self.samples), np.nan, dtype=np.float32)
+        k_n = k_c.copy()
+        kc, kn = sd_knowledge(err, torch.from_numpy(self.mask[rows]), self.lam, self.reduce)
+        k_c[rows], k_n[rows] = kc.numpy(), kn.numpy()
+        values = {"eps_err": eps_err, "K_C": k_c, "K_N": k_n}
+        for key in ("loss_forget", "loss_retain"):
+            values[key] = np.float32((losses or {}).get(key, np.nan))
+        self.store.append(step, **values)
