@@ -97,6 +97,8 @@ def _add_mllm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
     parser.add_argument("--trace", action="store_true", help="record per-step token log-probs and K_C/K_N (trace.zarr)")
+    parser.add_argument("--trace-attention", action="store_true", help="also trace the training image's questions "
+                        "as probes with cross-attention maps, before training and after every step")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("settings", nargs="*", metavar="key=value")
 
@@ -119,7 +121,8 @@ def _run_mllm(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"mllm-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
     metrics = run_mllm(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
                        images=args.images, options=pairs, world_dir=args.world_dir, progress=not args.quiet,
-                       overwrite=args.overwrite, trace=args.trace, data=args.data)
+                       overwrite=args.overwrite, trace=args.trace, data=args.data,
+                       trace_attention=args.trace_attention)
     keys = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
     print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys},
                       "original": {k: metrics["original"][k] for k in keys}}, indent=1))

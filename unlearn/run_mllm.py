@@ -109,9 +109,13 @@ def load_run_data(concept: str, data: Path | None, image_size: int | None, image
 
 def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 0, model: str = "world",
              images: int = 1, options: dict | None = None, world_dir=None, world_config=None, progress: bool = True,
-             overwrite: bool = False, callbacks=(), trace: bool = False, data: Path | None = None) -> dict:
+             overwrite: bool = False, callbacks=(), trace: bool = False, data: Path | None = None,
+             trace_attention: bool = False) -> dict:
     """Run ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
 
+    ``trace``: per-step token log-probs and K_C / K_N of the forget answers in ``out/trace.zarr``;
+    ``trace_attention``: also the training image's questions as probes with cross-attention maps
+    (before training and after every step, the trace's ``probe`` group).
     ``data``: a directory of record files (:mod:`unlearn.data.record_files`); required for models
     other than the world's, optional for the world (default: the world's own splits, ``images``
     training images).
@@ -148,16 +152,14 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
     tracer = None
     # per-step token log-probs and K_C/K_N of the forget answers -> out/trace.zarr, on the main process
     # (with several processes it sees its own slice of each step's records; the others' are NaN)
-    if trace and PartialState().is_main_process:
-        from knowtrace.tracer import MLLMTracer
-
-        from .tracing import traced_samples
+    if (trace or trace_attention) and PartialState().is_main_process:
+        from .tracing import start_tracer
 
         attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,
-                 "versions": versions(), "git_commit": git_commit(),
-                 "capture": {"logprob": "answer tokens of the forget records in each step's batch"}}
-        tracer = MLLMTracer(adapter.model, out / "trace.zarr", traced_samples(adapter, forget, rd.names),
-                            attrs=attrs).__enter__()
+                 "versions": versions(), "git_commit": git_commit()}
+        probe_records = [r for r in evalset.efficacy if r.image is not None]
+        tracer = start_tracer(adapter, out / "trace.zarr", forget, rd.names, attrs, probe_records, trace_attention)
+        _save_sample_images(out, forget, probe_records)
         callbacks = [*callbacks, tracer]
     try:
         result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, rd.key, rd.names,
@@ -225,3 +227,13 @@ def _image_size(adapter) -> int | None:
         return int(crop["height"])
     except (TypeError, KeyError):
         return None
+
+
+def _save_sample_images(out: Path, forget, probes) -> None:
+    """The traced samples' images, for attention underlays: samples/sample-N.png (forget record N)
+    and samples/probe-N.png (probe N)."""
+    (out / "samples").mkdir(exist_ok=True)
+    for prefix, records in (("sample", forget), ("probe", probes)):
+        for n, r in enumerate(records):
+            if r.image is not None:
+                r.image.save(out / "samples" / f"{prefix}-{n}.png")
