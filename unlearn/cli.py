@@ -144,8 +144,31 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_HELP = """The main job: unlearn one world concept from the world MLLM with GA and with FTTP while
+tracing, evaluate both, and write OUT/report.html (metrics and figures) and OUT/summary.txt."""
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    from .demo import DEMO_CONCEPT, DEMO_LR
+
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+    parser.add_argument("--concept", default=DEMO_CONCEPT, help=f"world concept (default {DEMO_CONCEPT})")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=DEMO_LR, help=f"default {DEMO_LR}, the world's calibrated lr")
+    parser.add_argument("--world-dir", type=Path, help="world cache directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.out, args.concept, args.steps, args.lr, world_dir=args.world_dir, progress=not args.quiet)
+    print(f"report: {report}")
+    return 0
+
+
 COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world), "mllm": (MLLM_HELP, _add_mllm, _run_mllm),
-            "eval": (EVAL_HELP, _add_eval, _run_eval)}
+            "eval": (EVAL_HELP, _add_eval, _run_eval), "demo": (DEMO_HELP, _add_demo, _run_demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:
