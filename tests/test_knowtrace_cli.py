@@ -82,7 +82,8 @@ def test_plot_writes_html_with_the_plot(runs, tmp_path, capsys):
     sid = str(ds.sample_id.values[1])  # by id; its "/" and ":" become "_" in the default file name
     assert main(["plot", str(runs / "fttp"), "--kind", "tokens", "--sample", sid]) == 0
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in sid)
-    assert f"sample 1 ({sid})".replace("/", "\\u002f") in (runs / "fttp" / "plots" / f"tokens-s{safe}.html").read_text()  # JSON escapes "/"
+    html = (runs / "fttp" / "plots" / f"tokens-s{safe}.html").read_text()
+    assert f"sample 1 ({sid})".replace("/", "\\u002f") in html  # plotly's JSON writes "/" as \u002f
     scatter = tmp_path / "scatter.html"
     assert main(["plot", str(runs / "fttp"), str(runs / "ga"), "--kind", "scatter", "--html", str(scatter)]) == 0
     html = scatter.read_text()

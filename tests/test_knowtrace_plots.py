@@ -181,7 +181,8 @@ def png_or_skip():
 def test_png_export_batched(tmp_path, synthetic):
     png_or_skip()
     figs = {tmp_path / "tokens.png": plots.token_trajectories(synthetic),
-            tmp_path / "attention.png": plots.attention_slider(synthetic), tmp_path / "k.html": plots.knowledge_over_steps(synthetic)}
+            tmp_path / "attention.png": plots.attention_slider(synthetic),
+            tmp_path / "k.html": plots.knowledge_over_steps(synthetic)}
     plots.save(figs)  # one browser start for both PNGs
     for name in ("tokens.png", "attention.png"):
         data = (tmp_path / name).read_bytes()
