@@ -306,7 +306,10 @@ def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = 
     z = _values(maps)  # (step, y, x)
     steps = maps[STEP].values.tolist()
     finite = z[np.isfinite(z)]
-    zmin, zmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if not finite.size:  # nothing to draw: say so rather than show an empty grid
+        raise ValueError(f"nothing recorded for this map: all values are NaN ({title.split('<br>')[-1]}); "
+                         f"a text-only sample has no image maps, and a sample that was in no traced batch none at all")
+    zmin, zmax = float(finite.min()), float(finite.max())
     ny, nx = z.shape[1:]
     fig = go.Figure()
     if image is not None:
@@ -416,7 +419,8 @@ def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, im
 
 # ---------------------------------------------------------------------------------------- saving
 def png_unavailable() -> str | None:
-    """Why static image export cannot work here (None when it can): kaleido 1.x and a Chromium."""
+    """Why static image export cannot work here (None when it can): kaleido 1.x and a Chromium
+    (an executable file; a BROWSER_PATH that names none counts as none)."""
     if importlib.util.find_spec("kaleido") is None:
         return "PNG export needs kaleido>=1.0: pip install kaleido"
     try:  # kaleido's own browser lookup (choreographer): BROWSER_PATH, PATH, typical install paths
@@ -426,7 +430,7 @@ def png_unavailable() -> str | None:
     except (ImportError, AttributeError, TypeError):  # another choreographer version: look on PATH
         found = os.environ.get("BROWSER_PATH") or next(
             filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome"))), None)
-    if found is None:
+    if found is None or not (os.path.isfile(found) and os.access(found, os.X_OK)):
         return ("PNG export needs a Chromium for kaleido: apt-get install -y chromium (Debian/Ubuntu), "
                 "or set BROWSER_PATH to a Chrome/Chromium binary")
     return None

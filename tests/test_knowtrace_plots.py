@@ -178,6 +178,16 @@ def png_or_skip():
         pytest.skip(why)
 
 
+def test_no_browser_is_a_clear_error_and_writes_nothing(tmp_path, synthetic, monkeypatch):
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chromium"))  # kaleido's lookup takes it as given
+    why = plots.png_unavailable()
+    assert why is not None and "Chromium" in why
+    fig = plots.token_trajectories(synthetic)
+    with pytest.raises(plots.ExportUnavailable, match="apt-get install -y chromium"):
+        plots.save({tmp_path / "t.html": fig, tmp_path / "t.png": fig})
+    assert list(tmp_path.iterdir()) == [tmp_path / "trace.zarr"]  # not even the HTML
+
+
 def test_png_export_batched(tmp_path, synthetic):
     png_or_skip()
     figs = {tmp_path / "tokens.png": plots.token_trajectories(synthetic),
@@ -247,6 +257,9 @@ def test_attention_slider_on_a_real_trace(real_trace):
     assert np.isfinite(expected[0]).all()
     assert under_cells(fig) == (image.shape[1] / ds.sizes["x"], image.shape[0] / ds.sizes["y"])
     assert f"{concept[0]}:Vorn" in fig.layout.title.text
+    text_only = int(np.flatnonzero(np.isnan(ds.xattn.values).all(axis=(0, 2, 3, 4, 5)))[0])  # a fact: no image
+    with pytest.raises(ValueError, match="all values are NaN"):
+        plots.attention_slider(ds, sample=text_only)
 
 
 def under_cells(fig):
