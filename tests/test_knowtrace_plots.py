@@ -44,6 +44,7 @@ def write_synthetic(path, seed=0, method="fttp"):
         store.append(step, logprob=logprob.numpy(), K_C=torch.where(seen, k_c, torch.nan).numpy(),
                      K_N=torch.where(seen, k_n, torch.nan).numpy(), loss_forget=np.float32(step),
                      xattn=xattn.numpy(), eps_err=err.numpy())
+    store.flush()  # a no-op with the default flush_seconds=0; explicit in case the default changes
     return open_trace(path)
 
 
