@@ -108,7 +108,8 @@ def summarize(ds: xr.Dataset, trace: Path, run_dir: Path | None) -> dict:
     if run_dir is not None:
         manifest = _read_json(run_dir / "manifest.json")
         metrics = _read_json(run_dir / "metrics.json")
-        out["run"] = {"dir": str(run_dir), **{k: manifest[k] for k in ("concept", "method", "seed", "images") if k in manifest},
+        out["run"] = {"dir": str(run_dir),
+                      **{k: manifest[k] for k in ("concept", "method", "seed", "images") if k in manifest},
                       **{k: metrics[k] for k in ("steps", "efficacy", "em", "specificity", "diversity") if k in metrics}}
     return out
 
@@ -154,9 +155,10 @@ def _run_summary(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- plot
 PLOT_HELP = """Draw a view of a trace as HTML and/or PNG.
-HTML is interactive and self-contained; PNG needs kaleido and a Chromium. Kinds: tokens (token log-probs, paper Fig. 2), knowledge (K_C and K_N over steps, Fig. 3),
-attention (cross-attention over the image with a step slider, Fig. 8), eps_err (SD noise error map),
-scatter (K_C vs K_N of several runs, Fig. 5). Without --html/--png: RUN/plots/<kind>.html."""
+HTML is interactive and self-contained; PNG needs kaleido and a Chromium. Kinds: tokens (token
+log-probs, paper Fig. 2), knowledge (K_C and K_N over steps, Fig. 3), attention (cross-attention
+over the image with a step slider, Fig. 8), eps_err (SD noise error map), scatter (K_C vs K_N of
+several runs, Fig. 5). Without --html/--png: RUN/plots/<kind>.html."""
 
 KINDS = ("tokens", "knowledge", "attention", "eps_err", "scatter")
 

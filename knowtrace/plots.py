@@ -14,6 +14,7 @@ lines bridge them (``connectgaps``) and markers show the steps that were recorde
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -71,11 +72,11 @@ def _values(da: xr.DataArray) -> np.ndarray:
 
 def sample_index(data: xr.Dataset | xr.DataArray, sample: int | str) -> int:
     """A sample's index from its index or its id (coord ``sample_id``)."""
-    if isinstance(sample, str) and not isinstance(sample, np.integer):
+    if isinstance(sample, str):
         ids = [str(i) for i in data.coords["sample_id"].values] if "sample_id" in data.coords else []
         if sample not in ids:
-            raise KeyError(f"no sample with id {sample!r} in this trace" + (f"; ids: {ids[:8]}{' ...' if len(ids) > 8 else ''}"
-                                                                           if ids else " (it has no sample ids: give an index)"))
+            known = f"; ids: {ids[:8]}{' ...' if len(ids) > 8 else ''}" if ids else " (it has no sample ids: give an index)"
+            raise KeyError(f"no sample with id {sample!r} in this trace{known}")
         return ids.index(sample)
     return sample
 
@@ -305,7 +306,10 @@ def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = 
     z = _values(maps)  # (step, y, x)
     steps = maps[STEP].values.tolist()
     finite = z[np.isfinite(z)]
-    zmin, zmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if not finite.size:  # nothing to draw: say so rather than show an empty grid
+        raise ValueError(f"nothing recorded for this map: all values are NaN ({title.split('<br>')[-1]}); "
+                         f"a text-only sample has no image maps, and a sample that was in no traced batch none at all")
+    zmin, zmax = float(finite.min()), float(finite.max())
     ny, nx = z.shape[1:]
     fig = go.Figure()
     if image is not None:
@@ -361,16 +365,19 @@ def _select_tokens(da: xr.DataArray, tokens) -> list[int]:
     chosen = [tokens] if isinstance(tokens, (int, np.integer)) else list(tokens)
     bad = [t for t in chosen if not isinstance(t, (int, np.integer)) or not 0 <= t < n]
     if bad or not chosen:
-        raise IndexError(f"token positions {bad or chosen} are out of range: this trace has {n} answer positions (0..{n - 1})")
+        raise IndexError(f"token positions {bad or chosen} are out of range: "
+                         f"this trace has {n} answer positions (0..{n - 1})")
     return [int(t) for t in chosen]
 
 
-def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0, tokens: int | Sequence[int] | None = None,
-                     image=None, layer: int | str = "mean", opacity: float = 0.55) -> go.Figure:
+def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0,
+                     tokens: int | Sequence[int] | None = None, image=None, layer: int | str = "mean",
+                     opacity: float = 0.55) -> go.Figure:
     """Cross-attention of answer tokens to the image patches, one frame per step (slider).
 
     The map is the mean over the chosen ``tokens`` (answer positions; default: the concept's tokens,
-    else all answer tokens) and over layers (``layer="mean"``) or one layer (index into ``layer``).
+    else all answer tokens) and over the recorded layers (``layer="mean"``) or one decoder layer (its
+    number in the ``layer`` coord; an index into the recorded layers when there is no such coord).
     ``image``: the sample's image (array or PIL), drawn under the map; without it, the map alone.
     """
     full = variable(xattn, "xattn")
@@ -379,7 +386,7 @@ def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0, to
     positions = _select_tokens(da, tokens)
     if isinstance(layer, str):
         if layer != "mean":
-            raise ValueError(f"layer must be 'mean' or a layer index, got {layer!r}")
+            raise ValueError(f"layer must be 'mean' or a decoder layer number, got {layer!r}")
         by_layer, layer_text = da.mean("layer"), "mean over layers"
     elif "layer" in da.coords:  # the decoder layer number the tracer recorded (coord ``layer``)
         recorded = [int(v) for v in da["layer"].values]
@@ -394,27 +401,27 @@ def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0, to
     maps = by_layer.isel({TOKEN: positions}).mean(TOKEN)  # (step, y, x)
     strs = da.coords["token_str"].values.astype(str) if "token_str" in da.coords else None
     names = ", ".join(f"{p}:{clean_token(strs[p])}" if strs is not None else str(p) for p in positions)
-    return map_slider(maps, image=image, opacity=opacity, colorbar="attention",
-                      title=_title(xattn, f"Attention of [{names}] over the image<br><sub>{_sample_text(da, sample)}, {layer_text}</sub>"))
+    title = f"Attention of [{names}] over the image<br><sub>{_sample_text(da, sample)}, {layer_text}</sub>"
+    return map_slider(maps, image=image, opacity=opacity, colorbar="attention", title=_title(xattn, title))
 
 
-def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, image=None, opacity: float = 0.55) -> go.Figure:
+def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, image=None,
+                   opacity: float = 0.55) -> go.Figure:
     """SD: the per-latent-pixel squared noise error of ``sample`` over steps (slider); the concept's
     mask (coord ``mask``) is outlined when the trace has it."""
     full = variable(eps_err, "eps_err")
     sample = sample_index(full, sample)
     da = _pick_sample(full, sample)  # (step, y, x)
     contour = np.asarray(da.coords["mask"].values, dtype=bool) if "mask" in da.coords else None
-    return map_slider(da, image=image, opacity=opacity, colorbar="error", contour=contour,
-                      title=_title(eps_err, f"Noise-prediction error over the latent grid<br><sub>{_sample_text(da, sample)}</sub>"))
+    title = f"Noise-prediction error over the latent grid<br><sub>{_sample_text(da, sample)}</sub>"
+    return map_slider(da, image=image, opacity=opacity, colorbar="error", contour=contour, title=_title(eps_err, title))
 
 
 # ---------------------------------------------------------------------------------------- saving
 def png_unavailable() -> str | None:
-    """Why static image export cannot work here (None when it can): kaleido 1.x and a Chromium."""
-    try:
-        import kaleido  # noqa: F401
-    except ImportError:
+    """Why static image export cannot work here (None when it can): kaleido 1.x and a Chromium
+    (an executable file; a BROWSER_PATH that names none counts as none)."""
+    if importlib.util.find_spec("kaleido") is None:
         return "PNG export needs kaleido>=1.0: pip install kaleido"
     try:  # kaleido's own browser lookup (choreographer): BROWSER_PATH, PATH, typical install paths
         from choreographer.browsers.chromium import Chromium
@@ -423,7 +430,7 @@ def png_unavailable() -> str | None:
     except (ImportError, AttributeError, TypeError):  # another choreographer version: look on PATH
         found = os.environ.get("BROWSER_PATH") or next(
             filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome"))), None)
-    if found is None:
+    if found is None or not (os.path.isfile(found) and os.access(found, os.X_OK)):
         return ("PNG export needs a Chromium for kaleido: apt-get install -y chromium (Debian/Ubuntu), "
                 "or set BROWSER_PATH to a Chrome/Chromium binary")
     return None
@@ -437,7 +444,8 @@ def save(figures: Mapping[str | os.PathLike, go.Figure]) -> list[Path]:
     items = [(Path(p), f) for p, f in figures.items()]
     for path, _ in items:
         if path.suffix.lower() not in static_suffixes | {".html"}:
-            raise ValueError(f"{path}: unknown figure format {path.suffix!r}; use .html or one of {sorted(static_suffixes)}")
+            raise ValueError(f"{path}: unknown figure format {path.suffix!r}; "
+                             f"use .html or one of {sorted(static_suffixes)}")
         if not path.parent.is_dir():
             raise FileNotFoundError(f"{path}: directory {path.parent} does not exist")
     static = [(p, f) for p, f in items if p.suffix.lower() in static_suffixes]
@@ -451,7 +459,8 @@ def save(figures: Mapping[str | os.PathLike, go.Figure]) -> list[Path]:
         if static:
             import plotly.io as pio
 
-            pio.write_images([f for _, f in static], [t for (p, _), t in zip(items, tmps) if p.suffix.lower() in static_suffixes])
+            static_tmps = [t for (p, _), t in zip(items, tmps) if p.suffix.lower() in static_suffixes]
+            pio.write_images([f for _, f in static], static_tmps)  # one browser start for all of them
         for (path, _), tmp in zip(items, tmps):
             os.replace(tmp, path)
     finally:

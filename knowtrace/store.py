@@ -4,9 +4,12 @@ With ``flush_seconds=0`` (the default) every :meth:`TraceStore.append` writes it
 returning, so a crash keeps every finished step. An xarray append costs tens of milliseconds whatever
 its size (it reopens the store's metadata), which is most of a small model's step: with
 ``flush_seconds=s > 0`` steps are buffered and written together once the oldest buffered step is
-``s`` seconds old (and on :meth:`TraceStore.flush`, which tracers call on exit, also after an
-exception), so the write cost per step is at most (one write) / s and a hard kill loses at most the
-last ``s`` seconds. Opening an existing store resumes it (later steps are appended after the last one).
+``s`` seconds old, by a background thread (one write at a time, in order; training goes on
+meanwhile), and on :meth:`TraceStore.flush`, which waits for everything and which tracers call on
+exit, also after an exception. A write that failed in the background raises at the next append or
+flush. The first write (it creates the store) is always made before ``append`` returns. A hard kill
+loses at most the last ``s`` seconds. Opening an existing store resumes it (later steps are appended
+after the last one).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +50,9 @@ class TraceStore:
         self._buffer: list[tuple[int, dict]] = []
         self._shapes: dict[str, tuple[int, ...]] = {}  # variable -> shape per step, fixed by the first step
         self._buffered_since = 0.0
+        self._last_appended: int | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None  # the background write in flight
         self.float_dtype = np.dtype(float_dtype)
         self._static = {k: np.asarray(v) for k, v in (static or {}).items()}
         for name, values in self._static.items():
@@ -58,6 +65,7 @@ class TraceStore:
             raise KeyError(f"unknown trace attrs {sorted(unknown)}; allowed: {list(JSON_ATTRS)}")
         self._attrs = {k: json.dumps(v, sort_keys=True, default=str) for k, v in (attrs or {}).items()}
         self.last_step = self._existing_last_step()
+        self._last_appended = self.last_step
 
     def _existing_last_step(self) -> int | None:
         if not self.path.exists():
@@ -76,7 +84,8 @@ class TraceStore:
     def append(self, step: int, **variables) -> None:
         """Write one step (or buffer it, see ``flush_seconds``). Values have the schema's dims without
         ``step`` (numpy or torch); they are checked now, so a bad step never reaches the buffer."""
-        last = self._buffer[-1][0] if self._buffer else self.last_step
+        self._raise_failed_write()
+        last = self._last_appended
         if last is not None and step <= last:
             raise ValueError(f"step {step} is not after the last stored step {last} of {self.path}")
         if self._shapes and set(variables) != set(self._shapes):
@@ -100,16 +109,42 @@ class TraceStore:
         if not self._buffer:
             self._buffered_since = time.monotonic()
         self._buffer.append((step, data))
-        if time.monotonic() - self._buffered_since >= self.flush_seconds:
-            self.flush()
+        self._last_appended = step
+        if self.last_step is None and self._pending is None:
+            self.flush()  # the first write creates the store: made now, in this thread
+        elif time.monotonic() - self._buffered_since >= self.flush_seconds:
+            if self.flush_seconds <= 0:
+                self.flush()
+            elif self._pending is None or self._pending.done():  # else: keep buffering until it is done
+                self._raise_failed_write()
+                steps, data = self._take_buffer()
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowtrace-writer")
+                self._pending = self._writer.submit(self._write, steps, data)
 
     def flush(self) -> None:
-        """Write the buffered steps (one xarray append for all of them)."""
-        if not self._buffer:
-            return
+        """Write every appended step now: waits for a background write, then writes the buffer."""
+        if self._pending is not None:
+            self._pending.exception()  # waits for it
+            self._raise_failed_write()
+            self._pending = None
+        if self._buffer:
+            self._write(*self._take_buffer())
+
+    def _raise_failed_write(self) -> None:
+        if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
+            error, self._pending = self._pending.exception(), None
+            raise RuntimeError(f"writing buffered steps to {self.path} failed: {error}; the trace holds the steps "
+                               f"up to {self.last_step}") from error
+
+    def _take_buffer(self) -> tuple[list[int], dict]:
         steps = [s for s, _ in self._buffer]
         first = self._buffer[0][1]
         data = {name: (dims, np.stack([d[name][1] for _, d in self._buffer])) for name, (dims, _) in first.items()}
+        self._buffer = []
+        return steps, data
+
+    def _write(self, steps: list[int], data: dict) -> None:
         if self.last_step is None:
             ds = xr.Dataset(data, coords={STEP: steps}, attrs=self._attrs)
             for name, values in self._static.items():
@@ -120,7 +155,6 @@ class TraceStore:
         else:
             self._append_direct(steps, data)
         self.last_step = steps[-1]
-        self._buffer = []
 
     def _append_direct(self, steps: list[int], data: dict) -> None:
         """Append along ``step`` with zarr itself: xarray's append re-reads and re-validates the whole

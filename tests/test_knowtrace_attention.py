@@ -111,8 +111,13 @@ def test_restored_after_an_exception_and_attaching_twice_is_an_error(tmp_path):
             raise ValueError("boom")
     assert model.config.get_text_config()._attn_implementation == "sdpa"
     assert not model._forward_hooks and not model._forward_pre_hooks and not _CAPTURES
-    with trace(model, tmp_path / "c.zarr", samples, attention=True):  # attachable again
-        pass
+    with trace(model, tmp_path / "c.zarr", samples, attention=True) as tr:  # attachable again
+        with tr.paused():  # detached for a while: original implementation, no hooks
+            assert model.config.get_text_config()._attn_implementation == "sdpa" and not model._forward_hooks
+            with torch.no_grad():
+                model(**adapter.encode(records))
+        assert model.config.get_text_config()._attn_implementation == "knowtrace_sdpa" and model._forward_hooks
+        assert not tr._calls  # the paused forward was not captured
 
 
 def test_bad_options_are_clear_errors(tmp_path):

@@ -27,10 +27,12 @@ def test_buffered_appends_equal_what_was_given_and_resume(tmp_path):
     path = tmp_path / "t.zarr"
     store = TraceStore(path, static={"token_id": np.arange(12).reshape(3, 4)}, float_dtype="float32",
                        flush_seconds=1e9)
-    for i in range(3):
+    store.append(0, **given[0])  # the first step creates the store at once
+    assert list(open_trace(path).step.values) == [0]
+    for i in range(1, 3):
         store.append(i, **given[i])
-    assert not path.exists()  # buffered
-    store.flush()  # creates the store with three steps
+    assert list(open_trace(path).step.values) == [0]  # buffered
+    store.flush()
     for i in range(3, 5):
         store.append(i, **given[i])
     store.flush()  # appended with zarr directly
@@ -76,7 +78,34 @@ def test_tracer_flushes_on_exit_after_an_exception(tmp_path):
             with torch.no_grad():
                 model(**adapter.encode(records))
             tr.record(0, [r.id for r in records])
-            assert not (tmp_path / "t.zarr").exists()  # buffered (flush_seconds=5)
+            with torch.no_grad():
+                model(**adapter.encode(records))
+            tr.record(1, [r.id for r in records])
+            assert list(open_trace(tmp_path / "t.zarr").step.values) == [0]  # step 1 buffered (flush_seconds=5)
             raise ValueError("boom")
     ds = open_trace(tmp_path / "t.zarr")
-    assert list(ds.step.values) == [0] and np.isfinite(ds.logprob.values[0, 0, 0])
+    assert list(ds.step.values) == [0, 1] and np.isfinite(ds.logprob.values[1, 0, 0])
+
+
+def test_background_writes_keep_order_and_everything_is_there_after_flush(tmp_path):
+    rng = np.random.default_rng(2)
+    given = [_values(rng) for _ in range(30)]
+    store = TraceStore(tmp_path / "t.zarr", float_dtype="float32", flush_seconds=1e-9)  # a background write per step
+    for i, g in enumerate(given):
+        store.append(i, **g)
+    store.flush()
+    ds = open_trace(tmp_path / "t.zarr")
+    assert list(ds.step.values) == list(range(30))
+    np.testing.assert_array_equal(ds.logprob.values, np.stack([g["logprob"] for g in given]))
+
+
+def test_a_failed_background_write_is_raised(tmp_path):
+    import shutil
+
+    rng = np.random.default_rng(3)
+    store = TraceStore(tmp_path / "t.zarr", flush_seconds=1e-9)
+    store.append(0, **_values(rng))
+    shutil.rmtree(tmp_path / "t.zarr")  # the store vanishes under the writer
+    store.append(1, **_values(rng))
+    with pytest.raises(RuntimeError, match="writing buffered steps .* failed"):
+        store.flush()

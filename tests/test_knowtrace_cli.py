@@ -82,7 +82,8 @@ def test_plot_writes_html_with_the_plot(runs, tmp_path, capsys):
     sid = str(ds.sample_id.values[1])  # by id; its "/" and ":" become "_" in the default file name
     assert main(["plot", str(runs / "fttp"), "--kind", "tokens", "--sample", sid]) == 0
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in sid)
-    assert f"sample 1 ({sid})".replace("/", "\\u002f") in (runs / "fttp" / "plots" / f"tokens-s{safe}.html").read_text()  # JSON escapes "/"
+    html = (runs / "fttp" / "plots" / f"tokens-s{safe}.html").read_text()
+    assert f"sample 1 ({sid})".replace("/", "\\u002f") in html  # plotly's JSON writes "/" as \u002f
     scatter = tmp_path / "scatter.html"
     assert main(["plot", str(runs / "fttp"), str(runs / "ga"), "--kind", "scatter", "--html", str(scatter)]) == 0
     html = scatter.read_text()
@@ -97,8 +98,20 @@ def test_attention_plot_uses_the_run_image(attention_run, tmp_path):
     assert html.count('"traces":[1]') == 4 and '"label":"3"' in html  # 4 frames (steps 0..3) and their slider
     assert main(["plot", str(attention_run), "--kind", "attention", "--sample", "1", "--html", str(out)]) == 0
     assert '"type":"image"' not in out.read_text()  # no samples/sample-1.png: the map alone
-    assert main(["plot", str(attention_run), "--kind", "eps_err", "--layer", "3", "--html", str(out)]) == 0
+    assert main(["plot", str(attention_run), "--kind", "eps_err", "--html", str(out)]) == 0
     assert '"name":"concept mask"' in out.read_text()
+
+
+def test_probe_group(attention_run, capsys):
+    write_synthetic(attention_run / "trace.zarr" / "probe", seed=2)  # where probe mode writes its group
+    assert main(["summary", str(attention_run), "--probe", "--json"]) == 0
+    probe = json.loads(capsys.readouterr().out)
+    assert probe["trace"].endswith("probe") and probe["steps"] == 4
+    assert main(["summary", str(attention_run), "--json"]) == 0
+    main_trace = json.loads(capsys.readouterr().out)
+    assert main_trace["probe_group"] and probe["K_C"] != main_trace["K_C"]  # another trace (seed 2)
+    assert main(["plot", str(attention_run), "--probe", "--kind", "tokens"]) == 0
+    assert (attention_run / "plots" / "tokens-s0.html").exists()
 
 
 def test_user_mistakes_are_clean_errors(runs, attention_run, tmp_path, capsys):

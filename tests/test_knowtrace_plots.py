@@ -44,6 +44,7 @@ def write_synthetic(path, seed=0, method="fttp"):
         store.append(step, logprob=logprob.numpy(), K_C=torch.where(seen, k_c, torch.nan).numpy(),
                      K_N=torch.where(seen, k_n, torch.nan).numpy(), loss_forget=np.float32(step),
                      xattn=xattn.numpy(), eps_err=err.numpy())
+    store.flush()  # a no-op with the default flush_seconds=0; explicit in case the default changes
     return open_trace(path)
 
 
@@ -178,10 +179,21 @@ def png_or_skip():
         pytest.skip(why)
 
 
+def test_no_browser_is_a_clear_error_and_writes_nothing(tmp_path, synthetic, monkeypatch):
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chromium"))  # kaleido's lookup takes it as given
+    why = plots.png_unavailable()
+    assert why is not None and "Chromium" in why
+    fig = plots.token_trajectories(synthetic)
+    with pytest.raises(plots.ExportUnavailable, match="apt-get install -y chromium"):
+        plots.save({tmp_path / "t.html": fig, tmp_path / "t.png": fig})
+    assert list(tmp_path.iterdir()) == [tmp_path / "trace.zarr"]  # not even the HTML
+
+
 def test_png_export_batched(tmp_path, synthetic):
     png_or_skip()
     figs = {tmp_path / "tokens.png": plots.token_trajectories(synthetic),
-            tmp_path / "attention.png": plots.attention_slider(synthetic), tmp_path / "k.html": plots.knowledge_over_steps(synthetic)}
+            tmp_path / "attention.png": plots.attention_slider(synthetic),
+            tmp_path / "k.html": plots.knowledge_over_steps(synthetic)}
     plots.save(figs)  # one browser start for both PNGs
     for name in ("tokens.png", "attention.png"):
         data = (tmp_path / name).read_bytes()
@@ -246,7 +258,45 @@ def test_attention_slider_on_a_real_trace(real_trace):
     assert np.isfinite(expected[0]).all()
     assert under_cells(fig) == (image.shape[1] / ds.sizes["x"], image.shape[0] / ds.sizes["y"])
     assert f"{concept[0]}:Vorn" in fig.layout.title.text
+    text_only = int(np.flatnonzero(np.isnan(ds.xattn.values).all(axis=(0, 2, 3, 4, 5)))[0])  # a fact: no image
+    with pytest.raises(ValueError, match="all values are NaN"):
+        plots.attention_slider(ds, sample=text_only)
 
 
 def under_cells(fig):
     return fig.data[1].dx, fig.data[1].dy
+
+
+def test_eps_err_slider_on_a_real_sd_trace(tmp_path):
+    """3 gradient-ascent steps of a tiny real UNet2DConditionModel, traced by SDTracer (UNet hook)."""
+    import cv2
+
+    from knowtrace import SDSample, SDTracer
+    from tests.test_knowtrace_sd import _tiny_unet
+    from unlearn.world.render import world_image
+
+    rendered = world_image("vorn", "unlearn", 0, size=64)
+    mask = cv2.resize(rendered.masks["vorn"].astype(np.uint8), (8, 8), interpolation=cv2.INTER_AREA) > 0  # latent grid
+    unet = _tiny_unet()
+    opt = torch.optim.SGD(unet.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    z, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    cond = torch.randn(1, 5, 16, generator=g)
+    with SDTracer(tmp_path / "sd.zarr", [SDSample("vorn0", mask, "vorn")], unet=unet, float_dtype="float32") as tracer:
+        for step in range(3):
+            loss = -(unet(z, torch.tensor([500]), encoder_hidden_states=cond).sample - noise).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tracer.record_target(step, noise, ["vorn0"])
+    ds = open_trace(tmp_path / "sd.zarr")
+    fig = plots.eps_err_slider(ds, sample="vorn0", image=rendered.image)
+    assert len(fig.frames) == len(fig.layout.sliders[0].steps) == 3
+    for k, frame in enumerate(fig.frames):
+        np.testing.assert_allclose(np.asarray(frame.data[0].z, float), ds.eps_err.values[k, 0])
+    assert fig.data[1].dx == 8 and fig.data[2].name == "concept mask"  # 64 px image over an 8x8 latent grid
+    assert mask.any() and (~mask).any()
+    errs = ds.eps_err.values[:, 0]
+    assert errs[2].mean() > errs[0].mean()  # gradient ascent raised the error, and the map shows it
+    k = plots.knowledge_over_steps(ds, samples=0)
+    np.testing.assert_allclose(np.asarray(k.data[0].y, float), ds.K_C.values[:, 0])

@@ -27,7 +27,7 @@ def test_record_errors_and_knowledge_by_hand(tmp_path):
     with SDTracer(tmp_path / "sd.zarr", samples, lam=2.0, float_dtype="float32") as tracer:
         tracer.record_errors(0, err, ["img2", "img0"], {"loss_forget": 0.5})
         tracer.record_errors(1, err[:1], ["img1"])
-        assert not (tmp_path / "sd.zarr").exists()  # buffered (flush_seconds=5) until exit
+        assert list(open_trace(tmp_path / "sd.zarr").step.values) == [0]  # step 1 buffered (flush_seconds=5)
     ds = open_trace(tmp_path / "sd.zarr")
     assert ds.eps_err.dims == ("step", "sample", "y", "x") and list(ds.sample_id.values) == ["img0", "img1", "img2"]
     np.testing.assert_array_equal(ds.mask.values, np.stack([s.mask for s in samples]))
