@@ -13,15 +13,31 @@ Depends on nothing in ``unlearn``: any Hugging Face model or training loop can b
 * :mod:`.store` / :mod:`.schema`  the Zarr trace and what it holds.
 """
 
-from .knowledge import mllm_knowledge, sd_knowledge
-from .logprobs import answer_logprobs, token_logprobs
-from .mllm_attention import AttentionOptions
-from .probe import ProbeSet, open_probe_trace
-from .sd_tracer import SDSample, SDTracer
-from .store import export_netcdf, open_trace
-from .tracer import MLLMTracer, TracedSample, trace
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["AttentionOptions", "MLLMTracer", "ProbeSet", "SDSample", "SDTracer", "TracedSample", "answer_logprobs",
-           "export_netcdf", "mllm_knowledge", "open_probe_trace", "open_trace", "sd_knowledge", "token_logprobs",
-           "trace"]
+
+# Imported on first use (PEP 562), so that ``knowtrace summary`` / ``plot`` and ``import knowtrace``
+# do not pay for torch and transformers unless tracing is used.
+_EXPORTS = {
+    "mllm_knowledge": "knowledge", "sd_knowledge": "knowledge",
+    "answer_logprobs": "logprobs", "token_logprobs": "logprobs",
+    "AttentionOptions": "mllm_attention",
+    "ProbeSet": "probe", "open_probe_trace": "probe",
+    "SDSample": "sd_tracer", "SDTracer": "sd_tracer",
+    "export_netcdf": "store", "open_trace": "store",
+    "MLLMTracer": "tracer", "TracedSample": "tracer", "trace": "tracer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'knowtrace' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
