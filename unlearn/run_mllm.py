@@ -110,12 +110,13 @@ def load_run_data(concept: str, data: Path | None, image_size: int | None, image
 def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 0, model: str = "world",
              images: int = 1, options: dict | None = None, world_dir=None, world_config=None, progress: bool = True,
              overwrite: bool = False, callbacks=(), trace: bool = False, data: Path | None = None,
-             trace_attention: bool = False) -> dict:
+             trace_attention: bool = False, eval_every: int = 0) -> dict:
     """Run ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
 
     ``trace``: per-step token log-probs and K_C / K_N of the forget answers in ``out/trace.zarr``;
     ``trace_attention``: also the training image's questions as probes with cross-attention maps
     (before training and after every step, the trace's ``probe`` group).
+    ``eval_every``: also evaluate after every that many steps (and the last), into ``metrics["curve"]``.
     ``data``: a directory of record files (:mod:`unlearn.data.record_files`); required for models
     other than the world's, optional for the world (default: the world's own splits, ``images``
     training images).
@@ -161,6 +162,12 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
         tracer = start_tracer(adapter, out / "trace.zarr", forget, rd.names, attrs, probe_records, trace_attention)
         _save_sample_images(out, forget, probe_records)
         callbacks = [*callbacks, tracer]
+    curve = None
+    if eval_every:
+        from .eval.curve import EvalEvery
+
+        curve = EvalEvery(adapter, evalset, rd.names, eval_every, cfg.steps, pause=tracer.paused if tracer else None)
+        callbacks = [*callbacks, curve]
     try:
         result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, rd.key, rd.names,
                           callbacks=callbacks, progress=progress)
@@ -175,6 +182,8 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
     metrics = {k: v for k, v in after.items() if k != "samples"}
     metrics.update(steps=cfg.steps, images=images, method=method, concept=rd.key,
                    original={k: v for k, v in original.items() if k != "samples"})
+    if curve is not None:
+        metrics["curve"] = curve.rows
     if accelerator.is_main_process:
         save_trained(adapter.model, out, cfg.lora)
         (out / "samples").mkdir(exist_ok=True)

@@ -1,0 +1,63 @@
+"""What every figure script shares: arguments, finding or running the runs it reads, saving.
+
+Each script reads saved runs under ``--runs`` (default runs/figures) and runs what is missing (on the
+world by default), then writes ``--out``/<name>.html (interactive, offline) and <name>.png (kaleido;
+``--no-png`` to skip) plus <name>.json with the numbers drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as `python figures/figN.py` from a checkout
+
+WORLD_LR = 3e-3  # the world's calibrated lr (docs/methods.md); the paper's 3e-4 moves nothing in 10 steps
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, default=Path("runs/figures"), help="saved runs (read, and written when missing)")
+    ap.add_argument("--out", type=Path, default=Path("figures/out"), help="where the figure files go")
+    ap.add_argument("--world-dir", type=Path, help="world cache directory")
+    ap.add_argument("--no-png", action="store_true", help="HTML only (no Chromium needed)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def mllm_run(runs: Path, concept: str, method: str, steps: int = 10, lr: float = WORLD_LR, seed: int = 0,
+             attention: bool = False, world_dir=None, progress: bool = True) -> Path:
+    """The run directory of a traced world MLLM run, run now if it is not saved with these settings."""
+    from unlearn.run_mllm import run_mllm
+
+    run = Path(runs) / f"mllm-{concept}-{method}-{steps}steps-lr{lr:g}-s{seed}{'-attn' if attention else ''}"
+    manifest = run / "manifest.json"
+    if manifest.exists() and (run / "trace.zarr").exists():
+        m = json.loads(manifest.read_text())
+        if m["train"]["steps"] == steps and m["train"]["lr"] == lr and m["seed"] == seed:
+            return run
+    run_mllm(concept, method, run, steps=steps, seed=seed, options={"lr": lr}, trace=True, trace_attention=attention,
+             world_dir=world_dir, progress=progress, overwrite=True)
+    return run
+
+
+def save(figures: dict, out: Path, png: bool = True, numbers: dict | None = None) -> list[Path]:
+    """Write each figure as out/<name>.html (and .png), and the numbers as out/<name>.json."""
+    from knowtrace.plots import save as save_figures
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, fig in figures.items():
+        files[out / f"{name}.html"] = fig
+        if png:
+            files[out / f"{name}.png"] = fig
+    written = save_figures(files)
+    for name, data in (numbers or {}).items():
+        (out / f"{name}.json").write_text(json.dumps(data, indent=1, default=float))
+        written.append(out / f"{name}.json")
+    for path in written:
+        print(path)
+    return written
