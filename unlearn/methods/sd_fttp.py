@@ -17,6 +17,7 @@ factor 2); for SD 1.x at 512 px a comparable ring is e.g. ``dilate=17``.
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import SDMethod, register
 
@@ -25,6 +26,7 @@ from .base import SDMethod, register
 @dataclass
 class SDFTTP(SDMethod):
     name = "fttp"
+    needs_masks: ClassVar[bool] = True
     alpha: float = 0.8
     beta: float = 0.5
     dilate: int = 0  # OpenCV dilation kernel (pixels at the model's resolution); 0 = vanilla FTTP
