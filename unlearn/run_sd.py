@@ -60,15 +60,19 @@ def train_config(values: dict) -> TrainConfig:
     return _train_config({**SD_DEFAULTS, **values})
 
 
-def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, world_dir=None):
-    """fn() -> metrics dict of the pipeline as it is now: part B's :func:`unlearn.eval.sd.evaluate_sd_run`."""
-    from .eval.sd import evaluate_sd_run
+def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, fd_seeds: int, steps: int,
+              world_dir=None, retained=None):
+    """fn() -> metrics of the pipeline as it is now, by :func:`unlearn.eval.sd.evaluate_sd_run` (UA with
+    the world classifier, FD in its feature space, K_C/K_N on the forget records at fixed noise)."""
+    from .eval.sd import SDEvalSettings, WorldConceptClassifier, evaluate_sd_run
     from .world.build import build_world
     from .world.classifier import load_classifier
 
-    classifier = load_classifier(build_world(world_dir, only=("classifier",))["classifier"])
-    return lambda: evaluate_sd_run(adapter.pipe, concept_key, classifier=classifier, n_seeds=n_seeds,
-                                   forget_records=forget)
+    classifier = WorldConceptClassifier(load_classifier(build_world(world_dir, only=("classifier",))["classifier"]))
+    settings = SDEvalSettings(fd_seeds=fd_seeds)
+    return lambda train_steps: evaluate_sd_run(
+        adapter.pipe, concept_key, classifier=classifier, n_seeds=n_seeds, forget_records=forget, retained=retained,
+        train_steps=train_steps, train_images=len(forget), settings=settings, adapter=adapter)
 
 
 def save_samples(adapter, prompts: dict[str, str], out: Path, tag: str) -> None:
@@ -94,7 +98,8 @@ def save_weights(model, out: Path, lora: bool) -> Path:
 
 
 def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0, model: str = "world",
-           images: int = 5, options: dict | None = None, world_dir=None, eval_seeds: int = 20,
+           images: int = 5, options: dict | None = None, world_dir=None, eval_seeds: int = 20, fd_seeds: int = 10,
+           retained: list[str] | None = None,
            forget: list[SDRecord] | None = None, retain: list[SDRecord] | None = None, progress: bool = True,
            overwrite: bool = False, callbacks=()) -> dict:
     """Run SD ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
@@ -134,22 +139,22 @@ def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0,
     with state.main_process_first():
         out = prepare_run_dir(out, overwrite)
     try:
-        return _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, eval_seeds, world_dir,
-                    timings, progress, callbacks)
+        evaluate = evaluator(adapter, c.key, forget, eval_seeds, fd_seeds, cfg.steps, world_dir, retained)
+        return _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, evaluate, timings,
+                    progress, callbacks, {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds})
     except BaseException:
         if created and state.is_main_process:
             shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left
         raise
 
 
-def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, eval_seeds, world_dir, timings,
-         progress, callbacks) -> dict:
+def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, evaluate, timings, progress,
+         callbacks, eval_settings) -> dict:
     from .world.concepts import CONCEPTS
     from .world.sd import concept_prompt
 
-    evaluate = evaluator(adapter, c.key, forget, eval_seeds, world_dir)
     t = time.perf_counter()
-    original = evaluate()
+    original = evaluate(0)
     timings["eval_original"] = time.perf_counter() - t
     neighbour = next(o for o in CONCEPTS if o.key != c.key and o.kind == c.kind)
     sample_prompts = {c.key: concept_prompt(c), neighbour.key: concept_prompt(neighbour)}
@@ -163,7 +168,7 @@ def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed
     timings["train"] = result["train_seconds"]
     accelerator = result["accelerator"]
     t = time.perf_counter()
-    after = evaluate()
+    after = evaluate(cfg.steps)
     timings["eval"] = time.perf_counter() - t
     metrics = {**after, "steps": cfg.steps, "images": images, "method": method, "concept": c.key, "original": original}
     if accelerator.is_main_process:
@@ -174,7 +179,7 @@ def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed
             "kind": "sd", "model": model, "concept": c.key, "names": list(c.names), "method": method,
             "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
             "images": images, "records": {"forget": [r.id for r in forget], "retain": len(retain)},
-            "eval_seeds": eval_seeds, "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
+            "eval": eval_settings, "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
             "world_size": result["world_size"], "mixed_precision": result["mixed_precision"],
             "history": result["history"],
         })
