@@ -114,7 +114,8 @@ def _run_mllm(args: argparse.Namespace) -> int:
 
 
 SD_HELP = """Unlearn a concept from a Stable Diffusion pipeline (the world SD by default).
-Defaults: full fine-tuning of the UNet, Adam, lr 1e-5, batch 2 (the paper's setting).
+Defaults: full fine-tuning of the UNet, Adam, batch 2, lr 1e-5 (the paper's setting; 3e-5 on the
+world SD, whose UNet is ~1000x smaller: see docs/sd.md).
 Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
 lora_alpha, lora_targets, train_params, max_grad_norm, mixed_precision) or the method's own options
 (e.g. alpha=0.8 beta=0.5 dilate=5 dilate_iterations=1 for fttp)."""
