@@ -209,6 +209,8 @@ def test_methods_train_only_their_parts(method, lora, data):
         assert not changed & xattn
     else:
         assert changed <= xattn
+    if method == "fmn":  # the attention probabilities depend on the query/key projections only
+        assert all(".attn2.to_q." in n or ".attn2.to_k." in n for n in changed)
 
 
 def test_salun_updates_salient_weights_only(data):

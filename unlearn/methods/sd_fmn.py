@@ -1,6 +1,8 @@
 """Forget-Me-Not (attention re-steering): minimise the cross-attention mass that the UNet's
 ``attn2`` layers put on the concept's prompt tokens, over noised forget images, training the
-cross-attention only.
+cross-attention only: its query and key projections, the only cross-attention weights the
+probabilities depend on (value/output projections would get zero gradient: training them is a
+no-op, and under several processes DDP rejects parameters that never get a gradient).
 
     loss = mean over attn2 layers, heads, query pixels and records of sum_{k in concept tokens} A[k]
 
@@ -38,7 +40,7 @@ class ForgetMeNot(SDMethod):
     name = "fmn"
 
     def train_targets(self, adapter, lora):
-        return adapter.part("xattn", lora)
+        return adapter.part("xattn_qk", lora)
 
     def token_mask(self, ctx, forget) -> torch.Tensor:
         """(B, L) 1 on each record's concept tokens."""

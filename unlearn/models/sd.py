@@ -12,8 +12,9 @@ compares the UNet's prediction with the noise per latent pixel:
 ``e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2``, shape (B, h, w).
 
 Parts (regexes over module/parameter names), for methods that train only some of them:
-``xattn`` = cross-attention (``attn2``), ``non_xattn`` = every other UNet part (ESD-u), ``attn`` =
-self- and cross-attention projections (the LoRA default).
+``xattn`` = cross-attention (``attn2``), ``xattn_qk`` = its query/key projections (FMN),
+``non_xattn`` = every other UNet part (ESD-u), ``attn`` = self- and cross-attention projections
+(the LoRA default).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ WORLD_MARKER = "world_sd_config.json"  # a directory holding a world SD
 LORA_PARTS = {
     "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
+    "xattn_qk": r".*attn2\.(to_q|to_k)",  # what cross-attention probabilities depend on
     # ESD-u: self-attention, feed-forward, transformer projections and resnet convolutions
     "non_xattn": r".*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|resnets\.\d+\.conv[12])",
 }
-PARAM_PARTS = {"attn": r"\.attn[12]\.", "xattn": r"\.attn2\.", "non_xattn": r"^(?!.*\.attn2\.)"}
+PARAM_PARTS = {"attn": r"\.attn[12]\.", "xattn": r"\.attn2\.", "xattn_qk": r"\.attn2\.to_[qk]\.",
+               "non_xattn": r"^(?!.*\.attn2\.)"}
 
 
 @dataclass
