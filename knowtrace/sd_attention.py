@@ -29,6 +29,11 @@ convolutions do). ``cfg=True`` keeps the conditional half of a classifier-free-g
 SD pipeline concatenates ``[uncond, cond]``). ``mean_heads`` and ``tokens`` shrink what is kept
 (real SD 1.x at 64x64 latents: 4096 x 77 x 8 heads x 4 bytes = 10 MB per layer, call and image).
 
+Caveats: the probabilities use ``attn.scale`` (``head_dim ** -0.5`` unless a model sets
+``scale_qk=False``; ``AttnProcessor2_0`` always uses ``head_dim ** -0.5``, so they agree for SD). A
+processor that is itself an ``nn.Module`` (trained processors, e.g. IP-Adapter) leaves the module
+tree while wrapped (diffusers' ``set_processor`` pops it) and is put back on exit.
+
 knowtrace imports nothing from ``unlearn``; this module needs only torch (and a diffusers UNet at
 run time, duck-typed: ``attn_processors`` / ``set_attn_processor``).
 """
