@@ -140,6 +140,7 @@ def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0,
         raise ValueError(f"sd method {method!r} needs retain records; none were given")
     timings["load"] = time.perf_counter() - t
     state = PartialState(cpu=not torch.cuda.is_available())
+    adapter.pipe.to(state.device)  # VAE and text encoder beside the UNet (the loop only moves the UNet)
     created = not Path(out).exists() or not any(Path(out).iterdir())
     with state.main_process_first():
         out = prepare_run_dir(out, overwrite)
