@@ -85,9 +85,13 @@ class RecordingProcessor:
         self.name = name
         self.capture = capture
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        # the original gets exactly the call we got; we read the same arguments it reads
+        out = self.original(attn, hidden_states, *args, **kwargs)
+        named = dict(zip(("encoder_hidden_states", "attention_mask", "temb"), args))
+        encoder_hidden_states = kwargs.get("encoder_hidden_states", named.get("encoder_hidden_states"))
+        attention_mask = kwargs.get("attention_mask", named.get("attention_mask"))
+        temb = kwargs.get("temb", named.get("temb"))
         if encoder_hidden_states is not None:  # attn2 is always called with the text states
             with torch.set_grad_enabled(self.capture.keep_grad and torch.is_grad_enabled()):
                 probs = _attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

@@ -178,3 +178,18 @@ def test_spatial_layout_is_row_major():
     assert m[0, 1].nonzero().tolist() == [[1, 3]]
     big = upsample(m[:, 1], (20, 40))
     assert divmod(int(big[0].argmax()), 40) in {(r, c) for r in range(10, 20) for c in range(30, 40)}
+
+
+def test_text_padding_mask_is_honoured():
+    unet = tiny_unet()
+    z, t, cond = inputs()
+    keep = torch.ones(2, TOKENS)
+    keep[:, 5:] = 0  # the last two text tokens are padding
+    with torch.no_grad():
+        ref = unet(z, t, encoder_hidden_states=cond, encoder_attention_mask=keep).sample
+        with capture_cross_attention(unet) as cap:
+            out = unet(z, t, encoder_hidden_states=cond, encoder_attention_mask=keep).sample
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    for p in cap.probs():
+        assert p[..., 5:].max() < 1e-6
+        torch.testing.assert_close(p.sum(-1), torch.ones_like(p[..., 0]))
