@@ -70,4 +70,4 @@ class SelectiveAmnesia(SDMethod):
         e_replay = a.pixel_error(a.encode(replay), g).mean()
         ewc = self.penalty()
         loss = e_forget + self.replay_weight * e_replay + self.ewc * ewc
-        return loss, {"loss_forget": e_forget.item(), "loss_retain": e_replay.item(), "ewc": float(ewc)}
+        return loss, {"loss_forget": e_forget.item(), "loss_retain": e_replay.item(), "ewc": ewc.detach().item()}
