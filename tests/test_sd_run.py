@@ -19,7 +19,7 @@ from unlearn.data.sd_records import world_sd_data
 from unlearn.run_sd import load_run, run_sd
 from unlearn.world.sd import train_sd
 
-FAST = ["--eval-seeds", "2", "--fd-seeds", "1", "--quiet"]
+FAST = ["--eval-seeds", "2", "--fd-seeds", "2", "--retained", "blip", "korvex", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -133,6 +133,7 @@ def _add_sd(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=5, help="training images of the concept (world)")
     parser.add_argument("--eval-seeds", type=int, default=20, help="generated images of the concept's prompt for UA")
     parser.add_argument("--fd-seeds", type=int, default=10, help="generated images per retained concept for the FD")
+    parser.add_argument("--retained", nargs="+", metavar="KEY", help="concepts kept, for the FD (default: every other concept)")
     parser.add_argument("--model", default="world", help="world (default) | a local path | a hub id")
     parser.add_argument("--out", type=Path, help="run directory (default runs/sd-<concept>-<method>-s<seed>)")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
@@ -147,7 +148,8 @@ def _run_sd(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"sd-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
     metrics = run_sd(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
                      images=args.images, options=_settings(args.settings), world_dir=args.world_dir,
-                     eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds, progress=not args.quiet, overwrite=args.overwrite)
+                     eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds, retained=args.retained, progress=not args.quiet,
+                     overwrite=args.overwrite)
     keys = [k for k in ("ua", "fd", "fd_space", "K_C", "K_N") if k in metrics]
     print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
                       "images": metrics["images"], "original": {k: metrics["original"].get(k) for k in keys}}, indent=1))

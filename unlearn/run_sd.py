@@ -8,8 +8,9 @@ space it is computed in), ``steps``, ``images``, ``K_C``, ``K_N``, and the same 
 model under ``original``.
 
 Defaults follow the paper's SD setting: full fine-tuning of the UNet with Adam, lr 1e-5, batch 2;
-FTTP about 20 steps from 5 images. On the world SD the default lr is 3e-5 (``WORLD_LR``, measured). On the world the forget records are rendered images with exact
-masks (:func:`unlearn.data.sd_records.world_sd_data`); other models take user records.
+FTTP about 20 steps from 5 images. On the world SD the default lr is 3e-5 (``WORLD_LR``, measured),
+and the forget records are rendered images with exact masks
+(:func:`unlearn.data.sd_records.world_sd_data`); other models take user records.
 
 Bad input stops the run before the run directory is created (unknown concept/method/option,
 missing image, prompt that does not name the concept, mask of the wrong size, empty/full mask);
