@@ -117,3 +117,19 @@ def test_two_cpu_processes(tiny_world_sd, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and len(manifest["history"]) == 2
     assert (out / "weights" / "unet.safetensors").exists() and "ua" in json.loads((out / "metrics.json").read_text())
+
+
+def test_lora_run_saves_and_loads_the_adapter(tiny_world_sd, tmp_path):
+    out = tmp_path / "lora"
+    run_sd("vorn", "esd_x", out, steps=2, images=2, model=str(tiny_world_sd), eval_seeds=1, fd_seeds=2,
+           retained=["blip", "korvex"], options={"lora": "true", "lr": "1e-2"}, progress=False)
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert saved and all(".attn2." in k for k in saved)  # ESD-x: LoRA on the cross-attention only
+    assert not (out / "weights").exists()
+    adapter, manifest = load_run(out)
+    assert manifest["train"]["lora"] is True
+    state = adapter.model.state_dict()
+    for k, v in saved.items():
+        match = [s for s in state if s.replace(".default", "") == k]
+        assert len(match) == 1 and torch.equal(state[match[0]], v), k
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained away from the zero init
