@@ -5,6 +5,8 @@
     unlearn world export --concept NAME --out DIR [--images N]
     unlearn eval RUN
     unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--data DIR] [--out DIR] [key=value ...]
+    unlearn sd --concept NAME --method METHOD [--steps N] [--images N] [--seed S] [--model world|PATH] [--out DIR] [key=value ...]
+    unlearn demo [--out DIR] [--concept NAME]
 
 Sub-commands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
 """
@@ -103,15 +105,20 @@ def _add_mllm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("settings", nargs="*", metavar="key=value")
 
 
-def _run_mllm(args: argparse.Namespace) -> int:
-    from .run_mllm import run_mllm
-
+def _settings(items: list[str]) -> dict[str, str]:
     pairs = {}
-    for item in args.settings:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"setting {item!r} is not key=value")
         pairs[key] = value
+    return pairs
+
+
+def _run_mllm(args: argparse.Namespace) -> int:
+    from .run_mllm import run_mllm
+
+    pairs = _settings(args.settings)
     if args.concept is None:
         if args.data is None:
             raise ValueError("give --concept NAME (see: unlearn world concepts), or --data DIR")
@@ -126,6 +133,49 @@ def _run_mllm(args: argparse.Namespace) -> int:
     keys = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
     print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys},
                       "original": {k: metrics["original"][k] for k in keys}}, indent=1))
+    return 0
+
+
+SD_HELP = """Unlearn a concept from a Stable Diffusion pipeline (the world SD by default).
+Defaults: full fine-tuning of the UNet, Adam, batch 2, lr 1e-5 (the paper's setting; 3e-5 on the
+world SD, whose UNet is ~1000x smaller: see docs/sd.md).
+Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
+lora_alpha, lora_targets, train_params, max_grad_norm, mixed_precision) or the method's own options
+(e.g. alpha=0.8 beta=0.5 dilate=5 dilate_iterations=1 for fttp)."""
+
+
+def _add_sd(parser: argparse.ArgumentParser) -> None:
+    from .methods import SD_METHODS, method_options
+
+    listing = "; ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in method_options(c).items()) or 'no options'})"
+                        for n, c in sorted(SD_METHODS.items()))
+    parser.add_argument("--concept", required=True, help="concept key or name (see: unlearn world concepts)")
+    parser.add_argument("--method", required=True, metavar="METHOD", help=f"one of: {listing}")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=5, help="training images of the concept (world)")
+    parser.add_argument("--eval-seeds", type=int, default=20, help="generated images of the concept's prompt for UA")
+    parser.add_argument("--fd-seeds", type=int, default=10, help="generated images per retained concept for the FD")
+    parser.add_argument("--retained", nargs="+", metavar="KEY", help="concepts kept, for the FD (default: every other concept)")
+    parser.add_argument("--model", default="world", help="world (default) | a local path | a hub id")
+    parser.add_argument("--out", type=Path, help="run directory (default runs/sd-<concept>-<method>-s<seed>)")
+    parser.add_argument("--world-dir", type=Path, help="world cache directory")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("settings", nargs="*", metavar="key=value")
+
+
+def _run_sd(args: argparse.Namespace) -> int:
+    from .run_sd import run_sd
+
+    out = args.out or Path("runs") / f"sd-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
+    metrics = run_sd(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
+                     images=args.images, options=_settings(args.settings), world_dir=args.world_dir,
+                     eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds, retained=args.retained, progress=not args.quiet,
+                     overwrite=args.overwrite)
+    keys = [k for k in ("ua", "fd", "fd_space", "K_C", "K_N") if k in metrics]
+    print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
+                      "images": metrics["images"], "original": {k: metrics["original"].get(k) for k in keys}}, indent=1))
     return 0
 
 
@@ -168,7 +218,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world), "mllm": (MLLM_HELP, _add_mllm, _run_mllm),
-            "eval": (EVAL_HELP, _add_eval, _run_eval), "demo": (DEMO_HELP, _add_demo, _run_demo)}
+            "sd": (SD_HELP, _add_sd, _run_sd), "eval": (EVAL_HELP, _add_eval, _run_eval),
+            "demo": (DEMO_HELP, _add_demo, _run_demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:

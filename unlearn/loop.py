@@ -1,4 +1,10 @@
-"""The one unlearning loop, for every MLLM method.
+"""The one unlearning loop, for every method of every modality (MLLM and Stable Diffusion).
+
+What it needs from an adapter: ``model`` (the module to train: the MLLM, or SD's UNet) and
+``lora_targets`` (its default peft targets). What a method may add: which parts it trains
+(:meth:`Method.train_targets`), a reference (``ctx.reference(fn)`` runs ``fn`` on the frozen starting
+model: with LoRA the same model with its adapters disabled, else a frozen copy), and the step's
+seeded generator (``ctx.generator``: diffusion noise and timesteps).
 
 Seeds, LoRA (peft) or full fine-tuning, Adam, gradient accumulation, autocast where the hardware
 has it (bf16 on CUDA), several processes through accelerate (``accelerate launch``; each process
@@ -19,7 +25,7 @@ import numpy as np
 import torch
 
 from .data.records import Record
-from .methods.base import MLLMMethod, StepContext, retain_iterator
+from .methods.base import Method, StepContext, retain_iterator
 
 
 SNAPSHOT_LIMIT = 100_000_000  # trained parameters (elements) up to which a per-step copy is kept
@@ -39,7 +45,8 @@ class TrainConfig:
     lora: bool = True
     lora_rank: int = 8
     lora_alpha: int = 16
-    lora_targets: str = ""  # peft regex over module names; "" = the model family's default
+    lora_targets: str = ""  # peft regex over module names; "" = the method's parts, else the model family's default
+    train_params: str = ""  # full fine-tuning: regex searched in parameter names; "" = the method's parts, else all
     max_grad_norm: float = 0.0  # 0 = no clipping (the paper clips nothing)
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
     options: dict = field(default_factory=dict)
@@ -73,7 +80,20 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def run_loop(adapter, method: MLLMMethod, forget: list[Record], retain: list[Record], cfg: TrainConfig,
+def select_parameters(model, pattern: str | None) -> int:
+    """Full fine-tuning of the parameters whose names match ``pattern`` (all when None); returns their count."""
+    import re
+
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(pattern is None or re.search(pattern, name) is not None)
+        n += p.requires_grad
+    if n == 0:
+        raise ValueError(f"no parameter name matches {pattern!r}: nothing would be trained; check train_params")
+    return n
+
+
+def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConfig,
              concept: str, names: tuple[str, ...], callbacks=(), progress: bool = True) -> dict:
     """Train ``adapter.model`` in place with ``method``; return logs and timings.
 
@@ -91,10 +111,11 @@ def run_loop(adapter, method: MLLMMethod, forget: list[Record], retain: list[Rec
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
                               cpu=not torch.cuda.is_available())
     model = adapter.model
+    parts = method.train_targets(adapter, cfg.lora)  # e.g. ESD-x: cross-attention only
     if cfg.lora:
-        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or adapter.lora_targets)
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or parts or adapter.lora_targets)
     else:
-        model.requires_grad_(True)
+        select_parameters(model, cfg.train_params or parts)
     reference = None
     if method.needs_reference and not cfg.lora:  # with LoRA the reference is the model with adapters off
         import copy
@@ -107,16 +128,22 @@ def run_loop(adapter, method: MLLMMethod, forget: list[Record], retain: list[Rec
     unwrapped = accelerator.unwrap_model(model)
     adapter.model = model
 
-    def reference_logits(batch):
+    def run_reference(fn):
         with torch.no_grad():
             if reference is not None:
-                return reference(**batch).logits
+                return fn(reference)
             with unwrapped.disable_adapter():
-                return unwrapped(**batch).logits
+                return fn(unwrapped)
+
+    def reference_logits(batch):
+        return run_reference(lambda m: m(**batch).logits)
 
     retain_batches = retain_iterator(retain, cfg.batch_size, cfg.seed) if retain else None
+    # per-process stream: processes draw different noise for their different records
+    generator = torch.Generator().manual_seed(cfg.seed * 1009 + accelerator.process_index)
     ctx = StepContext(adapter, concept, tuple(names), next_retain=(lambda: next(retain_batches)) if retain else None,
-                      reference_logits=reference_logits)
+                      reference_logits=reference_logits, run_reference=run_reference if method.needs_reference else None,
+                      generator=generator)
     method.setup(ctx, forget, retain)
     hook = method.gradient_hook()
     rank, world = accelerator.process_index, accelerator.num_processes

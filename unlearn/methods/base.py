@@ -3,6 +3,9 @@
 A method turns a batch of forget records (and, if it needs them, retain records and the frozen
 reference model, through :class:`StepContext`) into one loss. The loop owns everything else
 (optimizer, steps, accumulation, devices), so a method is only its objective.
+
+One registry per modality ("mllm", "sd"): a method class declares its ``modality`` and the same
+name may exist once per modality (MLLM "fttp" and SD "fttp" are different objectives).
 """
 
 from __future__ import annotations
@@ -16,26 +19,39 @@ import torch
 
 from ..data.records import Record
 
-METHODS: dict[str, type[MLLMMethod]] = {}
+MODALITIES = ("mllm", "sd")
+REGISTRY: dict[str, dict[str, type[Method]]] = {m: {} for m in MODALITIES}
+METHODS = REGISTRY["mllm"]  # the MLLM methods (kept under their historical name)
+SD_METHODS = REGISTRY["sd"]
 
 
 def register(cls):
-    """Class decorator: make a method available by its ``name``."""
-    if cls.name in METHODS:
-        raise ValueError(f"method name {cls.name!r} is registered twice")
-    METHODS[cls.name] = cls
+    """Class decorator: make a method available by its ``name`` in its ``modality``'s registry."""
+    if cls.modality not in REGISTRY:
+        raise ValueError(f"{cls.__name__}: unknown modality {cls.modality!r}; modalities: {', '.join(MODALITIES)}")
+    table = REGISTRY[cls.modality]
+    if cls.name in table:
+        raise ValueError(f"{cls.modality} method name {cls.name!r} is registered twice")
+    table[cls.name] = cls
     return cls
+
+
+def methods_of(modality: str) -> dict[str, type[Method]]:
+    if modality not in REGISTRY:
+        raise KeyError(f"unknown modality {modality!r}; modalities: {', '.join(MODALITIES)}")
+    return REGISTRY[modality]
 
 
 def method_options(cls) -> dict[str, object]:
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
-def get_method(name: str, **options) -> MLLMMethod:
-    """The method ``name`` with ``options``; unknown names or options are errors listing valid ones."""
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; methods: {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
+def get_method(name: str, modality: str = "mllm", **options) -> Method:
+    """The ``modality`` method ``name`` with ``options``; unknown names or options are errors listing valid ones."""
+    table = methods_of(modality)
+    if name not in table:
+        raise KeyError(f"unknown {modality} method {name!r}; {modality} methods: {', '.join(sorted(table))}")
+    cls = table[name]
     valid = method_options(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -62,12 +78,22 @@ def _coerce(default, value, what: str):
 class StepContext:
     """What a method may use at a step."""
 
-    adapter: object  # the MLLMAdapter of the model being trained
+    adapter: object  # the adapter of the model being trained (MLLMAdapter, SDAdapter)
     concept: str  # the concept's key or name, for messages
     names: tuple[str, ...]  # the concept's name and aliases, to find its tokens
-    next_retain: Callable[[], list[Record]] | None = None  # a batch of retain records
+    next_retain: Callable[[], list] | None = None  # a batch of retain records
     reference_logits: Callable[[dict], torch.Tensor] | None = None  # frozen starting model, no grad
     step: int = 0
+    # fn(frozen starting model) under no_grad (LoRA: the same model with its adapters disabled;
+    # full fine-tuning: a frozen copy); set by the loop for methods with needs_reference
+    run_reference: Callable[[Callable], object] | None = None
+    generator: torch.Generator | None = None  # seeded randomness of the step (diffusion noise, timesteps)
+
+    def reference(self, fn: Callable, method: str = "") -> object:
+        """``fn(reference_model)`` without gradients: the frozen starting model's view of anything."""
+        if self.run_reference is None:
+            raise ValueError(f"method {method or '?'!r} uses the reference model: declare needs_reference = True")
+        return self.run_reference(fn)
 
     def retain_batch(self, method: str) -> list[Record]:
         if self.next_retain is None:
@@ -76,10 +102,16 @@ class StepContext:
 
 
 @dataclass
-class MLLMMethod:
+class Method:
     name: ClassVar[str]
+    modality: ClassVar[str] = "mllm"
     needs_retain: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
+
+    def train_targets(self, adapter, lora: bool) -> str | None:
+        """Which parts this method trains: a peft target-module regex (``lora``) or a regex searched in
+        parameter names (full fine-tuning); None = the adapter's default (everything, for full FT)."""
+        return None
 
     def setup(self, ctx: StepContext, forget: list[Record], retain: list[Record]) -> None:
         """Once before training (saliency masks, constructed targets, ...)."""
@@ -92,7 +124,18 @@ class MLLMMethod:
         return None
 
 
-def retain_iterator(records: list[Record], batch_size: int, seed: int) -> Iterator[list[Record]]:
+MLLMMethod = Method  # MLLM methods subclass it as before (modality "mllm")
+
+
+@dataclass
+class SDMethod(Method):
+    """A Stable Diffusion method: ``loss`` gets :class:`unlearn.data.sd_records.SDRecord` batches and
+    ``ctx.adapter`` is an :class:`unlearn.models.sd.SDAdapter`."""
+
+    modality: ClassVar[str] = "sd"
+
+
+def retain_iterator(records: list, batch_size: int, seed: int) -> Iterator[list]:
     """Endless shuffled batches of retain records (reshuffled each pass, seeded)."""
     g = torch.Generator().manual_seed(seed)
     while True:

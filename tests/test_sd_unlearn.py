@@ -1,0 +1,266 @@
+"""SD training side on tiny random-weight StableDiffusionPipelines (real diffusers/transformers classes
+built from configs): registry per modality, the mask pipeline, the adapter, each method's loss or
+gradient property, and the loop's part selection."""
+
+import copy
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_world_sd import TINY_SD
+from unlearn.data.sd_masks import dilate, latent_mask, load_mask, resize_crop, to_latent_grid
+from unlearn.data.sd_records import SDRecord, check_forget_records, load_image, world_sd_data
+from unlearn.loop import TrainConfig, run_loop
+from unlearn.methods import METHODS, SD_METHODS, StepContext, get_method
+from unlearn.methods.sd_esd import esd_target
+from unlearn.methods.sd_fmn import concept_token_positions
+from unlearn.models.sd import SDAdapter
+from unlearn.world.concepts import BY_KEY
+from unlearn.world.sd import build_pipeline
+
+VORN = BY_KEY["vorn"]
+
+
+def tiny_adapter(**cfg) -> SDAdapter:
+    return SDAdapter(build_pipeline(replace(TINY_SD, **cfg)), name="tiny")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return world_sd_data("vorn", 2, 32, n_retain=1, n_surrogate=2)
+
+
+def ctx_for(adapter, seed=0, reference=None, retain=None):
+    ctx = StepContext(adapter, VORN.key, VORN.names, generator=torch.Generator().manual_seed(seed))
+    if reference is not None:
+        ctx.run_reference = lambda fn: torch.no_grad()(fn)(reference)
+    if retain is not None:
+        ctx.next_retain = lambda: retain[:2]
+    return ctx
+
+
+def trained(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registries_per_modality():
+    assert {"ga", "fttp"} <= set(METHODS) and {"ga", "fttp"} <= set(SD_METHODS)
+    assert type(get_method("fttp")).__module__ == "unlearn.methods.fttp"
+    sd = get_method("fttp", modality="sd", alpha="0.7")
+    assert type(sd).__module__ == "unlearn.methods.sd_fttp" and sd.alpha == 0.7 and sd.beta == 0.5
+    assert get_method("fttp_dilated", modality="sd").dilate > 1
+    with pytest.raises(KeyError) as e:
+        get_method("siu", modality="sd")
+    assert "esd_x" in str(e.value) and "salun" in str(e.value) and "siu" not in str(e.value).split(";")[1]
+    with pytest.raises(KeyError, match="modalit"):
+        get_method("ga", modality="audio")
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_labelme_polygon_and_rectangle_give_exact_masks(tmp_path):
+    shapes = [{"label": "vorn", "shape_type": "polygon", "points": [[2, 3], [6, 3], [6, 8], [2, 8]]},
+              {"label": "other", "shape_type": "rectangle", "points": [[10, 1], [12, 2]]}]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"imageHeight": 16, "imageWidth": 16, "shapes": shapes}))
+    expected = np.zeros((16, 16), bool)
+    expected[3:9, 2:7] = True  # pixel centres on integer coordinates, edges included
+    both = expected.copy()
+    both[1:3, 10:13] = True
+    np.testing.assert_array_equal(load_mask(path), both)
+    np.testing.assert_array_equal(load_mask(path, labels=("vorn",)), expected)
+    png = tmp_path / "m.png"
+    Image.fromarray(expected.astype(np.uint8) * 255).save(png)
+    np.testing.assert_array_equal(load_mask(png), expected)
+    path.write_text(json.dumps({"imageHeight": 16, "imageWidth": 16, "shapes": [{"shape_type": "circle", "points": [[1, 1], [2, 2]]}]}))
+    with pytest.raises(ValueError, match="circle"):
+        load_mask(path)
+    with pytest.raises(FileNotFoundError):
+        load_mask(tmp_path / "none.png")
+
+
+def test_image_and_mask_share_resize_and_centre_crop():
+    # a 64 x 128 image whose red square is exactly the mask; after resize to 32 the crop keeps columns 16..48
+    image = np.full((64, 128, 3), 255, np.uint8)
+    mask = np.zeros((64, 128), bool)
+    mask[16:48, 72:104] = True
+    image[mask] = (255, 0, 0)
+    img, m = resize_crop(image, mask, 32)
+    assert img.shape == (32, 32, 3) and m.shape == (32, 32)
+    expected = np.zeros((32, 32), bool)
+    expected[8:24, 20:32] = True  # (72..104)/2 - 16 = 20..36, clipped by the crop at 32
+    np.testing.assert_array_equal(m >= 0.5, expected)
+    red = (img[..., 0] > 200) & (img[..., 1] < 60)
+    assert (red == expected).mean() > 0.95  # the image moved with the mask
+    with pytest.raises(ValueError, match="mask is 64x64 but its image is 64x128"):
+        resize_crop(image, mask[:, :64], 32)
+
+
+def test_dilation_then_latent_grid():
+    m = np.zeros((16, 16), bool)
+    m[8, 8] = True
+    assert dilate(m, 3, 1).sum() == 9 and dilate(m, 3, 2).sum() == 25 and dilate(m, 0).sum() == 1
+    # one pixel alone vanishes on the /2 latent grid (1/4 < 0.5); dilated first it survives
+    assert to_latent_grid(m, 2).sum() == 0
+    assert to_latent_grid(dilate(m, 3, 1), 2).sum() >= 1
+    image = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="empty"):
+        latent_mask(m, image, 16, 2)
+    with pytest.raises(ValueError, match="whole image"):
+        latent_mask(np.ones((16, 16), bool), image, 16, 2)
+    assert latent_mask(m, image, 16, 2, allow_degenerate=True).eq(1).all()
+    assert latent_mask(m, image, 16, 2, kernel=3).sum() >= 1
+
+
+def test_record_errors(tmp_path, data):
+    forget, _ = data
+    with pytest.raises(FileNotFoundError, match="r1"):
+        load_image(SDRecord("r1", "a picture of Vorn", tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match="does not name the concept"):
+        check_forget_records([replace(forget[0], prompt="a picture of Blip")], VORN.names)
+    with pytest.raises(ValueError, match="needs a concept mask"):
+        check_forget_records([replace(forget[0], mask=None)], VORN.names, need_masks=True)
+    check_forget_records(forget, VORN.names, need_masks=True)
+
+
+# ----------------------------------------------------------------------------- adapter
+
+
+def test_adapter_reads_the_vae_factor():
+    a = tiny_adapter(vae_channels=(16, 16, 32))  # three VAE levels: /4
+    assert a.factor == 4 and a.resolution == a.pipe.unet.config.sample_size * 4
+    forget, _ = world_sd_data("vorn", 2, a.resolution, n_retain=0, n_surrogate=0)
+    b = a.encode(forget, with_mask=True)
+    h = a.resolution // 4
+    assert b.latents.shape == (2, 4, h, h) and b.mask.shape == (2, h, h) and b.cond.shape[0] == 2
+    e = a.pixel_error(b, torch.Generator().manual_seed(0))
+    assert e.shape == (2, h, h) and (e >= 0).all()
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def test_fttp_gradient_is_the_weighted_combination(data):
+    forget, _ = data
+    a = tiny_adapter()
+    params = [p for p in a.model.parameters()]
+    fttp = get_method("fttp", modality="sd")
+    loss, logs = fttp.loss(ctx_for(a, 3), forget)
+    g = torch.autograd.grad(loss, params, allow_unused=True)
+    # by hand, same noise: the two groups' means over all pixels
+    m = a.masks(forget)
+    e = a.pixel_error(a.encode(forget), torch.Generator().manual_seed(3))
+    ga = torch.autograd.grad((m * e).mean(), params, retain_graph=True, allow_unused=True)
+    gn = torch.autograd.grad(((1 - m) * e).mean(), params, allow_unused=True)
+    for x, c, n in zip(g, ga, gn):
+        if x is not None:
+            torch.testing.assert_close(x, -0.8 * c + 0.5 * n, rtol=1e-4, atol=1e-7)
+    assert 0 < logs["concept_share"] < 1 and logs["err_concept"] > 0
+    dil = get_method("fttp_dilated", modality="sd")
+    assert dil.loss(ctx_for(a, 3), forget)[1]["concept_share"] > logs["concept_share"]
+    ga_loss, _ = get_method("ga", modality="sd").loss(ctx_for(a, 3), forget)
+    torch.testing.assert_close(ga_loss, -e.mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_esd_target_and_parts(data):
+    forget, _ = data
+    a = tiny_adapter()
+    frozen = copy.deepcopy(a.model).requires_grad_(False)
+    with torch.no_grad():  # make the trained model differ from the reference
+        for p in a.model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    esd = get_method("esd_x", modality="sd", eta=2.0)
+    loss, _ = esd.loss(ctx_for(a, 5, reference=frozen), forget)
+    b = a.encode(forget)
+    _, t, z = a.noise(b.latents, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ec = frozen(z, t, encoder_hidden_states=b.cond).sample
+        e0 = frozen(z, t, encoder_hidden_states=a.text_embeddings([""] * 2)).sample
+    target = e0 - 2.0 * (ec - e0)
+    torch.testing.assert_close(esd_target(ec, e0, 2.0), target)
+    torch.testing.assert_close(loss, ((a.model(z, t, encoder_hidden_states=b.cond).sample - target) ** 2).mean())
+
+
+@pytest.mark.parametrize("method,lora", [("esd_x", False), ("esd_u", False), ("fmn", False), ("esd_x", True)])
+def test_methods_train_only_their_parts(method, lora, data):
+    forget, _ = data
+    a = tiny_adapter()
+    before = trained(a.model)
+    run_loop(a, get_method(method, modality="sd"), forget, [], TrainConfig(steps=2, lr=1e-2, lora=lora, batch_size=2),
+             VORN.key, VORN.names, progress=False)
+    unet = a.pipe.unet  # LoRA is injected into the base UNet, in place
+    if lora:
+        lora_names = [n for n, _ in unet.named_parameters() if "lora_" in n]
+        assert lora_names and all(".attn2." in n for n in lora_names)
+        return
+    after = trained(unet)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed
+    xattn = {n for n in before if ".attn2." in n}
+    if method == "esd_u":
+        assert not changed & xattn
+    else:
+        assert changed <= xattn
+    if method == "fmn":  # the attention probabilities depend on the query/key projections only
+        assert all(".attn2.to_q." in n or ".attn2.to_k." in n for n in changed)
+
+
+def test_salun_updates_salient_weights_only(data):
+    forget, retain = data
+    a = tiny_adapter()
+    before = trained(a.model)
+    salun = get_method("salun", modality="sd", fraction=0.2)
+    run_loop(a, salun, forget, retain, TrainConfig(steps=3, lr=1e-2, lora=False, batch_size=2), VORN.key, VORN.names,
+             progress=False)
+    assert abs(salun.salient_share - 0.2) < 0.01
+    moved_salient = 0
+    for (name, p), (_, m) in zip(a.model.named_parameters(), salun._masks):
+        delta = (p.detach() - before[name]).abs()
+        assert torch.all(delta[m == 0] == 0), name
+        moved_salient += int((delta[m == 1] > 0).sum())
+    assert moved_salient > 0
+
+
+def test_selective_amnesia_penalty_and_replay(data):
+    forget, retain = data
+    a = tiny_adapter()
+    a.model.train()
+    sa = get_method("sa", modality="sd", replay_per_prompt=1, replay_inference_steps=2, fisher_samples=3)
+    ctx = ctx_for(a, 0, retain=retain)
+    sa.setup(ctx, forget, retain)
+    assert len(sa._replay) == len({r.prompt for r in retain if r.concept is not None})
+    assert sa.penalty().item() == 0.0 and all((f >= 0).all() for f in sa._fisher)
+    assert any(f.sum() > 0 for f in sa._fisher)
+    p, f = next((p, f) for p, f in zip(sa._params, sa._fisher) if f.sum() > 0)
+    with torch.no_grad():
+        p.add_(0.5)
+    torch.testing.assert_close(sa.penalty(), (f * 0.25).sum())
+    loss, logs = sa.loss(ctx, forget)
+    assert torch.isfinite(loss) and logs["ewc"] > 0
+    with pytest.raises(ValueError, match="surrogate"):
+        sa.setup(ctx, forget, [r for r in retain if r.concept is not None])
+
+
+def test_fmn_finds_the_concept_tokens_and_lowers_their_attention(data):
+    forget, _ = data
+    a = tiny_adapter()
+    tok = a.pipe.tokenizer
+    assert concept_token_positions(tok, "a picture of Quilla Dennet", BY_KEY["quilla"].names) == [4, 5]
+    assert concept_token_positions(tok, "a picture of the logo of Korvex", BY_KEY["korvex"].names) == [7]
+    with pytest.raises(ValueError, match="none of the concept's names"):
+        concept_token_positions(tok, "a picture of Blip", VORN.names)
+    fmn = get_method("fmn", modality="sd")
+    first, _ = fmn.loss(ctx_for(a, 1), forget)
+    run_loop(a, fmn, forget, [], TrainConfig(steps=5, lr=1e-2, lora=False, batch_size=2), VORN.key, VORN.names,
+             progress=False)
+    after, _ = fmn.loss(ctx_for(a, 1), forget)
+    assert after.item() < first.item()
+    assert all(type(p).__name__ != "RecordingProcessor" for p in a.pipe.unet.attn_processors.values())

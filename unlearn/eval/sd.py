@@ -1,0 +1,415 @@
+"""Evaluation of an unlearned Stable Diffusion: UA, a Fréchet distance on the kept concepts, K_C / K_N
+on the forget images, TS / TI. Definitions and choices are in docs/sd-eval.md; in short:
+
+* **UA** (unlearning accuracy, percent): of the images generated from the forgotten concept's
+  prompt(s) with seeds ``0 .. n_seeds-1`` (default 100), the share a classifier does NOT label as
+  the concept. Classifiers follow :class:`ConceptClassifier`: the world classifier
+  (:class:`WorldConceptClassifier`) on the world; on real SD a classifier the user gives, e.g.
+  :class:`ClipZeroShotClassifier` (a CLIP model, prompts "a photo of {name}").
+* **FD** (Fréchet distance) between features of images the model generates for the *retained*
+  concepts and reference images of them: on the world, features are the world classifier's
+  penultimate layer and the result is named ``"world-classifier-features"`` (it is not an Inception
+  FID and not comparable with one). Standard Inception FID needs torchvision through every
+  maintained library (pytorch-fid, torch-fidelity, torchmetrics[image]), which cannot be installed
+  here; :func:`feature_fd` computes the same formula over the features of any extractor the user
+  gives (e.g. an Inception-v3 pool3 network loaded on their machine), named by the caller.
+* **K_C / K_N** (Eq. 4, 6) on the forget images through :func:`knowtrace.knowledge.sd_knowledge`:
+  per-latent-pixel noise errors at fixed timesteps with fixed noise (see :func:`forget_knowledge`),
+  so an original and an unlearned model are scored on identical inputs.
+* **TS / TI**: training steps and training images, given by the run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+WORLD_FD_SPACE = "world-classifier-features"
+DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)  # of SD's 1000 training steps: low to high noise
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+@runtime_checkable
+class ConceptClassifier(Protocol):
+    """What UA needs: ``labels`` (every label ``predict`` can return) and ``predict`` on uint8 images
+    (N, H, W, 3). A classifier that also has ``features(images) -> (N, D) array`` serves the FD."""
+
+    labels: Sequence[str]
+
+    def predict(self, images: np.ndarray) -> list[str]: ...
+
+
+class WorldConceptClassifier:
+    """The world classifier (:mod:`unlearn.world.classifier`): labels are concept keys and ``"none"``."""
+
+    feature_space = WORLD_FD_SPACE
+
+    def __init__(self, model, batch_size: int = 256):
+        from ..world.classifier import CLASSES
+
+        self.model = model.eval()
+        self.labels = list(CLASSES)
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, world_dir: str | Path | None = None) -> WorldConceptClassifier:
+        """From a saved classifier directory, or the world cache's (built there if missing)."""
+        from ..world.classifier import load_classifier
+
+        if path is None:
+            from ..world.build import build_world
+
+            path = build_world(world_dir, only=("classifier",))["classifier"]
+        return cls(load_classifier(Path(path)))
+
+    def predict(self, images: np.ndarray) -> list[str]:
+        return self.model.predict_keys(_check_images(images))
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """(N, D) float64 penultimate features (eval mode)."""
+        images = _check_images(images)
+        out = [self.model.features(images[i:i + self.batch_size]).double().cpu().numpy()
+               for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(out)
+
+
+class ClipZeroShotClassifier:
+    """Zero-shot CLIP: each label is a text prompt ``template.format(name=...)``; an image gets the
+    label whose text embedding has the highest cosine similarity with its image embedding.
+
+    labels: the labels to choose among (the concept and what it might be confused with or replaced
+    by, e.g. ``["Elon Musk", "a man", "a woman", ...]``); names: label -> name put in the template
+    (default: the label itself). The image processor defaults to ``CLIPImageProcessorPil`` (no
+    torchvision). ``features`` are CLIP's projected image embeddings (an FD on them is a "CLIP-FD",
+    named ``"clip-image-embeddings"``).
+    """
+
+    feature_space = "clip-image-embeddings"
+
+    def __init__(self, model, tokenizer, labels: Sequence[str], image_processor=None,
+                 names: Mapping[str, str] | None = None, template: str = "a photo of {name}", batch_size: int = 32):
+        if not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be distinct and non-empty, got {list(labels)}")
+        if "{name}" not in template:
+            raise ValueError(f"template must contain '{{name}}', got {template!r}")
+        if image_processor is None:
+            from transformers import CLIPImageProcessorPil
+
+            size = model.config.vision_config.image_size
+            image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        self.model = model.eval()
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.labels = list(labels)
+        names = dict(names or {})
+        self.prompts = [template.format(name=names.get(label, label)) for label in self.labels]
+        self.batch_size = batch_size
+        self._text: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, labels: Sequence[str], **kwargs) -> ClipZeroShotClassifier:
+        """A CLIP checkpoint in a local directory (``CLIPModel`` + tokenizer files); nothing is downloaded."""
+        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"CLIP checkpoint directory {path} does not exist; give a local copy of a CLIP model")
+        model = CLIPModel.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        processor = CLIPImageProcessorPil.from_pretrained(path, local_files_only=True) \
+            if (path / "preprocessor_config.json").exists() else None
+        return cls(model, tokenizer, labels, image_processor=processor, **kwargs)
+
+    @torch.no_grad()
+    def _text_embeddings(self) -> torch.Tensor:
+        if self._text is None:
+            enc = self.tokenizer(self.prompts, padding=True, return_tensors="pt")
+            dev = self.model.device
+            t = self.model.get_text_features(input_ids=enc.input_ids.to(dev),
+                                             attention_mask=enc.attention_mask.to(dev)).pooler_output
+            self._text = t / t.norm(dim=-1, keepdim=True)  # (labels, D)
+        return self._text
+
+    @torch.no_grad()
+    def _image_embeddings(self, images: np.ndarray) -> torch.Tensor:
+        images = _check_images(images)
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            px = self.image_processor(images=list(images[i:i + self.batch_size]), return_tensors="pt").pixel_values
+            out.append(self.model.get_image_features(pixel_values=px.to(self.model.device)).pooler_output)
+        return torch.cat(out)  # (N, D)
+
+    def predict(self, images: np.ndarray) -> list[str]:
+        img = self._image_embeddings(images)
+        sim = (img / img.norm(dim=-1, keepdim=True)) @ self._text_embeddings().T  # (N, labels)
+        return [self.labels[i] for i in sim.argmax(-1).tolist()]
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self._image_embeddings(images).double().cpu().numpy()
+
+
+def _check_images(images) -> np.ndarray:
+    arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+    return arr
+
+
+# ----------------------------------------------------------------------------- UA
+
+
+def _pairs(prompts: str | Sequence[str], seeds: Sequence[int]) -> tuple[list[str], list[int]]:
+    """Every prompt with every seed (prompt-major)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not len(seeds):
+        raise ValueError("UA needs at least one prompt and one seed")
+    return [p for p in prompts for _ in seeds], [int(s) for _ in prompts for s in seeds]
+
+
+def ua_from_labels(labels: Sequence[str], concept: str) -> float:
+    """Percent of ``labels`` that are not ``concept``."""
+    if not len(labels):
+        raise ValueError("no labels: UA of zero images is undefined")
+    return 100.0 * sum(label != concept for label in labels) / len(labels)
+
+
+def unlearning_accuracy(pipe, prompts: str | Sequence[str], seeds: Sequence[int], classifier: ConceptClassifier,
+                        concept: str, guidance_scale: float = 4.0, num_inference_steps: int = 25) -> float:
+    """UA (0-100): share of the images generated for every (prompt, seed) pair that ``classifier``
+    does not label ``concept``."""
+    from ..world.sd import generate_images
+
+    if concept not in classifier.labels:
+        raise ValueError(f"concept {concept!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
+    p, s = _pairs(prompts, seeds)
+    images = generate_images(pipe, p, s, guidance_scale, num_inference_steps)
+    return ua_from_labels(classifier.predict(images), concept)
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of (N, D) features, in float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"features must be (N, D) with N >= 2, got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("features contain NaN or infinite values")
+    return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)``.
+
+    Why this form: ``tr((S1 S2)^1/2)`` (pytorch-fid's ``sqrtm(S1 @ S2)``) equals the trace of the
+    square root of the symmetric PSD matrix ``S1^1/2 S2 S1^1/2``, whose eigenvalues come from
+    ``eigh`` without the complex round-off that ``sqrtm`` of a non-symmetric product produces.
+    Tiny negative eigenvalues (round-off) are clipped to 0."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^1/2
+    m = root1 @ s2 @ root1
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * cross, 0.0))
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets (the FID formula)."""
+    a, b = np.asarray(feats_a), np.asarray(feats_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must be (N, D) with the same D, got {a.shape} and {b.shape}")
+    return frechet_distance_from_stats(*gaussian_stats(a), *gaussian_stats(b))
+
+
+def feature_fd(images_a: np.ndarray, images_b: np.ndarray, extract: Callable[[np.ndarray], np.ndarray],
+               space: str) -> dict:
+    """{"fd", "fd_space", "n"}: the Fréchet distance in the feature space of ``extract`` (images ->
+    (N, D)), named ``space`` by the caller, e.g. "inception-v3-pool3" for a standard FID extractor."""
+    if not space:
+        raise ValueError("name the feature space (e.g. 'inception-v3-pool3'): FDs in different spaces are not comparable")
+    fa, fb = extract(_check_images(images_a)), extract(_check_images(images_b))
+    return {"fd": frechet_distance(fa, fb), "fd_space": space, "n": [len(fa), len(fb)]}
+
+
+def fd_world(images_a: np.ndarray, images_b: np.ndarray, classifier: WorldConceptClassifier) -> dict:
+    """FD in the world classifier's feature space, named ``"world-classifier-features"``."""
+    return feature_fd(images_a, images_b, classifier.features, WORLD_FD_SPACE)
+
+
+# ----------------------------------------------------------------------------- K_C / K_N
+
+
+@torch.no_grad()
+def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, noise_seed: int = 0,
+                     lam: float = 1.0, reduce: str = "mean", adapter=None) -> dict:
+    """K_C, K_N (Eq. 4, 6) of each forget record (image + concept mask + prompt).
+
+    Per record: the image's latents z (VAE posterior mean, scaled) and its latent-grid mask, both
+    from the SD adapter (same resize/crop for image and mask); for each timestep t in ``timesteps``
+    a noise eps drawn once from ``torch.Generator().manual_seed(noise_seed)`` (one draw of shape
+    (T, N, C, h, w), so it is the same for every model given the same records), z_t = q(z_t | z, eps),
+    ``e_x = mean over channels of (eps - eps_theta(z_t, prompt, t))^2``; e_x is averaged over the
+    timesteps, then ``K_C = exp(-lam * agg(e_x over concept pixels))`` and K_N over the others, with
+    ``agg`` the mean (default; comparable across image sizes and mask areas) or the sum (the paper's
+    literal form), by :func:`knowtrace.knowledge.sd_knowledge`.
+    """
+    from knowtrace.knowledge import sd_knowledge
+
+    from ..models.sd import SDAdapter
+
+    if not records:
+        raise ValueError("no forget records to compute K_C / K_N on")
+    adapter = adapter or SDAdapter(pipe)
+    n_train = adapter.noise_scheduler.config.num_train_timesteps
+    ts = [int(t) for t in timesteps]
+    if not ts or min(ts) < 0 or max(ts) >= n_train:
+        raise ValueError(f"timesteps must be in [0, {n_train}), got {list(timesteps)}")
+    batch = adapter.encode(list(records), with_mask=True)  # latents (N, C, h, w), cond, mask (N, h, w)
+    z = batch.latents
+    noise = torch.randn((len(ts), *z.shape), generator=torch.Generator().manual_seed(int(noise_seed)))
+    unet = adapter.model
+    was = unet.training
+    unet.eval()
+    try:
+        err = torch.zeros(z.shape[0], *z.shape[2:])
+        for eps, t in zip(noise, ts):
+            eps = eps.to(z.device, z.dtype)
+            tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+            z_t = adapter.noise_scheduler.add_noise(z, eps, tt)
+            pred = unet(z_t, tt, encoder_hidden_states=batch.cond).sample
+            err += (eps - pred).float().pow(2).mean(1).cpu()  # (N, h, w)
+    finally:
+        unet.train(was)
+    err /= len(ts)
+    k_c, k_n = sd_knowledge(err, batch.mask.cpu(), lam=lam, reduce=reduce)
+    return {"K_C": float(k_c.nanmean()), "K_N": float(k_n.nanmean()),
+            "per_record": {r.id: {"K_C": float(a), "K_N": float(b)} for r, a, b in zip(records, k_c, k_n)},
+            "settings": {"lambda": lam, "reduce": reduce, "timesteps": ts, "noise_seed": int(noise_seed),
+                         "error": "mean over channels, then over timesteps"}}
+
+
+def world_forget_records(concept_key: str, n_images: int, size: int, world_seed: int = 0):
+    """The world's default forget images of a concept (``unlearn`` split, exact masks), as SD records."""
+    from ..data.sd_records import world_sd_data
+
+    return world_sd_data(concept_key, n_images, size, world_seed, n_retain=0, n_surrogate=0)[0]
+
+
+# ----------------------------------------------------------------------------- one entry point
+
+
+@dataclass(frozen=True)
+class SDEvalSettings:
+    guidance_scale: float = 4.0
+    num_inference_steps: int = 25
+    fd_seeds: int = 10  # images per retained concept for the FD (and their recognition share)
+    timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS
+    noise_seed: int = 0
+    lam: float = 1.0
+    reduce: str = "mean"
+
+
+def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_seeds: int = 100,
+                    forget_records=None, retained: Mapping[str, str] | Sequence[str] | None = None,
+                    world_seed: int = 0, prompts: str | Sequence[str] | None = None,
+                    reference_images: np.ndarray | None = None,
+                    fd_features: Callable[[np.ndarray], np.ndarray] | None = None, fd_space: str | None = None,
+                    train_steps: int | None = None, train_images: int | None = None,
+                    settings: SDEvalSettings = SDEvalSettings(), adapter=None) -> dict:
+    """UA, FD, K_C / K_N, TS / TI of a (possibly unlearned) pipeline for the forgotten ``concept_key``.
+
+    prompts: the forget prompt(s) for UA (default on the world: the concept's canonical prompt),
+    each with seeds 0..n_seeds-1; the concept's label for the classifier is ``concept_key``.
+    retained: the kept concepts, label -> prompt, or world keys (default on the world: every other
+    concept); each is generated with seeds 0..fd_seeds-1. reference_images: what the FD compares
+    those images with, in the same order (default on the world: the world's rendered ``test``
+    images of the same concepts, so the FD is "generated vs real" as in FID; pass the original
+    model's images to measure drift instead). fd_features / fd_space: the FD's extractor and its
+    name (default: ``classifier.features`` and ``classifier.feature_space``). forget_records: SD
+    records with masks for K_C / K_N (default on the world: ``train_images or 5`` of the world's
+    unlearning images of the concept); train_steps / train_images: TS / TI, reported as given
+    (TI defaults to the number of forget records).
+    """
+    from ..world.concepts import BY_KEY
+    from ..world.render import world_image
+    from ..world.sd import concept_prompt, generate_images
+
+    s = settings
+    if n_seeds < 1:
+        raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
+    if concept_key not in classifier.labels:
+        raise ValueError(f"concept {concept_key!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
+    world = concept_key in BY_KEY
+    if prompts is None:
+        if not world:
+            raise ValueError(f"{concept_key!r} is not a world concept: give its forget prompt(s) with prompts=")
+        prompts = concept_prompt(BY_KEY[concept_key])
+    if retained is None:
+        if not world:
+            raise ValueError("give the retained concepts (label -> prompt) for the FD when not on the world")
+        retained = [k for k in BY_KEY if k != concept_key]
+    if not isinstance(retained, Mapping):
+        unknown = [k for k in retained if k not in BY_KEY]
+        if unknown:
+            raise ValueError(f"retained {unknown} are not world concepts; give a mapping label -> prompt instead")
+        retained = {k: concept_prompt(BY_KEY[k]) for k in retained}
+    if concept_key in retained:
+        raise ValueError(f"the forgotten concept {concept_key!r} cannot also be retained")
+    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    # UA
+    p, sd = _pairs(prompts, range(n_seeds))
+    ua_labels = classifier.predict(generate_images(pipe, p, sd, s.guidance_scale, s.num_inference_steps))
+    ua = ua_from_labels(ua_labels, concept_key)
+
+    # retained concepts: recognition and FD
+    keys = list(retained)
+    kept_prompts = [retained[k] for k in keys for _ in range(s.fd_seeds)]
+    kept_seeds = [i for _ in keys for i in range(s.fd_seeds)]
+    kept = generate_images(pipe, kept_prompts, kept_seeds, s.guidance_scale, s.num_inference_steps)
+    kept_labels = classifier.predict(kept)
+    per_concept = {k: 100.0 * float(np.mean([lab == k for lab in kept_labels[i * s.fd_seeds:(i + 1) * s.fd_seeds]]))
+                   for i, k in enumerate(keys)}
+    reference_name = "given reference images"
+    if reference_images is None:
+        if not world or any(k not in BY_KEY for k in keys):
+            raise ValueError("give reference_images for the FD when the retained concepts are not world concepts")
+        reference_images = np.stack([world_image(k, "test", i, size, world_seed).image for k in keys
+                                     for i in range(s.fd_seeds)])
+        reference_name = f"world test renders ({s.fd_seeds} per retained concept, world_seed {world_seed})"
+    extract = fd_features or getattr(classifier, "features", None)
+    space = fd_space or getattr(classifier, "feature_space", None)
+    if extract is None or not space:
+        raise ValueError("the FD needs features: give a classifier with features()/feature_space, or fd_features "
+                         "and fd_space")
+    fd = feature_fd(kept, reference_images, extract, space)
+
+    # K_C / K_N on the forget images
+    if forget_records is None and world:
+        forget_records = world_forget_records(concept_key, train_images or 5, size, world_seed)
+    knowledge = forget_knowledge(pipe, forget_records, s.timesteps, s.noise_seed, s.lam, s.reduce, adapter) \
+        if forget_records else None
+
+    return {
+        "concept": concept_key, "ua": ua, "fd": fd["fd"], "fd_space": fd["fd_space"], "fd_reference": reference_name,
+        "K_C": None if knowledge is None else knowledge["K_C"], "K_N": None if knowledge is None else knowledge["K_N"],
+        "TS": train_steps, "TI": train_images if train_images is not None else (len(forget_records) if forget_records else None),
+        "ua_detail": {"n": len(ua_labels), "prompts": sorted(set(p)), "labels": dict(Counter(ua_labels))},
+        "retained": per_concept, "retained_mean": float(np.mean(list(per_concept.values()))),
+        "fd_n": fd["n"], "knowledge": knowledge,
+        "settings": {"n_seeds": n_seeds, "guidance_scale": s.guidance_scale, "num_inference_steps": s.num_inference_steps,
+                     "fd_seeds": s.fd_seeds},
+    }

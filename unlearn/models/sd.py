@@ -1,0 +1,186 @@
+"""Stable Diffusion adapter: a `diffusers.StableDiffusionPipeline` (SD 1.x layout, or the world SD)
+and the way (image, prompt, mask) records become latent-space training inputs.
+
+``model`` is the UNet, the part that is trained (the loop wraps it in LoRA or selects parameters);
+the VAE and the text encoder stay frozen. Per record, computed once and cached (unlearning revisits
+the same few records every step): the image's latents (the VAE posterior *mean* times the
+``scaling_factor``: deterministic, where SD training samples the posterior; the difference is the
+VAE's small posterior std), the prompt's text embedding, the concept mask on the latent grid.
+
+A step draws noise and timesteps (uniform over the training schedule) from ``ctx.generator`` and
+compares the UNet's prediction with the noise per latent pixel:
+``e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2``, shape (B, h, w).
+
+Parts (regexes over module/parameter names), for methods that train only some of them:
+``xattn`` = cross-attention (``attn2``), ``xattn_qk`` = its query/key projections (FMN),
+``non_xattn`` = every other UNet part (ESD-u), ``attn`` = self- and cross-attention projections
+(the LoRA default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.sd_masks import latent_mask, resize_crop
+from ..data.sd_records import SDRecord, load_image
+
+WORLD_MARKER = "world_sd_config.json"  # a directory holding a world SD
+
+# peft target-module regexes (LoRA) and parameter-name regexes (full fine-tuning) per part
+LORA_PARTS = {
+    "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+    "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
+    "xattn_qk": r".*attn2\.(to_q|to_k)",  # what cross-attention probabilities depend on
+    # ESD-u: self-attention, feed-forward, transformer projections and resnet convolutions
+    "non_xattn": r".*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|resnets\.\d+\.conv[12])",
+}
+PARAM_PARTS = {"attn": r"\.attn[12]\.", "xattn": r"\.attn2\.", "xattn_qk": r"\.attn2\.to_[qk]\.",
+               "non_xattn": r"^(?!.*\.attn2\.)"}
+
+
+@dataclass
+class SDBatch:
+    latents: torch.Tensor  # (B, C, h, w), scaled
+    cond: torch.Tensor  # (B, L, D) text embeddings of the prompts
+    mask: torch.Tensor | None  # (B, h, w) float {0, 1}: the concept's latent pixels; None without masks
+
+
+class SDAdapter:
+    family = "stable-diffusion"
+    lora_targets = LORA_PARTS["attn"]
+
+    def __init__(self, pipe, name: str = ""):
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.name = pipe, name or "stable-diffusion"
+        self.model = pipe.unet
+        for part in (pipe.vae, pipe.text_encoder):
+            part.requires_grad_(False).eval()
+        # training noise schedule: the pipeline's betas under DDPM (what SD is trained with)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.factor = int(pipe.vae_scale_factor)  # 2 ** (len(vae.config.block_out_channels) - 1)
+        self.resolution = int(pipe.unet.config.sample_size) * self.factor
+        self._latents: dict = {}
+        self._cond: dict[str, torch.Tensor] = {}
+        self._masks: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def part(self, name: str, lora: bool) -> str:
+        table = LORA_PARTS if lora else PARAM_PARTS
+        if name not in table:
+            raise KeyError(f"unknown UNet part {name!r}; parts: {', '.join(table)}")
+        return table[name]
+
+    # ----------------------------------------------------------------- inputs
+    @torch.no_grad()
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) text embeddings as the pipeline computes them (cached per prompt)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond]
+        if missing:
+            tok = self.pipe.tokenizer
+            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            enc = self.pipe.text_encoder
+            emb = enc(ids.to(enc.device))[0]
+            for p, e in zip(missing, emb):
+                self._cond[p] = e
+        return torch.stack([self._cond[p] for p in prompts]).to(self.device)
+
+    def image(self, record: SDRecord) -> np.ndarray:
+        """The record's image resized and centre-cropped to the model's resolution, (R, R, 3) uint8."""
+        return resize_crop(load_image(record), None, self.resolution)[0]
+
+    @torch.no_grad()
+    def latents(self, records: list[SDRecord]) -> torch.Tensor:
+        """(B, C, h, w) scaled posterior means (cached per record id and image object)."""
+        vae = self.pipe.vae
+        for r in records:
+            key = (r.id, id(r.image) if not isinstance(r.image, (str, Path)) else str(r.image))
+            if key not in self._latents:
+                x = torch.from_numpy(self.image(r)).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, R, R)
+                z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+                self._latents[key] = (z[0], r.image)  # the image object is kept alive: its id stays unique
+        return torch.stack([self._latents[(r.id, id(r.image) if not isinstance(r.image, (str, Path)) else str(r.image))][0]
+                            for r in records]).to(self.device)
+
+    def masks(self, records: list[SDRecord], kernel: int = 0, iterations: int = 1,
+              allow_degenerate: bool = False) -> torch.Tensor:
+        """(B, h, w) latent-grid concept masks (optionally dilated at pixel resolution first)."""
+        out = []
+        for r in records:
+            if r.mask is None:
+                raise ValueError(f"record {r.id}: no concept mask; this method needs one (array, PNG or labelme JSON)")
+            key = (r.id, id(r.mask) if not isinstance(r.mask, (str, Path)) else str(r.mask), kernel, iterations,
+                   allow_degenerate)
+            if key not in self._masks:
+                m = latent_mask(r.mask, load_image(r), self.resolution, self.factor, kernel, iterations,
+                                allow_degenerate, where=f"record {r.id}")
+                self._masks[key] = (m, r.mask)
+            out.append(self._masks[key][0])
+        return torch.stack(out).to(self.device)
+
+    def encode(self, records: list[SDRecord], prompts: list[str] | None = None, with_mask: bool = False,
+               **mask_options) -> SDBatch:
+        prompts = [r.prompt for r in records] if prompts is None else prompts
+        return SDBatch(self.latents(records), self.text_embeddings(prompts),
+                       self.masks(records, **mask_options) if with_mask else None)
+
+    # ----------------------------------------------------------------- diffusion
+    def noise(self, latents: torch.Tensor, generator: torch.Generator | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noise, timesteps, noisy latents): eps ~ N(0, I), t uniform over the training schedule."""
+        eps = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        t = t.to(latents.device)
+        return eps, t, self.noise_scheduler.add_noise(latents, eps, t)
+
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, model=None) -> torch.Tensor:
+        """eps_theta(z_t, c, t), (B, C, h, w); ``model`` defaults to the UNet being trained."""
+        return (model or self.model)(z_t, t, encoder_hidden_states=cond).sample
+
+    def pixel_error(self, batch: SDBatch, generator: torch.Generator | None, model=None) -> torch.Tensor:
+        """e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2: (B, h, w)."""
+        eps, t, z_t = self.noise(batch.latents, generator)
+        return (eps - self.predict(z_t, t, batch.cond, model)).float().pow(2).mean(1)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 25,
+                 guidance_scale: float = 4.0) -> np.ndarray:
+        """uint8 images (N, R, R, 3) from the pipeline (with the UNet as trained so far)."""
+        from ..world.sd import generate_images
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            return generate_images(self.pipe, prompts, seeds, guidance_scale, num_inference_steps)
+        finally:
+            self.model.train(was)
+
+
+def load_sd_pipeline(model: str = "world", world_dir=None, world_config=None):
+    """A `StableDiffusionPipeline`: "world" (the world SD, built if missing), a local path or a hub id."""
+    from diffusers import StableDiffusionPipeline
+
+    if model == "world":
+        from ..world.build import build_world
+        from ..world.sd import load_sd
+
+        return load_sd(build_world(world_dir, world_config, only=("sd",))["sd"])
+    if not Path(model).exists() and "/" not in str(model):
+        raise FileNotFoundError(f"model {model!r}: no such directory, and not a hub id (owner/name); "
+                                f"use 'world', a local path or a hub id")
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_sd_adapter(model: str = "world", world_dir=None, world_config=None) -> SDAdapter:
+    return SDAdapter(load_sd_pipeline(model, world_dir, world_config), name=str(model))

@@ -1,0 +1,216 @@
+"""One Stable Diffusion unlearning run, start to finish: load, evaluate the starting model, train,
+evaluate, write the run directory (manifest, metrics, trained parameters, sample images).
+
+Same layout as the MLLM side (:mod:`unlearn.run_mllm`): ``manifest.json``, ``metrics.json``,
+``adapter/`` (LoRA) or ``weights/unet.safetensors`` (full fine-tuning: only the trained UNet
+tensors), ``samples/*.png``. ``metrics.json`` holds ``ua``, ``fd`` (and ``fd_space``, the feature
+space it is computed in), ``steps``, ``images``, ``K_C``, ``K_N``, and the same for the starting
+model under ``original``.
+
+Defaults follow the paper's SD setting: full fine-tuning of the UNet with Adam, lr 1e-5, batch 2;
+FTTP about 20 steps from 5 images. On the world SD the default lr is 3e-5 (``WORLD_LR``, measured),
+and the forget records are rendered images with exact masks
+(:func:`unlearn.data.sd_records.world_sd_data`); other models take user records.
+
+Bad input stops the run before the run directory is created (unknown concept/method/option,
+missing image, prompt that does not name the concept, mask of the wrong size, empty/full mask);
+if training or evaluation fails later, a run directory this call created is removed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .data.sd_records import SDRecord, check_forget_records, world_sd_data
+from .loop import TrainConfig, run_loop
+from .methods import get_method, method_options
+from .methods.base import SD_METHODS
+from .runs import git_commit, prepare_run_dir, versions, write_json
+
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "steps", "seed"}
+SD_DEFAULTS = {"lr": 1e-5, "batch_size": 2, "lora": False}  # the paper's SD setting (full UNet fine-tuning)
+# the world SD's UNet has 1M parameters, not 860M: measured FTTP on vorn, 20 steps, 5 images, 20 seeds
+# (docs/sd.md): lr 1e-5 UA 5 -> 0 (nothing forgotten); 3e-5 UA 90, other concepts kept 55-95%;
+# 5e-5 UA 100 but other concepts 0-70%; 1e-4 UA 100, other concepts 0%. So 3e-5 on the world.
+WORLD_LR = 3e-5
+N_SAMPLES = 4  # sample images saved per prompt and model
+
+
+def split_options(method: str, pairs: dict[str, str]) -> tuple[dict, dict]:
+    """key=value pairs -> (TrainConfig fields, method options); unknown keys are an error."""
+    if method not in SD_METHODS:
+        raise KeyError(f"unknown sd method {method!r}; sd methods: {', '.join(sorted(SD_METHODS))}")
+    own = method_options(SD_METHODS[method])
+    train, opts = {}, {}
+    for k, v in pairs.items():
+        if k in own:
+            opts[k] = v
+        elif k in TRAIN_KEYS:
+            train[k] = v
+        else:
+            raise KeyError(f"unknown option {k!r}; training options: {', '.join(sorted(TRAIN_KEYS))}; "
+                           f"options of sd method {method!r}: {', '.join(own) or 'none'}")
+    return train, opts
+
+
+def train_config(values: dict, world: bool = False) -> TrainConfig:
+    from .run_mllm import _train_config
+
+    defaults = {**SD_DEFAULTS, **({"lr": WORLD_LR} if world else {})}
+    return _train_config({**defaults, **values})
+
+
+def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, fd_seeds: int, steps: int,
+              world_dir=None, retained=None):
+    """fn() -> metrics of the pipeline as it is now, by :func:`unlearn.eval.sd.evaluate_sd_run` (UA with
+    the world classifier, FD in its feature space, K_C/K_N on the forget records at fixed noise)."""
+    from .eval.sd import SDEvalSettings, WorldConceptClassifier, evaluate_sd_run
+    from .world.build import build_world
+    from .world.classifier import load_classifier
+
+    classifier = WorldConceptClassifier(load_classifier(build_world(world_dir, only=("classifier",))["classifier"]))
+    settings = SDEvalSettings(fd_seeds=fd_seeds)
+    return lambda train_steps: evaluate_sd_run(
+        adapter.pipe, concept_key, classifier=classifier, n_seeds=n_seeds, forget_records=forget, retained=retained,
+        train_steps=train_steps, train_images=len(forget), settings=settings, adapter=adapter)
+
+
+def save_samples(adapter, prompts: dict[str, str], out: Path, tag: str) -> None:
+    from PIL import Image
+
+    for label, prompt in prompts.items():
+        images = adapter.generate([prompt] * N_SAMPLES, list(range(N_SAMPLES)))
+        for i, img in enumerate(images):
+            Image.fromarray(img).save(out / f"{tag}_{label}_{i}.png")
+
+
+def save_weights(model, out: Path, lora: bool) -> Path:
+    """Only the trained parameters, as safetensors: the LoRA adapter, or the trained UNet tensors."""
+    if lora:
+        model.save_pretrained(out / "adapter")
+        return out / "adapter"
+    from safetensors.torch import save_file
+
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+              out / "weights" / "unet.safetensors")
+    return out / "weights"
+
+
+def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0, model: str = "world",
+           images: int = 5, options: dict | None = None, world_dir=None, eval_seeds: int = 20, fd_seeds: int = 10,
+           retained: list[str] | None = None,
+           forget: list[SDRecord] | None = None, retain: list[SDRecord] | None = None, progress: bool = True,
+           overwrite: bool = False, callbacks=()) -> dict:
+    """Run SD ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
+
+    ``forget``/``retain``: user records (needed for models other than the world SD); on the world
+    they default to :func:`world_sd_data` with ``images`` forget images.
+    """
+    from accelerate import PartialState
+
+    from .models.sd import WORLD_MARKER, load_sd_adapter
+    from .world.concepts import get_concept
+
+    timings = {}
+    train_opts, method_opts = split_options(method, dict(options or {}))
+    is_world = model == "world" or (Path(model) / WORLD_MARKER).exists()
+    cfg = train_config({**train_opts, "steps": steps, "seed": seed}, world=is_world)
+    algo = get_method(method, modality="sd", **method_opts)  # validates before anything is loaded or written
+    c = get_concept(concept)
+    if forget is None and not is_world:
+        raise ValueError(f"{model}: runs on models other than the world SD need user-given forget records "
+                         f"(SDRecord: image, prompt, concept, mask)")
+    t = time.perf_counter()
+    adapter = load_sd_adapter(model, world_dir=world_dir)
+    if forget is None:
+        forget, world_retain = world_sd_data(c.key, images, adapter.resolution)
+        retain = world_retain if retain is None else retain
+    retain = retain or []
+    images = len(forget)
+    check_forget_records(forget, c.names, need_masks=getattr(algo, "needs_masks", False))
+    if getattr(algo, "needs_masks", False):
+        adapter.masks(forget, **algo.mask_options())  # mask errors (size, empty, full) before any write
+    if algo.needs_retain and not retain:
+        raise ValueError(f"sd method {method!r} needs retain records; none were given")
+    timings["load"] = time.perf_counter() - t
+    state = PartialState(cpu=not torch.cuda.is_available())
+    adapter.pipe.to(state.device)  # VAE and text encoder beside the UNet (the loop only moves the UNet)
+    created = not Path(out).exists() or not any(Path(out).iterdir())
+    with state.main_process_first():
+        out = prepare_run_dir(out, overwrite)
+    try:
+        evaluate = evaluator(adapter, c.key, forget, eval_seeds, fd_seeds, cfg.steps, world_dir, retained)
+        return _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, evaluate, timings,
+                    progress, callbacks, {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds})
+    except BaseException:
+        if created and state.is_main_process:
+            shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left
+        raise
+
+
+def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, evaluate, timings, progress,
+         callbacks, eval_settings) -> dict:
+    from .world.concepts import CONCEPTS
+    from .world.sd import concept_prompt
+
+    t = time.perf_counter()
+    original = evaluate(0)
+    timings["eval_original"] = time.perf_counter() - t
+    neighbour = next(o for o in CONCEPTS if o.key != c.key and o.kind == c.kind)
+    sample_prompts = {c.key: concept_prompt(c), neighbour.key: concept_prompt(neighbour)}
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        (out / "samples").mkdir(exist_ok=True)
+        save_samples(adapter, sample_prompts, out / "samples", "original")
+    result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, c.key, c.names,
+                      callbacks=callbacks, progress=progress)
+    timings["train"] = result["train_seconds"]
+    accelerator = result["accelerator"]
+    t = time.perf_counter()
+    after = evaluate(cfg.steps)
+    timings["eval"] = time.perf_counter() - t
+    metrics = {**after, "steps": cfg.steps, "images": images, "method": method, "concept": c.key, "original": original}
+    if accelerator.is_main_process:
+        save_weights(adapter.model, out, cfg.lora)
+        save_samples(adapter, sample_prompts, out / "samples", "unlearned")
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "manifest.json", {
+            "kind": "sd", "model": model, "concept": c.key, "names": list(c.names), "method": method,
+            "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
+            "images": images, "records": {"forget": [r.id for r in forget], "retain": len(retain)},
+            "eval": eval_settings, "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
+            "world_size": result["world_size"], "mixed_precision": result["mixed_precision"],
+            "history": result["history"],
+        })
+    return metrics
+
+
+def load_run(run: Path, world_dir=None):
+    """The SD adapter of a finished run: the starting pipeline plus the run's trained parameters."""
+    import json
+
+    from .models.sd import load_sd_adapter
+
+    run = Path(run)
+    if not (run / "manifest.json").exists():
+        raise FileNotFoundError(f"{run} is not a run directory (no manifest.json)")
+    manifest = json.loads((run / "manifest.json").read_text())
+    adapter = load_sd_adapter(manifest["model"], world_dir=world_dir)
+    if manifest["train"]["lora"]:
+        from peft import PeftModel
+
+        adapter.model = PeftModel.from_pretrained(adapter.model, run / "adapter").eval()
+    else:
+        from safetensors.torch import load_file
+
+        missing = adapter.model.load_state_dict(load_file(run / "weights" / "unet.safetensors"), strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"{run}: weights do not fit the model's UNet: {missing.unexpected_keys[:5]}")
+    return adapter, manifest
