@@ -14,32 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mllm_sweep import add_arguments, run_sweep  # noqa: E402
+from mllm_sweep import add_arguments, sweep_of  # noqa: E402
 
 from unlearn.methods import METHODS  # noqa: E402
-
-KEYS = ("em", "specificity", "diversity", "efficacy", "K_C", "K_N")
-
-
-def summarise(rows: list[dict], concepts, methods) -> tuple[dict, str]:
-    table, lines = {}, ["| concept | method | EM | specificity | diversity | efficacy | K_C | K_N |",
-                        "|---|---|---|---|---|---|---|---|"]
-    for concept in concepts:
-        mine = [r for r in rows if r["concept"] == concept]
-        o = mine[0]["original"]
-        lines.append(f"| {concept} | (original) | {o['em']:.1f} | {o['specificity']:.1f} | {o['diversity']:.1f} | "
-                     f"{o['efficacy']:.1f} | {o['K_C']:.3g} | {o['K_N']:.3g} |")
-        for method in methods:
-            runs = [r for r in mine if r["method"] == method]
-            stats = {k: [float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))] for k in KEYS}
-            table[f"{concept}/{method}"] = {**stats, "seeds": [r["seed"] for r in runs], "original": o}
-            lines.append(f"| {concept} | {method} | " + " | ".join(
-                f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}" for k in ("em", "specificity", "diversity", "efficacy"))
-                + f" | {stats['K_C'][0]:.3g} | {stats['K_N'][0]:.3g} |")
-    return table, "\n".join(lines)
+from unlearn.sweep import run_sweep, summarise  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +28,7 @@ def main() -> None:
     ap.set_defaults(seeds=[0, 1, 2])
     args = ap.parse_args()
     args.methods = args.methods or sorted(METHODS)
-    rows = [r for r in run_sweep(args) if r["method"] in args.methods and r["concept"] in args.concepts]
+    rows = [r for r in run_sweep(sweep_of(args)) if r["method"] in args.methods and r["concept"] in args.concepts]
     table, text = summarise(rows, args.concepts, args.methods)
     settings = {"steps": args.steps, "seeds": args.seeds, "set": args.set}
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": table}, indent=1))

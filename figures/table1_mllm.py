@@ -7,13 +7,9 @@ specificity and diversity (and efficacy, K_C, K_N), next to the starting model. 
 
 from __future__ import annotations
 
-import sys
+from common import WORLD_LR, parser, save
 
-from common import ROOT, WORLD_LR, parser, save
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from mllm_results import summarise  # noqa: E402
-from mllm_sweep import run_sweep  # noqa: E402
+from unlearn.sweep import Sweep, run_sweep, summarise
 
 
 def table_figure(table: dict, concepts, methods, title: str):
@@ -33,8 +29,6 @@ def table_figure(table: dict, concepts, methods, title: str):
 
 
 def main() -> None:
-    import argparse
-
     from unlearn.methods import METHODS
 
     ap = parser(__doc__)
@@ -45,8 +39,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+")
     args = ap.parse_args()
     methods = args.methods or sorted(METHODS)
-    sweep = argparse.Namespace(methods=methods, concepts=args.concepts, seeds=args.seeds, steps=args.steps, grid=[],
-                               set=[f"lr={args.lr:g}"], out=args.runs / f"table1-lr{args.lr:g}", world_dir=args.world_dir)
+    sweep = Sweep(args.runs / f"table1-lr{args.lr:g}", methods, args.concepts, args.seeds, args.steps,
+                  fixed={"lr": f"{args.lr:g}"}, world_dir=args.world_dir)
     rows = [r for r in run_sweep(sweep) if r["method"] in methods and r["concept"] in args.concepts]
     table, text = summarise(rows, args.concepts, methods)
     print(text)
