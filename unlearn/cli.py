@@ -7,6 +7,7 @@
     unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--data DIR] [--out DIR] [key=value ...]
     unlearn sd --concept NAME --method METHOD [--steps N] [--images N] [--seed S] [--model world|PATH] [--out DIR] [key=value ...]
     unlearn demo [--out DIR] [--concept NAME]
+    unlearn claims [--runs DIR] [--quick] [--only abcde] [--sd-results FILE] [--json FILE]
 
 Sub-commands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
 """
@@ -217,9 +218,36 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+CLAIMS_HELP = """Run the experiments behind the paper's qualitative claims on the world (saved under --runs and
+reused) and print a verdict per claim with its numbers: supported, contradicted or inconclusive."""
+
+
+def _add_claims(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", type=Path, default=Path("runs/claims"), help="experiments (read, written when missing)")
+    parser.add_argument("--quick", action="store_true", help="fewer seeds, concepts and steps (minutes, not an hour)")
+    parser.add_argument("--only", default="abcde", help="claims to check, e.g. 'ab' (default abcde)")
+    parser.add_argument("--sd-results", type=Path, help="an SD benchmark results.json to read instead of running it")
+    parser.add_argument("--json", type=Path, help="also write the verdicts to this file")
+    parser.add_argument("--world-dir", type=Path, help="world cache directory")
+
+
+def _run_claims(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .claims import run_claims
+
+    verdicts = run_claims(args.runs, args.quick, args.only, world_dir=args.world_dir, sd_results=args.sd_results)
+    for v in verdicts:
+        print(v.text())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(v) for v in verdicts], indent=1, default=float))
+    return 0
+
+
 COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world), "mllm": (MLLM_HELP, _add_mllm, _run_mllm),
             "sd": (SD_HELP, _add_sd, _run_sd), "eval": (EVAL_HELP, _add_eval, _run_eval),
-            "demo": (DEMO_HELP, _add_demo, _run_demo)}
+            "demo": (DEMO_HELP, _add_demo, _run_demo), "claims": (CLAIMS_HELP, _add_claims, _run_claims)}
 
 
 def build_parser() -> argparse.ArgumentParser:
