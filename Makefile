@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH_PIN ?= torch==2.13.0
 STAMP := .make/installed
 
-.PHONY: install demo world test bench clean chromium
+.PHONY: install demo world figures claims test bench clean chromium
 
 # torch first, pinned: a plain "torch" pulls several GB of CUDA wheels on these CPU machines.
 $(STAMP): pyproject.toml
@@ -21,6 +21,16 @@ install: $(STAMP)
 demo: $(STAMP) chromium
 	unlearn demo --out runs/demo
 	$(PYTHON) tools/check_report.py runs/demo/report.html
+
+# Every paper figure and table (figures/*.py): runs what runs/figures lacks on the world, writes
+# figures/out/<name>.{html,png,json}. The full set takes a few hours on 2 cores; each script alone is
+# resumable.
+figures: $(STAMP) chromium
+	@set -e; for script in figures/fig*.py figures/table*.py; do echo "== $$script"; $(PYTHON) $$script --quiet; done
+
+# The paper's qualitative claims, checked on the world: a verdict per claim with its numbers.
+claims: $(STAMP)
+	unlearn claims --json runs/claims/verdicts.json
 
 # The whole concept world (MLLM, classifier, SD) and its quality-gate report.
 world: $(STAMP)
