@@ -38,7 +38,7 @@ def main() -> None:
             "ua": metrics["ua"], "fd": metrics["fd"], "ua_original": metrics["original"]["ua"],
             "fd_original": metrics["original"]["fd"], "fd_space": metrics["fd_space"]}
     fig = side_by_side(figs, f"SD: K_C and K_N of the {args.images} forget images over steps, concept {args.concept} "
-                             f"(world SD, lr {args.lr:g})", rows_per_fig=2)
+                             f"(world SD, lr {args.lr:g})", rows_per_fig=2, width=1000, height=600)
     save({"fig3_sd_knowledge": fig}, args.out, png=not args.no_png, numbers={"fig3_sd_knowledge": numbers})
 
 
