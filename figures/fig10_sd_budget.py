@@ -64,16 +64,17 @@ def main() -> None:
 
     sweeps = {"training images": [point(args.fixed_steps, n, n) for n in args.images],
               "steps": [point(s, args.fixed_images, s) for s in args.steps]}
-    # the starting model's UA / FD (same evaluation settings: taken from any run evaluated with them)
+    # the starting model's UA / FD (same evaluation settings: taken from any run evaluated with them; its
+    # K_C / K_N depend on the run's forget images, so they are not a single reference and are left out)
     original = next((p["original"] for ps in sweeps.values() for p in ps if p["original"]), None)
     for ps in sweeps.values():
         for p in ps:
             p.pop("original")
     numbers = {"concept": args.concept, "method": args.method, "lr": args.lr, "seed": args.seed,
                "eval_seeds": args.eval_seeds, "fd_seeds": args.fd_seeds, "fd_space": "world-classifier-features",
-               "original": None if original is None else {k: original[k] for k in ("ua", "fd", "K_C", "K_N", "retained_mean")},
+               "original": None if original is None else {k: original[k] for k in ("ua", "fd", "retained_mean")},
                "sweeps": sweeps}
-    title = (f"SD {args.method.upper()} budget on the world SD, concept {args.concept}: images at {args.fixed_steps} steps, "
+    title = (f"SD {args.method.upper()} budget on the world SD, concept {args.concept}<br>images at {args.fixed_steps} steps, "
              f"steps at {args.fixed_images} images (UA over {args.eval_seeds} seeds, FD {args.fd_seeds} per concept)")
     save({"fig10_sd_budget": figure(sweeps, numbers["original"], title)}, args.out, png=not args.no_png,
          numbers={"fig10_sd_budget": numbers})

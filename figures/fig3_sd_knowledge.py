@@ -37,7 +37,7 @@ def main() -> None:
             "K_N": ds["K_N"].mean("sample").values.astype(float).tolist(),
             "ua": metrics["ua"], "fd": metrics["fd"], "ua_original": metrics["original"]["ua"],
             "fd_original": metrics["original"]["fd"], "fd_space": metrics["fd_space"]}
-    fig = side_by_side(figs, f"SD: K_C and K_N of the {args.images} forget images over steps, concept {args.concept} "
+    fig = side_by_side(figs, f"SD: K_C and K_N of the {args.images} forget images over steps<br>concept {args.concept} "
                              f"(world SD, lr {args.lr:g})", rows_per_fig=2, width=1000, height=600)
     save({"fig3_sd_knowledge": fig}, args.out, png=not args.no_png, numbers={"fig3_sd_knowledge": numbers})
 
