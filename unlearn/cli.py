@@ -3,9 +3,9 @@
     unlearn world build [--out DIR] [--only mllm classifier sd] [--quiet]
     unlearn world check [--out DIR] [--sd-seeds N] [--json FILE]
     unlearn world export --concept NAME --out DIR [--images N]
-    unlearn eval RUN
+    unlearn eval RUN [--eval-seeds N] [--fd-seeds N]
     unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--data DIR] [--out DIR] [key=value ...]
-    unlearn sd --concept NAME --method METHOD [--steps N] [--images N] [--seed S] [--model world|PATH] [--out DIR] [key=value ...]
+    unlearn sd --concept NAME --method METHOD [--steps N] [--images N] [--seed S] [--model world|PATH] [--out DIR] [--trace] [key=value ...]
     unlearn demo [--out DIR] [--concept NAME]
     unlearn claims [--runs DIR] [--quick] [--only abcde] [--sd-results FILE] [--json FILE]
 
@@ -162,6 +162,8 @@ def _add_sd(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="run directory (default runs/sd-<concept>-<method>-s<seed>)")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
+    parser.add_argument("--trace", action="store_true", help="record per-step eps_err and K_C/K_N of the forget images "
+                        "(fixed-noise probe before training and after every step) in RUN/trace.zarr")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("settings", nargs="*", metavar="key=value")
 
@@ -173,25 +175,50 @@ def _run_sd(args: argparse.Namespace) -> int:
     metrics = run_sd(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
                      images=args.images, options=_settings(args.settings), world_dir=args.world_dir,
                      eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds, retained=args.retained, progress=not args.quiet,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, trace=args.trace)
     keys = [k for k in ("ua", "fd", "fd_space", "K_C", "K_N") if k in metrics]
     print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
                       "images": metrics["images"], "original": {k: metrics["original"].get(k) for k in keys}}, indent=1))
     return 0
 
 
-EVAL_HELP = """Evaluate a finished run again (from its directory) and print its metrics as JSON."""
+EVAL_HELP = """Evaluate a finished run again (from its directory) and print its metrics as JSON.
+MLLM and SD runs alike (the manifest's "kind" says which); SD runs use their own evaluation
+settings unless --eval-seeds / --fd-seeds are given."""
 
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="run directory (holds manifest.json)")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
+    parser.add_argument("--eval-seeds", type=int, help="SD runs: generated images of the concept's prompt for UA")
+    parser.add_argument("--fd-seeds", type=int, help="SD runs: generated images per retained concept for the FD")
+
+
+def _eval_mllm(args: argparse.Namespace) -> dict:
+    from .run_mllm import evaluate_run
+
+    if args.eval_seeds is not None or args.fd_seeds is not None:
+        raise ValueError("--eval-seeds / --fd-seeds are for SD runs; this is an MLLM run")
+    return evaluate_run(args.run, world_dir=args.world_dir)
+
+
+def _eval_sd(args: argparse.Namespace) -> dict:
+    from .run_sd import evaluate_run
+
+    return evaluate_run(args.run, world_dir=args.world_dir, eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds)
+
+
+EVALUATORS = {"mllm": _eval_mllm, "sd": _eval_sd}  # manifest "kind" -> re-evaluation
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .run_mllm import evaluate_run
-
-    print(json.dumps(evaluate_run(args.run, world_dir=args.world_dir), indent=1))
+    manifest = args.run / "manifest.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{args.run} is not a run directory (no manifest.json)")
+    kind = json.loads(manifest.read_text()).get("kind", "mllm")  # runs from before "kind" existed were MLLM runs
+    if kind not in EVALUATORS:
+        raise ValueError(f"{manifest}: unknown run kind {kind!r}; known: {', '.join(EVALUATORS)}")
+    print(json.dumps(EVALUATORS[kind](args), indent=1))
     return 0
 
 

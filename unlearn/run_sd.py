@@ -106,8 +106,11 @@ def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0,
            images: int = 5, options: dict | None = None, world_dir=None, eval_seeds: int = 20, fd_seeds: int = 10,
            retained: list[str] | None = None,
            forget: list[SDRecord] | None = None, retain: list[SDRecord] | None = None, progress: bool = True,
-           overwrite: bool = False, callbacks=()) -> dict:
+           overwrite: bool = False, callbacks=(), trace: bool = False) -> dict:
     """Run SD ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
+
+    ``trace``: per-step ``eps_err``, K_C / K_N of the forget images (a fixed-noise probe before
+    training, step -1, and after every step; :mod:`unlearn.sd_tracing`) in ``out/trace.zarr``.
 
     ``forget``/``retain``: user records (needed for models other than the world SD); on the world
     they default to :func:`world_sd_data` with ``images`` forget images.
@@ -147,7 +150,7 @@ def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0,
     try:
         evaluate = evaluator(adapter, c.key, forget, eval_seeds, fd_seeds, cfg.steps, world_dir, retained)
         return _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, evaluate, timings,
-                    progress, callbacks, {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds})
+                    progress, callbacks, {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds, "retained": retained}, trace)
     except BaseException:
         if created and state.is_main_process:
             shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left
@@ -155,7 +158,7 @@ def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0,
 
 
 def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, evaluate, timings, progress,
-         callbacks, eval_settings) -> dict:
+         callbacks, eval_settings, trace=False) -> dict:
     from .world.concepts import CONCEPTS
     from .world.sd import concept_prompt
 
@@ -169,8 +172,20 @@ def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed
     if PartialState().is_main_process:
         (out / "samples").mkdir(exist_ok=True)
         save_samples(adapter, sample_prompts, out / "samples", "original")
-    result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, c.key, c.names,
-                      callbacks=callbacks, progress=progress)
+    tracer = None
+    if trace and PartialState().is_main_process:  # the main process probes the unwrapped UNet; others train only
+        from .sd_tracing import SDTraceCallback
+
+        attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,
+                 "versions": versions(), "git_commit": git_commit()}
+        tracer = SDTraceCallback(adapter, forget, out / "trace.zarr", attrs)  # step -1: the starting model
+        callbacks = [*callbacks, tracer]
+    try:
+        result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, c.key, c.names,
+                          callbacks=callbacks, progress=progress)
+    finally:
+        if tracer is not None:
+            tracer.close()
     timings["train"] = result["train_seconds"]
     accelerator = result["accelerator"]
     t = time.perf_counter()
@@ -184,7 +199,7 @@ def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed
         write_json(out / "manifest.json", {
             "kind": "sd", "model": model, "concept": c.key, "names": list(c.names), "method": method,
             "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
-            "images": images, "records": {"forget": [r.id for r in forget], "retain": len(retain)},
+            "images": images, "records": {"forget": [r.id for r in forget], "retain": len(retain)}, "trace": bool(trace),
             "eval": eval_settings, "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
             "world_size": result["world_size"], "mixed_precision": result["mixed_precision"],
             "history": result["history"],
@@ -214,3 +229,35 @@ def load_run(run: Path, world_dir=None):
         if missing.unexpected_keys:
             raise ValueError(f"{run}: weights do not fit the model's UNet: {missing.unexpected_keys[:5]}")
     return adapter, manifest
+
+
+def evaluate_run(run: Path, world_dir=None, eval_seeds: int | None = None, fd_seeds: int | None = None) -> dict:
+    """Re-evaluate a finished SD run from its directory (``unlearn eval RUN``): the starting pipeline plus
+    the run's trained parameters, the same evaluation as at the end of the run (the run's own
+    ``eval_seeds`` / ``fd_seeds`` / retained concepts unless given), so on the same machine it
+    reproduces the run's ``metrics.json``. World runs only: the forget records of a run on user
+    records are not stored in the run directory.
+    """
+    from .models.sd import WORLD_MARKER
+    from .world.concepts import get_concept
+
+    adapter, manifest = load_run(run, world_dir=world_dir)
+    if manifest.get("kind") != "sd":
+        raise ValueError(f"{run} is a {manifest.get('kind')!r} run, not an SD run")
+    model = manifest["model"]
+    if not (model == "world" or (Path(model) / WORLD_MARKER).exists()):
+        raise ValueError(f"{run}: re-evaluating needs the run's forget records, which are stored only for world SD "
+                         f"runs; for {model!r} call unlearn.eval.sd.evaluate_sd_run on load_run(run)[0].pipe with them")
+    c = get_concept(manifest["concept"])
+    forget, _ = world_sd_data(c.key, manifest["images"], adapter.resolution, n_retain=0, n_surrogate=0)
+    recorded = manifest.get("records", {}).get("forget")
+    if recorded is not None and recorded != [r.id for r in forget]:
+        raise ValueError(f"{run}: the world's forget records {[r.id for r in forget]} are not the run's {recorded}; "
+                         f"was the run made with another world?")
+    settings = manifest.get("eval", {})
+    evaluate = evaluator(adapter, c.key, forget, eval_seeds or settings.get("eval_seeds", 20),
+                         fd_seeds or settings.get("fd_seeds", 10), manifest["train"]["steps"], world_dir,
+                         settings.get("retained"))
+    after = evaluate(manifest["train"]["steps"])
+    return {**after, "steps": manifest["train"]["steps"], "images": manifest["images"], "method": manifest["method"],
+            "concept": c.key}

@@ -1,0 +1,103 @@
+"""`unlearn sd --trace` and `unlearn eval` of SD runs, on the cached world SD: the trace's steps, its K
+values against :func:`unlearn.eval.sd.forget_knowledge` (same noise), FTTP lowering K_C more than K_N
+over a few steps, a trace for a method without a pixel error of the forget images (ESD-x) that
+leaves training unchanged, and re-evaluation reproducing the run's metrics."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from knowtrace import open_trace
+from unlearn.cli import main
+from unlearn.data.sd_records import world_sd_data
+from unlearn.eval.sd import forget_knowledge
+from unlearn.loop import TrainConfig, run_loop
+from unlearn.methods import get_method
+from unlearn.models.sd import load_sd_adapter
+from unlearn.run_sd import run_sd
+from unlearn.sd_tracing import SDTraceCallback
+from unlearn.world.concepts import BY_KEY
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def fttp_run(tmp_path_factory):
+    """A traced FTTP run on the cached world SD: 4 steps, 2 images of Vorn, lr 1e-4 (full UNet)."""
+    out = tmp_path_factory.mktemp("sd") / "run"
+    metrics = run_sd("vorn", "fttp", out, steps=STEPS, images=2, eval_seeds=2, fd_seeds=2, retained=["blip", "korvex"],
+                     options={"lr": "1e-4"}, progress=False, trace=True)
+    return out, metrics
+
+
+def test_trace_steps_and_knowledge_match_the_evaluation(fttp_run):
+    out, metrics = fttp_run
+    ds = open_trace(out / "trace.zarr")
+    assert ds.step.values.tolist() == list(range(-1, STEPS))
+    assert ds.eps_err.dims == ("step", "sample", "y", "x") and ds.eps_err.shape == (STEPS + 1, 2, 16, 16)
+    assert list(ds.sample_id.values) == json.loads((out / "manifest.json").read_text())["records"]["forget"]
+    assert not np.isnan(ds.K_C.values).any() and not np.isnan(ds.loss_forget.values[1:]).any()
+    assert np.isnan(ds.loss_forget.values[0])  # step -1 is before any training step
+    # step -1 is the starting model at forget_knowledge's noise: K per record equals the evaluation's
+    a = load_sd_adapter("world")
+    forget, _ = world_sd_data("vorn", 2, a.resolution)
+    fresh = forget_knowledge(a.pipe, forget, adapter=a)["per_record"]
+    for first, last, which in ((0, -1, "original"), (-1, None, "unlearned")):
+        per = (metrics["original"] if which == "original" else metrics)["knowledge"]["per_record"]
+        for i, rid in enumerate(ds.sample_id.values):
+            kc, kn = float(ds.K_C.values[first, i]), float(ds.K_N.values[first, i])
+            np.testing.assert_allclose([kc, kn], [per[rid]["K_C"], per[rid]["K_N"]], rtol=2e-3)  # float16 storage
+            if which == "original":
+                np.testing.assert_allclose([kc, kn], [fresh[rid]["K_C"], fresh[rid]["K_N"]], rtol=2e-3)
+    # FTTP: K_C falls clearly over the steps, K_N much less
+    drop_c = 1 - ds.K_C.values[-1].mean() / ds.K_C.values[0].mean()
+    drop_n = 1 - ds.K_N.values[-1].mean() / ds.K_N.values[0].mean()
+    assert drop_c > 0.03 and drop_c > 3 * abs(drop_n), (drop_c, drop_n)
+    attrs = ds.attrs["capture"]  # open_trace decodes the JSON attrs
+    assert attrs["timesteps"] == metrics["knowledge"]["settings"]["timesteps"] and attrs["noise_seed"] == 0
+
+
+def test_eval_command_reproduces_the_run_metrics(fttp_run, capsys):
+    out, metrics = fttp_run
+    assert main(["eval", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    for key in ("ua", "fd", "K_C", "K_N", "retained"):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-5), key
+    assert again["steps"] == STEPS and again["method"] == "fttp"
+    assert main(["eval", str(out / "nope")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_method_without_pixel_error_is_traced_and_trains_the_same(tmp_path):
+    """ESD-x regresses onto a guided target (no per-pixel error of the forget images): the probe traces
+    it, and the probe's own noise leaves training untouched (same weights as untraced)."""
+    c = BY_KEY["vorn"]
+    cfg = TrainConfig(steps=2, lr=1e-3, lora=False, batch_size=2)
+    weights = {}
+    for traced in (False, True):
+        a = load_sd_adapter("world")
+        forget, _ = world_sd_data("vorn", 2, a.resolution)
+        cb = SDTraceCallback(a, forget, tmp_path / "esd.zarr") if traced else None
+        try:
+            run_loop(a, get_method("esd_x", modality="sd"), forget, [], cfg, c.key, c.names,
+                     callbacks=[cb] if cb else [], progress=False)
+        finally:
+            if cb:
+                cb.close()
+        weights[traced] = {n: p.detach().clone() for n, p in a.model.named_parameters() if ".attn2." in n}
+    for n, w in weights[False].items():
+        torch.testing.assert_close(weights[True][n], w, rtol=0, atol=0)
+    ds = open_trace(tmp_path / "esd.zarr")
+    assert ds.step.values.tolist() == [-1, 0, 1] and not np.isnan(ds.eps_err.values).any()
+    assert not np.array_equal(ds.eps_err.values[0], ds.eps_err.values[-1])  # the model moved, the probe saw it
+
+
+def test_records_without_masks_are_a_clear_error(tmp_path):
+    a = load_sd_adapter("world")
+    forget, _ = world_sd_data("vorn", 2, a.resolution)
+    with pytest.raises(ValueError, match="needs a concept mask"):
+        SDTraceCallback(a, [replace(forget[0], mask=None)], tmp_path / "t.zarr")
+    assert not (tmp_path / "t.zarr").exists()
