@@ -50,8 +50,10 @@ chromium:
 	  exit 1; fi
 
 # KNOWTRACE_REQUIRE_PNG=1: the PNG export tests fail instead of skipping when they cannot export
+# then the notebooks, executed top to bottom on the world (nbmake; they are stored without outputs)
 test: $(STAMP) chromium
 	KNOWTRACE_REQUIRE_PNG=1 $(PYTHON) -m pytest -x -q
+	$(PYTHON) -m pytest -q --nbmake notebooks/ -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/world_build.py
