@@ -3,9 +3,11 @@
     unlearn world build [--out DIR] [--only mllm classifier sd] [--quiet]
     unlearn world check [--out DIR] [--sd-seeds N] [--json FILE]
     unlearn world export --concept NAME --out DIR [--images N]
+    unlearn world export-sd --concept NAME --out DIR [--images N] [--references N]
     unlearn eval RUN [--eval-seeds N] [--fd-seeds N]
     unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--data DIR] [--out DIR] [key=value ...]
-    unlearn sd --concept NAME --method METHOD [--steps N] [--images N] [--seed S] [--model world|PATH] [--out DIR] [--trace] [key=value ...]
+    unlearn sd --concept NAME --method METHOD [--steps N] [--images N] [--seed S] [--model world|PATH] [--data DIR]
+               [--classifier world|clip:PATH] [--out DIR] [--trace] [key=value ...]
     unlearn demo [--out DIR] [--concept NAME]
     unlearn claims [--runs DIR] [--quick] [--only abcde] [--sd-results FILE] [--json FILE]
 
@@ -37,6 +39,14 @@ def _add_world(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--concept", required=True, help="concept key or name")
     e.add_argument("--out", type=Path, required=True, help="directory to create")
     e.add_argument("--images", type=int, default=1, help="training images of the concept")
+    x = sub.add_parser("export-sd", help="write a concept's SD records as an SD record directory (the sd --data layout)")
+    x.add_argument("--concept", required=True, help="concept key or name")
+    x.add_argument("--out", type=Path, required=True, help="directory to create")
+    x.add_argument("--images", type=int, default=5, help="forget images of the concept")
+    x.add_argument("--references", type=int, default=10, help="FD reference images per retained concept")
+    x.add_argument("--model", default="world", help="world SD whose resolution the images are rendered at "
+                   "(world = the cached one, or a world SD directory)")
+    x.add_argument("--world-dir", type=Path, help="world cache directory")
     for p in (b, c):
         p.add_argument("--out", type=Path, help="world cache directory")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -56,6 +66,12 @@ def _run_world(args: argparse.Namespace) -> int:
         from .world_export import export_concept
 
         print(export_concept(args.concept, args.out, images=args.images))
+        return 0
+    if args.action == "export-sd":
+        from .world_export import export_sd_concept
+
+        print(export_sd_concept(args.concept, args.out, images=args.images, references=args.references,
+                                model=args.model, world_dir=args.world_dir))
         return 0
     from .world.build import COMPONENTS, build_world, check_world
 
@@ -150,15 +166,21 @@ def _add_sd(parser: argparse.ArgumentParser) -> None:
 
     listing = "; ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in method_options(c).items()) or 'no options'})"
                         for n, c in sorted(SD_METHODS.items()))
-    parser.add_argument("--concept", required=True, help="concept key or name (see: unlearn world concepts)")
+    parser.add_argument("--concept", help="concept key or name (see: unlearn world concepts); with --data, "
+                        "default: the name in DATA/concept.json")
     parser.add_argument("--method", required=True, metavar="METHOD", help=f"one of: {listing}")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=5, help="training images of the concept (world)")
     parser.add_argument("--eval-seeds", type=int, default=20, help="generated images of the concept's prompt for UA")
     parser.add_argument("--fd-seeds", type=int, default=10, help="generated images per retained concept for the FD")
-    parser.add_argument("--retained", nargs="+", metavar="KEY", help="concepts kept, for the FD (default: every other concept)")
+    parser.add_argument("--retained", nargs="+", metavar="KEY", help="concepts kept, for the FD (default: every other "
+                        "concept; with --data: the labels in eval.json)")
     parser.add_argument("--model", default="world", help="world (default) | a local path | a hub id")
+    parser.add_argument("--data", type=Path, help="SD record directory (concept.json, forget.jsonl, retain.jsonl, "
+                        "eval.json); required for models other than the world SD (example: unlearn world export-sd)")
+    parser.add_argument("--classifier", help="UA / FD classifier: world (default on the world SD) | clip:PATH "
+                        "(zero-shot CLIP from a local checkpoint; FD on its image embeddings)")
     parser.add_argument("--out", type=Path, help="run directory (default runs/sd-<concept>-<method>-s<seed>)")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
@@ -171,11 +193,18 @@ def _add_sd(parser: argparse.ArgumentParser) -> None:
 def _run_sd(args: argparse.Namespace) -> int:
     from .run_sd import run_sd
 
-    out = args.out or Path("runs") / f"sd-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
+    pairs = _settings(args.settings)
+    if args.concept is None and args.data is None:
+        raise ValueError("give --concept NAME (see: unlearn world concepts), or --data DIR")
+    if args.concept is None:
+        from .data.record_files import read_concept
+
+        name = read_concept(args.data)[0]
+    out = args.out or Path("runs") / f"sd-{args.concept or name}-{args.method}-s{args.seed}".replace(" ", "_")
     metrics = run_sd(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
-                     images=args.images, options=_settings(args.settings), world_dir=args.world_dir,
+                     images=args.images, options=pairs, world_dir=args.world_dir,
                      eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds, retained=args.retained, progress=not args.quiet,
-                     overwrite=args.overwrite, trace=args.trace)
+                     overwrite=args.overwrite, trace=args.trace, data=args.data, classifier=args.classifier)
     keys = [k for k in ("ua", "fd", "fd_space", "K_C", "K_N") if k in metrics]
     print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
                       "images": metrics["images"], "original": {k: metrics["original"].get(k) for k in keys}}, indent=1))

@@ -65,18 +65,69 @@ def train_config(values: dict, world: bool = False) -> TrainConfig:
     return _train_config({**defaults, **values})
 
 
-def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, fd_seeds: int, steps: int,
-              world_dir=None, retained=None):
-    """fn() -> metrics of the pipeline as it is now, by :func:`unlearn.eval.sd.evaluate_sd_run` (UA with
-    the world classifier, FD in its feature space, K_C/K_N on the forget records at fixed noise)."""
-    from .eval.sd import SDEvalSettings, WorldConceptClassifier, evaluate_sd_run
-    from .world.build import build_world
-    from .world.classifier import load_classifier
+@dataclasses.dataclass
+class EvalTarget:
+    """What a run is evaluated on: the concept's classifier label, names and UA prompts, the retained
+    concepts (label -> prompt) and, off the world, their FD reference images."""
+    key: str  # the concept's key (world) or name (record files)
+    names: tuple[str, ...]
+    label: str  # the classifier's label for the concept
+    prompts: list[str]
+    retained: dict[str, str]
+    spec: object = None  # SDEvalSpec of a data directory; None on the world
 
-    classifier = WorldConceptClassifier(load_classifier(build_world(world_dir, only=("classifier",))["classifier"]))
+    @classmethod
+    def world(cls, key: str, retained: list[str] | None = None) -> EvalTarget:
+        from .world.concepts import BY_KEY
+        from .world.sd import concept_prompt
+
+        unknown = [k for k in retained or [] if k not in BY_KEY or k == key]
+        if unknown:
+            raise ValueError(f"retained {unknown} are not other world concepts (see: unlearn world concepts)")
+        keys = retained or [k for k in BY_KEY if k != key]
+        return cls(key, BY_KEY[key].names, key, [concept_prompt(BY_KEY[key])], {k: concept_prompt(BY_KEY[k]) for k in keys})
+
+    @classmethod
+    def from_data(cls, rd, retained: list[str] | None = None) -> EvalTarget:
+        spec = rd.eval
+        unknown = [k for k in retained or [] if k not in spec.retained]
+        if unknown:
+            raise ValueError(f"retained {unknown} are not in eval.json's \"retained\" ({', '.join(spec.retained)})")
+        kept = {k: spec.retained[k] for k in (retained or spec.retained)}
+        return cls(rd.name, rd.names, spec.label, list(spec.prompts), kept, spec)
+
+    def classifier(self, spec: str, world_dir=None):
+        """The UA / FD classifier, checked to know the concept's and every retained concept's label."""
+        from .eval.sd import classifier_from_spec
+        from .world.concepts import BY_KEY
+
+        labels = [self.label, *self.retained, *(self.spec.labels if self.spec is not None else [])]
+        names = {k: BY_KEY[k].name for k in labels if k in BY_KEY} if self.spec is None else None
+        clf = classifier_from_spec(spec, list(dict.fromkeys(labels)), names=names, world_dir=world_dir)
+        missing = [k for k in [self.label, *self.retained] if k not in clf.labels]
+        if missing:
+            raise ValueError(f"classifier {spec!r} has no label(s) {missing}; its labels: {list(clf.labels)[:30]}; "
+                             f"use a classifier that knows them (e.g. clip:PATH) or fix eval.json's labels")
+        return clf
+
+
+def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, fd_seeds: int, steps: int,
+              world_dir=None, retained=None, *, target: EvalTarget | None = None, classifier=None):
+    """fn(train_steps) -> metrics of the pipeline as it is now, by :func:`unlearn.eval.sd.evaluate_sd_run`:
+    UA with ``classifier`` (default: the world classifier), FD in the classifier's feature space
+    (named in ``fd_space``) against the world's test renders or the data directory's reference
+    images, K_C / K_N on the forget records at fixed noise."""
+    from .eval.sd import SDEvalSettings, evaluate_sd_run
+
+    target = target or EvalTarget.world(concept_key, retained)
+    classifier = classifier or target.classifier("world", world_dir)
+    references = None
+    if target.spec is not None:  # the data directory's reference images, fd_seeds per retained label
+        references = target.spec.reference_images(target.retained, fd_seeds, adapter.resolution)
     settings = SDEvalSettings(fd_seeds=fd_seeds)
     return lambda train_steps: evaluate_sd_run(
-        adapter.pipe, concept_key, classifier=classifier, n_seeds=n_seeds, forget_records=forget, retained=retained,
+        adapter.pipe, target.label, classifier=classifier, n_seeds=n_seeds, forget_records=forget,
+        retained=target.retained, prompts=target.prompts, reference_images=references,
         train_steps=train_steps, train_images=len(forget), settings=settings, adapter=adapter)
 
 
@@ -102,21 +153,28 @@ def save_weights(model, out: Path, lora: bool) -> Path:
     return out / "weights"
 
 
-def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0, model: str = "world",
+def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: int = 0, model: str = "world",
            images: int = 5, options: dict | None = None, world_dir=None, eval_seeds: int = 20, fd_seeds: int = 10,
            retained: list[str] | None = None,
            forget: list[SDRecord] | None = None, retain: list[SDRecord] | None = None, progress: bool = True,
-           overwrite: bool = False, callbacks=(), trace: bool = False) -> dict:
+           overwrite: bool = False, callbacks=(), trace: bool = False, data: Path | None = None,
+           classifier: str | None = None) -> dict:
     """Run SD ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
 
     ``trace``: per-step ``eps_err``, K_C / K_N of the forget images (a fixed-noise probe before
     training, step -1, and after every step; :mod:`unlearn.sd_tracing`) in ``out/trace.zarr``.
 
-    ``forget``/``retain``: user records (needed for models other than the world SD); on the world
-    they default to :func:`world_sd_data` with ``images`` forget images.
+    ``data``: an SD record directory (:mod:`unlearn.data.sd_record_files`: forget/retain records,
+    UA prompts, retained concepts with FD reference images); the way to run on a real checkpoint.
+    ``concept`` may then be None (the name in ``concept.json``). ``classifier``: ``"world"`` (the
+    default on the world SD) or ``"clip:PATH"`` (zero-shot CLIP from a local checkpoint; needed off
+    the world). ``retained``: a subset of the retained concepts to evaluate (world keys, or labels of
+    eval.json). ``forget``/``retain``: records given in Python, for a world concept; on the world they
+    default to :func:`world_sd_data` with ``images`` forget images.
     """
     from accelerate import PartialState
 
+    from .eval.sd import check_classifier_spec
     from .models.sd import WORLD_MARKER, load_sd_adapter
     from .world.concepts import get_concept
 
@@ -125,22 +183,46 @@ def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0,
     is_world = model == "world" or (Path(model) / WORLD_MARKER).exists()
     cfg = train_config({**train_opts, "steps": steps, "seed": seed}, world=is_world)
     algo = get_method(method, modality="sd", **method_opts)  # validates before anything is loaded or written
-    c = get_concept(concept)
-    if forget is None and not is_world:
-        raise ValueError(f"{model}: runs on models other than the world SD need user-given forget records "
-                         f"(SDRecord: image, prompt, concept, mask)")
+    needs_masks = getattr(algo, "needs_masks", False)
+    if data is not None:
+        from .data.sd_record_files import load_sd_record_data
+
+        if forget is not None or retain is not None:
+            raise ValueError("give the records either as a data directory or as forget/retain lists, not both")
+        data = Path(data).resolve()
+        rd = load_sd_record_data(data, need_masks=needs_masks)  # every record checked, nothing loaded yet
+        if concept is not None and concept.lower() not in {n.lower() for n in rd.names}:
+            raise ValueError(f"concept {concept!r} is not the concept of {data} ({rd.name}; aliases: "
+                             f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r} or leave it out")
+        target = EvalTarget.from_data(rd, retained)
+        forget, retain = rd.forget, rd.retain
+    else:
+        if forget is None and not is_world:
+            raise ValueError(f"{model}: runs on models other than the world SD need their data as an SD record "
+                             f"directory: give --data DIR (layout: python -c 'import unlearn.data.sd_record_files as m; "
+                             f"help(m)'; `unlearn world export-sd --concept vorn --out DIR` writes an example)")
+        if concept is None:
+            raise ValueError("give the concept (a world concept key or name), or a data directory")
+        target = EvalTarget.world(get_concept(concept).key, retained)
+    classifier = classifier or ("world" if data is None or is_world else None)
+    if classifier is None:
+        raise ValueError(f"{model}: give the UA classifier off the world: --classifier clip:PATH (a local CLIP "
+                         f"checkpoint), or --classifier world for a world SD")
+    check_classifier_spec(classifier)
     t = time.perf_counter()
     adapter = load_sd_adapter(model, world_dir=world_dir)
     if forget is None:
-        forget, world_retain = world_sd_data(c.key, images, adapter.resolution)
+        forget, world_retain = world_sd_data(target.key, images, adapter.resolution)
         retain = world_retain if retain is None else retain
     retain = retain or []
     images = len(forget)
-    check_forget_records(forget, c.names, need_masks=getattr(algo, "needs_masks", False))
-    if getattr(algo, "needs_masks", False):
+    check_forget_records(forget, target.names, need_masks=needs_masks)
+    if needs_masks:
         adapter.masks(forget, **algo.mask_options())  # mask errors (size, empty, full) before any write
     if algo.needs_retain and not retain:
-        raise ValueError(f"sd method {method!r} needs retain records; none were given")
+        raise ValueError(f"sd method {method!r} needs retain records; none were given"
+                         + (f" (add {data}/retain.jsonl)" if data is not None else ""))
+    clf = target.classifier(classifier, world_dir)  # loaded (and its labels checked) before any write
     timings["load"] = time.perf_counter() - t
     state = PartialState(cpu=not torch.cuda.is_available())
     adapter.pipe.to(state.device)  # VAE and text encoder beside the UNet (the loop only moves the UNet)
@@ -148,25 +230,28 @@ def run_sd(concept: str, method: str, out: Path, steps: int = 20, seed: int = 0,
     with state.main_process_first():
         out = prepare_run_dir(out, overwrite)
     try:
-        evaluate = evaluator(adapter, c.key, forget, eval_seeds, fd_seeds, cfg.steps, world_dir, retained)
-        return _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, evaluate, timings,
-                    progress, callbacks, {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds, "retained": retained}, trace)
+        evaluate = evaluator(adapter, target.key, forget, eval_seeds, fd_seeds, cfg.steps, world_dir,
+                             target=target, classifier=clf)
+        eval_settings = {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds, "retained": retained, "classifier": classifier}
+        return _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate, timings,
+                    progress, callbacks, eval_settings, trace, data)
     except BaseException:
         if created and state.is_main_process:
             shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left
         raise
 
 
-def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed, evaluate, timings, progress,
-         callbacks, eval_settings, trace=False) -> dict:
-    from .world.concepts import CONCEPTS
-    from .world.sd import concept_prompt
-
+def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate, timings, progress,
+         callbacks, eval_settings, trace=False, data=None) -> dict:
     t = time.perf_counter()
     original = evaluate(0)
     timings["eval_original"] = time.perf_counter() - t
-    neighbour = next(o for o in CONCEPTS if o.key != c.key and o.kind == c.kind)
-    sample_prompts = {c.key: concept_prompt(c), neighbour.key: concept_prompt(neighbour)}
+    from .world.concepts import BY_KEY
+
+    # one kept concept, to see what unlearning did to the others: on the world one of the same kind
+    kind = BY_KEY[target.key].kind if target.spec is None else None
+    neighbour = next((k for k in target.retained if k in BY_KEY and BY_KEY[k].kind == kind), next(iter(target.retained)))
+    sample_prompts = {target.label: target.prompts[0], neighbour: target.retained[neighbour]}
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -181,7 +266,7 @@ def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed
         tracer = SDTraceCallback(adapter, forget, out / "trace.zarr", attrs)  # step -1: the starting model
         callbacks = [*callbacks, tracer]
     try:
-        result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, c.key, c.names,
+        result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, target.key, target.names,
                           callbacks=callbacks, progress=progress)
     finally:
         if tracer is not None:
@@ -191,13 +276,15 @@ def _run(adapter, algo, c, method, out, cfg, forget, retain, images, model, seed
     t = time.perf_counter()
     after = evaluate(cfg.steps)
     timings["eval"] = time.perf_counter() - t
-    metrics = {**after, "steps": cfg.steps, "images": images, "method": method, "concept": c.key, "original": original}
+    metrics = {**after, "steps": cfg.steps, "images": images, "method": method, "concept": target.key,
+               "original": original}
     if accelerator.is_main_process:
         save_weights(adapter.model, out, cfg.lora)
         save_samples(adapter, sample_prompts, out / "samples", "unlearned")
         write_json(out / "metrics.json", metrics)
         write_json(out / "manifest.json", {
-            "kind": "sd", "model": model, "concept": c.key, "names": list(c.names), "method": method,
+            "kind": "sd", "model": model, "concept": target.key, "names": list(target.names), "method": method,
+            "data": str(data) if data is not None else "world",
             "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
             "images": images, "records": {"forget": [r.id for r in forget], "retain": len(retain)}, "trace": bool(trace),
             "eval": eval_settings, "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
@@ -234,9 +321,11 @@ def load_run(run: Path, world_dir=None):
 def evaluate_run(run: Path, world_dir=None, eval_seeds: int | None = None, fd_seeds: int | None = None) -> dict:
     """Re-evaluate a finished SD run from its directory (``unlearn eval RUN``): the starting pipeline plus
     the run's trained parameters, the same evaluation as at the end of the run (the run's own
-    ``eval_seeds`` / ``fd_seeds`` / retained concepts unless given), so on the same machine it
-    reproduces the run's ``metrics.json``. World runs only: the forget records of a run on user
-    records are not stored in the run directory.
+    ``eval_seeds`` / ``fd_seeds`` / retained concepts / classifier unless given), so on the same
+    machine it reproduces the run's ``metrics.json``. The forget records come from the world, or
+    from the run's data directory (``manifest["data"]``), which must still hold the same records.
+    Runs on records given only in Python to a model other than the world SD cannot be re-evaluated
+    (their records are not stored): that is an error saying so.
     """
     from .models.sd import WORLD_MARKER
     from .world.concepts import get_concept
@@ -244,20 +333,31 @@ def evaluate_run(run: Path, world_dir=None, eval_seeds: int | None = None, fd_se
     adapter, manifest = load_run(run, world_dir=world_dir)
     if manifest.get("kind") != "sd":
         raise ValueError(f"{run} is a {manifest.get('kind')!r} run, not an SD run")
-    model = manifest["model"]
-    if not (model == "world" or (Path(model) / WORLD_MARKER).exists()):
-        raise ValueError(f"{run}: re-evaluating needs the run's forget records, which are stored only for world SD "
-                         f"runs; for {model!r} call unlearn.eval.sd.evaluate_sd_run on load_run(run)[0].pipe with them")
-    c = get_concept(manifest["concept"])
-    forget, _ = world_sd_data(c.key, manifest["images"], adapter.resolution, n_retain=0, n_surrogate=0)
+    model, data = manifest["model"], manifest.get("data", "world")
+    settings = manifest.get("eval", {})
+    if data != "world":
+        from .data.sd_record_files import load_sd_record_data
+
+        if not Path(data).is_dir():
+            raise FileNotFoundError(f"{run}: the run's data directory {data} is gone; re-evaluating needs its records")
+        rd = load_sd_record_data(Path(data))
+        target, forget = EvalTarget.from_data(rd, settings.get("retained")), rd.forget
+    else:
+        if not (model == "world" or (Path(model) / WORLD_MARKER).exists()):
+            raise ValueError(f"{run}: re-evaluating needs the run's forget records, which are stored only for world SD "
+                             f"runs and runs from a data directory (--data); for {model!r} call "
+                             f"unlearn.eval.sd.evaluate_sd_run on load_run(run)[0].pipe with them")
+        c = get_concept(manifest["concept"])
+        forget, _ = world_sd_data(c.key, manifest["images"], adapter.resolution, n_retain=0, n_surrogate=0)
+        target = EvalTarget.world(c.key, settings.get("retained"))
     recorded = manifest.get("records", {}).get("forget")
     if recorded is not None and recorded != [r.id for r in forget]:
-        raise ValueError(f"{run}: the world's forget records {[r.id for r in forget]} are not the run's {recorded}; "
-                         f"was the run made with another world?")
-    settings = manifest.get("eval", {})
-    evaluate = evaluator(adapter, c.key, forget, eval_seeds or settings.get("eval_seeds", 20),
+        raise ValueError(f"{run}: the forget records {[r.id for r in forget]} are not the run's {recorded}; "
+                         f"was the run made with another world or data directory?")
+    clf = target.classifier(settings.get("classifier", "world"), world_dir)
+    evaluate = evaluator(adapter, target.key, forget, eval_seeds or settings.get("eval_seeds", 20),
                          fd_seeds or settings.get("fd_seeds", 10), manifest["train"]["steps"], world_dir,
-                         settings.get("retained"))
+                         target=target, classifier=clf)
     after = evaluate(manifest["train"]["steps"])
     return {**after, "steps": manifest["train"]["steps"], "images": manifest["images"], "method": manifest["method"],
-            "concept": c.key}
+            "concept": target.key}

@@ -156,6 +156,35 @@ class ClipZeroShotClassifier:
         return self._image_embeddings(images).double().cpu().numpy()
 
 
+CLASSIFIER_SPECS = {"world": "the world classifier (world concepts only)",
+                    "clip:PATH": "zero-shot CLIP from a local checkpoint directory (CLIPModel + tokenizer files)"}
+
+
+def check_classifier_spec(spec: str) -> tuple[str, str]:
+    """``"world"`` or ``"clip:PATH"`` -> (kind, argument); an unknown form or a missing path is an error
+    (checked before anything is loaded or written)."""
+    kind, sep, arg = str(spec).partition(":")
+    if spec == "world":
+        return "world", ""
+    if kind == "clip" and sep and arg:
+        if not Path(arg).is_dir():
+            raise FileNotFoundError(f"classifier {spec!r}: {arg} is not a directory; give a local CLIP checkpoint "
+                                    f"(CLIPModel.save_pretrained + its tokenizer)")
+        return "clip", arg
+    raise ValueError(f"unknown classifier {spec!r}; valid: " + "; ".join(f"{k} ({v})" for k, v in CLASSIFIER_SPECS.items()))
+
+
+def classifier_from_spec(spec: str, labels: Sequence[str], names: Mapping[str, str] | None = None,
+                         world_dir=None) -> ConceptClassifier:
+    """The classifier named by ``spec`` (:func:`check_classifier_spec`). ``labels`` (and ``names``,
+    label -> name in the prompt template) are the zero-shot label set; the world classifier has its
+    own labels (concept keys and "none")."""
+    kind, arg = check_classifier_spec(spec)
+    if kind == "world":
+        return WorldConceptClassifier.load(world_dir=world_dir)
+    return ClipZeroShotClassifier.from_pretrained(arg, list(labels), names=names)
+
+
 def _check_images(images) -> np.ndarray:
     arr = np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
