@@ -25,3 +25,16 @@ def test_demo_writes_runs_traces_and_a_report(tmp_path, world_dir, capsys):  # n
     assert text.count("class='figure'") == 7
     assert text.count("plotly.js v") == 1
     assert "original" in summary and "<table>" in text
+
+
+def test_demo_again_in_the_same_directory_starts_fresh_traces(tmp_path, world_dir):  # noqa: F811
+    """A second demo (runs with --overwrite) must not append to the first one's traces."""
+    for steps in (3, 2):
+        run_demo(tmp_path / "demo", concept="vorn", steps=steps, methods=("fttp",), world_dir=world_dir,
+                 world_config=WORLD, progress=False)
+        (tmp_path / "demo" / "fttp" / "notes.txt").write_text("the user's, not the run's")
+    assert (tmp_path / "demo" / "fttp" / "notes.txt").exists()  # overwriting removes only the run's files
+    trace = tmp_path / "demo" / "fttp" / "trace.zarr"
+    assert knowtrace.open_probe_trace(trace).step.values.tolist() == [-1, 0, 1]
+    assert knowtrace.open_trace(trace).step.values.tolist() == [0, 1]
+    assert json.loads((tmp_path / "demo" / "fttp" / "manifest.json").read_text())["train"]["steps"] == 2

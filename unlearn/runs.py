@@ -46,10 +46,27 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+# what a run writes into its directory; --overwrite removes these (and nothing else) first, so that
+# a new run never appends to or mixes with an old one's trace, weights or metrics
+RUN_ARTIFACTS = ("manifest.json", "metrics.json", "trace.zarr", "adapter", "weights", "samples", "plots",
+                 "report.html", "summary.txt")
+RUN_ARTIFACT_PATTERNS = ("eval-*.json",)  # cached re-evaluations (figures/sd_common.py)
+
+
 def prepare_run_dir(out: Path, overwrite: bool = False) -> Path:
-    """Create the run directory; an existing non-empty one is an error unless ``overwrite``."""
+    """Create the run directory; an existing non-empty one is an error unless ``overwrite``, which
+    removes the previous run's files (only the names a run writes: other files are left alone)."""
+    import shutil
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"run directory {out} exists and is not empty; choose another --out or pass --overwrite")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"run directory {out} exists and is not empty; choose another --out or pass --overwrite")
+        old = [out / name for name in RUN_ARTIFACTS] + [p for pat in RUN_ARTIFACT_PATTERNS for p in out.glob(pat)]
+        for path in old:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
