@@ -29,18 +29,23 @@ import numpy as np
 import torch
 
 from .knowledge import sd_knowledge
-from .store import TraceStore
+from .store import TraceStore, pad_ragged
 
 _ATTACHED = "_knowtrace_sd_attached"
 
 
 @dataclass
 class SDSample:
-    """One traced training image: its id, its concept mask on the latent grid (h, w) and concept."""
+    """One traced training image: its id, its concept mask on the latent grid (h, w) and concept.
+    With cross-attention maps (``record_errors(..., xattn=)``), also its prompt's text tokens: ids,
+    strings and which of them are the concept's (the ``token`` dim of ``xattn`` is these positions)."""
 
     id: str
     mask: np.ndarray | torch.Tensor
     concept: str = ""
+    token_ids: Sequence[int] | None = None
+    token_strs: Sequence[str] | None = None
+    is_concept: Sequence[bool] | None = None
 
 
 class SDTracer:
@@ -63,6 +68,18 @@ class SDTracer:
         self.lam, self.reduce, self.unet = lam, reduce, unet
         static = {"sample_id": np.array([s.id for s in self.samples]), "concept": np.array([s.concept for s in self.samples]),
                   "mask": self.mask}
+        with_tokens = [s.token_ids is not None for s in self.samples]
+        if any(with_tokens) and not all(with_tokens):
+            raise ValueError("give prompt tokens for every sample or for none")
+        self.n_tokens = None
+        if all(with_tokens):
+            for s in self.samples:
+                if not (len(s.token_ids) == len(s.token_strs or ()) == len(s.is_concept or ())):
+                    raise ValueError(f"sample {s.id!r}: token_ids, token_strs and is_concept must have the same length")
+            static["token_id"] = pad_ragged([list(s.token_ids) for s in self.samples], -1, dtype=np.int64)
+            static["token_str"] = pad_ragged([list(s.token_strs) for s in self.samples], "", dtype=object).astype(str)
+            static["is_concept"] = pad_ragged([list(map(bool, s.is_concept)) for s in self.samples], False, dtype=bool)
+            self.n_tokens = static["token_id"].shape[1]
         self.store = TraceStore(path, static=static, attrs=attrs, float_dtype=float_dtype, flush_seconds=flush_seconds)
         self._handle = None
         self._prediction: torch.Tensor | None = None
@@ -89,6 +106,19 @@ class SDTracer:
         """Write buffered steps now (done on exit; call it when the tracer is used without ``with``)."""
         self.store.flush()
 
+    def _xattn(self, xattn: torch.Tensor, rows: list[int]) -> np.ndarray:
+        if self.n_tokens is None:
+            raise ValueError("xattn needs the samples' prompt tokens: build the SDSamples with token_ids, "
+                             "token_strs and is_concept")
+        x = xattn.detach().float().cpu()
+        if x.ndim != 5 or x.shape[0] != len(rows) or tuple(x.shape[3:]) != self.mask.shape[1:]:
+            raise ValueError(f"xattn must be (batch={len(rows)}, layer, token, h, w) on the masks' grid "
+                             f"{self.mask.shape[1:]}, got {tuple(x.shape)}")
+        out = np.full((len(self.samples), x.shape[1], self.n_tokens, *self.mask.shape[1:]), np.nan, dtype=np.float32)
+        n = min(self.n_tokens, x.shape[2])
+        out[rows, :, :n] = x[:, :, :n].numpy()
+        return out
+
     def _keep(self, module, args, output):
         sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
         self._prediction = sample.detach()  # (batch, C, h, w): only the last forward of the step is kept
@@ -107,8 +137,11 @@ class SDTracer:
             err = (pred.float() - target.detach().float()).pow(2).mean(1)  # (batch, h, w)
         self.record_errors(step, err, sample_ids, losses)
 
-    def record_errors(self, step: int, err: torch.Tensor, sample_ids: Sequence[str], losses: dict | None = None):
-        """Record per-latent-pixel squared errors (batch, h, w), mean over channels, of the step's samples."""
+    def record_errors(self, step: int, err: torch.Tensor, sample_ids: Sequence[str], losses: dict | None = None,
+                      xattn: torch.Tensor | None = None):
+        """Record per-latent-pixel squared errors (batch, h, w), mean over channels, of the step's samples;
+        ``xattn`` (batch, layer, token, h, w): their cross-attention maps on the latent grid (token =
+        the samples' prompt tokens, which the samples must then carry)."""
         unknown = [i for i in sample_ids if i not in self.index]
         if unknown:
             raise KeyError(f"samples {unknown} are not traced; traced: {list(self.index)[:10]}...")
@@ -124,6 +157,8 @@ class SDTracer:
         kc, kn = sd_knowledge(err, torch.from_numpy(self.mask[rows]), self.lam, self.reduce)
         k_c[rows], k_n[rows] = kc.numpy(), kn.numpy()
         values = {"eps_err": eps_err, "K_C": k_c, "K_N": k_n}
+        if xattn is not None:
+            values["xattn"] = self._xattn(xattn, rows)
         for key in ("loss_forget", "loss_retain"):
             values[key] = np.float32((losses or {}).get(key, np.nan))
         self.store.append(step, **values)

@@ -77,3 +77,22 @@ def test_bad_input_is_a_clear_error(tmp_path):
         with SDTracer(tmp_path / "c.zarr", samples, unet=unet):
             raise ValueError("boom")
     assert not unet._forward_hooks
+
+
+def test_xattn_needs_prompt_tokens_and_the_masks_grid(tmp_path):
+    import numpy as np
+    import pytest
+    import torch
+
+    from knowtrace import SDSample, SDTracer
+
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True
+    bare = SDTracer(tmp_path / "a.zarr", [SDSample("s", mask)])
+    with pytest.raises(ValueError, match="needs the samples' prompt tokens"):
+        bare.record_errors(0, torch.rand(1, 4, 4), ["s"], xattn=torch.rand(1, 1, 3, 4, 4))
+    tokened = SDTracer(tmp_path / "b.zarr", [SDSample("s", mask, "c", [1, 2, 3], ["<s>", "c", "</s>"], [0, 1, 0])])
+    with pytest.raises(ValueError, match="on the masks' grid"):
+        tokened.record_errors(0, torch.rand(1, 4, 4), ["s"], xattn=torch.rand(1, 1, 3, 8, 8))
+    with pytest.raises(ValueError, match="same length"):
+        SDTracer(tmp_path / "c.zarr", [SDSample("s", mask, "c", [1, 2], ["<s>"], [0, 1])])

@@ -101,3 +101,30 @@ def test_records_without_masks_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="needs a concept mask"):
         SDTraceCallback(a, [replace(forget[0], mask=None)], tmp_path / "t.zarr")
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_trace_attention_records_the_probe_maps_over_prompt_tokens(tmp_path):
+    """`--trace-attention`: xattn over the prompt's tokens with the concept's marked, equal to a direct
+    capture of the same probe forwards, and the K values unchanged by recording it."""
+    from knowtrace.sd_attention import capture_cross_attention
+    from unlearn.sd_tracing import SDProbe
+
+    a = load_sd_adapter("world")
+    forget, _ = world_sd_data("vorn", 2, a.resolution)
+    names = BY_KEY["vorn"].names
+    with_maps = SDTraceCallback(a, forget, tmp_path / "a.zarr", attention=True, names=names)
+    without = SDTraceCallback(a, forget, tmp_path / "b.zarr")
+    with_maps.close(), without.close()
+    ds, plain = open_trace(tmp_path / "a.zarr"), open_trace(tmp_path / "b.zarr")
+    assert ds.xattn.dims == ("step", "sample", "layer", "token", "y", "x") and "xattn" not in plain
+    strs = [str(t) for t in ds.token_str.values[0]]
+    concept = ds.is_concept.values[0]
+    assert strs[0] == "<|startoftext|>" and strs[-1] == "<|endoftext|>"
+    assert [s for s, c in zip(strs, concept) if c] == ["vorn</w>"]
+    np.testing.assert_allclose(ds.K_C.values, plain.K_C.values)
+    # the same forwards captured directly: mean over layers and timesteps on the latent grid
+    probe = SDProbe(a, forget)
+    with capture_cross_attention(a.pipe.unet, mean_heads=True, to_cpu=True) as cap:
+        probe.errors(a.pipe.unet)
+        direct = cap.maps(size=(16, 16))[:, :len(strs)]
+    np.testing.assert_allclose(ds.xattn.values[0, :, 0], direct.numpy(), atol=2e-3)  # float16 storage

@@ -157,12 +157,13 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
            images: int = 5, options: dict | None = None, world_dir=None, eval_seeds: int = 20, fd_seeds: int = 10,
            retained: list[str] | None = None,
            forget: list[SDRecord] | None = None, retain: list[SDRecord] | None = None, progress: bool = True,
-           overwrite: bool = False, callbacks=(), trace: bool = False, data: Path | None = None,
+           overwrite: bool = False, callbacks=(), trace: bool | str = False, data: Path | None = None,
            classifier: str | None = None) -> dict:
     """Run SD ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
 
     ``trace``: per-step ``eps_err``, K_C / K_N of the forget images (a fixed-noise probe before
-    training, step -1, and after every step; :mod:`unlearn.sd_tracing`) in ``out/trace.zarr``.
+    training, step -1, and after every step; :mod:`unlearn.sd_tracing`) in ``out/trace.zarr``;
+    ``trace="attention"``: also the probe's cross-attention maps over the prompt tokens (``xattn``).
 
     ``data``: an SD record directory (:mod:`unlearn.data.sd_record_files`: forget/retain records,
     UA prompts, retained concepts with FD reference images); the way to run on a real checkpoint.
@@ -263,7 +264,8 @@ def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model,
 
         attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,
                  "versions": versions(), "git_commit": git_commit()}
-        tracer = SDTraceCallback(adapter, forget, out / "trace.zarr", attrs)  # step -1: the starting model
+        tracer = SDTraceCallback(adapter, forget, out / "trace.zarr", attrs, attention=trace == "attention",
+                                 names=target.names)  # records step -1 (the starting model) now
         callbacks = [*callbacks, tracer]
     try:
         result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, target.key, target.names,
