@@ -20,29 +20,10 @@ from .data.record_files import load_record_data
 from .data.records import world_records
 from .eval.mllm import MLLMEvalSet, evaluate, world_eval_set
 from .loop import TrainConfig, run_loop, save_trained
-from .methods import get_method, method_options
-from .methods.base import METHODS
-from .runs import git_commit, prepare_run_dir, versions, write_json
+from .methods import get_method
+from .runs import git_commit, prepare_run_dir, split_options, versions, write_json
 
 WORLD_MARKER = "world_mllm_config.json"  # a directory holding a world MLLM
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "steps", "seed"}  # those two are arguments
-
-
-def split_options(method: str, pairs: dict[str, str]) -> tuple[dict, dict]:
-    """key=value pairs -> (TrainConfig fields, method options); unknown keys are an error."""
-    if method not in METHODS:
-        raise KeyError(f"unknown method {method!r}; methods: {', '.join(sorted(METHODS))}")
-    own = method_options(METHODS[method])
-    train, opts = {}, {}
-    for k, v in pairs.items():
-        if k in own:
-            opts[k] = v
-        elif k in TRAIN_KEYS:
-            train[k] = v
-        else:
-            raise KeyError(f"unknown option {k!r}; training options: {', '.join(sorted(TRAIN_KEYS))}; "
-                           f"options of {method!r}: {', '.join(own) or 'none'}")
-    return train, opts
 
 
 def _train_config(values: dict) -> TrainConfig:

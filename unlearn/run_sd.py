@@ -28,34 +28,15 @@ import torch
 
 from .data.sd_records import SDRecord, check_forget_records, world_sd_data
 from .loop import TrainConfig, run_loop
-from .methods import get_method, method_options
-from .methods.base import SD_METHODS
-from .runs import git_commit, prepare_run_dir, versions, write_json
+from .methods import get_method
+from .runs import git_commit, prepare_run_dir, split_options, versions, write_json
 
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "steps", "seed"}
 SD_DEFAULTS = {"lr": 1e-5, "batch_size": 2, "lora": False}  # the paper's SD setting (full UNet fine-tuning)
 # the world SD's UNet has 1M parameters, not 860M: measured FTTP on vorn, 20 steps, 5 images, 20 seeds
 # (docs/sd.md): lr 1e-5 UA 5 -> 0 (nothing forgotten); 3e-5 UA 90, other concepts kept 55-95%;
 # 5e-5 UA 100 but other concepts 0-70%; 1e-4 UA 100, other concepts 0%. So 3e-5 on the world.
 WORLD_LR = 3e-5
 N_SAMPLES = 4  # sample images saved per prompt and model
-
-
-def split_options(method: str, pairs: dict[str, str]) -> tuple[dict, dict]:
-    """key=value pairs -> (TrainConfig fields, method options); unknown keys are an error."""
-    if method not in SD_METHODS:
-        raise KeyError(f"unknown sd method {method!r}; sd methods: {', '.join(sorted(SD_METHODS))}")
-    own = method_options(SD_METHODS[method])
-    train, opts = {}, {}
-    for k, v in pairs.items():
-        if k in own:
-            opts[k] = v
-        elif k in TRAIN_KEYS:
-            train[k] = v
-        else:
-            raise KeyError(f"unknown option {k!r}; training options: {', '.join(sorted(TRAIN_KEYS))}; "
-                           f"options of sd method {method!r}: {', '.join(own) or 'none'}")
-    return train, opts
 
 
 def train_config(values: dict, world: bool = False) -> TrainConfig:
@@ -180,7 +161,7 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
     from .world.concepts import get_concept
 
     timings = {}
-    train_opts, method_opts = split_options(method, dict(options or {}))
+    train_opts, method_opts = split_options(method, dict(options or {}), "sd")
     is_world = model == "world" or (Path(model) / WORLD_MARKER).exists()
     cfg = train_config({**train_opts, "steps": steps, "seed": seed}, world=is_world)
     algo = get_method(method, modality="sd", **method_opts)  # validates before anything is loaded or written

@@ -70,3 +70,29 @@ def prepare_run_dir(out: Path, overwrite: bool = False) -> Path:
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def split_options(method: str, pairs: dict[str, str], modality: str = "mllm") -> tuple[dict, dict]:
+    """key=value pairs -> (TrainConfig fields, the method's options); an unknown method or key is an
+    error listing the valid ones (``steps`` and ``seed`` are arguments of a run, not settings)."""
+    import dataclasses
+
+    from .loop import TrainConfig
+    from .methods.base import method_options, methods_of
+
+    registry = methods_of(modality)
+    what = "method" if modality == "mllm" else f"{modality} method"
+    if method not in registry:
+        raise KeyError(f"unknown {what} {method!r}; {what}s: {', '.join(sorted(registry))}")
+    own = method_options(registry[method])
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "steps", "seed"}
+    train, opts = {}, {}
+    for k, v in pairs.items():
+        if k in own:
+            opts[k] = v
+        elif k in train_keys:
+            train[k] = v
+        else:
+            raise KeyError(f"unknown option {k!r}; training options: {', '.join(sorted(train_keys))}; "
+                           f"options of {what} {method!r}: {', '.join(own) or 'none'}")
+    return train, opts

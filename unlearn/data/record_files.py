@@ -63,13 +63,14 @@ def _load_image(path: Path, where: str) -> Image.Image:
         raise ValueError(f"{where}: image {path} cannot be read ({e}); give a PNG or JPEG file") from None
 
 
-def read_records(path: Path, base: Path | None = None) -> list[Record]:
-    """Records from a JSONL file; every problem names the file and line."""
+def jsonl_rows(path: Path, keys: tuple[str, ...], required: tuple[str, ...]):
+    """Yield ``(where, row, id)`` for each non-empty line of a JSONL record file, after the checks
+    every record file shares (valid JSON object, known keys, required text fields, unique ids); each
+    problem names the file and line. ``id`` defaults to "<file stem>:<line>"."""
     path = Path(path)
-    base = Path(base) if base is not None else path.parent
     if not path.exists():
         raise FileNotFoundError(f"record file {path} does not exist")
-    records, seen = [], set()
+    seen = set()
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -79,17 +80,26 @@ def read_records(path: Path, base: Path | None = None) -> list[Record]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: each line must be a JSON object with keys {', '.join(KEYS)}")
-        unknown = sorted(set(row) - set(KEYS))
+            raise ValueError(f"{where}: each line must be a JSON object with keys {', '.join(keys)}")
+        unknown = sorted(set(row) - set(keys))
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(KEYS)}")
-        missing = [k for k in REQUIRED if not isinstance(row.get(k), str) or not row[k].strip()]
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(keys)}")
+        missing = [k for k in required if not isinstance(row.get(k), str) or not row[k].strip()]
         if missing:
             raise ValueError(f"{where}: missing or empty {', '.join(missing)}")
         rid = str(row.get("id", f"{path.stem}:{n}"))
         if rid in seen:
             raise ValueError(f"{where}: id {rid!r} is used twice in {path.name}")
         seen.add(rid)
+        yield where, row, rid
+
+
+def read_records(path: Path, base: Path | None = None) -> list[Record]:
+    """Records from a JSONL file; every problem names the file and line."""
+    path = Path(path)
+    base = Path(base) if base is not None else path.parent
+    records = []
+    for where, row, rid in jsonl_rows(path, KEYS, REQUIRED):
         image = None
         if row.get("image"):
             p = Path(row["image"])

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .record_files import read_concept
+from .record_files import jsonl_rows, read_concept
 from .sd_masks import load_mask
 from .sd_records import SDRecord, names_in
 
@@ -111,29 +111,8 @@ def read_sd_records(path: Path, names=None, need_masks: bool = False, base: Path
     (forget records); masks are loaded and checked against their image (size, not empty, not full)."""
     path = Path(path)
     base = Path(base) if base is not None else path.parent
-    if not path.exists():
-        raise FileNotFoundError(f"record file {path} does not exist")
-    records, seen = [], set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: each line must be a JSON object with keys {', '.join(KEYS)}")
-        unknown = sorted(set(row) - set(KEYS))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(KEYS)}")
-        missing = [k for k in ("image", "prompt") if not isinstance(row.get(k), str) or not row[k].strip()]
-        if missing:
-            raise ValueError(f"{where}: missing or empty {', '.join(missing)}")
-        rid = str(row.get("id", f"{path.name}:{n}"))
-        if rid in seen:
-            raise ValueError(f"{where}: id {rid!r} is used twice in {path.name}")
-        seen.add(rid)
+    records = []
+    for where, row, rid in jsonl_rows(path, KEYS, ("image", "prompt")):
         image_path = _path(row["image"], base)
         image = _read_rgb(image_path, where)
         if names is not None and not names_in(row["prompt"], names):
