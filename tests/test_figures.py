@@ -1,0 +1,56 @@
+"""The figure scripts run end to end on the default world with tiny budgets (HTML + JSON, no PNG),
+and a second call reuses the saved runs instead of training again."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CASES = {
+    "fig2_token_logprobs": ["--steps", "2"],
+    "fig3_knowledge": ["--steps", "2"],
+    "fig5_kc_kn": ["--steps", "2", "--methods", "ga", "fttp"],
+    "fig8_attention": ["--steps", "2"],
+    "fig9_token_count": ["--concepts", "vorn", "quilla", "oskel", "--max-steps", "2", "--every", "1"],
+    "table1_mllm": ["--steps", "2", "--seeds", "0", "--concepts", "korvex", "--methods", "ga", "fttp"],
+    "fig3_sd_knowledge": ["--steps", "2", "--images", "2", "--eval-seeds", "2", "--fd-seeds", "1"],
+    "fig10_sd_budget": ["--images", "1", "2", "--steps", "1", "2", "--fixed-steps", "1", "--fixed-images", "1",
+                        "--eval-seeds", "2", "--fd-seeds", "1"],
+}
+
+
+def _run(script, args, runs, out):
+    cmd = [sys.executable, str(ROOT / "figures" / f"{script}.py"), "--runs", str(runs), "--out", str(out),
+           "--no-png", "--quiet", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_figure_script_writes_html_and_numbers(tmp_path, script):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _run(script, CASES[script], runs, out)
+    html = sorted(out.glob("*.html"))
+    numbers = sorted(out.glob("*.json"))
+    assert html and numbers and not list(out.glob("*.png"))
+    assert all("plotly" in h.read_text()[:200000] for h in html)
+    assert all(json.loads(n.read_text()) for n in numbers)
+    if script == "fig9_token_count":
+        data = json.loads((out / "fig9_token_count.json").read_text())
+        assert [c["concept"] for c in data["concepts"]] == ["vorn", "quilla", "oskel"]
+        assert [c["tokens"] for c in data["concepts"]] == [1, 2, 3]
+        assert data["stats"]["n"] == 3
+
+
+def test_second_call_reuses_saved_runs(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _run("fig2_token_logprobs", ["--steps", "2"], runs, out)
+    manifests = {p: p.stat().st_mtime_ns for p in runs.rglob("manifest.json")}
+    assert len(manifests) == 2  # GA and FTTP
+    _run("fig3_knowledge", ["--steps", "2"], runs, out)  # the same two runs
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("manifest.json")} == manifests
