@@ -44,6 +44,16 @@ def mllm_run(runs: Path, concept: str, method: str, steps: int = 10, lr: float =
     return run
 
 
+def probe_trace(args, method: str):
+    """The probe trace (the training image's questions, step -1 = before training) of the world MLLM
+    run of ``args.concept`` x ``method`` x ``args.steps``, run now if not saved."""
+    import knowtrace
+
+    run = mllm_run(args.runs, args.concept, method, args.steps, attention=True, world_dir=args.world_dir,
+                   progress=not args.quiet)
+    return knowtrace.open_probe_trace(run / "trace.zarr")
+
+
 def save(figures: dict, out: Path, png: bool = True, numbers: dict | None = None) -> list[Path]:
     """Write each figure as out/<name>.html (and .png), and the numbers as out/<name>.json."""
     from knowtrace.plots import save as save_figures

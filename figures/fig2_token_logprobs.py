@@ -6,7 +6,7 @@ over unlearning steps, GA vs FTTP (world MLLM; step -1 = before training; concep
 
 from __future__ import annotations
 
-from common import mllm_run, parser, save
+from common import parser, probe_trace, save
 from panels import side_by_side
 
 
@@ -15,14 +15,11 @@ def main() -> None:
     ap.add_argument("--concept", default="grom")
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
-    import knowtrace
     from knowtrace.plots import token_trajectories
 
     figs, numbers = {}, {}
     for method in ("ga", "fttp"):
-        run = mllm_run(args.runs, args.concept, method, args.steps, attention=True, world_dir=args.world_dir,
-                       progress=not args.quiet)
-        ds = knowtrace.open_probe_trace(run / "trace.zarr")
+        ds = probe_trace(args, method)
         figs[method.upper()] = token_trajectories(ds, 0)
         lp = ds["logprob"].isel(sample=0)
         numbers[method] = {"steps": ds.step.values.tolist(), "tokens": ds["token_str"].isel(sample=0).values.tolist(),

@@ -6,7 +6,7 @@ image's questions), with the starting model, on the world MLLM.
 
 from __future__ import annotations
 
-from common import mllm_run, parser, save
+from common import parser, probe_trace, save
 
 
 def main() -> None:
@@ -15,16 +15,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--methods", nargs="+")
     args = ap.parse_args()
-    import knowtrace
     from knowtrace.plots import knowledge_scatter
 
     from unlearn.methods import METHODS
 
     traces = {}
     for method in args.methods or sorted(METHODS):
-        run = mllm_run(args.runs, args.concept, method, args.steps, attention=True, world_dir=args.world_dir,
-                       progress=not args.quiet)
-        traces[method] = knowtrace.open_probe_trace(run / "trace.zarr")
+        traces[method] = probe_trace(args, method)
     first = next(iter(traces.values()))
     traces = {"original": first.isel(step=[0]), **traces}  # step -1: the starting model
     fig = knowledge_scatter(traces, mode="final", log=True)

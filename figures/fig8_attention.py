@@ -7,7 +7,7 @@ concept's patches (the renderer's exact mask, pooled to the patch grid).
 
 from __future__ import annotations
 
-from common import mllm_run, parser, save
+from common import parser, probe_trace, save
 
 
 def concept_patches(concept: str, grid: tuple[int, int], size: int = 48):
@@ -35,13 +35,10 @@ def main() -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    import knowtrace
 
     maps, numbers = {}, {}
     for method in ("ga", "fttp"):
-        run = mllm_run(args.runs, args.concept, method, args.steps, attention=True, world_dir=args.world_dir,
-                       progress=not args.quiet)
-        ds = knowtrace.open_probe_trace(run / "trace.zarr")
+        ds = probe_trace(args, method)
         inside = concept_patches(args.concept, (ds.sizes["y"], ds.sizes["x"]))
         for label, index in (("before", 0), ("after", -1)):
             m = token_map(ds, index)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .knowledge import sd_knowledge
-from .store import TraceStore, pad_ragged
+from .store import TraceStore, index_samples, pad_ragged
 
 _ATTACHED = "_knowtrace_sd_attached"
 
@@ -52,12 +52,8 @@ class SDTracer:
     def __init__(self, path: str | os.PathLike, samples: Sequence[SDSample], unet: torch.nn.Module | None = None,
                  lam: float = 1.0, reduce: str = "mean", attrs: dict | None = None, float_dtype: str = "float16",
                  flush_seconds: float = 5.0):
-        if not samples:
-            raise ValueError("nothing to trace: give at least one sample")
         self.samples = list(samples)
-        self.index = {s.id: i for i, s in enumerate(self.samples)}
-        if len(self.index) != len(self.samples):
-            raise ValueError("traced sample ids must be unique")
+        self.index = index_samples(self.samples)
         masks = [np.asarray(s.mask.cpu() if torch.is_tensor(s.mask) else s.mask) for s in self.samples]
         shapes = {m.shape for m in masks}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:

@@ -27,6 +27,16 @@ import xarray as xr
 from .schema import JSON_ATTRS, STATIC_COORDS, STEP, STEP_VARIABLES, check_variable
 
 
+def index_samples(samples: Sequence) -> dict[str, int]:
+    """Sample id -> row of the trace; an empty or non-unique sample list is an error."""
+    if not samples:
+        raise ValueError("nothing to trace: give at least one sample")
+    index = {s.id: i for i, s in enumerate(samples)}
+    if len(index) != len(samples):
+        raise ValueError("traced sample ids must be unique")
+    return index
+
+
 def pad_ragged(rows: Sequence[Sequence], fill, dtype=None) -> np.ndarray:
     """(sample, token) array from per-sample sequences of different lengths, padded with ``fill``."""
     width = max((len(r) for r in rows), default=0)

@@ -35,7 +35,7 @@ import torch
 from .knowledge import mllm_knowledge
 from .logprobs import IGNORE_INDEX, token_logprobs
 from .mllm_attention import AttentionCapture, AttentionOptions, stack_layers
-from .store import TraceStore, pad_ragged
+from .store import TraceStore, index_samples, pad_ragged
 
 _ATTACHED = "_knowtrace_attached"
 
@@ -83,12 +83,8 @@ class SampleTrace:
 
     def __init__(self, path, samples: Sequence[TracedSample], attrs: dict | None, float_dtype: str,
                  attention: AttentionCapture | None = None, n_heads: int = 0, flush_seconds: float = 0.0):
-        if not samples:
-            raise ValueError("nothing to trace: give at least one sample")
         self.samples = list(samples)
-        self.index = {s.id: i for i, s in enumerate(self.samples)}
-        if len(self.index) != len(self.samples):
-            raise ValueError("traced sample ids must be unique")
+        self.index = index_samples(self.samples)
         self.attention, self.n_heads = attention, n_heads
         static = {
             "sample_id": np.array([s.id for s in self.samples]),
@@ -107,7 +103,7 @@ class SampleTrace:
         """Append ``step`` from ``rows`` = (sample index, call, batch row); other samples are NaN."""
         n = len(self.samples)
         logprob = np.full((n, self.width), np.nan, dtype=np.float32)
-        xattn = head = None
+        head = None
         if self.attention is not None:
             if self.attention.grid is None:
                 raise ValueError("the patch grid is not known yet (no image was recorded): pass "

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from transformers import CLIPConfig, CLIPModel
 
 from knowtrace.knowledge import sd_knowledge
+from tests.tiny_models import tiny_clip as make_tiny_clip
 from unlearn.eval.sd import (ClipZeroShotClassifier, ConceptClassifier, SDEvalSettings, WorldConceptClassifier,
                              evaluate_sd_run, fd_world, forget_knowledge, frechet_distance,
                              frechet_distance_from_stats, ua_from_labels, unlearning_accuracy, world_forget_records)
 from unlearn.world.build import build_world
 from unlearn.world.concepts import BY_KEY
-from unlearn.world.sd import build_tokenizer, concept_prompt, generate_images, load_sd
+from unlearn.world.sd import concept_prompt, generate_images, load_sd
 
 STEPS = 10  # sampling steps in these tests (the default is 25)
 
@@ -66,17 +66,7 @@ LABELS = ["Vorn", "Blip", "Korvex"]
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    tok = build_tokenizer(words=["a", "photo", "of", "vorn", "blip", "korvex"], max_length=16)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    return CLIPModel(cfg).eval(), tok
+    return make_tiny_clip()
 
 
 def test_clip_zero_shot_classifier(tiny_clip):

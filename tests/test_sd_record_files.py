@@ -8,24 +8,17 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel
 
+from tests.test_sd_run import tiny_world_sd  # noqa: F401  (fixture)
 from tests.test_world_sd import TINY_SD
+from tests.tiny_models import tiny_clip
 from unlearn.cli import main
 from unlearn.data.sd_record_files import load_sd_record_data
 from unlearn.run_sd import run_sd
-from unlearn.world.sd import build_tokenizer, load_sd, train_sd
+from unlearn.world.sd import load_sd
 
 FAST = ["--eval-seeds", "2", "--fd-seeds", "2", "--retained", "blip", "korvex", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def tiny_world_sd(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_sd")
-    train_sd(TINY_SD, out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +41,9 @@ def plain_sd(tiny_world_sd, tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny random-weight CLIP with a tokenizer, saved to a local directory."""
-    tok = build_tokenizer(words=["a", "photo", "of", "vorn", "blip", "korvex"], max_length=16)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
+    model, tok = tiny_clip()
     out = tmp_path_factory.mktemp("clip")
-    CLIPModel(cfg).save_pretrained(out)
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

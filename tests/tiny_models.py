@@ -70,3 +70,23 @@ def tiny_qwen2vl(seed: int = 0):
     image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                                size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
     return Qwen2VLForConditionalGeneration(cfg).eval(), Qwen2VLInputs(tok, image_processor)
+
+
+def tiny_clip(words=("a", "photo", "of", "vorn", "blip", "korvex")):
+    """A random-weight CLIPModel (32-wide, one layer, 32 px images) and a CLIP tokenizer built offline
+    from ``words``: (model in eval mode, tokenizer)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from unlearn.world.sd import build_tokenizer
+
+    tok = build_tokenizer(words=list(words), max_length=16)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    return CLIPModel(cfg).eval(), tok
