@@ -32,7 +32,7 @@ def _run(script, args, runs, out):
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_figure_script_writes_html_and_numbers(tmp_path, script):
+def test_figure_script_writes_html_and_numbers(default_world, tmp_path, script):
     runs, out = tmp_path / "runs", tmp_path / "out"
     _run(script, CASES[script], runs, out)
     html = sorted(out.glob("*.html"))
@@ -47,7 +47,7 @@ def test_figure_script_writes_html_and_numbers(tmp_path, script):
         assert data["stats"]["n"] == 3
 
 
-def test_second_call_reuses_saved_runs(tmp_path):
+def test_second_call_reuses_saved_runs(default_world, tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     _run("fig2_token_logprobs", ["--steps", "2"], runs, out)
     manifests = {p: p.stat().st_mtime_ns for p in runs.rglob("manifest.json")}
