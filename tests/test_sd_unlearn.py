@@ -16,7 +16,7 @@ from unlearn.data.sd_masks import dilate, latent_mask, load_mask, resize_crop, t
 from unlearn.data.sd_records import SDRecord, check_forget_records, load_image, world_sd_data
 from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import METHODS, SD_METHODS, StepContext, get_method
-from unlearn.methods.sd_esd import esd_target
+from unlearn.methods.sd_esd import esd_target, partial_sample
 from unlearn.methods.sd_fmn import concept_token_positions
 from unlearn.models.sd import SDAdapter
 from unlearn.world.concepts import BY_KEY
@@ -187,6 +187,43 @@ def test_esd_target_and_parts(data):
     target = e0 - 2.0 * (ec - e0)
     torch.testing.assert_close(esd_target(ec, e0, 2.0), target)
     torch.testing.assert_close(loss, ((a.model(z, t, encoder_hidden_states=b.cond).sample - target) ** 2).mean())
+
+
+def test_esd_partial_sampling_is_the_pipelines_ddim_sampler(data):
+    """k = all steps gives the pipeline's own finished latents from the same noise; k = 0 the noise."""
+    forget, _ = data
+    a = tiny_adapter()
+    esd = get_method("esd_x", modality="sd", latents="sampled", sample_steps=4, sample_guidance=3.0)
+    scheduler = esd.ddim(a)
+    cond, empty = a.text_embeddings([forget[0].prompt]), a.text_embeddings([""])
+    full = partial_sample(a, a.model, scheduler, cond, empty, 4, 3.0, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = a.pipe(prompt_embeds=cond, negative_prompt_embeds=empty, num_inference_steps=4, guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(3), output_type="latent").images
+    torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-4)
+    start = partial_sample(a, a.model, scheduler, cond, empty, 0, 3.0, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(start, torch.randn(start.shape, generator=torch.Generator().manual_seed(3)))
+    assert not torch.allclose(start, full)
+
+
+def test_esd_sampled_latents_train_on_the_timestep_they_reached(data, monkeypatch):
+    forget, _ = data
+    a = tiny_adapter()
+    frozen = copy.deepcopy(a.model).requires_grad_(False)
+    esd = get_method("esd_x", modality="sd", latents="sampled", sample_steps=5)
+    seen = []
+    original = a.predict
+    monkeypatch.setattr(a, "predict", lambda z, t, c, model=None: seen.append(t.clone()) or original(z, t, c, model))
+    loss, _ = esd.loss(ctx_for(a, 2, reference=frozen), forget)
+    assert torch.isfinite(loss)
+    k = int(torch.randint(0, 5, (1,), generator=torch.Generator().manual_seed(2)))
+    assert k == 3  # the step's generator draws k first: 3 sampling steps here
+    reached = esd.ddim(a).timesteps[k]
+    # the sampling run visits timesteps[:k]; the reference and the trained model then see timesteps[k]
+    assert [int(t[0]) for t in seen[:k]] == [int(t) for t in esd.ddim(a).timesteps[:k]]
+    assert all(torch.all(t == reached) for t in seen[k:]) and len(seen) == k + 2
+    with pytest.raises(ValueError, match="latents must be one of forget, sampled"):
+        get_method("esd_u", modality="sd", latents="noise")
 
 
 @pytest.mark.parametrize("method,lora", [("esd_x", False), ("esd_u", False), ("fmn", False), ("esd_x", True)])

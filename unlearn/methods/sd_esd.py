@@ -3,10 +3,18 @@ starting model's negatively guided prediction
 
     target = eps_ref(z_t, "", t) - eta * (eps_ref(z_t, c, t) - eps_ref(z_t, "", t))
 
-ESD-x trains the cross-attention (``attn2``) only, ESD-u every other UNet part. ``z_t`` here is a
-forget image noised at a uniform timestep; the original samples ``z_t`` by partially denoising with
-the model itself (data-free), which costs a sampling run per step; with forget images the noisy
-latents lie where the concept lives, which is what the original's sampling aims for.
+ESD-x trains the cross-attention (``attn2``) only, ESD-u every other UNet part.
+
+Where ``z_t`` comes from (option ``latents``):
+
+* ``"forget"`` (default): a forget image's latents noised at a uniform timestep, like every other
+  method here; cheap, and the noisy latents lie where the concept lives.
+* ``"sampled"``: ESD's own data-free recipe. The frozen starting model samples from pure noise with
+  the forget prompts (DDIM, ``sample_steps`` steps, classifier-free guidance ``sample_guidance``) and
+  stops after k steps, k uniform in [0, sample_steps); ``z_t`` is that partial sample and ``t`` the
+  DDIM timestep it is at. Costs up to 2 x sample_steps extra UNet calls per step. (ESD's first,
+  CompVis, code sampled with the model being trained; its diffusers rewrite, like this, with the
+  frozen starting model.)
 """
 
 from dataclasses import dataclass
@@ -17,9 +25,28 @@ from torch.nn import functional as F
 
 from .base import SDMethod, register
 
+LATENT_SOURCES = ("forget", "sampled")
+
 
 def esd_target(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, eta: float) -> torch.Tensor:
     return eps_uncond - eta * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def partial_sample(adapter, model, scheduler, cond: torch.Tensor, empty: torch.Tensor, k: int, guidance: float,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """The latents after the first ``k`` DDIM steps from pure noise under ``model`` with classifier-free
+    guidance: (B, C, h, w), at the noise level of ``scheduler.timesteps[k]`` (k = len(timesteps): a
+    finished sample). ``cond``/``empty``: (B, L, D) prompt and empty-prompt embeddings."""
+    config = adapter.pipe.unet.config
+    shape = (cond.shape[0], config.in_channels, config.sample_size, config.sample_size)
+    z = torch.randn(shape, generator=generator).to(cond.device, cond.dtype) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps[:k]:
+        batch_t = t.expand(2 * len(z)).to(z.device)
+        eps_cond, eps_uncond = adapter.predict(torch.cat([z, z]), batch_t, torch.cat([cond, empty]), model).chunk(2)
+        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        z = scheduler.step(eps, t, z).prev_sample
+    return z
 
 
 @dataclass
@@ -27,15 +54,45 @@ class ESD(SDMethod):
     needs_reference = True
     part: ClassVar[str]
     eta: float = 1.0
+    latents: str = "forget"  # where z_t comes from: "forget" or "sampled" (see the module docstring)
+    sample_steps: int = 50  # "sampled": DDIM steps of the (partial) sampling run, as in ESD
+    sample_guidance: float = 3.0  # "sampled": classifier-free guidance scale of that run, as in ESD
+
+    def __post_init__(self):
+        if self.latents not in LATENT_SOURCES:
+            raise ValueError(f"{self.name}.latents must be one of {', '.join(LATENT_SOURCES)}; got {self.latents!r}")
+        if self.sample_steps < 1:
+            raise ValueError(f"{self.name}.sample_steps must be at least 1; got {self.sample_steps}")
 
     def train_targets(self, adapter, lora):
         return adapter.part(self.part, lora)
 
+    def ddim(self, adapter):
+        """The DDIM schedule of the sampling run, built once from the pipeline's scheduler config."""
+        if getattr(self, "_ddim", None) is None:
+            from diffusers import DDIMScheduler
+
+            self._ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config)
+            self._ddim.set_timesteps(self.sample_steps)
+        return self._ddim
+
+    def noisy_latents(self, ctx, batch, empty) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_t (B, C, h, w), t (B,))."""
+        a = ctx.adapter
+        if self.latents == "forget":
+            _, t, z_t = a.noise(batch.latents, ctx.generator)
+            return z_t, t
+        scheduler = self.ddim(a)
+        k = int(torch.randint(0, self.sample_steps, (1,), generator=ctx.generator))
+        z_t = ctx.reference(lambda model: partial_sample(a, model, scheduler, batch.cond, empty, k,
+                                                         self.sample_guidance, ctx.generator), self.name)
+        return z_t, scheduler.timesteps[k].expand(len(z_t)).to(z_t.device)
+
     def loss(self, ctx, forget):
         a = ctx.adapter
         batch = a.encode(forget)
-        _, t, z_t = a.noise(batch.latents, ctx.generator)
         empty = a.text_embeddings([""] * len(forget))
+        z_t, t = self.noisy_latents(ctx, batch, empty)
 
         def reference(model):  # conditional and unconditional predictions in one call: (2B, C, h, w)
             return a.predict(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([batch.cond, empty]), model).chunk(2)
