@@ -3,7 +3,7 @@ character, a logo), UA / FD / K_C / K_N / steps / images next to the starting mo
 concept's SHAPE survives vanilla vs dilated FTTP.
 
     OMP_NUM_THREADS=1 python benchmarks/sd_results.py [--concepts oskel grom korvex] [--lr 3e-5]
-        [--eval-seeds 20] [--fd-seeds 5] [--out runs/bench-sd]
+        [--eval-seeds 20] [--fd-seeds 5] [--option esd_x.latents=sampled ...] [--out runs/bench-sd]
 
 Budgets (the paper's relative budget scaled down to what the world affords; --steps/--images and
 --baseline-steps/--baseline-images change them): FTTP, FwD, GA and FMN 20 steps from 5 images; the
@@ -83,8 +83,11 @@ def main() -> None:
     ap.add_argument("--fd-seeds", type=int, default=5, help="FD images per retained (non-style) concept")
     ap.add_argument("--iou-seeds", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--option", nargs="+", default=[], metavar="METHOD.KEY=VALUE",
+                    help="a method's option, e.g. esd_x.latents=sampled (default: every method's defaults)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-sd"))
     args = ap.parse_args()
+    options = method_options_from(args.option)
     args.out.mkdir(parents=True, exist_ok=True)
     objects = [c.key for c in CONCEPTS if c.kind != "style"]
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -108,7 +111,7 @@ def main() -> None:
             if "original" not in row:
                 row["original"] = {k: v for k, v in evaluate(0).items() if k in ("ua", "fd", "K_C", "K_N", "retained_mean")}
                 row["original"]["shape_iou"] = 1.0
-            algo = get_method(method, modality="sd")
+            algo = get_method(method, modality="sd", **options.get(method, {}))
             t = time.perf_counter()
             res = run_loop(a, algo, forget, retain if algo.needs_retain else [], TrainConfig(
                 steps=budget[0], lr=args.lr, batch_size=2, lora=False, seed=args.seed), key, c.names, progress=False)
@@ -131,6 +134,18 @@ def main() -> None:
                          f"{m['K_N']:.3f} | {m['shape_iou']:.2f} | {m.get('steps', 0)} | {m.get('images', 0)} |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def method_options_from(items: list[str]) -> dict[str, dict[str, str]]:
+    """["esd_x.latents=sampled", ...] -> {"esd_x": {"latents": "sampled"}}; a malformed item is an error."""
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not (sep and dot and method and key):
+            raise SystemExit(f"--option {item!r}: write METHOD.KEY=VALUE, e.g. esd_x.latents=sampled")
+        options.setdefault(method, {})[key] = value
+    return options
 
 
 if __name__ == "__main__":
