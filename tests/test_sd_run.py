@@ -107,10 +107,11 @@ def test_fttp_on_the_world_lowers_concept_knowledge_only():
 
 @pytest.mark.slow  # two processes start and each loads torch/diffusers: about a minute on 2 cores
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")
-def test_two_cpu_processes(tiny_world_sd, tmp_path):
+@pytest.mark.parametrize("method", ["fttp", "fmn"])  # fmn: attention hooks inside the DDP-wrapped UNet
+def test_two_cpu_processes(tiny_world_sd, tmp_path, method):
     out = tmp_path / "run"
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "unlearn.cli", "sd", "--concept", "vorn", "--method", "fttp", "--steps", "2",
+           "--dynamo_backend", "no", "-m", "unlearn.cli", "sd", "--concept", "vorn", "--method", method, "--steps", "2",
            "--images", "2", "--model", str(tiny_world_sd), "--out", str(out), *FAST, "batch_size=1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
