@@ -17,11 +17,11 @@ machine noise hits both sides alike:
    the RSS before each block. Target ratio <= 1.10. (RSS, not tracemalloc: tracemalloc does not see
    torch's tensor allocations.)
 
-World SD: the SD training side is not on this branch, so a plain step is timed: world-SD UNet
-forward + FTTP-weighted pixel loss (alpha 0.8, beta 0.5 with the concept's latent mask) + backward
-+ Adam, batch 2, with vs without ``SDTracer.record_errors`` (eps_err, K_C/K_N, Zarr append).
+World SD: `unlearn sd --trace` as it runs (the loop with ``SDTraceCallback``: a fixed-noise probe of
+the forget images, 5 timesteps, after every step, or after every 10th and the last), against the
+untraced loop; whole runs alternate (see :func:`sd`).
 
-    OMP_NUM_THREADS=1 python benchmarks/knowtrace_overhead.py [--repeats 20] [--blocks 6]
+    OMP_NUM_THREADS=1 python benchmarks/knowtrace_overhead.py [--repeats 20] [--blocks 6] [--sd-runs 5]
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from knowtrace import AttentionOptions, ProbeSet, SDSample, SDTracer, trace
+from knowtrace import AttentionOptions, ProbeSet, trace
 from unlearn.data.token_weights import token_weights
 from unlearn.loop import apply_lora
 from unlearn.methods.losses import weighted_token_loss
@@ -154,60 +153,42 @@ def mllm(args, tmp: Path) -> None:
 
 
 def sd(args, tmp: Path) -> None:
-    from unlearn.world.build import build_world
-    from unlearn.world.render import world_image
-    from unlearn.world.sd import concept_prompt, encode_images, encode_prompts, load_sd
+    """`unlearn sd --trace` as it runs: the loop (FTTP, world SD, full fine-tuning, batch 2, 20 steps
+    from 5 images) untraced, traced with a probe after every step, and after every 10th step and the
+    last; the three alternate, ``args.sd_runs`` times each. A traced run's time counts from building
+    the callback (which probes step -1) to closing it (the last flush)."""
+    from unlearn.data.sd_records import world_sd_data
+    from unlearn.loop import TrainConfig, run_loop
+    from unlearn.methods import get_method
+    from unlearn.models.sd import load_sd_adapter
+    from unlearn.sd_tracing import SDTraceCallback
     from unlearn.world.concepts import BY_KEY
 
-    torch.manual_seed(0)
-    pipe = load_sd(build_world(only=("sd",))["sd"])
-    size = pipe.vae.config.sample_size
-    renders = [world_image(args.concept, "unlearn", i, size) for i in range(2)]
-    with torch.no_grad():
-        mean, _ = encode_images(pipe.vae, np.stack([r.image for r in renders]))
-        z0 = mean * pipe.vae.config.scaling_factor  # (2, C, h, w)
-        cond = encode_prompts(pipe, [concept_prompt(BY_KEY[args.concept])] * 2)
-    h, w = z0.shape[-2:]
-    masks = torch.stack([torch.from_numpy(r.masks[args.concept]).float() for r in renders])[:, None]
-    masks = torch.nn.functional.interpolate(masks, size=(h, w), mode="area")[:, 0] > 0.5  # (2, h, w) latent grid
-    unet, sched = pipe.unet.train(), pipe.scheduler
-    opt = torch.optim.Adam(unet.parameters(), lr=1e-5)
-    gen = torch.Generator().manual_seed(0)
-    tracer = SDTracer(tmp / "sd.zarr", [SDSample(f"img{i}", masks[i].numpy(), args.concept) for i in range(2)])
-    tracer.__enter__()  # flushes buffered steps on exit
-
-    def step():
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (2,), generator=gen)
-        err = (unet(sched.add_noise(z0, noise, t), t, cond).sample - noise).pow(2).mean(1)  # (2, h, w)
-        m = masks.float()
-        loss = -0.8 * (err * m).mean() + 0.5 * (err * (1 - m)).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return err, loss
-
-    for _ in range(3):
-        step()
-    plain, traced = [], []
-    for i in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        err, loss = step()
-        tracer.record_errors(i, err, ["img0", "img1"], {"loss_forget": loss.item()})
-        if i == 0:
-            tracer.flush()  # store creation, left out of the totals (steps 2..)
-        traced.append(time.perf_counter() - t0)
-    tracer.__exit__(None, None, None)
-    params = sum(p.numel() for p in unet.parameters())
-    print(f"world SD UNet ({params / 1e6:.2f}M params, latents {tuple(z0.shape)}), full fine-tuning step, batch 2 "
-          f"(the SD training side is not on this branch: a plain forward + FTTP pixel loss + backward + Adam step)")
-    print(f"  untraced step median {statistics.median(plain) * 1e3:.1f} ms; traced (eps_err + K) "
-          f"{statistics.median(traced) * 1e3:.1f} ms")
-    print(f"  ratio eps_err + K:                      {statistics.median(traced) / statistics.median(plain):.3f} of "
-          f"medians, {sum(traced[1:]) / sum(plain[1:]):.3f} of totals (steps 2..)  (target <= 1.03)")
+    c = BY_KEY[args.concept]
+    cfg = TrainConfig(steps=20, lr=3e-5, lora=False, batch_size=2)
+    times: dict[str, list[float]] = {"untraced": [], "every 1": [], "every 10": []}
+    for i in range(args.sd_runs):
+        for kind in times:
+            torch.manual_seed(0)
+            adapter = load_sd_adapter("world")
+            forget, _ = world_sd_data(c.key, 5, adapter.resolution)
+            t = time.perf_counter()
+            cbs = [] if kind == "untraced" else [SDTraceCallback(adapter, forget, tmp / f"sd-{i}-{kind[-2:].strip()}.zarr",
+                                                                 every=int(kind.split()[1]), steps=cfg.steps)]
+            try:
+                run_loop(adapter, get_method("fttp", modality="sd"), forget, [], cfg, c.key, c.names, callbacks=cbs,
+                         progress=False)
+            finally:
+                for cb in cbs:
+                    cb.close()
+            times[kind].append(time.perf_counter() - t)
+    base = statistics.median(times["untraced"])
+    print(f"world SD, `unlearn sd --trace` loop: FTTP, full fine-tuning, batch 2, {cfg.steps} steps from 5 images, "
+          f"{args.sd_runs} alternating runs of each")
+    print(f"  untraced run median {base:.2f} s")
+    for kind in ("every 1", "every 10"):
+        print(f"  ratio probe K_C/K_N {kind + ':':<10} {statistics.median(times[kind]) / base:.3f} of medians "
+              f"({statistics.median(times[kind]):.2f} s; target <= 1.03 for per-step K)")
 
 
 def main() -> None:
@@ -215,6 +196,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--concept", default="oskel")
+    ap.add_argument("--sd-runs", type=int, default=5)
     ap.add_argument("--skip-sd", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -128,3 +128,35 @@ def test_trace_attention_records_the_probe_maps_over_prompt_tokens(tmp_path):
         probe.errors(a.pipe.unet)
         direct = cap.maps(size=(16, 16))[:, :len(strs)]
     np.testing.assert_allclose(ds.xattn.values[0, :, 0], direct.numpy(), atol=2e-3)  # float16 storage
+
+
+def test_trace_every_k_steps_probes_those_steps_and_the_last(tmp_path):
+    """every=3 over 7 steps probes steps -1, 2, 5 and 6 (the last), with the same K there as a trace
+    of every step: fewer probes leave training and the probe's values unchanged."""
+    c = BY_KEY["vorn"]
+    cfg = TrainConfig(steps=7, lr=1e-4, lora=False, batch_size=2)
+    traces = {}
+    for every in (1, 3):
+        a = load_sd_adapter("world")
+        forget, _ = world_sd_data("vorn", 2, a.resolution)
+        cb = SDTraceCallback(a, forget, tmp_path / f"every{every}.zarr", every=every, steps=cfg.steps)
+        try:
+            run_loop(a, get_method("fttp", modality="sd"), forget, [], cfg, c.key, c.names, callbacks=[cb],
+                     progress=False)
+        finally:
+            cb.close()
+        traces[every] = open_trace(tmp_path / f"every{every}.zarr")
+    sparse, full = traces[3], traces[1]
+    assert sparse.step.values.tolist() == [-1, 2, 5, 6] and full.step.values.tolist() == list(range(-1, 7))
+    np.testing.assert_array_equal(sparse.K_C.values, full.K_C.sel(step=[-1, 2, 5, 6]).values)
+    assert "every 3 steps and after the last" in sparse.attrs["capture"]["eps_err"]
+    with pytest.raises(ValueError, match=">= 1"):
+        SDTraceCallback(a, forget, tmp_path / "bad.zarr", every=0)
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+@pytest.mark.parametrize("every,trace", [(0, True), (5, False)])
+def test_bad_trace_every_is_a_clear_error_before_any_write(tmp_path, every, trace):
+    with pytest.raises(ValueError, match="--trace-every K needs --trace"):
+        run_sd("vorn", "fttp", tmp_path / "run", steps=2, trace=trace, trace_every=every, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -139,12 +139,14 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
            retained: list[str] | None = None,
            forget: list[SDRecord] | None = None, retain: list[SDRecord] | None = None, progress: bool = True,
            overwrite: bool = False, callbacks=(), trace: bool | str = False, data: Path | None = None,
-           classifier: str | None = None) -> dict:
+           classifier: str | None = None, trace_every: int = 1) -> dict:
     """Run SD ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
 
     ``trace``: per-step ``eps_err``, K_C / K_N of the forget images (a fixed-noise probe before
     training, step -1, and after every step; :mod:`unlearn.sd_tracing`) in ``out/trace.zarr``;
     ``trace="attention"``: also the probe's cross-attention maps over the prompt tokens (``xattn``).
+    ``trace_every``: probe after every k-th step (and the last) only; one probe costs about 1.7
+    training steps on the world SD.
 
     ``data``: an SD record directory (:mod:`unlearn.data.sd_record_files`: forget/retain records,
     UA prompts, retained concepts with FD reference images); the way to run on a real checkpoint.
@@ -165,6 +167,9 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
     is_world = model == "world" or (Path(model) / WORLD_MARKER).exists()
     cfg = train_config({**train_opts, "steps": steps, "seed": seed}, world=is_world)
     algo = get_method(method, modality="sd", **method_opts)  # validates before anything is loaded or written
+    if int(trace_every) < 1 or (int(trace_every) != 1 and not trace):
+        raise ValueError(f"trace_every={trace_every}: give a number of steps >= 1, together with trace "
+                         f"(--trace-every K needs --trace or --trace-attention)")
     needs_masks = getattr(algo, "needs_masks", False)
     if data is not None:
         from .data.sd_record_files import load_sd_record_data
@@ -216,7 +221,7 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
                              target=target, classifier=clf)
         eval_settings = {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds, "retained": retained, "classifier": classifier}
         return _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate, timings,
-                    progress, callbacks, eval_settings, trace, data)
+                    progress, callbacks, eval_settings, trace, data, int(trace_every))
     except BaseException:
         if created and state.is_main_process:
             shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left
@@ -224,7 +229,7 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
 
 
 def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate, timings, progress,
-         callbacks, eval_settings, trace=False, data=None) -> dict:
+         callbacks, eval_settings, trace=False, data=None, trace_every=1) -> dict:
     t = time.perf_counter()
     original = evaluate(0)
     timings["eval_original"] = time.perf_counter() - t
@@ -246,7 +251,7 @@ def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model,
         attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,
                  "versions": versions(), "git_commit": git_commit()}
         tracer = SDTraceCallback(adapter, forget, out / "trace.zarr", attrs, attention=trace == "attention",
-                                 names=target.names)  # records step -1 (the starting model) now
+                                 names=target.names, every=trace_every, steps=cfg.steps)  # records step -1 now
         callbacks = [*callbacks, tracer]
     try:
         result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, target.key, target.names,
@@ -270,6 +275,7 @@ def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model,
             "data": str(data) if data is not None else "world",
             "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
             "images": images, "records": {"forget": [r.id for r in forget], "retain": len(retain)}, "trace": bool(trace),
+            "trace_every": trace_every if trace else None,
             "eval": eval_settings, "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
             "world_size": result["world_size"], "mixed_precision": result["mixed_precision"],
             "history": result["history"],
