@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from unlearn.run_sd import WORLD_LR
+from unlearn.runs import run_dir_lock
 from unlearn.world.concepts import CONCEPTS
 
 
@@ -28,9 +29,14 @@ def sd_run(runs: Path, concept: str, method: str, steps: int = 20, images: int =
     ``eval_seeds`` / ``fd_seeds`` is re-evaluated (not retrained): the metrics are cached in the run
     as ``eval-ua<N>-fd<M>.json``.
     """
+    run = Path(runs) / f"sd-{concept}-{method}-{steps}steps-{images}img-lr{lr:g}-s{seed}"
+    with run_dir_lock(run, wait=True):  # another figure script making this run: wait for it, then reuse it
+        return _sd_run(run, concept, method, steps, images, lr, seed, eval_seeds, fd_seeds, trace, world_dir, progress)
+
+
+def _sd_run(run, concept, method, steps, images, lr, seed, eval_seeds, fd_seeds, trace, world_dir, progress):
     from unlearn.run_sd import evaluate_run, run_sd
 
-    run = Path(runs) / f"sd-{concept}-{method}-{steps}steps-{images}img-lr{lr:g}-s{seed}"
     manifest, metrics_path = run / "manifest.json", run / "metrics.json"
     done = manifest.exists() and metrics_path.exists() and (not trace or (run / "trace.zarr").exists())
     if done:

@@ -21,7 +21,7 @@ from .data.records import world_records
 from .eval.mllm import MLLMEvalSet, evaluate, world_eval_set
 from .loop import TrainConfig, run_loop, save_trained
 from .methods import get_method
-from .runs import git_commit, prepare_run_dir, split_options, versions, write_json
+from .runs import git_commit, prepare_run_dir, run_dir_lock, split_options, versions, write_json
 
 WORLD_MARKER = "world_mllm_config.json"  # a directory holding a world MLLM
 
@@ -120,66 +120,71 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
     else:
         data = Path(data).resolve()
         _record_data(concept, data)  # bad records fail before anything is loaded or written
-    t = time.perf_counter()
-    # the main process builds the world / creates the run directory first; the others then reuse them
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
-        out = prepare_run_dir(out, overwrite)
-        adapter = load_mllm(model, world_dir=world_dir, world_config=world_config)
-    rd = load_run_data(concept, data, _image_size(adapter), images)
-    forget, retain, evalset, images = rd.forget, rd.retain, rd.evalset, rd.images
-    timings["load"] = time.perf_counter() - t
-    t = time.perf_counter()
-    original = evaluate(adapter, evalset, rd.names)
-    timings["eval_original"] = time.perf_counter() - t
-    tracer = None
-    # per-step token log-probs and K_C/K_N of the forget answers -> out/trace.zarr, on the main process
-    # (with several processes it sees its own slice of each step's records; the others' are NaN)
-    if (trace or trace_attention) and PartialState().is_main_process:
-        from .tracing import start_tracer
+    state = PartialState(cpu=not torch.cuda.is_available())
+    # one process at a time writes a run directory (a second gets a clear error instead of a mixed run)
+    with run_dir_lock(out, enabled=state.is_main_process):
+        t = time.perf_counter()
+        # the main process builds the world / creates the run directory first; the others then reuse them
+        with state.main_process_first():
+            out = prepare_run_dir(out, overwrite)
+            adapter = load_mllm(model, world_dir=world_dir, world_config=world_config)
+        rd = load_run_data(concept, data, _image_size(adapter), images)
+        forget, retain, evalset, images = rd.forget, rd.retain, rd.evalset, rd.images
+        timings["load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        original = evaluate(adapter, evalset, rd.names)
+        timings["eval_original"] = time.perf_counter() - t
+        tracer = None
+        # per-step token log-probs and K_C/K_N of the forget answers -> out/trace.zarr, on the main process
+        # (with several processes it sees its own slice of each step's records; the others' are NaN)
+        if (trace or trace_attention) and PartialState().is_main_process:
+            from .tracing import start_tracer
 
-        attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,
-                 "versions": versions(), "git_commit": git_commit()}
-        probe_records = [r for r in evalset.efficacy if r.image is not None]
-        tracer = start_tracer(adapter, out / "trace.zarr", forget, rd.names, attrs, probe_records, trace_attention)
-        _save_sample_images(out, forget, probe_records)
-        callbacks = [*callbacks, tracer]
-    curve = None
-    if eval_every:
-        from .eval.curve import EvalEvery
+            attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,
+                     "versions": versions(), "git_commit": git_commit()}
+            probe_records = [r for r in evalset.efficacy if r.image is not None]
+            tracer = start_tracer(adapter, out / "trace.zarr", forget, rd.names, attrs, probe_records, trace_attention)
+            _save_sample_images(out, forget, probe_records)
+            callbacks = [*callbacks, tracer]
+        curve = None
+        if eval_every:
+            from .eval.curve import EvalEvery
 
-        curve = EvalEvery(adapter, evalset, rd.names, eval_every, cfg.steps, pause=tracer.paused if tracer else None)
-        callbacks = [*callbacks, curve]
-    try:
-        result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, rd.key, rd.names,
-                          callbacks=callbacks, progress=progress)
-    finally:
-        if tracer is not None:
-            tracer.__exit__(None, None, None)
-    timings["train"] = result["train_seconds"]
-    accelerator = result["accelerator"]
-    t = time.perf_counter()
-    after = evaluate(adapter, evalset, rd.names)
-    timings["eval"] = time.perf_counter() - t
-    metrics = {k: v for k, v in after.items() if k != "samples"}
-    metrics.update(steps=cfg.steps, images=images, method=method, concept=rd.key,
-                   original={k: v for k, v in original.items() if k != "samples"})
-    if curve is not None:
-        metrics["curve"] = curve.rows
-    if accelerator.is_main_process:
-        save_trained(adapter.model, out, cfg.lora)
-        (out / "samples").mkdir(exist_ok=True)
-        write_json(out / "samples" / "answers.json", {"original": original["samples"], "unlearned": after["samples"]})
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "manifest.json", {
-            "kind": "mllm", "model": model, "concept": rd.key, "names": list(rd.names), "method": method,
-            "data": str(data) if data is not None else "world",
-            "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
-            "images": images, "records": {"forget": len(forget), "retain": len(retain)},
-            "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
-            "world_size": result["world_size"], "mixed_precision": result["mixed_precision"],
-            "history": result["history"],
-        })
-    return metrics
+            curve = EvalEvery(adapter, evalset, rd.names, eval_every, cfg.steps,
+                              pause=tracer.paused if tracer else None)
+            callbacks = [*callbacks, curve]
+        try:
+            result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, rd.key, rd.names,
+                              callbacks=callbacks, progress=progress)
+        finally:
+            if tracer is not None:
+                tracer.__exit__(None, None, None)
+        timings["train"] = result["train_seconds"]
+        accelerator = result["accelerator"]
+        t = time.perf_counter()
+        after = evaluate(adapter, evalset, rd.names)
+        timings["eval"] = time.perf_counter() - t
+        metrics = {k: v for k, v in after.items() if k != "samples"}
+        metrics.update(steps=cfg.steps, images=images, method=method, concept=rd.key,
+                       original={k: v for k, v in original.items() if k != "samples"})
+        if curve is not None:
+            metrics["curve"] = curve.rows
+        if accelerator.is_main_process:
+            save_trained(adapter.model, out, cfg.lora)
+            (out / "samples").mkdir(exist_ok=True)
+            write_json(out / "samples" / "answers.json",
+                       {"original": original["samples"], "unlearned": after["samples"]})
+            write_json(out / "metrics.json", metrics)
+            write_json(out / "manifest.json", {
+                "kind": "mllm", "model": model, "concept": rd.key, "names": list(rd.names), "method": method,
+                "data": str(data) if data is not None else "world",
+                "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
+                "images": images, "records": {"forget": len(forget), "retain": len(retain)},
+                "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
+                "world_size": result["world_size"], "mixed_precision": result["mixed_precision"],
+                "history": result["history"],
+            })
+        return metrics
 
 
 def evaluate_run(run: Path, world_dir=None, world_config=None) -> dict:

@@ -29,7 +29,7 @@ import torch
 from .data.sd_records import SDRecord, check_forget_records, world_sd_data
 from .loop import TrainConfig, run_loop
 from .methods import get_method
-from .runs import git_commit, prepare_run_dir, split_options, versions, write_json
+from .runs import git_commit, prepare_run_dir, run_dir_lock, split_options, versions, write_json
 
 SD_DEFAULTS = {"lr": 1e-5, "batch_size": 2, "lora": False}  # the paper's SD setting (full UNet fine-tuning)
 # the world SD's UNet has 1M parameters, not 860M: measured FTTP on vorn, 20 steps, 5 images, 20 seeds
@@ -213,19 +213,22 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
     timings["load"] = time.perf_counter() - t
     state = PartialState(cpu=not torch.cuda.is_available())
     adapter.pipe.to(state.device)  # VAE and text encoder beside the UNet (the loop only moves the UNet)
-    created = not Path(out).exists() or not any(Path(out).iterdir())
-    with state.main_process_first():
-        out = prepare_run_dir(out, overwrite)
-    try:
-        evaluate = evaluator(adapter, target.key, forget, eval_seeds, fd_seeds, cfg.steps, world_dir,
-                             target=target, classifier=clf)
-        eval_settings = {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds, "retained": retained, "classifier": classifier}
-        return _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate, timings,
-                    progress, callbacks, eval_settings, trace, data, int(trace_every))
-    except BaseException:
-        if created and state.is_main_process:
-            shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left
-        raise
+    # one process at a time writes a run directory (a second gets a clear error instead of a mixed run)
+    with run_dir_lock(out, enabled=state.is_main_process):
+        created = not Path(out).exists() or not any(Path(out).iterdir())
+        with state.main_process_first():
+            out = prepare_run_dir(out, overwrite)
+        try:
+            evaluate = evaluator(adapter, target.key, forget, eval_seeds, fd_seeds, cfg.steps, world_dir,
+                                 target=target, classifier=clf)
+            eval_settings = {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds, "retained": retained,
+                             "classifier": classifier}
+            return _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate,
+                        timings, progress, callbacks, eval_settings, trace, data, int(trace_every))
+        except BaseException:
+            if created and state.is_main_process:
+                shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left
+            raise
 
 
 def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate, timings, progress,

@@ -6,10 +6,13 @@ Files are written to a temporary name and renamed, so a file is either complete 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -51,6 +54,39 @@ def write_json(path: Path, data) -> None:
 RUN_ARTIFACTS = ("manifest.json", "metrics.json", "trace.zarr", "adapter", "weights", "samples", "plots",
                  "report.html", "summary.txt")
 RUN_ARTIFACT_PATTERNS = ("eval-*.json",)  # cached re-evaluations (figures/sd_common.py)
+
+
+_HELD: set[str] = set()  # run directories this process holds the lock of (the lock is re-entrant per process)
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: Path, wait: bool = False, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on run directory ``out`` for a run's duration, so that two processes
+    never write one directory (one's ``--overwrite`` or failure clean-up would delete the other's
+    files). The lock is ``flock`` on ``.<name>.lock`` beside the directory (beside, so that removing
+    the directory cannot drop it); the OS releases it if the process dies. Held elsewhere: an error
+    naming the directory, or with ``wait`` block until it is free (figure scripts then reuse the
+    finished run). ``enabled=False`` (the non-main processes of a multi-process run): no lock."""
+    key = str(Path(out).resolve())
+    if not enabled or key in _HELD:
+        yield
+        return
+    path = Path(out).parent / f".{Path(out).name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise RuntimeError(f"run directory {out} is being written by another process (lock {path}); wait for it "
+                               f"to finish or choose another --out") from None
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def prepare_run_dir(out: Path, overwrite: bool = False) -> Path:

@@ -1,0 +1,69 @@
+"""One process at a time writes a run directory: a second run into it is a clear error that leaves
+the directory alone, and figure scripts wait for the first and then reuse its run."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from unlearn.run_sd import run_sd
+from unlearn.runs import run_dir_lock
+
+HOLD = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('locked', flush=True); sys.stdin.read()")
+
+
+def hold_lock(out):
+    """Another process holding ``out``'s run lock until its stdin is closed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out.parent / f".{out.name}.lock")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def release(proc):
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+def test_a_held_run_directory_is_refused_or_waited_for(tmp_path):
+    out = tmp_path / "run"
+    proc = hold_lock(out)
+    try:
+        with pytest.raises(RuntimeError, match="being written by another process"):
+            with run_dir_lock(out):
+                pass
+        acquired = threading.Event()
+
+        def waiter():
+            with run_dir_lock(out, wait=True):
+                acquired.set()
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.5)
+        assert not acquired.is_set()  # still held by the other process
+    finally:
+        release(proc)
+    thread.join(timeout=30)
+    assert acquired.is_set()
+    with run_dir_lock(out), run_dir_lock(out):  # re-entrant within one process
+        pass
+    with run_dir_lock(out, enabled=False):  # non-main processes of a multi-process run take none
+        pass
+
+
+def test_a_second_run_into_a_directory_in_use_leaves_it_alone(default_world, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")  # the other run's files so far
+    proc = hold_lock(out)
+    try:
+        with pytest.raises(RuntimeError, match="being written by another process"):
+            run_sd("vorn", "fttp", out, steps=1, images=2, eval_seeds=1, fd_seeds=2, retained=["blip"],
+                   progress=False, overwrite=True)
+    finally:
+        release(proc)
+    assert [p.name for p in out.iterdir()] == ["manifest.json"] and (out / "manifest.json").read_text() == "{}"
