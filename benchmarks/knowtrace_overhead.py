@@ -17,9 +17,10 @@ machine noise hits both sides alike:
    the RSS before each block. Target ratio <= 1.10. (RSS, not tracemalloc: tracemalloc does not see
    torch's tensor allocations.)
 
-World SD: `unlearn sd --trace` as it runs (the loop with ``SDTraceCallback``: a fixed-noise probe of
-the forget images, 5 timesteps, after every step, or after every 10th and the last), against the
-untraced loop; whole runs alternate (see :func:`sd`).
+World SD: `unlearn sd --trace` as it runs, against the untraced loop; whole runs alternate (see
+:func:`sd`): ``--trace-source step`` (each step's own errors, ``SDStepErrorCallback``) and the
+default probe (``SDTraceCallback``: a fixed-noise probe of the forget images, 5 timesteps, after
+every step, or after every 10th and the last).
 
     OMP_NUM_THREADS=1 python benchmarks/knowtrace_overhead.py [--repeats 20] [--blocks 6] [--sd-runs 5]
 """
@@ -154,30 +155,35 @@ def mllm(args, tmp: Path) -> None:
 
 def sd(args, tmp: Path) -> None:
     """`unlearn sd --trace` as it runs: the loop (FTTP, world SD, full fine-tuning, batch 2, 20 steps
-    from 5 images) untraced, traced with a probe after every step, and after every 10th step and the
-    last; the three alternate, ``args.sd_runs`` times each. A traced run's time counts from building
+    from 5 images) untraced, traced from the steps' own errors, traced with a probe after every step,
+    and after every 10th step and the last; the four alternate, ``args.sd_runs`` times each. A traced run's time counts from building
     the callback (which probes step -1) to closing it (the last flush)."""
     from unlearn.data.sd_records import world_sd_data
     from unlearn.loop import TrainConfig, run_loop
     from unlearn.methods import get_method
     from unlearn.models.sd import load_sd_adapter
-    from unlearn.sd_tracing import SDTraceCallback
+    from unlearn.sd_tracing import SDStepErrorCallback, SDTraceCallback
     from unlearn.world.concepts import BY_KEY
 
     c = BY_KEY[args.concept]
     cfg = TrainConfig(steps=20, lr=3e-5, lora=False, batch_size=2)
-    times: dict[str, list[float]] = {"untraced": [], "every 1": [], "every 10": []}
+    times: dict[str, list[float]] = {"untraced": [], "step": [], "every 1": [], "every 10": []}
     for i in range(args.sd_runs):
         for kind in times:
             torch.manual_seed(0)
             adapter = load_sd_adapter("world")
             forget, _ = world_sd_data(c.key, 5, adapter.resolution)
             t = time.perf_counter()
-            cbs = [] if kind == "untraced" else [SDTraceCallback(adapter, forget, tmp / f"sd-{i}-{kind[-2:].strip()}.zarr",
-                                                                 every=int(kind.split()[1]), steps=cfg.steps)]
+            method = get_method("fttp", modality="sd")
+            path = tmp / f"sd-{i}-{kind.replace(' ', '')}.zarr"
+            if kind == "untraced":
+                cbs = []
+            elif kind == "step":  # --trace-source step: the step's own errors, no extra forward
+                cbs = [SDStepErrorCallback(adapter, method, forget, path)]
+            else:  # the probe, after every step or every 10th
+                cbs = [SDTraceCallback(adapter, forget, path, every=int(kind.split()[1]), steps=cfg.steps)]
             try:
-                run_loop(adapter, get_method("fttp", modality="sd"), forget, [], cfg, c.key, c.names, callbacks=cbs,
-                         progress=False)
+                run_loop(adapter, method, forget, [], cfg, c.key, c.names, callbacks=cbs, progress=False)
             finally:
                 for cb in cbs:
                     cb.close()
@@ -186,8 +192,9 @@ def sd(args, tmp: Path) -> None:
     print(f"world SD, `unlearn sd --trace` loop: FTTP, full fine-tuning, batch 2, {cfg.steps} steps from 5 images, "
           f"{args.sd_runs} alternating runs of each")
     print(f"  untraced run median {base:.2f} s")
-    for kind in ("every 1", "every 10"):
-        print(f"  ratio probe K_C/K_N {kind + ':':<10} {statistics.median(times[kind]) / base:.3f} of medians "
+    for kind, what in (("step", "step errors + K (--trace-source step)"), ("every 1", "probe K, every step"),
+                       ("every 10", "probe K, every 10th step")):
+        print(f"  ratio {what + ':':<38} {statistics.median(times[kind]) / base:.3f} of medians "
               f"({statistics.median(times[kind]):.2f} s; target <= 1.03 for per-step K)")
 
 

@@ -160,3 +160,50 @@ def test_bad_trace_every_is_a_clear_error_before_any_write(tmp_path, every, trac
     with pytest.raises(ValueError, match="--trace-every K needs --trace"):
         run_sd("vorn", "fttp", tmp_path / "run", steps=2, trace=trace, trace_every=every, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_step_source_records_each_steps_own_errors_and_trains_the_same(tmp_path):
+    """--trace-source step: the step's own errors of its batch (the other records NaN), K from them,
+    no step -1, and training unchanged; a method without such errors is a clear error."""
+    from knowtrace.knowledge import sd_knowledge
+    from unlearn.sd_tracing import SDStepErrorCallback
+
+    c = BY_KEY["vorn"]
+    cfg = TrainConfig(steps=3, lr=1e-4, lora=False, batch_size=2)
+    weights, seen = {}, []
+    for traced in (False, True):
+        a = load_sd_adapter("world")
+        forget, _ = world_sd_data("vorn", 4, a.resolution)
+        method = get_method("fttp", modality="sd")
+        cb = SDStepErrorCallback(a, method, forget, tmp_path / "step.zarr") if traced else None
+
+        class Spy:  # the errors the method left at each step, before the trace reads them
+            def on_step_end(self, step, logs, state):
+                seen.append((list(method.step_errors[0]), method.step_errors[1].clone()))
+
+        try:
+            run_loop(a, method, forget, [], cfg, c.key, c.names, callbacks=[Spy(), *([cb] if cb else [])],
+                     progress=False)
+        finally:
+            if cb:
+                cb.close()
+        weights[traced] = {n: p.detach().clone() for n, p in a.model.named_parameters()}
+    for n, w in weights[False].items():
+        torch.testing.assert_close(weights[True][n], w, rtol=0, atol=0)
+    ds = open_trace(tmp_path / "step.zarr")
+    assert ds.step.values.tolist() == [0, 1, 2]
+    ids = list(ds.sample_id.values)
+    masks = torch.from_numpy(ds.mask.values)
+    for step, (batch_ids, err) in enumerate(seen[3:]):
+        rows = [ids.index(i) for i in batch_ids]
+        others = [r for r in range(len(ids)) if r not in rows]
+        np.testing.assert_allclose(ds.eps_err.values[step, rows], err.numpy(), rtol=2e-3, atol=1e-6)  # float16
+        assert np.isnan(ds.eps_err.values[step, others]).all() and np.isnan(ds.K_C.values[step, others]).all()
+        kc, _ = sd_knowledge(err, masks[rows])
+        np.testing.assert_allclose(ds.K_C.values[step, rows], kc.numpy(), rtol=2e-3)
+    with pytest.raises(ValueError, match="computes none"):
+        SDStepErrorCallback(a, get_method("esd_x", modality="sd"), forget, tmp_path / "esd.zarr")
+    assert not (tmp_path / "esd.zarr").exists()
+    with pytest.raises(ValueError, match="--trace-source step"):
+        run_sd("vorn", "esd_x", tmp_path / "run", steps=2, trace=True, trace_source="step", progress=False)
+    assert not (tmp_path / "run").exists()

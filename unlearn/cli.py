@@ -190,6 +190,9 @@ def _add_sd(parser: argparse.ArgumentParser) -> None:
                         "over the prompt tokens (xattn; knowtrace plot RUN --kind attention)")
     parser.add_argument("--trace-every", type=int, default=1, metavar="K", help="probe after every K-th step and the "
                         "last only (default 1: every step; one probe costs about 1.7 training steps on the world SD)")
+    parser.add_argument("--trace-source", choices=("probe", "step"), default="probe", help="probe: fixed-noise probe "
+                        "of the forget images (comparable across steps and methods); step: each step's own errors "
+                        "(nearly free; fttp, fttp_dilated, ga)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("settings", nargs="*", metavar="key=value")
 
@@ -209,7 +212,8 @@ def _run_sd(args: argparse.Namespace) -> int:
                      images=args.images, options=pairs, world_dir=args.world_dir,
                      eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds, retained=args.retained, progress=not args.quiet,
                      overwrite=args.overwrite, trace="attention" if args.trace_attention else args.trace,
-                     data=args.data, classifier=args.classifier, trace_every=args.trace_every)
+                     data=args.data, classifier=args.classifier, trace_every=args.trace_every,
+                     trace_source=args.trace_source)
     keys = [k for k in ("ua", "fd", "fd_space", "K_C", "K_N") if k in metrics]
     print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
                       "images": metrics["images"], "original": {k: metrics["original"].get(k) for k in keys}}, indent=1))

@@ -139,14 +139,15 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
            retained: list[str] | None = None,
            forget: list[SDRecord] | None = None, retain: list[SDRecord] | None = None, progress: bool = True,
            overwrite: bool = False, callbacks=(), trace: bool | str = False, data: Path | None = None,
-           classifier: str | None = None, trace_every: int = 1) -> dict:
+           classifier: str | None = None, trace_every: int = 1, trace_source: str = "probe") -> dict:
     """Run SD ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
 
     ``trace``: per-step ``eps_err``, K_C / K_N of the forget images (a fixed-noise probe before
     training, step -1, and after every step; :mod:`unlearn.sd_tracing`) in ``out/trace.zarr``;
     ``trace="attention"``: also the probe's cross-attention maps over the prompt tokens (``xattn``).
     ``trace_every``: probe after every k-th step (and the last) only; one probe costs about 1.7
-    training steps on the world SD.
+    training steps on the world SD. ``trace_source="step"``: record each step's own per-pixel errors
+    instead of probing (nearly free; FTTP, FwD and GA only; :class:`unlearn.sd_tracing.SDStepErrorCallback`).
 
     ``data``: an SD record directory (:mod:`unlearn.data.sd_record_files`: forget/retain records,
     UA prompts, retained concepts with FD reference images); the way to run on a real checkpoint.
@@ -170,6 +171,11 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
     if int(trace_every) < 1 or (int(trace_every) != 1 and not trace):
         raise ValueError(f"trace_every={trace_every}: give a number of steps >= 1, together with trace "
                          f"(--trace-every K needs --trace or --trace-attention)")
+    if trace_source not in ("probe", "step"):
+        raise ValueError(f"trace_source must be probe or step, got {trace_source!r}")
+    if trace_source == "step" and (trace is not True or int(trace_every) != 1 or not algo.has_step_errors):
+        raise ValueError(f"--trace-source step records each step's own errors: it needs --trace (no attention, no "
+                         f"--trace-every) and a method that computes them (fttp, fttp_dilated, ga; got {method!r})")
     needs_masks = getattr(algo, "needs_masks", False)
     if data is not None:
         from .data.sd_record_files import load_sd_record_data
@@ -224,7 +230,7 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
             eval_settings = {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds, "retained": retained,
                              "classifier": classifier}
             return _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate,
-                        timings, progress, callbacks, eval_settings, trace, data, int(trace_every))
+                        timings, progress, callbacks, eval_settings, trace, data, int(trace_every), trace_source)
         except BaseException:
             if created and state.is_main_process:
                 shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left
@@ -232,7 +238,7 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
 
 
 def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate, timings, progress,
-         callbacks, eval_settings, trace=False, data=None, trace_every=1) -> dict:
+         callbacks, eval_settings, trace=False, data=None, trace_every=1, trace_source="probe") -> dict:
     t = time.perf_counter()
     original = evaluate(0)
     timings["eval_original"] = time.perf_counter() - t
@@ -249,12 +255,15 @@ def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model,
         save_samples(adapter, sample_prompts, out / "samples", "original")
     tracer = None
     if trace and PartialState().is_main_process:  # the main process probes the unwrapped UNet; others train only
-        from .sd_tracing import SDTraceCallback
+        from .sd_tracing import SDStepErrorCallback, SDTraceCallback
 
         attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,
                  "versions": versions(), "git_commit": git_commit()}
-        tracer = SDTraceCallback(adapter, forget, out / "trace.zarr", attrs, attention=trace == "attention",
-                                 names=target.names, every=trace_every, steps=cfg.steps)  # records step -1 now
+        if trace_source == "step":
+            tracer = SDStepErrorCallback(adapter, algo, forget, out / "trace.zarr", attrs)
+        else:
+            tracer = SDTraceCallback(adapter, forget, out / "trace.zarr", attrs, attention=trace == "attention",
+                                     names=target.names, every=trace_every, steps=cfg.steps)  # records step -1 now
         callbacks = [*callbacks, tracer]
     try:
         result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, target.key, target.names,
@@ -278,7 +287,7 @@ def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model,
             "data": str(data) if data is not None else "world",
             "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
             "images": images, "records": {"forget": [r.id for r in forget], "retain": len(retain)}, "trace": bool(trace),
-            "trace_every": trace_every if trace else None,
+            "trace_every": trace_every if trace else None, "trace_source": trace_source if trace else None,
             "eval": eval_settings, "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
             "world_size": result["world_size"], "mixed_precision": result["mixed_precision"],
             "history": result["history"],

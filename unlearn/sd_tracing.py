@@ -39,18 +39,22 @@ from knowtrace.sd_tracer import SDSample, SDTracer
 from .eval.sd import DEFAULT_TIMESTEPS
 
 
+def check_traceable(records: Sequence) -> None:
+    if not records:
+        raise ValueError("nothing to trace: give at least one forget record")
+    missing = [r.id for r in records if r.mask is None]
+    if missing:
+        raise ValueError(f"tracing K_C / K_N needs a concept mask on every forget record; records {missing[:5]} "
+                         f"have none (give masks: array, PNG or labelme JSON)")
+
+
 class SDProbe:
     """Per-pixel noise errors of fixed records at fixed timesteps and noise: (N, h, w), mean over
     channels and timesteps. Latents, text embeddings and masks are encoded once."""
 
     def __init__(self, adapter, records: Sequence, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, noise_seed: int = 0,
                  attention: bool = False, names: Sequence[str] | None = None):
-        if not records:
-            raise ValueError("nothing to probe: give at least one forget record")
-        missing = [r.id for r in records if r.mask is None]
-        if missing:
-            raise ValueError(f"tracing K_C / K_N needs a concept mask on every forget record; records {missing[:5]} "
-                             f"have none (give masks: array, PNG or labelme JSON)")
+        check_traceable(records)
         n_train = adapter.noise_scheduler.config.num_train_timesteps
         self.timesteps = [int(t) for t in timesteps]
         if not self.timesteps or min(self.timesteps) < 0 or max(self.timesteps) >= n_train:
@@ -160,3 +164,35 @@ class SDTraceCallback:
     def close(self) -> None:
         self.tracer.flush()
 
+
+
+class SDStepErrorCallback:
+    """A loop callback writing each step's OWN per-pixel errors of its forget batch, with K_C / K_N
+    (``unlearn sd --trace --trace-source step``): no extra forward, so nearly free, but each step's
+    errors are at that step's random timestep and noise (K moves with the draw as well as with the
+    model; the probe of :class:`SDTraceCallback` is the comparable measure), rows of records not in
+    the step's batch are NaN, there is no step -1, and with gradient accumulation the step's last
+    micro-batch is recorded. Only for methods with ``has_step_errors`` (FTTP, FwD, GA)."""
+
+    def __init__(self, adapter, method, records: Sequence, path, attrs: dict | None = None, lam: float = 1.0,
+                 reduce: str = "mean", flush_seconds: float = 5.0):
+        if not getattr(method, "has_step_errors", False):
+            raise ValueError(f"a step-source trace needs a method whose loss computes the forget images' per-pixel "
+                             f"error (fttp, fttp_dilated, ga); {method.name!r} computes none: trace it with the "
+                             f"probe (--trace-source probe, the default)")
+        check_traceable(records)
+        mask = adapter.encode(list(records), with_mask=True, allow_degenerate=True).mask.cpu().bool()  # (N, h, w)
+        samples = [SDSample(r.id, m.numpy(), r.concept or "") for r, m in zip(records, mask)]
+        capture = {"eps_err": "each step's own training error of its forget batch (the step's random timestep and "
+                              "noise; records outside the step's batch NaN)",
+                   "knowledge": {"lambda": lam, "reduce": reduce}, "loss_forget": "the step's own training loss"}
+        self.method = method
+        self.tracer = SDTracer(path, samples, lam=lam, reduce=reduce, attrs={**(attrs or {}), "capture": capture},
+                               flush_seconds=flush_seconds)
+
+    def on_step_end(self, step: int, logs: dict, state) -> None:
+        ids, err = self.method.step_errors
+        self.tracer.record_errors(step, err, ids, logs)
+
+    def close(self) -> None:
+        self.tracer.flush()

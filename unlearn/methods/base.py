@@ -133,6 +133,10 @@ class SDMethod(Method):
     ``ctx.adapter`` is an :class:`unlearn.models.sd.SDAdapter`."""
 
     modality: ClassVar[str] = "sd"
+    # True for methods whose loss computes the forget batch's per-latent-pixel error; they leave
+    # ``self.step_errors = (record ids, e (B, h, w) detached)`` after each loss, which a step-source
+    # trace (``unlearn sd --trace --trace-source step``) records at no extra forward
+    has_step_errors: ClassVar[bool] = False
 
 
 def retain_iterator(records: list, batch_size: int, seed: int) -> Iterator[list]:

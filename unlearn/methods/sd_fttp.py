@@ -27,6 +27,7 @@ from .base import SDMethod, register
 class SDFTTP(SDMethod):
     name = "fttp"
     needs_masks: ClassVar[bool] = True
+    has_step_errors: ClassVar[bool] = True
     alpha: float = 0.8
     beta: float = 0.5
     dilate: int = 0  # OpenCV dilation kernel (pixels at the model's resolution); 0 = vanilla FTTP
@@ -50,6 +51,7 @@ class SDFTTP(SDMethod):
         m = batch.mask
         loss = (self.weights(m) * e).mean()
         e = e.detach()
+        self.step_errors = ([r.id for r in forget], e)
         return loss, {"loss_forget": loss.item(), "err_concept": float((e * m).sum() / m.sum().clamp(min=1)),
                       "err_other": float((e * (1 - m)).sum() / (1 - m).sum().clamp(min=1)),
                       "concept_share": float(m.mean())}
