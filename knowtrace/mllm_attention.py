@@ -186,6 +186,7 @@ class AttentionCapture:
 
     # ----------------------------------------------------------------- attach / restore
     def __enter__(self):
+        """Claim the model (a second capture on it is an error) and switch to the capturing function."""
         original = self.config._attn_implementation
         if original not in SUPPORTED:
             raise ValueError(f"attention capture runs on top of {SUPPORTED} attention; the language model uses "
@@ -194,8 +195,16 @@ class AttentionCapture:
             raise RuntimeError("attention is already being captured on this model; exit that capture first")
         self.original = original
         _CAPTURES[id(self.config)] = self
-        self.config._attn_implementation_internal = PREFIX + original
+        self.switch(True)
         return self
+
+    def switch(self, on: bool) -> None:
+        """Route attention through the capturing function (on) or the original (off) while the model
+        stays claimed: a tracer that records attention only on probes leaves training steps on the
+        original function, so they pay nothing for it."""
+        if self.original is None:
+            raise RuntimeError("the attention capture is not attached")
+        self.config._attn_implementation_internal = PREFIX + self.original if on else self.original
 
     def __exit__(self, *exc):
         if self.original is not None:

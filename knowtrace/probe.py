@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import xarray as xr
 
+from .modes import eval_mode
 from .schema import PROBE_GROUP
 from .store import open_trace
 
@@ -64,21 +65,21 @@ class ProbeRunner:
 
     def run(self, step: int) -> None:
         tracer, model = self.tracer, self.tracer.model
-        training = {m: m.training for m in model.modules()}
         saved, tracer._calls = tracer._calls, []  # the step's own forwards are not probes
         device = next(model.parameters()).device
         try:
-            model.eval()
             tracer._recording_attention = True
-            with torch.inference_mode():
+            if tracer.attention is not None and tracer.attached:
+                tracer.attention.switch(True)
+            with eval_mode(model), torch.inference_mode():
                 for batch in self.probes.batches:
                     model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
             calls = tracer._calls
         finally:
+            if tracer.attention is not None and tracer.attached:
+                tracer.attention.switch(tracer.attention.options.on_steps)
             tracer._recording_attention = False
             tracer._calls = saved
-            for m, flag in training.items():
-                m.training = flag
         if len(calls) != len(self.probes.batches):
             raise RuntimeError(f"{len(self.probes.batches)} probe batches ran but {len(calls)} forwards were captured; "
                                f"is the tracer attached (inside its `with` block)?")

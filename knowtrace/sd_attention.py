@@ -11,10 +11,10 @@ Usage::
         unet(z_t, t, encoder_hidden_states=cond)
         loss = sum(p[..., concept_tokens].sum(-1).mean() for p in cap.probs())
 
-How: the context manager sets a :class:`RecordingProcessor` on every chosen ``attn2`` layer through
-``unet.set_attn_processor`` (which, given a dict, needs an entry for *every* attention layer and pops
-the entries of the dict it is given, so we hand it a fresh copy) and sets the original processors
-back on exit, also after an exception. The recording processor wraps the layer's original processor:
+How: the context manager sets a :class:`RecordingProcessor` on every chosen ``attn2`` layer with the
+layer's own ``set_processor`` (what ``unet.set_attn_processor`` calls per layer; the layers are found
+once, when the capture is built, so entering and leaving a capture per probe does not walk the UNet)
+and sets the original processors back on exit, also after an exception. The recording processor wraps the layer's original processor:
 the layer's output is the original processor's own output (bit-identical, whatever the original is:
 SDPA, classic, sliced...), and the probabilities are computed beside it from the same query/key
 projections: ``softmax(Q K^T * attn.scale [+ mask])`` per head, in float32 when the layer upcasts.
@@ -176,6 +176,7 @@ class CrossAttentionCapture:
         if not chosen:
             raise ValueError(f"no cross-attention layer selected; choose among {bare}")
         self.layers: list[str] = [n for n in bare if n in set(chosen)]  # UNet order
+        self._modules = {n: unet.get_submodule(n) for n in self.layers}  # the Attention modules, found once
         self.records: dict[str, list[AttentionRecord]] = {n: [] for n in self.layers}
         self._originals: dict | None = None
         self._hook = None
@@ -185,15 +186,16 @@ class CrossAttentionCapture:
 
     def __enter__(self) -> CrossAttentionCapture:
         if getattr(self.unet, _ATTACHED, None) is not None or any(
-                isinstance(p, RecordingProcessor) for p in self.unet.attn_processors.values()):
+                isinstance(m.processor, RecordingProcessor) for m in self._modules.values()):
             raise RuntimeError("cross-attention capture is already attached to this UNet; "
                                "leave the other `capture_cross_attention` block first (captures do not nest)")
-        originals = self.unet.attn_processors  # a fresh dict: name -> processor
-        wanted = {f"{n}.processor" for n in self.layers}
-        new = {name: RecordingProcessor(p, name.removesuffix(".processor"), self) if name in wanted else p
-               for name, p in originals.items()}
-        self.unet.set_attn_processor(new)  # pops entries from `new`, which is ours
-        self._originals = originals
+        self._originals = {n: m.processor for n, m in self._modules.items()}
+        try:
+            for n, m in self._modules.items():
+                m.set_processor(RecordingProcessor(self._originals[n], n, self))
+        except BaseException:
+            self.detach()
+            raise
         setattr(self.unet, _ATTACHED, self)
         self._hook = self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         return self
@@ -207,7 +209,8 @@ class CrossAttentionCapture:
             self._hook.remove()
             self._hook = None
         if self._originals is not None:
-            self.unet.set_attn_processor(dict(self._originals))
+            for n, original in self._originals.items():
+                self._modules[n].set_processor(original)
             self._originals = None
         if getattr(self.unet, _ATTACHED, None) is self:
             delattr(self.unet, _ATTACHED)

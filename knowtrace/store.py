@@ -63,6 +63,7 @@ class TraceStore:
         self._last_appended: int | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # the background write in flight
+        self._arrays: dict | None = None  # name -> zarr array, for appends (one writer at a time)
         self.float_dtype = np.dtype(float_dtype)
         self._static = {k: np.asarray(v) for k, v in (static or {}).items()}
         for name, values in self._static.items():
@@ -161,6 +162,7 @@ class TraceStore:
                 ds = ds.assign_coords({name: (STATIC_COORDS[name], values)})
             # chunks of many steps: appending then writes one file per variable and flush, not one per step
             encoding = {name: {"chunks": (_step_chunk(v[1][0].nbytes),) + v[1].shape[1:]} for name, v in data.items()}
+            encoding[STEP] = {"chunks": (MAX_STEP_CHUNK,)}  # xarray's default chunks the coordinate by its first length: a file per step
             # the path held no trace when this store was opened; anything there now is a child group
             # written since (a probe group whose first step came first), which "w" would delete
             ds.to_zarr(self.path, mode="a" if self.path.exists() else "w", consolidated=False, encoding=encoding)
@@ -172,10 +174,12 @@ class TraceStore:
         """Append along ``step`` with zarr itself: xarray's append re-reads and re-validates the whole
         store (~100 ms here); resizing the arrays xarray created and writing the new rows is what it
         does in the end. Every variable is checked first, so a mismatch writes nothing."""
-        import zarr
+        if self._arrays is None:  # opened once: reopening the group and its arrays was a third of an append
+            import zarr
 
-        group = zarr.open_group(self.path, mode="r+", zarr_format=3)
-        arrays = {name: group[name] for name in (*data, STEP) if name in group}
+            group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+            self._arrays = {name: group[name] for name in (*data, STEP) if name in group}
+        arrays = self._arrays
         missing = set(data) - set(arrays)
         if missing or STEP not in arrays:
             raise ValueError(f"variables {sorted(missing)} are not in the existing trace {self.path}; a trace keeps "

@@ -183,6 +183,7 @@ class MLLMTracer:
         try:
             if self.attention is not None:
                 self.attention.__enter__()
+                self.attention.switch(self.attention.options.on_steps)  # probes only: switched in per probe
             self._handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
                              self.model.register_forward_hook(self._capture, with_kwargs=True)]
             setattr(self.model, _ATTACHED, True)

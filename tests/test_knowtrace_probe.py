@@ -82,3 +82,28 @@ def test_probe_set_errors():
         ProbeSet([adapter.encode(records)], samples[:2])
     with pytest.raises(ValueError, match="every must be"):
         ProbeSet([adapter.encode(records)], samples, every=0)
+
+
+def test_probe_only_attention_switches_in_for_the_probe_forward_alone(tmp_path):
+    """With ``on_steps=False`` training forwards run the original attention function (they pay nothing
+    for the capture); the probe forward runs the capturing one and records maps."""
+    model, processor = tiny_llava()
+    adapter = adapter_for(model, processor)
+    records = _records()
+    samples = traced_samples(adapter, records, ("Vorn",))
+    probes = ProbeSet([adapter.encode(records[:1])], samples[:1], every=1)
+    attn = model.get_decoder().layers[-1].self_attn
+    original = attn.config._attn_implementation
+    seen = []
+    handle = attn.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
+    try:
+        with trace(model, tmp_path / "t.zarr", samples, probes=probes,
+                   attention=AttentionOptions(on_steps=False), float_dtype="float32") as tr:
+            model(**adapter.encode(records[1:]))  # a training step's forward
+            tr.record(0, [r.id for r in records[1:]])  # then the probe
+            model(**adapter.encode(records[1:]))
+    finally:
+        handle.remove()
+    assert seen == [original, "knowtrace_" + original, original]
+    assert attn.config._attn_implementation == original
+    assert np.isfinite(open_probe_trace(tmp_path / "t.zarr").xattn.values).any()

@@ -66,3 +66,19 @@ def test_unreadable_store_is_not_overwritten(tmp_path):
     with pytest.raises(RuntimeError, match="cannot be read"):
         TraceStore(bad)
     assert (bad / "zarr.json").read_text() == "{broken"
+
+
+def test_every_variable_and_the_step_coordinate_hold_many_steps_per_chunk(tmp_path):
+    """Appending writes one chunk per variable, not one file per step (xarray's default chunks the step
+    coordinate by its first length, 1: a file per step, and appends that grow with the steps buffered)."""
+    import zarr
+
+    path = tmp_path / "trace.zarr"
+    store = TraceStore(path, static=_static(), flush_seconds=3600)
+    for s in range(40):
+        store.append(s, K_C=np.full(2, s, np.float32))
+    store.flush()
+    group = zarr.open_group(path, mode="r")
+    assert group["step"].chunks[0] >= 40 and group["K_C"].chunks[0] >= 40
+    assert sum(1 for f in (path / "step").rglob("*") if f.is_file() and f.name != "zarr.json") == 1
+    np.testing.assert_array_equal(open_trace(path).step.values, np.arange(40))

@@ -29,14 +29,13 @@ every layer's maps of the probe batch until they are averaged: cheap on the worl
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from knowtrace.sd_tracer import SDSample, SDTracer
 
-from .eval.sd import DEFAULT_TIMESTEPS
+from .eval.sd import DEFAULT_TIMESTEPS, PROBE_BATCH, check_timesteps, fixed_noise_errors
 
 
 def check_traceable(records: Sequence) -> None:
@@ -50,16 +49,15 @@ def check_traceable(records: Sequence) -> None:
 
 class SDProbe:
     """Per-pixel noise errors of fixed records at fixed timesteps and noise: (N, h, w), mean over
-    channels and timesteps. Latents, text embeddings and masks are encoded once."""
+    channels and timesteps (:func:`unlearn.eval.sd.fixed_noise_errors`, ``batch_size`` (timestep,
+    image) pairs per UNet forward). Latents, text embeddings and masks are encoded once."""
 
     def __init__(self, adapter, records: Sequence, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, noise_seed: int = 0,
-                 attention: bool = False, names: Sequence[str] | None = None):
+                 attention: bool = False, names: Sequence[str] | None = None, batch_size: int = PROBE_BATCH):
         check_traceable(records)
-        n_train = adapter.noise_scheduler.config.num_train_timesteps
-        self.timesteps = [int(t) for t in timesteps]
-        if not self.timesteps or min(self.timesteps) < 0 or max(self.timesteps) >= n_train:
-            raise ValueError(f"timesteps must be in [0, {n_train}), got {list(timesteps)}")
+        self.timesteps = check_timesteps(adapter, timesteps)
         self.adapter, self.records, self.noise_seed = adapter, list(records), int(noise_seed)
+        self.batch_size = int(batch_size)
         # allow_degenerate: a whole-image concept (art style) is traced as all concept (K_N NaN), not an error
         batch = adapter.encode(self.records, with_mask=True, allow_degenerate=True)
         self.latents, self.cond = batch.latents, batch.cond  # (N, C, h, w), (N, L, D)
@@ -69,32 +67,42 @@ class SDProbe:
                                  generator=torch.Generator().manual_seed(self.noise_seed))
         self.attention = attention
         self.tokens = [prompt_tokens(adapter, r, names) for r in self.records] if attention else None
+        self._captures: dict[int, object] = {}  # id(unet) -> its capture, built once (finding the layers walks the UNet)
         self.maps: torch.Tensor | None = None  # (N, 1, tokens, h, w) of the last errors() call, with attention
 
-    @torch.no_grad()
     def errors(self, unet) -> torch.Tensor:
-        """(N, h, w) float32 on the CPU, with ``unet`` in eval mode (its mode is restored). With
-        attention, the same forwards' maps are left in ``self.maps``."""
-        from knowtrace.sd_attention import capture_cross_attention
+        """(N, h, w) float32 on the CPU, with ``unet`` in eval mode (each module's mode is restored).
+        With attention, the same forwards' maps are left in ``self.maps``."""
+        if not self.attention:
+            return self._errors(unet)
+        capture = self._captures.get(id(unet))
+        if capture is None:
+            from knowtrace.sd_attention import capture_cross_attention
 
-        z, sched = self.latents, self.adapter.noise_scheduler
-        was = unet.training
-        unet.eval()
-        capture = capture_cross_attention(unet, mean_heads=True, to_cpu=True) if self.attention else contextlib.nullcontext()
-        try:
-            with capture as cap:
-                err = torch.zeros(z.shape[0], *z.shape[2:])
-                for eps, t in zip(self.noise, self.timesteps):
-                    eps = eps.to(z.device, z.dtype)
-                    tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-                    pred = unet(sched.add_noise(z, eps, tt), tt, encoder_hidden_states=self.cond).sample
-                    err += (eps - pred).float().pow(2).mean(1).cpu()
-                if self.attention:  # mean over layers and timesteps, on the latent grid: (N, 1, tokens, h, w)
-                    width = max(len(ids) for ids, _, _ in self.tokens)
-                    self.maps = cap.maps(size=tuple(z.shape[2:]))[:, None, :width].float()
-        finally:
-            unet.train(was)
-        return err / len(self.timesteps)
+            capture = self._captures[id(unet)] = capture_cross_attention(unet, mean_heads=True, to_cpu=True)
+        capture.clear()
+        with capture:
+            err = self._errors(unet)
+        self.maps = self._mean_maps(capture)
+        capture.clear()
+        return err
+
+    def _errors(self, unet) -> torch.Tensor:
+        return fixed_noise_errors(unet, self.adapter.noise_scheduler, self.latents, self.cond, self.noise,
+                                  self.timesteps, self.batch_size)
+
+    def _mean_maps(self, capture) -> torch.Tensor:
+        """(N, 1, tokens, h, w): each layer's maps on the latent grid, averaged over layers and timesteps."""
+        from knowtrace.sd_attention import spatial, upsample
+
+        size, n = tuple(self.latents.shape[2:]), self.latents.shape[0]
+        width = max(len(ids) for ids, _, _ in self.tokens)
+        per_layer = []
+        for layer in capture.layers:  # each layer's calls cover the T x N pairs in order (timestep-major)
+            maps = [spatial(r.probs, r.hw)[:, :width] for r in capture.records[layer]]
+            maps = torch.cat([m if tuple(m.shape[-2:]) == size else upsample(m, size) for m in maps])
+            per_layer.append(maps.float().view(len(self.timesteps), n, *maps.shape[1:]).mean(0))
+        return torch.stack(per_layer).mean(0)[:, None]
 
     @property
     def settings(self) -> dict:

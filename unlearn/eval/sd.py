@@ -281,6 +281,39 @@ def fd_world(images_a: np.ndarray, images_b: np.ndarray, classifier: WorldConcep
 # ----------------------------------------------------------------------------- K_C / K_N
 
 
+PROBE_BATCH = 16  # (timestep, image) pairs per UNet forward of a fixed-noise probe
+
+
+@torch.no_grad()
+def fixed_noise_errors(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
+                       timesteps: Sequence[int], batch_size: int = PROBE_BATCH) -> torch.Tensor:
+    """Per-latent-pixel noise errors of fixed inputs, averaged over timesteps: (N, h, w) float32, CPU.
+
+    latents (N, C, h, w), cond (N, L, D), noise (T, N, C, h, w) for the T ``timesteps``:
+    ``e_x = mean over channels of (eps - eps_theta(z_t, cond, t))^2`` per (timestep, image) pair, then
+    the mean over the timesteps. The T x N pairs go through the UNet ``batch_size`` at a time
+    (timestep-major), in eval mode (each module's flag restored after): one forward per timestep
+    paid the UNet's per-call cost T times, which on a small UNet is most of the probe."""
+    from knowtrace.modes import eval_mode
+
+    if int(batch_size) < 1:
+        raise ValueError(f"probe batch size must be >= 1, got {batch_size}")
+    n_t, n = len(timesteps), latents.shape[0]
+    if tuple(noise.shape) != (n_t, *latents.shape):
+        raise ValueError(f"noise must be (timesteps={n_t}, *latents {tuple(latents.shape)}), got {tuple(noise.shape)}")
+    z = latents.repeat(n_t, 1, 1, 1)  # (T*N, C, h, w): pair k is timestep k // N, image k % N
+    c = cond.repeat(n_t, 1, 1)
+    eps = noise.reshape(n_t * n, *latents.shape[1:]).to(latents.device, latents.dtype)
+    t = torch.tensor([int(x) for x in timesteps], device=latents.device).repeat_interleave(n)
+    err = []
+    with eval_mode(unet):
+        for i in range(0, n_t * n, int(batch_size)):
+            sl = slice(i, i + int(batch_size))
+            pred = unet(scheduler.add_noise(z[sl], eps[sl], t[sl]), t[sl], encoder_hidden_states=c[sl]).sample
+            err.append((eps[sl] - pred).float().pow(2).mean(1).cpu())  # (pairs, h, w)
+    return torch.cat(err).view(n_t, n, *latents.shape[2:]).mean(0)
+
+
 @torch.no_grad()
 def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, noise_seed: int = 0,
                      lam: float = 1.0, reduce: str = "mean", adapter=None) -> dict:
@@ -291,9 +324,9 @@ def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS
     a noise eps drawn once from ``torch.Generator().manual_seed(noise_seed)`` (one draw of shape
     (T, N, C, h, w), so it is the same for every model given the same records), z_t = q(z_t | z, eps),
     ``e_x = mean over channels of (eps - eps_theta(z_t, prompt, t))^2``; e_x is averaged over the
-    timesteps, then ``K_C = exp(-lam * agg(e_x over concept pixels))`` and K_N over the others, with
-    ``agg`` the mean (default; comparable across image sizes and mask areas) or the sum (the paper's
-    literal form), by :func:`knowtrace.knowledge.sd_knowledge`.
+    timesteps (:func:`fixed_noise_errors`), then ``K_C = exp(-lam * agg(e_x over concept pixels))``
+    and K_N over the others, with ``agg`` the mean (default; comparable across image sizes and mask
+    areas) or the sum (the paper's literal form), by :func:`knowtrace.knowledge.sd_knowledge`.
     """
     from knowtrace.knowledge import sd_knowledge
 
@@ -302,32 +335,24 @@ def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS
     if not records:
         raise ValueError("no forget records to compute K_C / K_N on")
     adapter = adapter or SDAdapter(pipe)
-    n_train = adapter.noise_scheduler.config.num_train_timesteps
-    ts = [int(t) for t in timesteps]
-    if not ts or min(ts) < 0 or max(ts) >= n_train:
-        raise ValueError(f"timesteps must be in [0, {n_train}), got {list(timesteps)}")
+    ts = check_timesteps(adapter, timesteps)
     batch = adapter.encode(list(records), with_mask=True)  # latents (N, C, h, w), cond, mask (N, h, w)
-    z = batch.latents
-    noise = torch.randn((len(ts), *z.shape), generator=torch.Generator().manual_seed(int(noise_seed)))
-    unet = adapter.model
-    was = unet.training
-    unet.eval()
-    try:
-        err = torch.zeros(z.shape[0], *z.shape[2:])
-        for eps, t in zip(noise, ts):
-            eps = eps.to(z.device, z.dtype)
-            tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-            z_t = adapter.noise_scheduler.add_noise(z, eps, tt)
-            pred = unet(z_t, tt, encoder_hidden_states=batch.cond).sample
-            err += (eps - pred).float().pow(2).mean(1).cpu()  # (N, h, w)
-    finally:
-        unet.train(was)
-    err /= len(ts)
+    noise = torch.randn((len(ts), *batch.latents.shape), generator=torch.Generator().manual_seed(int(noise_seed)))
+    err = fixed_noise_errors(adapter.model, adapter.noise_scheduler, batch.latents, batch.cond, noise, ts)
     k_c, k_n = sd_knowledge(err, batch.mask.cpu(), lam=lam, reduce=reduce)
     return {"K_C": float(k_c.nanmean()), "K_N": float(k_n.nanmean()),
             "per_record": {r.id: {"K_C": float(a), "K_N": float(b)} for r, a, b in zip(records, k_c, k_n)},
             "settings": {"lambda": lam, "reduce": reduce, "timesteps": ts, "noise_seed": int(noise_seed),
                          "error": "mean over channels, then over timesteps"}}
+
+
+def check_timesteps(adapter, timesteps: Sequence[int]) -> list[int]:
+    """The timesteps as ints, each in [0, the scheduler's training steps); else a clear error."""
+    n_train = adapter.noise_scheduler.config.num_train_timesteps
+    ts = [int(t) for t in timesteps]
+    if not ts or min(ts) < 0 or max(ts) >= n_train:
+        raise ValueError(f"timesteps must be in [0, {n_train}), got {list(timesteps)}")
+    return ts
 
 
 def world_forget_records(concept_key: str, n_images: int, size: int, world_seed: int = 0):
