@@ -1,33 +1,38 @@
 """Benchmark: what knowtrace's tracing costs a training step, measured in one run.
 
+How it is measured, and why. This machine's speed drifts by 20-40 % over tenths of a second (other
+tenants, frequency), more than the effects measured. Untraced and traced steps therefore alternate
+step by step on the same model and batch, in pairs whose order is drawn at random (seeded), so drift
+and the after-effects of a step (cold caches after a probe, a background write) fall on both sides
+alike. Amortised costs (a probe every 10 traced steps) are ratios of TOTALS over all pairs (a
+median would skip the probe steps); per-step costs also as ratios of medians. The first traced step
+creates the trace store (one-time xarray/zarr set-up): its pair is left out and its time printed.
+
 World MLLM (``load_mllm("world")``, cached default world) with LoRA, FTTP's weighted token loss,
-batch 2, Adam; untraced and traced steps alternate in this one run (same model, same batch), so
-machine noise hits both sides alike:
+batch 2, Adam:
 
-1. log-probs + K_C/K_N: every traced step records (hook, chunked log-probs, K, buffered Zarr
-   append: ``flush_seconds=5``, the default, written by a background thread, which competes for the
-   CPU and is counted); ratios of median and of total step times. The first traced step's store
-   creation (one-time xarray/zarr set-up) is printed apart and left out of the totals. Target <= 1.03.
-2. attention probes every 10 steps, amortised: blocks of 10 steps alternate; in traced blocks the
-   tracer records log-probs/K every step and runs a probe set (2 records, inference mode) with
-   cross-attention of 2 layers after the block's first step; ratios of block times (median; total of
-   blocks 2..). Target <= 1.10.
-3. peak memory: peak RSS of the process (VmHWM, reset through /proc/self/clear_refs before each
-   block) during untraced vs traced blocks of 2.: the ratio of the peaks, and the peak increase over
-   the RSS before each block. Target ratio <= 1.10. (RSS, not tracemalloc: tracemalloc does not see
-   torch's tensor allocations.)
+1. log-probs + K_C/K_N: traced steps record (forward hook, chunked log-probs, K, buffered Zarr
+   append, ``flush_seconds=5``, written by a background thread, counted). Target <= 1.03.
+2. + attention probes every 10 steps: traced steps as in 1., and after every 10th traced step a probe
+   set of 2 records (the training batch's size) runs under inference mode with the cross-attention
+   of 2 layers (``AttentionOptions(on_steps=False)``: training steps keep the original attention).
+   Target <= 1.10, amortised.
+3. peak memory: peak RSS of the process (VmHWM, reset through /proc/self/clear_refs before each step)
+   during untraced vs traced steps of 2.: the ratio of the peaks. Target <= 1.10. (RSS, not
+   tracemalloc: tracemalloc does not see torch's tensor allocations.)
 
-World SD: `unlearn sd --trace` as it runs, against the untraced loop; whole runs alternate (see
-:func:`sd`): ``--trace-source step`` (each step's own errors, ``SDStepErrorCallback``) and the
-default probe (``SDTraceCallback``: a fixed-noise probe of the forget images, 5 timesteps, after
-every step, or after every 10th and the last).
+World SD (:func:`sd`): FTTP through the unlearn loop with the callbacks `unlearn sd --trace` uses,
+each step traced or not by a schedule of the same kind: 1. K per step from each step's own errors
+(``--trace-source step``), target <= 1.03; 2. + a fixed-noise probe with cross-attention maps
+(``--trace-attention``) of 2 images after every 10th traced step, target <= 1.10; 3. peak RSS.
 
-    OMP_NUM_THREADS=1 python benchmarks/knowtrace_overhead.py [--repeats 20] [--blocks 6] [--sd-runs 5]
+    OMP_NUM_THREADS=1 python benchmarks/knowtrace_overhead.py [--pairs 200] [--sd-pairs 120]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -43,6 +48,8 @@ from unlearn.models import load_mllm
 from unlearn.run_mllm import world_data
 from unlearn.tracing import traced_samples
 
+MIB = 2 ** 20
+
 
 def peak_rss_reset() -> int:
     """Reset the process's peak RSS (Linux) and return the current RSS in bytes."""
@@ -55,6 +62,52 @@ def _status(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def schedule(pairs: int, seed: int = 0) -> list[bool]:
+    """Which steps are traced: ``pairs`` pairs of one untraced and one traced step, each pair's order
+    drawn at random."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(pairs):
+        first = rng.random() < 0.5
+        out += [first, not first]
+    return out
+
+
+class Timings:
+    """Per-step wall times and peak RSS, split by traced/untraced; the first traced step's pair apart."""
+
+    def __init__(self, traced: list[bool]):
+        self.traced = traced
+        self.times: list[float] = []
+        self.peaks: list[int] = []
+
+    def add(self, seconds: float, peak: int) -> None:
+        self.times.append(seconds)
+        self.peaks.append(peak)
+
+    def split(self, what: list):
+        """(untraced, traced) values of the pairs after the first (whose traced step creates the store)."""
+        plain = [v for v, t in zip(what[2:], self.traced[2:]) if not t]
+        traced = [v for v, t in zip(what[2:], self.traced[2:]) if t]
+        return plain, traced
+
+    def first_traced(self) -> float:
+        return self.times[self.traced.index(True)]
+
+    def report(self, label: str, target: float, amortised: bool) -> None:
+        plain, traced = self.split(self.times)
+        med = statistics.median(traced) / statistics.median(plain)
+        total = sum(traced) / sum(plain)
+        main = f"{total:.3f} of totals, {med:.3f} of medians" if amortised else \
+            f"{med:.3f} of medians, {total:.3f} of totals"
+        print(f"  ratio {label + ':':<44} {main}  (target <= {target:.2f}{', amortised' if amortised else ''})")
+
+    def report_memory(self) -> None:
+        plain, traced = self.split(self.peaks)
+        print(f"  peak RSS untraced {max(plain) / MIB:.1f} MiB, traced {max(traced) / MIB:.1f} MiB")
+        print(f"  ratio {'peak memory (RSS):':<44} {max(traced) / max(plain):.3f}  (target <= 1.10)")
 
 
 def mllm(args, tmp: Path) -> None:
@@ -84,80 +137,86 @@ def mllm(args, tmp: Path) -> None:
 
     for _ in range(3):  # warm-up
         step()
-    # 1. per-step log-probs + K
-    plain, traced, record_only = [], [], []
-    with trace(base, tmp / "mllm.zarr", samples) as tracer:
-        for i in range(args.repeats):
-            with tracer.paused():  # untraced: no hooks, original attention
+
+    def run(tracer, pairs: int, seed: int) -> tuple[Timings, list[float]]:
+        """Steps by the schedule; traced ones record (and probe when due) inside the tracer."""
+        timings, probe_seconds, counter = Timings(schedule(pairs, seed)), [], 0
+        if tracer.probe is not None:  # time the probe runs that record() makes
+            run_probe = tracer.probe.run
+
+            def timed_probe(at: int) -> None:
                 t = time.perf_counter()
-                step()
-                plain.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            loss = step()
-            t_rec = time.perf_counter()
-            tracer.record(i, ids, {"loss_forget": loss.item()})
-            if i == 0:
-                tracer.flush()  # creates the store now: its one-time cost is reported apart, not amortised
-            traced.append(time.perf_counter() - t)
-            record_only.append(time.perf_counter() - t_rec)
-    r1 = statistics.median(traced) / statistics.median(plain)
-    r1_total = sum(traced[1:]) / sum(plain[1:])  # amortised (flushes included), first step (store creation) apart
-    # 2. + attention probes every 10 steps, amortised over blocks of 10; 3. peak RSS per block
-    tracer2 = trace(base, tmp / "mllm_probe.zarr", samples, probes=probes,
-                    attention=AttentionOptions(layers=(0, n_layers - 1), on_steps=False))
-    plain_b, traced_b, peak_plain, peak_traced, rise_plain, rise_traced = [], [], [], [], [], []
-    counter = 0
-    with tracer2:
-        for _ in range(args.blocks):
-            with tracer2.paused():
-                before = peak_rss_reset()
+                run_probe(at)
+                probe_seconds.append(time.perf_counter() - t)
+
+            tracer.probe.run = timed_probe
+        with tracer:
+            for traced in timings.traced:
+                peak_rss_reset()
+                if not traced:
+                    with tracer.paused():  # untraced: no hooks, original attention
+                        t = time.perf_counter()
+                        step()
+                        timings.add(time.perf_counter() - t, _status("VmHWM"))
+                    continue
                 t = time.perf_counter()
-                for _ in range(10):
-                    step()
-                plain_b.append(time.perf_counter() - t)
-                peak_plain.append(_status("VmHWM"))
-                rise_plain.append(peak_plain[-1] - before)
-            before = peak_rss_reset()
-            t = time.perf_counter()
-            for _ in range(10):
                 loss = step()
-                tracer2.record(counter, ids, {"loss_forget": loss.item()})  # probes run when counter % 10 == 0
-                if counter == 0:
-                    tracer2.flush()  # creates both groups in block 1, which the totals leave out
+                tracer.record(counter, ids, {"loss_forget": loss.item()})  # probes run when counter % 10 == 0
+                timings.add(time.perf_counter() - t, _status("VmHWM"))
                 counter += 1
-            traced_b.append(time.perf_counter() - t)
-            peak_traced.append(_status("VmHWM"))
-            rise_traced.append(peak_traced[-1] - before)
-    r2 = statistics.median(traced_b) / statistics.median(plain_b)
-    r2_total = sum(traced_b[1:]) / sum(plain_b[1:])
-    t = time.perf_counter()
-    with tracer2:
-        tracer2.probe.run(counter)  # one probe run alone (forward + attention recompute + buffered append)
-    probe_ms = (time.perf_counter() - t) * 1e3
-    r3 = max(peak_traced) / max(peak_plain)
-    mib = 2 ** 20
-    print(f"world MLLM + LoRA, batch 2, torch threads {torch.get_num_threads()}, {args.repeats} alternating steps, "
-          f"{args.blocks} alternating blocks of 10 steps")
+        return timings, probe_seconds
+
+    # 1. per-step log-probs + K
+    one, _ = run(trace(base, tmp / "mllm.zarr", samples), args.pairs, 1)
+    # 2. + attention probes every 10 traced steps, amortised; 3. peak RSS
+    two, probe_seconds = run(trace(base, tmp / "mllm_probe.zarr", samples, probes=probes,
+                                   attention=AttentionOptions(layers=(0, n_layers - 1), on_steps=False)), args.pairs, 2)
+    plain, traced = one.split(one.times)
+    print(f"world MLLM + LoRA, batch 2, torch threads {torch.get_num_threads()}: {args.pairs} pairs of an untraced and "
+          f"a traced step, in random order, per measurement")
     print(f"  untraced step median {statistics.median(plain) * 1e3:.1f} ms; traced (log-probs + K) "
-          f"{statistics.median(traced) * 1e3:.1f} ms")
-    print(f"  ratio log-probs + K:                    {r1:.3f} of medians, {r1_total:.3f} of totals  (target <= 1.03)")
-    print(f"    record() alone: median {statistics.median(record_only) * 1e3:.2f} ms; mean over steps 2.. incl. buffered "
-          f"flushes {statistics.mean(record_only[1:]) * 1e3:.2f} ms; first step (creates the store, one-time "
-          f"xarray/zarr set-up) {record_only[0] * 1e3:.0f} ms")
-    print(f"  untraced block median {statistics.median(plain_b) * 1e3:.0f} ms; traced + probes "
-          f"{statistics.median(traced_b) * 1e3:.0f} ms")
-    print(f"  ratio + attention probes every 10 steps: {r2:.3f} of medians, {r2_total:.3f} of totals (blocks 2..)  "
-          f"(target <= 1.10, amortised; one probe run alone incl. a flush: {probe_ms:.0f} ms)")
-    print(f"  peak RSS untraced {max(peak_plain) / mib:.1f} MiB, traced {max(peak_traced) / mib:.1f} MiB; rise over "
-          f"block start: untraced {max(rise_plain) / mib:.1f} MiB, traced {max(rise_traced) / mib:.1f} MiB")
-    print(f"  ratio peak memory (RSS):                {r3:.3f}  (target <= 1.10)")
+          f"{statistics.median(traced) * 1e3:.1f} ms; first traced step (creates the store) {one.first_traced() * 1e3:.0f} ms")
+    one.report("log-probs + K", 1.03, amortised=False)
+    print(f"  one probe (2 records, attention of 2 layers) median {statistics.median(probe_seconds[1:]) * 1e3:.1f} ms, "
+          f"{len(probe_seconds)} probes")
+    two.report("+ attention probes every 10 steps", 1.10, amortised=True)
+    two.report_memory()
+
+
+class _SDSchedule:
+    """Loop callback for the SD measurement: the step's wall time runs from the end of the previous
+    step's callbacks to the end of its own (tracing included); traced steps (by ``timings.traced``)
+    run the step-error tracer, and the probe after every ``every``-th traced step."""
+
+    def __init__(self, traced: list[bool], step_cb, probe_cb=None, every: int = 10):
+        self.traced, self.step_cb, self.probe_cb, self.every = traced, step_cb, probe_cb, every
+        self.timings = Timings(traced[1:])  # step 0 is a warm-up: it has no start time
+        self.probe_seconds: list[float] = []
+        self.counter = 0
+        self._last = None
+
+    def on_step_end(self, step: int, logs: dict, state) -> None:
+        if self.traced[step]:
+            self.step_cb.on_step_end(step, logs, state)
+            if self.probe_cb is not None and self.counter % self.every == 0:
+                t = time.perf_counter()
+                self.probe_cb.record(step, state.model, logs)
+                self.probe_seconds.append(time.perf_counter() - t)
+            self.counter += 1
+        now = time.perf_counter()
+        if self._last is not None:  # step 0 has no start: it is a warm-up
+            self.timings.add(now - self._last, _status("VmHWM"))
+        self._last = time.perf_counter()
+        peak_rss_reset()
 
 
 def sd(args, tmp: Path) -> None:
-    """`unlearn sd --trace` as it runs: the loop (FTTP, world SD, full fine-tuning, batch 2, 20 steps
-    from 5 images) untraced, traced from the steps' own errors, traced with a probe after every step,
-    and after every 10th step and the last; the four alternate, ``args.sd_runs`` times each. A traced run's time counts from building
-    the callback (which probes step -1) to closing it (the last flush)."""
+    """World SD: FTTP through the unlearn loop (full fine-tuning, batch 2; lr 1e-6, as cost does not
+    depend on it and hundreds of FTTP steps at the world's 3e-5 drive the model off), with the
+    callbacks `unlearn sd --trace` uses: ``SDStepErrorCallback`` (each step's own errors, no extra
+    forward: `--trace-source step`) and ``SDTraceCallback(attention=True)`` (fixed-noise probe, 5
+    timesteps, with cross-attention maps: `--trace-attention`) on 2 forget images, the training
+    batch's size."""
     from unlearn.data.sd_records import world_sd_data
     from unlearn.loop import TrainConfig, run_loop
     from unlearn.methods import get_method
@@ -166,48 +225,51 @@ def sd(args, tmp: Path) -> None:
     from unlearn.world.concepts import BY_KEY
 
     c = BY_KEY[args.concept]
-    cfg = TrainConfig(steps=20, lr=3e-5, lora=False, batch_size=2)
-    times: dict[str, list[float]] = {"untraced": [], "step": [], "every 1": [], "every 10": []}
-    for i in range(args.sd_runs):
-        for kind in times:
-            torch.manual_seed(0)
-            adapter = load_sd_adapter("world")
-            forget, _ = world_sd_data(c.key, 5, adapter.resolution)
-            t = time.perf_counter()
-            method = get_method("fttp", modality="sd")
-            path = tmp / f"sd-{i}-{kind.replace(' ', '')}.zarr"
-            if kind == "untraced":
-                cbs = []
-            elif kind == "step":  # --trace-source step: the step's own errors, no extra forward
-                cbs = [SDStepErrorCallback(adapter, method, forget, path)]
-            else:  # the probe, after every step or every 10th
-                cbs = [SDTraceCallback(adapter, forget, path, every=int(kind.split()[1]), steps=cfg.steps)]
-            try:
-                run_loop(adapter, method, forget, [], cfg, c.key, c.names, callbacks=cbs, progress=False)
-            finally:
-                for cb in cbs:
-                    cb.close()
-            times[kind].append(time.perf_counter() - t)
-    base = statistics.median(times["untraced"])
-    print(f"world SD, `unlearn sd --trace` loop: FTTP, full fine-tuning, batch 2, {cfg.steps} steps from 5 images, "
-          f"{args.sd_runs} alternating runs of each")
-    print(f"  untraced run median {base:.2f} s")
-    for kind, what in (("step", "step errors + K (--trace-source step)"), ("every 1", "probe K, every step"),
-                       ("every 10", "probe K, every 10th step")):
-        print(f"  ratio {what + ':':<38} {statistics.median(times[kind]) / base:.3f} of medians "
-              f"({statistics.median(times[kind]):.2f} s; target <= 1.03 for per-step K)")
+    torch.manual_seed(0)
+    adapter = load_sd_adapter("world")
+    forget, _ = world_sd_data(c.key, 5, adapter.resolution)
+    method = get_method("fttp", modality="sd")
+
+    def run(name: str, probe: bool, seed: int) -> tuple[Timings, list[float]]:
+        traced = [False] + schedule(args.sd_pairs, seed)  # step 0: warm-up, not timed
+        step_cb = SDStepErrorCallback(adapter, method, forget, tmp / f"{name}.zarr")
+        probe_cb = SDTraceCallback(adapter, forget[:2], tmp / f"{name}-probe.zarr", attention=True,
+                                   names=c.names) if probe else None  # probes step -1 now: outside the timing
+        callback = _SDSchedule(traced, step_cb, probe_cb)
+        try:
+            cfg = TrainConfig(steps=len(traced), lr=1e-6, lora=False, batch_size=2)
+            run_loop(adapter, method, forget, [], cfg, c.key, c.names, callbacks=[callback], progress=False)
+        finally:
+            step_cb.close()
+            if probe_cb is not None:
+                probe_cb.close()
+        return callback.timings, callback.probe_seconds
+
+    one, _ = run("sd-steps", False, 1)
+    two, probe_seconds = run("sd-probe", True, 2)
+    plain, traced = one.split(one.times)
+    print(f"world SD, the unlearn loop: FTTP, full fine-tuning, batch 2, torch threads {torch.get_num_threads()}: "
+          f"{args.sd_pairs} pairs of an untraced and a traced step, in random order, per measurement")
+    print(f"  untraced step median {statistics.median(plain) * 1e3:.1f} ms; traced (step errors + K) "
+          f"{statistics.median(traced) * 1e3:.1f} ms; first traced step (creates the store) {one.first_traced() * 1e3:.0f} ms")
+    one.report("K (--trace-source step)", 1.03, amortised=False)
+    print(f"  one probe (2 images x 5 timesteps, attn2 maps) median {statistics.median(probe_seconds) * 1e3:.1f} ms, "
+          f"{len(probe_seconds)} probes")
+    two.report("+ attention probes every 10 steps", 1.10, amortised=True)
+    two.report_memory()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--pairs", type=int, default=200, help="MLLM: untraced/traced step pairs per measurement")
+    ap.add_argument("--sd-pairs", type=int, default=120, help="SD: untraced/traced step pairs per measurement")
     ap.add_argument("--concept", default="oskel")
-    ap.add_argument("--sd-runs", type=int, default=5)
     ap.add_argument("--skip-sd", action="store_true")
+    ap.add_argument("--skip-mllm", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        mllm(args, Path(tmp))
+        if not args.skip_mllm:
+            mllm(args, Path(tmp))
         if not args.skip_sd:
             sd(args, Path(tmp))
 
