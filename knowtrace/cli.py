@@ -23,7 +23,7 @@ import xarray as xr
 
 from . import plots
 from .schema import JSON_ATTRS, PROBE_GROUP, SAMPLE, STEP
-from .store import export_netcdf, open_trace
+from .store import export_netcdf, netcdf_groups, open_trace
 
 TRACE_NAME = "trace.zarr"
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")
@@ -48,17 +48,22 @@ def resolve(run: Path) -> tuple[Path, Path | None]:
 def load(run: Path, probe: bool = False) -> tuple[xr.Dataset, Path, Path | None]:
     """The trace of RUN (or its probe group), lazily, JSON attrs decoded; plus its path and run directory."""
     trace, run_dir = resolve(run)
-    if probe:
-        if trace.is_file() or not (trace / PROBE_GROUP).exists():
-            raise FileNotFoundError(f"{trace} has no probe group: it was traced without a probe set "
-                                    f"(knowtrace.ProbeSet); drop --probe to use the training-step trace")
-        return open_trace(trace / PROBE_GROUP), trace / PROBE_GROUP, run_dir
+    if probe and not has_probe_group(trace):
+        raise FileNotFoundError(f"{trace} has no probe group: it was traced without a probe set "
+                                f"(knowtrace.ProbeSet); drop --probe to use the training-step trace")
     if trace.is_file():
-        ds = xr.open_dataset(trace, engine="h5netcdf", chunks={})  # dask-backed, like open_trace
+        # dask-backed, like open_trace; the probe group is the NetCDF group of the same name
+        ds = xr.open_dataset(trace, engine="h5netcdf", chunks={}, group=PROBE_GROUP if probe else None)
         ds.attrs = {k: json.loads(v) if k in JSON_ATTRS and isinstance(v, str) else v for k, v in ds.attrs.items()}
-    else:
-        ds = open_trace(trace)
-    return ds, trace, run_dir
+        return ds, trace, run_dir
+    if probe:
+        return open_trace(trace / PROBE_GROUP), trace / PROBE_GROUP, run_dir
+    return open_trace(trace), trace, run_dir
+
+
+def has_probe_group(trace: Path) -> bool:
+    """Whether a trace (Zarr store or exported .nc file) holds a probe group."""
+    return PROBE_GROUP in netcdf_groups(trace) if trace.is_file() else (trace / PROBE_GROUP).exists()
 
 
 def _read_json(path: Path) -> dict:
@@ -86,7 +91,7 @@ def _first_last(da: xr.DataArray) -> dict:
 def summarize(ds: xr.Dataset, trace: Path, run_dir: Path | None) -> dict:
     """The numbers ``knowtrace summary`` prints."""
     steps = ds[STEP].values
-    out = {"trace": str(trace), "probe_group": (trace / PROBE_GROUP).exists() if trace.is_dir() else False,
+    out = {"trace": str(trace), "probe_group": has_probe_group(trace),
            "steps": int(len(steps)),
            "step_range": [int(steps[0]), int(steps[-1])] if len(steps) else None,
            "samples": int(ds.sizes.get(SAMPLE, 0)),
@@ -247,7 +252,8 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- export
 EXPORT_HELP = """Export a Zarr trace to NetCDF.
-Float variables become float32 (NetCDF has no float16); the trace is streamed chunk by chunk."""
+Float variables become float32 (NetCDF has no float16); the trace is streamed chunk by chunk. A probe
+group becomes the NetCDF group "probe" of the same file (`summary` / `plot` read it with --probe)."""
 
 
 def _add_export(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .schema import JSON_ATTRS, STATIC_COORDS, STEP, STEP_VARIABLES, check_variable
+from .schema import JSON_ATTRS, PROBE_GROUP, STATIC_COORDS, STEP, STEP_VARIABLES, check_variable
 
 
 def index_samples(samples: Sequence) -> dict[str, int]:
@@ -216,14 +216,30 @@ def open_trace(path: str | os.PathLike) -> xr.Dataset:
 
 
 def export_netcdf(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
-    """Write the trace as NetCDF (float variables as float32, which NetCDF needs); atomic."""
-    ds = xr.open_zarr(path, consolidated=False)  # attrs stay JSON strings: NetCDF stores strings
-    ds = ds.map(lambda v: v.astype("float32") if np.issubdtype(v.dtype, np.floating) else v)
+    """Write the trace as NetCDF (float variables as float32, which NetCDF needs); atomic. A probe
+    group (:mod:`knowtrace.probe`) becomes the NetCDF group of the same name in the same file."""
     out = Path(out_file)
     tmp = out.with_name(f".{out.name}.partial")
     try:
-        ds.to_netcdf(tmp, engine="h5netcdf")
+        _to_netcdf(path, tmp, mode="w")
+        probe = Path(path) / PROBE_GROUP
+        if probe.exists():
+            _to_netcdf(probe, tmp, mode="a", group=PROBE_GROUP)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _to_netcdf(zarr_path, nc_file: Path, mode: str, group: str | None = None) -> None:
+    ds = xr.open_zarr(zarr_path, consolidated=False)  # attrs stay JSON strings: NetCDF stores strings
+    ds = ds.map(lambda v: v.astype("float32") if np.issubdtype(v.dtype, np.floating) else v)
+    ds.to_netcdf(nc_file, mode=mode, group=group, engine="h5netcdf")
+
+
+def netcdf_groups(nc_file: str | os.PathLike) -> set[str]:
+    """The names of the groups below the root of an exported trace (e.g. ``{"probe"}``)."""
+    import h5netcdf
+
+    with h5netcdf.File(nc_file, "r") as f:
+        return set(f.groups)

@@ -112,6 +112,16 @@ def test_probe_group(attention_run, capsys):
     assert main_trace["probe_group"] and probe["K_C"] != main_trace["K_C"]  # another trace (seed 2)
     assert main(["plot", str(attention_run), "--probe", "--kind", "tokens"]) == 0
     assert (attention_run / "plots" / "tokens-s0.html").exists()
+    # exported, the probe group is the NetCDF group "probe" of the same file, read back by --probe
+    nc = attention_run / "t.nc"
+    assert main(["export", str(attention_run), "--netcdf", str(nc)]) == 0
+    capsys.readouterr()
+    assert main(["summary", str(nc), "--probe", "--json"]) == 0
+    from_nc = json.loads(capsys.readouterr().out)
+    for key in ("steps", "samples", "K_C", "K_N"):
+        assert from_nc[key] == probe[key], key
+    assert main(["summary", str(nc), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["K_C"] == main_trace["K_C"]  # the root is the training-step trace
 
 
 def test_user_mistakes_are_clean_errors(runs, attention_run, tmp_path, capsys):
@@ -155,6 +165,8 @@ def test_export_round_trips_and_the_nc_file_reads_back(runs, tmp_path, capsys):
         assert from_nc[key] == from_zarr[key], key
     assert main(["export", str(nc), "--netcdf", str(tmp_path / "again.nc")]) == 2
     assert "already a NetCDF file" in capsys.readouterr().err
+    assert main(["summary", str(nc), "--probe"]) == 2  # exported without a probe group: none in the file
+    assert "has no probe group" in capsys.readouterr().err
 
 
 def test_plot_png_and_html_in_one_call(runs, tmp_path):
