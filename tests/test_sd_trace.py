@@ -189,6 +189,20 @@ def test_bad_trace_every_is_a_clear_error_before_any_write(tmp_path, every, trac
     assert not (tmp_path / "run").exists()
 
 
+def test_trace_batch_sets_the_probe_batch_and_a_bad_one_is_a_clear_error(tmp_path, capsys):
+    assert main(["sd", "--concept", "vorn", "--method", "fttp", "--steps", "1", "--trace", "--trace-batch", "0",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "trace_batch=0" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    a = load_sd_adapter("world")
+    forget, _ = world_sd_data("vorn", 2, a.resolution)
+    small, default = (SDTraceCallback(a, forget, tmp_path / f"{n}.zarr", **kw) for n, kw in
+                      (("small", {"batch_size": 3}), ("default", {})))
+    small.close(), default.close()
+    assert small.probe.batch_size == 3 and default.probe.batch_size == 16
+    np.testing.assert_allclose(open_trace(tmp_path / "small.zarr").K_C.values,
+                               open_trace(tmp_path / "default.zarr").K_C.values, rtol=1e-3)
+
+
 def test_step_source_records_each_steps_own_errors_and_trains_the_same(tmp_path):
     """--trace-source step: the step's own errors of its batch (the other records NaN), K from them,
     no step -1, and training unchanged; a method without such errors is a clear error."""

@@ -190,6 +190,8 @@ def _add_sd(parser: argparse.ArgumentParser) -> None:
                         "over the prompt tokens (xattn; knowtrace plot RUN --kind attention)")
     parser.add_argument("--trace-every", type=int, default=1, metavar="K", help="probe after every K-th step and the "
                         "last only (default 1: every step; one probe costs about 1.7 training steps on the world SD)")
+    parser.add_argument("--trace-batch", type=int, metavar="N", help="(timestep, image) pairs per probe forward "
+                        "(default unlearn.eval.sd.PROBE_BATCH = 16; lower it if the probe runs out of memory)")
     parser.add_argument("--trace-source", choices=("probe", "step"), default="probe", help="probe: fixed-noise probe "
                         "of the forget images (comparable across steps and methods); step: each step's own errors "
                         "(nearly free; fttp, fttp_dilated, ga)")
@@ -213,7 +215,7 @@ def _run_sd(args: argparse.Namespace) -> int:
                      eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds, retained=args.retained, progress=not args.quiet,
                      overwrite=args.overwrite, trace="attention" if args.trace_attention else args.trace,
                      data=args.data, classifier=args.classifier, trace_every=args.trace_every,
-                     trace_source=args.trace_source)
+                     trace_source=args.trace_source, trace_batch=args.trace_batch)
     keys = [k for k in ("ua", "fd", "fd_space", "K_C", "K_N") if k in metrics]
     print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
                       "images": metrics["images"], "original": {k: metrics["original"].get(k) for k in keys}}, indent=1))

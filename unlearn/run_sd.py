@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .data.sd_records import SDRecord, check_forget_records, world_sd_data
+from .eval.sd import PROBE_BATCH
 from .loop import TrainConfig, run_loop
 from .methods import get_method
 from .runs import git_commit, prepare_run_dir, run_dir_lock, split_options, versions, write_json
@@ -139,14 +140,16 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
            retained: list[str] | None = None,
            forget: list[SDRecord] | None = None, retain: list[SDRecord] | None = None, progress: bool = True,
            overwrite: bool = False, callbacks=(), trace: bool | str = False, data: Path | None = None,
-           classifier: str | None = None, trace_every: int = 1, trace_source: str = "probe") -> dict:
+           classifier: str | None = None, trace_every: int = 1, trace_source: str = "probe",
+           trace_batch: int | None = None) -> dict:
     """Run SD ``method`` on ``concept``; returns the metrics written to ``out/metrics.json``.
 
     ``trace``: per-step ``eps_err``, K_C / K_N of the forget images (a fixed-noise probe before
     training, step -1, and after every step; :mod:`unlearn.sd_tracing`) in ``out/trace.zarr``;
     ``trace="attention"``: also the probe's cross-attention maps over the prompt tokens (``xattn``).
     ``trace_every``: probe after every k-th step (and the last) only; one probe costs about 1.7
-    training steps on the world SD. ``trace_source="step"``: record each step's own per-pixel errors
+    training steps on the world SD. ``trace_batch``: (timestep, image) pairs per probe forward
+    (default :data:`unlearn.eval.sd.PROBE_BATCH`; lower it if the probe runs out of memory on a large model). ``trace_source="step"``: record each step's own per-pixel errors
     instead of probing (nearly free; FTTP, FwD and GA only; :class:`unlearn.sd_tracing.SDStepErrorCallback`).
 
     ``data``: an SD record directory (:mod:`unlearn.data.sd_record_files`: forget/retain records,
@@ -173,6 +176,9 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
                          f"(--trace-every K needs --trace or --trace-attention)")
     if trace_source not in ("probe", "step"):
         raise ValueError(f"trace_source must be probe or step, got {trace_source!r}")
+    trace_batch = PROBE_BATCH if trace_batch is None else trace_batch
+    if int(trace_batch) < 1:
+        raise ValueError(f"trace_batch={trace_batch}: give a number of (timestep, image) pairs per probe forward >= 1")
     if trace_source == "step" and (trace is not True or int(trace_every) != 1 or not algo.has_step_errors):
         raise ValueError(f"--trace-source step records each step's own errors: it needs --trace (no attention, no "
                          f"--trace-every) and a method that computes them (fttp, fttp_dilated, ga; got {method!r})")
@@ -230,7 +236,8 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
             eval_settings = {"eval_seeds": eval_seeds, "fd_seeds": fd_seeds, "retained": retained,
                              "classifier": classifier}
             return _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate,
-                        timings, progress, callbacks, eval_settings, trace, data, int(trace_every), trace_source)
+                        timings, progress, callbacks, eval_settings, trace, data, int(trace_every), trace_source,
+                        int(trace_batch))
         except BaseException:
             if created and state.is_main_process:
                 shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left
@@ -238,7 +245,8 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
 
 
 def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model, seed, evaluate, timings, progress,
-         callbacks, eval_settings, trace=False, data=None, trace_every=1, trace_source="probe") -> dict:
+         callbacks, eval_settings, trace=False, data=None, trace_every=1, trace_source="probe",
+         trace_batch=PROBE_BATCH) -> dict:
     t = time.perf_counter()
     original = evaluate(0)
     timings["eval_original"] = time.perf_counter() - t
@@ -263,7 +271,8 @@ def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model,
             tracer = SDStepErrorCallback(adapter, algo, forget, out / "trace.zarr", attrs)
         else:
             tracer = SDTraceCallback(adapter, forget, out / "trace.zarr", attrs, attention=trace == "attention",
-                                     names=target.names, every=trace_every, steps=cfg.steps)  # records step -1 now
+                                     names=target.names, every=trace_every, steps=cfg.steps,
+                                     batch_size=trace_batch)  # records step -1 now
         callbacks = [*callbacks, tracer]
     try:
         result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, target.key, target.names,
@@ -288,6 +297,7 @@ def _run(adapter, algo, target, method, out, cfg, forget, retain, images, model,
             "method_options": dataclasses.asdict(algo), "train": dataclasses.asdict(cfg), "seed": seed,
             "images": images, "records": {"forget": [r.id for r in forget], "retain": len(retain)}, "trace": bool(trace),
             "trace_every": trace_every if trace else None, "trace_source": trace_source if trace else None,
+            "trace_batch": trace_batch if trace and trace_source == "probe" else None,
             "eval": eval_settings, "versions": versions(), "git_commit": git_commit(), "timings_seconds": timings,
             "world_size": result["world_size"], "mixed_precision": result["mixed_precision"],
             "history": result["history"],

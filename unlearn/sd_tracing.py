@@ -141,11 +141,12 @@ class SDTraceCallback:
     def __init__(self, adapter, records: Sequence, path, attrs: dict | None = None,
                  timesteps: Sequence[int] = DEFAULT_TIMESTEPS, noise_seed: int = 0, lam: float = 1.0,
                  reduce: str = "mean", flush_seconds: float = 5.0, attention: bool = False, names=None,
-                 every: int = 1, steps: int | None = None):
+                 every: int = 1, steps: int | None = None, batch_size: int = PROBE_BATCH):
         if int(every) < 1:
             raise ValueError(f"trace every must be a number of steps >= 1, got {every}")
         self.every, self.steps = int(every), steps
-        self.probe = SDProbe(adapter, records, timesteps, noise_seed, attention=attention, names=names)
+        self.probe = SDProbe(adapter, records, timesteps, noise_seed, attention=attention, names=names,
+                             batch_size=batch_size)
         self.ids = [r.id for r in self.probe.records]
         tokens = self.probe.tokens or [(None, None, None)] * len(self.ids)
         samples = [SDSample(r.id, m.numpy(), r.concept or "", *t) for r, m, t in
