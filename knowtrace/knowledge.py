@@ -28,10 +28,9 @@ def mllm_knowledge(logprobs: torch.Tensor, is_concept: torch.Tensor, scored: tor
     ``scored`` marks answer tokens (default: where logprobs is not NaN).
     """
     scored = ~torch.isnan(logprobs) if scored is None else scored.bool()
-    inv = -1.0 / logprobs.clamp(max=-LOGP_EPS)
-    inv = torch.where(scored, inv, torch.zeros_like(inv))
-    concept = is_concept.bool() & scored
-    return (inv * concept).sum(-1), (inv * (scored & ~concept)).sum(-1)
+    inv = (-1.0 / logprobs.clamp(max=-LOGP_EPS)).masked_fill(~scored, 0.0)  # 0 where unscored (also NaN)
+    concept = is_concept.bool()
+    return inv.masked_fill(~concept, 0.0).sum(-1), inv.masked_fill(concept, 0.0).sum(-1)
 
 
 def sd_knowledge(err: torch.Tensor, mask: torch.Tensor, lam: float = 1.0, reduce: str = "mean"

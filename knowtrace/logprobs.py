@@ -24,19 +24,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (batch, seq)")
-    b, s, v = logits.shape
+    b, s, _ = logits.shape
     out = torch.full((b, s), float("nan"), dtype=torch.float32, device=logits.device)
-    pred = logits[:, :-1].reshape(-1, v)  # (batch * (seq-1), vocab): position t-1 predicts token t
-    target = labels[:, 1:].reshape(-1)
-    scored = (target != ignore_index).nonzero().squeeze(1)
-    values = torch.empty(scored.numel(), dtype=torch.float32, device=logits.device)
-    for start in range(0, scored.numel(), chunk_rows):
-        rows = scored[start:start + chunk_rows]
-        chunk = pred[rows].float()  # (rows, vocab), only the scored rows
-        values[start:start + chunk_rows] = chunk.gather(1, target[rows, None]).squeeze(1) - chunk.logsumexp(1)
-    shifted = torch.full((b * (s - 1),), float("nan"), dtype=torch.float32, device=logits.device)
-    shifted[scored] = values
-    out[:, 1:] = shifted.view(b, s - 1)
+    rows, cols = (labels[:, 1:] != ignore_index).nonzero(as_tuple=True)  # scored tokens: (row, position - 1)
+    for start in range(0, rows.numel(), chunk_rows):
+        r, c = rows[start:start + chunk_rows], cols[start:start + chunk_rows]
+        chunk = logits[r, c].float()  # (n, vocab): only the scored positions, position t-1 predicts token t
+        out[r, c + 1] = chunk.gather(1, labels[r, c + 1, None]).squeeze(1) - chunk.logsumexp(1)
     return out
 
 

@@ -116,11 +116,10 @@ class SampleTrace:
             if head is not None and call.maps is not None and call.maps[r]:
                 m = stack_layers(call.maps[r], self.attention.layers).numpy()  # (layer, heads, n_answer, gy, gx)
                 head[si, :, : m.shape[1], : m.shape[2]] = m
-        lp = torch.from_numpy(logprob)
-        k_c, k_n = mllm_knowledge(lp, self._concept)
-        seen = ~torch.isnan(lp).all(1)
-        values = {"logprob": logprob, "K_C": torch.where(seen, k_c, torch.nan).numpy(),
-                  "K_N": torch.where(seen, k_n, torch.nan).numpy()}
+        k_c, k_n = mllm_knowledge(torch.from_numpy(logprob), self._concept)
+        unseen = np.isnan(logprob).all(1)  # samples not in this step: K is NaN, not an empty sum
+        values = {"logprob": logprob, "K_C": np.where(unseen, np.nan, k_c.numpy()),
+                  "K_N": np.where(unseen, np.nan, k_n.numpy())}
         for key in ("loss_forget", "loss_retain"):
             values[key] = np.float32((losses or {}).get(key, np.nan))
         if head is not None:

@@ -189,7 +189,7 @@ def _add_sd(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace-attention", action="store_true", help="also record the probe's cross-attention maps "
                         "over the prompt tokens (xattn; knowtrace plot RUN --kind attention)")
     parser.add_argument("--trace-every", type=int, default=1, metavar="K", help="probe after every K-th step and the "
-                        "last only (default 1: every step; one probe costs about 1.7 training steps on the world SD)")
+                        "last only (default 1: every step; one probe costs about 1.8 training steps on the world SD)")
     parser.add_argument("--trace-batch", type=int, metavar="N", help="(timestep, image) pairs per probe forward "
                         "(default unlearn.eval.sd.PROBE_BATCH = 16; lower it if the probe runs out of memory)")
     parser.add_argument("--trace-source", choices=("probe", "step"), default="probe", help="probe: fixed-noise probe "

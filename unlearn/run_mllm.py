@@ -137,7 +137,7 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
         tracer = None
         # per-step token log-probs and K_C/K_N of the forget answers -> out/trace.zarr, on the main process
         # (with several processes it sees its own slice of each step's records; the others' are NaN)
-        if (trace or trace_attention) and PartialState().is_main_process:
+        if (trace or trace_attention) and state.is_main_process:
             from .tracing import start_tracer
 
             attrs = {"model": model, "method": {"name": method, **dataclasses.asdict(algo)}, "seed": seed,

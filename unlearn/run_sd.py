@@ -147,9 +147,10 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
     ``trace``: per-step ``eps_err``, K_C / K_N of the forget images (a fixed-noise probe before
     training, step -1, and after every step; :mod:`unlearn.sd_tracing`) in ``out/trace.zarr``;
     ``trace="attention"``: also the probe's cross-attention maps over the prompt tokens (``xattn``).
-    ``trace_every``: probe after every k-th step (and the last) only; one probe costs about 1.7
+    ``trace_every``: probe after every k-th step (and the last) only; one probe costs about 1.8
     training steps on the world SD. ``trace_batch``: (timestep, image) pairs per probe forward
-    (default :data:`unlearn.eval.sd.PROBE_BATCH`; lower it if the probe runs out of memory on a large model). ``trace_source="step"``: record each step's own per-pixel errors
+    (default :data:`unlearn.eval.sd.PROBE_BATCH`; lower it if the probe runs out of memory on a
+    large model). ``trace_source="step"``: record each step's own per-pixel errors
     instead of probing (nearly free; FTTP, FwD and GA only; :class:`unlearn.sd_tracing.SDStepErrorCallback`).
 
     ``data``: an SD record directory (:mod:`unlearn.data.sd_record_files`: forget/retain records,

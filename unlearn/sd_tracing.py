@@ -12,8 +12,8 @@ noise (one seeded draw, the same at every step), averaged over the timesteps; ex
 computation of :func:`unlearn.eval.sd.forget_knowledge` with the same defaults (timesteps
 100..900, noise seed 0, lambda 1, mean), so step -1 of the trace equals the run's ``original``
 K_C / K_N and its last step equals the unlearned model's. K values are then comparable across
-steps and across methods. Cost: ``len(timesteps)`` UNet forwards on the forget images per step
-(on the world SD a few ms each). The step's own training loss (``loss_forget`` / ``loss_retain``
+steps and across methods. Cost: ``len(timesteps) x len(images)`` UNet evaluations per probe,
+batched as (timestep, image) pairs (:func:`unlearn.eval.sd.fixed_noise_errors`). The step's own training loss (``loss_forget`` / ``loss_retain``
 from the method's logs) is recorded beside it, as it already exists.
 
 The probe draws its noise from its own generator: a traced run trains exactly like an untraced one.
@@ -135,7 +135,8 @@ class SDTraceCallback:
 
     ``every``: probe after every ``every``-th step only (steps every-1, 2*every-1, ...) and after the
     last one (``steps``, if given), to amortise the probe: on the world SD one probe costs about
-    1.7 training steps (5 images x 5 timesteps of forwards against a batch-2 forward and backward).
+    1.8 training steps (5 images x 5 timesteps, 16 pairs per forward, against a batch-2 forward and
+    backward).
     """
 
     def __init__(self, adapter, records: Sequence, path, attrs: dict | None = None,
