@@ -176,7 +176,8 @@ class CrossAttentionCapture:
         if not chosen:
             raise ValueError(f"no cross-attention layer selected; choose among {bare}")
         self.layers: list[str] = [n for n in bare if n in set(chosen)]  # UNet order
-        self._modules = {n: unet.get_submodule(n) for n in self.layers}  # the Attention modules, found once
+        # the Attention modules, found once (get_submodule goes through getattr: a peft wrapper forwards it)
+        self._modules = {n: unet.get_submodule(n) for n in self.layers}
         self.records: dict[str, list[AttentionRecord]] = {n: [] for n in self.layers}
         self._originals: dict | None = None
         self._hook = None

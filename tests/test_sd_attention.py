@@ -193,3 +193,22 @@ def test_text_padding_mask_is_honoured():
     for p in cap.probs():
         assert p[..., 5:].max() < 1e-6
         torch.testing.assert_close(p.sum(-1), torch.ones_like(p[..., 0]))
+
+
+def test_capture_through_a_peft_wrapper_records_and_restores():
+    """A LoRA-wrapped UNet (peft; what `unlearn sd lora=true` trains) holds the attn2 layers under a
+    prefix: the capture finds them, records the same maps, and puts the processors back."""
+    from peft import LoraConfig, get_peft_model
+
+    unet = tiny_unet()
+    z, t, cond = inputs()
+    with torch.no_grad(), capture_cross_attention(unet, mean_heads=True) as plain:
+        unet(z, t, encoder_hidden_states=cond)
+    wrapped = get_peft_model(unet, LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=True))
+    before = unet.attn_processors
+    with torch.no_grad(), capture_cross_attention(wrapped, mean_heads=True) as cap:
+        wrapped(z, t, encoder_hidden_states=cond)
+    assert cap.layers == plain.layers
+    for a, b in zip(cap.all(), plain.all()):  # LoRA B starts at zero: the same model
+        torch.testing.assert_close(a.probs, b.probs)
+    assert all(unet.attn_processors[k] is before[k] for k in before)
