@@ -182,15 +182,15 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
                         f"RUN/samples/{IMAGE_NAMES[0].format(n='N')} if present)")
     parser.add_argument("--log", action="store_true", help="logarithmic K axes (knowledge, scatter)")
     parser.add_argument("--html", type=Path, help="write an HTML file")
-    parser.add_argument("--png", type=Path, help="write a PNG (a slider view shows its first step)")
+    parser.add_argument("--png", type=Path, help="write a PNG (a slider view as a grid of 6 evenly spaced steps)")
 
 
-def _image(args, ds: xr.Dataset, run_dir: Path | None):
+def _image(args, ds: xr.Dataset, run_dir: Path | None, sample: int | str):
     from PIL import Image
 
     path = args.image
     if path is None and run_dir is not None:
-        index = plots.sample_index(ds, args.sample)
+        index = plots.sample_index(ds, sample)
         keys = [index] + ([str(ds.coords["sample_id"].values[index])] if "sample_id" in ds.coords else [])
         candidates = [run_dir / "samples" / name.format(n=k) for k in keys for name in IMAGE_NAMES]
         path = next((c for c in candidates if c.is_file()), None)
@@ -207,18 +207,22 @@ def _int_or(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def _figure(args: argparse.Namespace, ds: xr.Dataset, run_dir: Path | None):
-    args.sample = _int_or(args.sample)
+PNG_PANELS = 6  # a slider view's PNG: this many evenly spaced steps in a grid
+
+
+def _figure(args: argparse.Namespace, ds: xr.Dataset, run_dir: Path | None, panels: int | None = None):
+    """The figure of ``--kind``; ``panels``: slider views as a static grid of that many steps."""
+    sample = _int_or(args.sample)
     if args.kind == "tokens":
-        return plots.token_trajectories(ds, sample=args.sample)
+        return plots.token_trajectories(ds, sample=sample)
     if args.kind == "knowledge":
         return plots.knowledge_over_steps(ds, samples=_int_or(args.samples), log_y=args.log)
     if args.kind == "attention":
         plots.variable(ds, "xattn")  # the missing-variable error before the image is looked for
-        return plots.attention_slider(ds, sample=args.sample, tokens=args.tokens, layer=_int_or(args.layer),
-                                      image=_image(args, ds, run_dir))
+        return plots.attention_slider(ds, sample=sample, tokens=args.tokens, layer=_int_or(args.layer),
+                                      image=_image(args, ds, run_dir, sample), panels=panels)
     plots.variable(ds, "eps_err")
-    return plots.eps_err_slider(ds, sample=args.sample, image=_image(args, ds, run_dir))
+    return plots.eps_err_slider(ds, sample=sample, image=_image(args, ds, run_dir, sample), panels=panels)
 
 
 def _run_plot(args: argparse.Namespace) -> int:
@@ -233,6 +237,10 @@ def _run_plot(args: argparse.Namespace) -> int:
     else:
         ds, trace, run_dir = loaded[0]
         fig = _figure(args, ds, run_dir)
+    figures = {}
+    if args.png is not None:  # a slider's static image would be its first frame: a grid of steps instead
+        sliders = args.kind in ("attention", "eps_err")
+        figures[args.png] = _figure(args, ds, run_dir, panels=PNG_PANELS) if sliders else fig
     targets = [p for p in (args.html, args.png) if p is not None]
     if args.png is not None and args.png.suffix.lower() != ".png":
         raise ValueError(f"--png {args.png}: the file name must end in .png")
@@ -245,7 +253,7 @@ def _run_plot(args: argparse.Namespace) -> int:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(args.sample))  # a sample id may hold "/"
         suffix = f"-s{safe}" if args.kind in ("tokens", "attention", "eps_err") else ""
         targets = [where / f"{args.kind}{suffix}.html"]
-    for path in plots.save({p: fig for p in targets}):
+    for path in plots.save({p: figures.get(p, fig) for p in targets}):
         print(path)
     return 0
 

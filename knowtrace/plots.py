@@ -298,10 +298,14 @@ def mask_outline(mask: np.ndarray, x0: float, dx: float, y0: float, dy: float) -
 
 
 def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = "", opacity: float = 0.55,
-               contour: np.ndarray | None = None) -> go.Figure:
+               contour: np.ndarray | None = None, panels: int | None = None) -> go.Figure:
     """A heatmap per step with a step slider. ``maps``: (step, y, x); ``image`` (H, W, 3) is drawn
     under the map, each map cell stretched over its H/y x W/x pixels; ``contour`` (y, x) bool is
-    outlined on top (cell edges). Colours share one range over all steps, so frames compare."""
+    outlined on top (cell edges). Colours share one range over all steps, so frames compare.
+
+    ``panels=n``: instead of a slider, a static grid of the maps at n evenly spaced steps (the first
+    and the last included), one colour scale: what a PNG can show (a slider's static image is its
+    first frame only)."""
     maps = maps.transpose(STEP, "y", "x")
     z = _values(maps)  # (step, y, x)
     steps = maps[STEP].values.tolist()
@@ -311,33 +315,40 @@ def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = 
                          f"a text-only sample has no image maps, and a sample that was in no traced batch none at all")
     zmin, zmax = float(finite.min()), float(finite.max())
     ny, nx = z.shape[1:]
-    fig = go.Figure()
-    if image is not None:
-        img = _as_image(image)
+    img = _as_image(image) if image is not None else None
+    if img is not None:
         h, w = img.shape[:2]
-        fig.add_trace(go.Image(z=img, hoverinfo="skip"))
         cell = dict(x0=(w / nx) / 2 - 0.5, dx=w / nx, y0=(h / ny) / 2 - 0.5, dy=h / ny)  # image pixel centres are integers
     else:
         cell = dict(x0=0, dx=1, y0=0, dy=1)
-    heat_index = len(fig.data)
+    # the grid's extent exactly; row 0 at the top (reversed range); square cells
+    y_range = [cell["y0"] + (ny - 0.5) * cell["dy"], cell["y0"] - cell["dy"] / 2]
+    x_range = [cell["x0"] - cell["dx"] / 2, cell["x0"] + (nx - 0.5) * cell["dx"]]
 
-    def heat(k):
-        return go.Heatmap(z=z[k], zmin=zmin, zmax=zmax, colorscale="Inferno", opacity=opacity if image is not None else 1.0,
-                          colorbar=dict(title=colorbar), hovertemplate="x %{x}<br>y %{y}<br>%{z:.4g}<extra></extra>",
-                          **cell)
+    def heat(k, show_scale=True):
+        return go.Heatmap(z=z[k], zmin=zmin, zmax=zmax, colorscale="Inferno", opacity=opacity if img is not None else 1.0,
+                          colorbar=dict(title=colorbar), showscale=show_scale,
+                          hovertemplate="x %{x}<br>y %{y}<br>%{z:.4g}<extra></extra>", **cell)
 
-    fig.add_trace(heat(0))
-    if contour is not None:
-        xs, ys = mask_outline(np.asarray(contour, dtype=bool), **cell)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="cyan", width=2), name="concept mask",
-                                 hoverinfo="skip", showlegend=False))
+    def layers(k, show_scale=True) -> list:
+        """The traces of step k: image, map, mask outline; the map's index among them."""
+        out = [go.Image(z=img, hoverinfo="skip")] if img is not None else []
+        out.append(heat(k, show_scale))
+        if contour is not None:
+            xs, ys = mask_outline(np.asarray(contour, dtype=bool), **cell)
+            out.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="cyan", width=2), name="concept mask",
+                                  hoverinfo="skip", showlegend=False))
+        return out
+
+    if panels is not None:
+        return _map_panels(layers, steps, int(panels), x_range, y_range, title)
+    fig = go.Figure(layers(0))
+    heat_index = 1 if img is not None else 0
     fig.frames = [go.Frame(data=[heat(k)], traces=[heat_index], name=str(s)) for k, s in enumerate(steps)]
     fig.update_layout(
         title=title,
-        # the grid's extent exactly; row 0 at the top (reversed range); square cells
-        yaxis=dict(range=[cell["y0"] + (ny - 0.5) * cell["dy"], cell["y0"] - cell["dy"] / 2], scaleanchor="x",
-                   constrain="domain"),
-        xaxis=dict(range=[cell["x0"] - cell["dx"] / 2, cell["x0"] + (nx - 0.5) * cell["dx"]], constrain="domain"),
+        yaxis=dict(range=y_range, scaleanchor="x", constrain="domain"),
+        xaxis=dict(range=x_range, constrain="domain"),
         sliders=[dict(active=0, currentvalue=dict(prefix="step "), pad=dict(t=40), steps=[
             dict(label=str(s), method="animate",
                  args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
@@ -348,6 +359,32 @@ def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = 
                                    dict(label="pause", method="animate",
                                         args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))])])],
     )
+    return fig
+
+
+def panel_steps(n_steps: int, panels: int) -> list[int]:
+    """Indices of ``panels`` evenly spaced steps out of ``n_steps``, first and last included, no repeats."""
+    if panels < 1:
+        raise ValueError(f"panels must be >= 1, got {panels}")
+    count = min(panels, n_steps)
+    return sorted({round(i * (n_steps - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def _map_panels(layers, steps: list, panels: int, x_range, y_range, title: str) -> go.Figure:
+    chosen = panel_steps(len(steps), panels)
+    cols = min(len(chosen), 3)
+    rows = -(-len(chosen) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"step {steps[k]}" for k in chosen],
+                        horizontal_spacing=0.03, vertical_spacing=0.08)
+    for i, k in enumerate(chosen):
+        row, col = i // cols + 1, i % cols + 1
+        for trace in layers(k, show_scale=i == 0):  # one colour scale: every panel shares zmin/zmax
+            fig.add_trace(trace, row=row, col=col)
+        axis = "" if i == 0 else str(i + 1)
+        fig.update_xaxes(range=x_range, constrain="domain", showticklabels=False, row=row, col=col)
+        fig.update_yaxes(range=y_range, scaleanchor=f"x{axis}", constrain="domain", showticklabels=False,
+                         row=row, col=col)
+    fig.update_layout(title=title, width=300 * cols + 120, height=300 * rows + 120)
     return fig
 
 
@@ -372,13 +409,14 @@ def _select_tokens(da: xr.DataArray, tokens) -> list[int]:
 
 def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0,
                      tokens: int | Sequence[int] | None = None, image=None, layer: int | str = "mean",
-                     opacity: float = 0.55) -> go.Figure:
+                     opacity: float = 0.55, panels: int | None = None) -> go.Figure:
     """Cross-attention of answer tokens to the image patches, one frame per step (slider).
 
     The map is the mean over the chosen ``tokens`` (answer positions; default: the concept's tokens,
     else all answer tokens) and over the recorded layers (``layer="mean"``) or one decoder layer (its
     number in the ``layer`` coord; an index into the recorded layers when there is no such coord).
     ``image``: the sample's image (array or PIL), drawn under the map; without it, the map alone.
+    ``panels=n``: a static grid of n evenly spaced steps instead of the slider (for PNG).
     """
     full = variable(xattn, "xattn")
     sample = sample_index(full, sample)
@@ -402,19 +440,22 @@ def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0,
     strs = da.coords["token_str"].values.astype(str) if "token_str" in da.coords else None
     names = ", ".join(f"{p}:{clean_token(strs[p])}" if strs is not None else str(p) for p in positions)
     title = f"Attention of [{names}] over the image<br><sub>{_sample_text(da, sample)}, {layer_text}</sub>"
-    return map_slider(maps, image=image, opacity=opacity, colorbar="attention", title=_title(xattn, title))
+    return map_slider(maps, image=image, opacity=opacity, colorbar="attention", title=_title(xattn, title),
+                      panels=panels)
 
 
 def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, image=None,
-                   opacity: float = 0.55) -> go.Figure:
-    """SD: the per-latent-pixel squared noise error of ``sample`` over steps (slider); the concept's
-    mask (coord ``mask``) is outlined when the trace has it."""
+                   opacity: float = 0.55, panels: int | None = None) -> go.Figure:
+    """SD: the per-latent-pixel squared noise error of ``sample`` over steps (slider, or ``panels``
+    evenly spaced steps in a static grid); the concept's mask (coord ``mask``) is outlined when the
+    trace has it."""
     full = variable(eps_err, "eps_err")
     sample = sample_index(full, sample)
     da = _pick_sample(full, sample)  # (step, y, x)
     contour = np.asarray(da.coords["mask"].values, dtype=bool) if "mask" in da.coords else None
     title = f"Noise-prediction error over the latent grid<br><sub>{_sample_text(da, sample)}</sub>"
-    return map_slider(da, image=image, opacity=opacity, colorbar="error", contour=contour, title=_title(eps_err, title))
+    return map_slider(da, image=image, opacity=opacity, colorbar="error", contour=contour, title=_title(eps_err, title),
+                      panels=panels)
 
 
 # ---------------------------------------------------------------------------------------- saving

@@ -176,3 +176,21 @@ def test_plot_png_and_html_in_one_call(runs, tmp_path):
     png, html = tmp_path / "k.png", tmp_path / "k.html"
     assert main(["plot", str(run), "--kind", "knowledge", "--png", str(png), "--html", str(html)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "K_C" in html.read_text()
+
+
+def test_png_of_a_slider_view_is_a_grid_of_steps_and_html_keeps_the_slider(attention_run, tmp_path, monkeypatch):
+    import plotly.graph_objects as go
+
+    from knowtrace import plots
+
+    saved = {}
+    monkeypatch.setattr(plots, "save", lambda figures: saved.update(figures) or list(figures))
+    png, html = tmp_path / "a.png", tmp_path / "a.html"
+    assert main(["plot", str(attention_run), "--kind", "attention", "--png", str(png), "--html", str(html)]) == 0
+    assert len(saved[html].frames) == 4 and saved[html].layout.sliders  # steps 0..3 on a slider
+    grid = saved[png]
+    assert not grid.frames and sum(isinstance(t, go.Heatmap) for t in grid.data) == 4  # 4 steps, fewer than 6
+    assert sum(isinstance(t, go.Image) for t in grid.data) == 4  # the sample's image under every panel
+    saved.clear()
+    assert main(["plot", str(attention_run), "--kind", "knowledge", "--png", str(png)]) == 0
+    assert saved[png].layout.annotations == () or "step" not in str(saved[png].layout.annotations)  # not a grid

@@ -157,6 +157,26 @@ def test_eps_err_slider_outlines_the_mask(synthetic):
     assert float(k_c[0]) == pytest.approx(np.exp(-synthetic.eps_err.values[3, 2][synthetic.mask.values[2]].mean()))
 
 
+def test_panels_show_evenly_spaced_steps_on_one_colour_scale(synthetic):
+    """``panels=n`` (what --png draws for a slider view): n evenly spaced steps, first and last
+    included, the same maps as the slider's frames, one colour scale shown for all."""
+    assert plots.panel_steps(10, 4) == [0, 3, 6, 9] and plots.panel_steps(3, 6) == [0, 1, 2]
+    assert plots.panel_steps(5, 1) == [0]
+    slider = plots.eps_err_slider(synthetic, sample=2)
+    grid = plots.eps_err_slider(synthetic, sample=2, panels=3)
+    chosen = plots.panel_steps(len(STEPS), 3)
+    heats = [t for t in grid.data if isinstance(t, go.Heatmap)]
+    assert not grid.frames and len(heats) == len(chosen) == 3 and chosen[0] == 0 and chosen[-1] == len(STEPS) - 1
+    assert [a.text for a in grid.layout.annotations] == [f"step {STEPS[k]}" for k in chosen]
+    for heat, k in zip(heats, chosen):
+        np.testing.assert_allclose(np.asarray(heat.z, float), np.asarray(slider.frames[k].data[0].z, float))
+        assert (heat.zmin, heat.zmax) == (slider.data[0].zmin, slider.data[0].zmax)
+    assert [h.showscale for h in heats] == [True, False, False]
+    assert sum(t.name == "concept mask" for t in grid.data) == 3  # the outline on every panel
+    with pytest.raises(ValueError, match="panels must be >= 1"):
+        plots.attention_slider(synthetic, panels=0)
+
+
 def test_save_html_atomic_and_errors(tmp_path, synthetic):
     fig = plots.token_trajectories(synthetic)
     out = plots.save({tmp_path / "t.html": fig})
