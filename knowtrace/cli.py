@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,10 +89,11 @@ def _first_last(da: xr.DataArray) -> dict:
     return {"first": float(np.mean(first)), "last": float(np.mean(last))}
 
 
-def summarize(ds: xr.Dataset, trace: Path, run_dir: Path | None) -> dict:
-    """The numbers ``knowtrace summary`` prints."""
+def summarize(ds: xr.Dataset, trace: Path, run_dir: Path | None, probe: bool = False) -> dict:
+    """The numbers ``knowtrace summary`` prints (``probe``: ``ds`` is the trace's probe group)."""
     steps = ds[STEP].values
-    out = {"trace": str(trace), "probe_group": has_probe_group(trace),
+    where = f"{trace}/{PROBE_GROUP}" if probe and trace.is_file() else str(trace)  # an .nc file's group
+    out = {"trace": where, "probe_group": not probe and has_probe_group(trace),
            "steps": int(len(steps)),
            "step_range": [int(steps[0]), int(steps[-1])] if len(steps) else None,
            "samples": int(ds.sizes.get(SAMPLE, 0)),
@@ -142,7 +144,7 @@ def _add_summary(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_summary(args: argparse.Namespace) -> int:
-    info = summarize(*load(args.run, args.probe))
+    info = summarize(*load(args.run, args.probe), probe=args.probe)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -304,7 +306,12 @@ USER_ERRORS = (KeyError, ValueError, IndexError, FileNotFoundError, FileExistsEr
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command][2](args)
+        code = COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # a closed pipe shows here (stdout to a pipe is block-buffered), not at exit
+        return code
+    except BrokenPipeError:  # the reader stopped early (`knowtrace summary RUN | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"knowtrace: error: {message}", file=sys.stderr)

@@ -120,6 +120,7 @@ def test_probe_group(attention_run, capsys):
     from_nc = json.loads(capsys.readouterr().out)
     for key in ("steps", "samples", "K_C", "K_N"):
         assert from_nc[key] == probe[key], key
+    assert from_nc["trace"] == f"{nc}/probe" and not from_nc["probe_group"]
     assert main(["summary", str(nc), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["K_C"] == main_trace["K_C"]  # the root is the training-step trace
 
@@ -194,3 +195,15 @@ def test_png_of_a_slider_view_is_a_grid_of_steps_and_html_keeps_the_slider(atten
     saved.clear()
     assert main(["plot", str(attention_run), "--kind", "knowledge", "--png", str(png)]) == 0
     assert saved[png].layout.annotations == () or "step" not in str(saved[png].layout.annotations)  # not a grid
+
+
+def test_a_reader_that_stops_early_is_not_an_error(runs):
+    """`knowtrace summary RUN | head -1`: a closed pipe ends the command quietly, exit code 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "knowtrace", "summary", str(runs / "fttp")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and "BrokenPipeError" not in err and "Traceback" not in err, err
