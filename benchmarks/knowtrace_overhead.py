@@ -110,6 +110,19 @@ class Timings:
         print(f"  ratio {'peak memory (RSS):':<44} {max(traced) / max(plain):.3f}  (target <= 1.10)")
 
 
+def report(setting: str, pairs: int, one: Timings, per_step: str, two: Timings, probe: str,
+           probe_seconds: list[float]) -> None:
+    """Print measurement 1 (per-step tracing, ``per_step``), 2 (+ probes every 10 steps) and 3 (RSS)."""
+    plain, traced = one.split(one.times)
+    print(f"{setting}: {pairs} pairs of an untraced and a traced step, in random order, per measurement")
+    print(f"  untraced step median {statistics.median(plain) * 1e3:.1f} ms; traced ({per_step}) "
+          f"{statistics.median(traced) * 1e3:.1f} ms; first traced step (creates the store) {one.first_traced() * 1e3:.0f} ms")
+    one.report(per_step, 1.03, amortised=False)
+    print(f"  one probe ({probe}) median {statistics.median(probe_seconds) * 1e3:.1f} ms, {len(probe_seconds)} probes")
+    two.report("+ attention probes every 10 steps", 1.10, amortised=True)
+    two.report_memory()
+
+
 def mllm(args, tmp: Path) -> None:
     torch.manual_seed(0)
     adapter = load_mllm("world")
@@ -171,16 +184,8 @@ def mllm(args, tmp: Path) -> None:
     # 2. + attention probes every 10 traced steps, amortised; 3. peak RSS
     two, probe_seconds = run(trace(base, tmp / "mllm_probe.zarr", samples, probes=probes,
                                    attention=AttentionOptions(layers=(0, n_layers - 1), on_steps=False)), args.pairs, 2)
-    plain, traced = one.split(one.times)
-    print(f"world MLLM + LoRA, batch 2, torch threads {torch.get_num_threads()}: {args.pairs} pairs of an untraced and "
-          f"a traced step, in random order, per measurement")
-    print(f"  untraced step median {statistics.median(plain) * 1e3:.1f} ms; traced (log-probs + K) "
-          f"{statistics.median(traced) * 1e3:.1f} ms; first traced step (creates the store) {one.first_traced() * 1e3:.0f} ms")
-    one.report("log-probs + K", 1.03, amortised=False)
-    print(f"  one probe (2 records, attention of 2 layers) median {statistics.median(probe_seconds[1:]) * 1e3:.1f} ms, "
-          f"{len(probe_seconds)} probes")
-    two.report("+ attention probes every 10 steps", 1.10, amortised=True)
-    two.report_memory()
+    report(f"world MLLM + LoRA, batch 2, torch threads {torch.get_num_threads()}", args.pairs, one, "log-probs + K",
+           two, "2 records, attention of 2 layers", probe_seconds[1:])  # the first probe creates its group
 
 
 class _SDSchedule:
@@ -247,16 +252,8 @@ def sd(args, tmp: Path) -> None:
 
     one, _ = run("sd-steps", False, 1)
     two, probe_seconds = run("sd-probe", True, 2)
-    plain, traced = one.split(one.times)
-    print(f"world SD, the unlearn loop: FTTP, full fine-tuning, batch 2, torch threads {torch.get_num_threads()}: "
-          f"{args.sd_pairs} pairs of an untraced and a traced step, in random order, per measurement")
-    print(f"  untraced step median {statistics.median(plain) * 1e3:.1f} ms; traced (step errors + K) "
-          f"{statistics.median(traced) * 1e3:.1f} ms; first traced step (creates the store) {one.first_traced() * 1e3:.0f} ms")
-    one.report("K (--trace-source step)", 1.03, amortised=False)
-    print(f"  one probe (2 images x 5 timesteps, attn2 maps) median {statistics.median(probe_seconds) * 1e3:.1f} ms, "
-          f"{len(probe_seconds)} probes")
-    two.report("+ attention probes every 10 steps", 1.10, amortised=True)
-    two.report_memory()
+    report(f"world SD, the unlearn loop: FTTP, full fine-tuning, batch 2, torch threads {torch.get_num_threads()}",
+           args.sd_pairs, one, "K (--trace-source step)", two, "2 images x 5 timesteps, attn2 maps", probe_seconds)
 
 
 def main() -> None:
