@@ -162,7 +162,8 @@ class TraceStore:
                 ds = ds.assign_coords({name: (STATIC_COORDS[name], values)})
             # chunks of many steps: appending then writes one file per variable and flush, not one per step
             encoding = {name: {"chunks": (_step_chunk(v[1][0].nbytes),) + v[1].shape[1:]} for name, v in data.items()}
-            encoding[STEP] = {"chunks": (MAX_STEP_CHUNK,)}  # xarray's default chunks the coordinate by its first length: a file per step
+            # the coordinate too: xarray's default chunks it by its first length (1), a file per step
+            encoding[STEP] = {"chunks": (MAX_STEP_CHUNK,)}
             # the path held no trace when this store was opened; anything there now is a child group
             # written since (a probe group whose first step came first), which "w" would delete
             ds.to_zarr(self.path, mode="a" if self.path.exists() else "w", consolidated=False, encoding=encoding)
