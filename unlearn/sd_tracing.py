@@ -13,8 +13,9 @@ computation of :func:`unlearn.eval.sd.forget_knowledge` with the same defaults (
 100..900, noise seed 0, lambda 1, mean), so step -1 of the trace equals the run's ``original``
 K_C / K_N and its last step equals the unlearned model's. K values are then comparable across
 steps and across methods. Cost: ``len(timesteps) x len(images)`` UNet evaluations per probe,
-batched as (timestep, image) pairs (:func:`unlearn.eval.sd.fixed_noise_errors`). The step's own training loss (``loss_forget`` / ``loss_retain``
-from the method's logs) is recorded beside it, as it already exists.
+batched as (timestep, image) pairs (:func:`unlearn.eval.sd.fixed_noise_errors`). The step's own
+training loss (``loss_forget`` / ``loss_retain`` from the method's logs) is recorded beside it, as
+it already exists.
 
 The probe draws its noise from its own generator: a traced run trains exactly like an untraced one.
 
@@ -67,7 +68,7 @@ class SDProbe:
                                  generator=torch.Generator().manual_seed(self.noise_seed))
         self.attention = attention
         self.tokens = [prompt_tokens(adapter, r, names) for r in self.records] if attention else None
-        self._captures: dict[int, object] = {}  # id(unet) -> its capture, built once (finding the layers walks the UNet)
+        self._capture = None  # built on first use and kept: finding the attn2 layers walks the UNet
         self.maps: torch.Tensor | None = None  # (N, 1, tokens, h, w) of the last errors() call, with attention
 
     def errors(self, unet) -> torch.Tensor:
@@ -75,11 +76,11 @@ class SDProbe:
         With attention, the same forwards' maps are left in ``self.maps``."""
         if not self.attention:
             return self._errors(unet)
-        capture = self._captures.get(id(unet))
-        if capture is None:
+        if self._capture is None or self._capture.unet is not unet:
             from knowtrace.sd_attention import capture_cross_attention
 
-            capture = self._captures[id(unet)] = capture_cross_attention(unet, mean_heads=True, to_cpu=True)
+            self._capture = capture_cross_attention(unet, mean_heads=True, to_cpu=True)
+        capture = self._capture
         capture.clear()
         with capture:
             err = self._errors(unet)
