@@ -16,7 +16,7 @@ import torch
 from .knowledge import mllm_knowledge
 from .logprobs import IGNORE_INDEX, Forward
 from .mllm_attention import AttentionCapture, stack_layers
-from .store import TraceStore, index_samples, pad_ragged
+from .store import TraceStore, index_samples, token_coords
 
 
 @dataclass
@@ -44,13 +44,8 @@ class SampleTrace:
         self.samples = list(samples)
         self.index = index_samples(self.samples)
         self.attention = attention
-        static = {
-            "sample_id": np.array([s.id for s in self.samples]),
-            "token_id": pad_ragged([s.token_ids for s in self.samples], -1, dtype=np.int64),
-            "token_str": pad_ragged([list(s.token_strs) for s in self.samples], "", dtype=object),
-            "is_concept": pad_ragged([list(map(bool, s.is_concept)) for s in self.samples], False, dtype=bool),
-            "concept": np.array([s.concept for s in self.samples]),
-        }
+        static = {"sample_id": np.array([s.id for s in self.samples]), **token_coords(self.samples),
+                  "concept": np.array([s.concept for s in self.samples])}
         if attention is not None:
             static["layer"] = np.array(attention.layers, dtype=np.int64)
         self.width = static["token_id"].shape[1]

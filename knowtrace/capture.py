@@ -1,27 +1,23 @@
 """The one contract of every knowtrace hook: attach, record, read, detach.
 
-A capture is built on its model (it finds what to hook there once, so a bad option fails early and
-attaching again costs nothing) and then
+A capture is built on its model (it finds what to hook there once: a bad option fails early) and
 
-* :meth:`Capture.attach` installs its hooks. A model takes one capture of each kind at a time (a
-  second is an error, the first stays intact); if installing fails halfway, what was installed is
-  removed before the error propagates;
-* records while attached (forward hooks, an attention function, attention processors);
-* :meth:`Capture.read` returns what it recorded since the last read, and forgets it;
-* :meth:`Capture.detach` removes every hook and restores what ``attach`` changed; idempotent; what
-  was recorded stays readable. Used as a context manager (``with capture: ...``) it detaches also
-  after an exception.
+* ``attach()`` installs its hooks; one capture of a kind per model at a time (a second is an error,
+  the first stays intact); if installing fails halfway, what was installed is removed;
+* records while attached; ``read()`` returns what it recorded since the last read and forgets it;
+* ``detach()`` removes every hook and restores what ``attach`` changed (idempotent; the records stay
+  readable). ``with capture:`` detaches also after an exception.
 
-The log-prob hook (:mod:`knowtrace.logprobs`), MLLM attention (:mod:`knowtrace.mllm_attention`), SD
-attention (:mod:`knowtrace.sd_attention`) and the SD prediction hook (:mod:`knowtrace.sd_tracer`) are
-captures; tracers and the probe runner only attach, read and detach them.
+Captures: the log-prob hook (:mod:`.logprobs`), MLLM attention (:mod:`.mllm_attention`), SD attention
+(:mod:`.sd_attention`), the SD prediction hook (:mod:`.sd_tracer`). Tracers and the probe runner only
+attach, read and detach them.
 """
 
 from __future__ import annotations
 
 
 class Capture:
-    """Subclasses install their hooks in ``_install`` (handles kept with :meth:`hook`), undo anything
+    """Subclasses install hooks in ``_install`` (torch hook handles kept in ``_handles``), undo anything
     else in ``_remove`` (calling this one's) and return their records from ``read``."""
 
     def __init__(self, model):
@@ -59,10 +55,6 @@ class Capture:
     def __exit__(self, *exc):
         self.detach()
         return False
-
-    def hook(self, handle) -> None:
-        """Keep a torch hook handle, removed on detach."""
-        self._handles.append(handle)
 
     def _install(self) -> None:
         raise NotImplementedError

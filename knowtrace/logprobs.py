@@ -81,8 +81,8 @@ class LogProbCapture(Capture):
         self._forwards: list[Forward] = []
 
     def _install(self) -> None:
-        self.hook(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
-        self.hook(self.model.register_forward_hook(self._end, with_kwargs=True))
+        self._handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                         self.model.register_forward_hook(self._end, with_kwargs=True)]
 
     def read(self) -> list[Forward]:
         forwards, self._forwards = self._forwards, []

@@ -193,7 +193,7 @@ class CrossAttentionCapture(Capture):
         self._originals = {n: m.processor for n, m in self._modules.items()}
         for n, m in self._modules.items():
             m.set_processor(RecordingProcessor(self._originals[n], n, self))
-        self.hook(self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._handles = [self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
 
     def _remove(self) -> None:
         """Set the original processors back; the records stay readable."""

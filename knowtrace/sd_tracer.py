@@ -30,7 +30,7 @@ import torch
 
 from .capture import Capture
 from .knowledge import sd_knowledge
-from .store import TraceStore, index_samples, pad_ragged
+from .store import TraceStore, index_samples, token_coords
 
 
 @dataclass
@@ -56,7 +56,7 @@ class PredictionCapture(Capture):
         self._prediction: torch.Tensor | None = None
 
     def _install(self) -> None:
-        self.hook(self.model.register_forward_hook(self._keep))
+        self._handles = [self.model.register_forward_hook(self._keep)]
 
     def _keep(self, module, args, output):
         sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
@@ -94,9 +94,7 @@ class SDTracer:
             for s in self.samples:
                 if not (len(s.token_ids) == len(s.token_strs or ()) == len(s.is_concept or ())):
                     raise ValueError(f"sample {s.id!r}: token_ids, token_strs and is_concept must have the same length")
-            static["token_id"] = pad_ragged([list(s.token_ids) for s in self.samples], -1, dtype=np.int64)
-            static["token_str"] = pad_ragged([list(s.token_strs) for s in self.samples], "", dtype=object)
-            static["is_concept"] = pad_ragged([list(map(bool, s.is_concept)) for s in self.samples], False, dtype=bool)
+            static.update(token_coords(self.samples))
             self.n_tokens = static["token_id"].shape[1]
         self.store = TraceStore(path, static=static, attrs=attrs, map_dtype=map_dtype, flush_seconds=flush_seconds)
         self.prediction = PredictionCapture(unet) if unet is not None else None

@@ -54,6 +54,14 @@ def pad_ragged(rows: Sequence[Sequence], fill, dtype=None) -> np.ndarray:
     return out
 
 
+def token_coords(samples: Sequence) -> dict[str, np.ndarray]:
+    """The static coords ``token_id``, ``token_str``, ``is_concept`` (sample, token) of samples that carry
+    ``token_ids``, ``token_strs`` and ``is_concept``, padded per the schema."""
+    return {"token_id": pad_ragged([list(s.token_ids) for s in samples], -1, dtype=np.int64),
+            "token_str": pad_ragged([list(s.token_strs) for s in samples], "", dtype=object),
+            "is_concept": pad_ragged([list(map(bool, s.is_concept)) for s in samples], False, dtype=bool)}
+
+
 class TraceStore:
     """Append-only Zarr trace following :mod:`knowtrace.schema`.
 

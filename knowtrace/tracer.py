@@ -59,8 +59,8 @@ class MLLMTracer:
         self.forwards = LogProbCapture(model, self.attention)
         # attached with the tracer: the log-prob hook, and the attention function when steps record it
         # (else the probe attaches it for its own forwards only)
-        self._captures = [self.forwards] + ([self.attention] if attention is not None and attention.on_steps else [])
-        on_steps = self.attention if len(self._captures) > 1 else None
+        on_steps = self.attention if attention is not None and attention.on_steps else None
+        self._captures = [c for c in (self.forwards, on_steps) if c is not None]
         self.trace = SampleTrace(path, samples, attrs, map_dtype, on_steps, flush_seconds)
         self.samples, self.index, self.store = self.trace.samples, self.trace.index, self.trace.store
         self.probe = None
