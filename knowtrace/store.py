@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -231,15 +232,22 @@ def _step_chunk(step_nbytes: int) -> int:
     return int(max(1, min(MAX_STEP_CHUNK, STEP_CHUNK_BYTES // max(step_nbytes, 1))))
 
 
+_CONSOLIDATING = threading.Lock()  # a trace and its probe group write from their own threads
+
+
 def consolidate(path: Path) -> None:
-    """Rewrite the consolidated metadata of the trace at ``path`` (and of any group below it)."""
+    """Rewrite the consolidated metadata of the trace at ``path``, and of the trace it lies in if it is
+    a group of one (a probe group: the enclosing trace's consolidated copy of it would go stale)."""
     import zarr
 
     # consolidated on purpose (one read to open, clean after a crash): zarr's notice that Zarr v3 does
     # not specify consolidated metadata yet would come with every write. The filter is re-added each
     # time because test runners and callers may reset the filters.
     warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
-    zarr.consolidate_metadata(path, zarr_format=3)
+    with _CONSOLIDATING:  # one at a time: the last one to run sees every finished write
+        zarr.consolidate_metadata(path, zarr_format=3)
+        if (path.parent / "zarr.json").exists():
+            zarr.consolidate_metadata(path.parent, zarr_format=3)
 
 
 def open_trace(path: str | os.PathLike) -> xr.Dataset:

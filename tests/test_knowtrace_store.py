@@ -160,3 +160,16 @@ def test_a_trace_opens_without_warnings_after_a_flush_and_after_close(tmp_path):
         assert all(type(v) is str for v in (ds.sample_id.values[0], ds.token_str.values[1, 1], ds.concept.values[0]))
         assert ds.token_str.values[1, 1] == "▁Vorn" and list(ds.sample_id.values) == ["s0", "s1"]
         open_trace(path)
+
+
+def test_a_probe_group_read_through_its_trace_is_as_fresh_as_read_alone(tmp_path):
+    """The enclosing trace's consolidated metadata holds the probe group's too: refreshed on its writes."""
+    path = tmp_path / "t.zarr"
+    root, probe = TraceStore(path), TraceStore(path / "probe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        root.append(0, K_C=np.zeros(2))
+        for step in range(3):
+            probe.append(step, K_C=np.full(2, step))
+        assert list(xr.open_zarr(path, group="probe").step.values) == [0, 1, 2]
+        assert list(xr.open_zarr(path / "probe").K_C.values[:, 0]) == [0, 1, 2]
