@@ -2,14 +2,18 @@
 
 Depends on nothing in ``unlearn``: any Hugging Face model or training loop can be traced with it.
 
-* :mod:`.logprobs`   per-token log-probs from logits a step already computed (chunked, detached);
+* :mod:`.capture`    the attach / read / detach contract of every hook below;
+* :mod:`.logprobs`   per-token log-probs from logits a step already computed (chunked, detached),
+  and the forward hook that keeps them;
 * :mod:`.knowledge`  Conceptual / Natural Knowledge K_C, K_N (FTTP paper Eq. 3-6);
 * :mod:`.tracer`     the MLLM tracer: ``with knowtrace.trace(model, path, samples) as tr:``, a callback
   of the unlearn loop (``on_step_end``); :mod:`.hf` wraps it as an HF ``TrainerCallback``;
 * :mod:`.mllm_attention`  answer-token x image-patch cross-attention through a registered attention
   function (SDPA kept for the output);
+* :mod:`.answers`    traced answers and the per-step writer of a set of them;
 * :mod:`.probe`      probe mode: a fixed probe set every k steps under inference mode;
 * :mod:`.sd_tracer`  SD: per-latent-pixel noise errors, K_C / K_N (Eq. 4, 6) and concept masks;
+* :mod:`.sd_attention`  SD ``attn2`` cross-attention capture;
 * :mod:`.store` / :mod:`.schema`  the Zarr trace and what it holds.
 """
 
@@ -23,10 +27,10 @@ _EXPORTS = {
     "mllm_knowledge": "knowledge", "sd_knowledge": "knowledge",
     "answer_logprobs": "logprobs", "token_logprobs": "logprobs",
     "AttentionOptions": "mllm_attention",
-    "ProbeSet": "probe", "open_probe_trace": "probe",
+    "ProbeSet": "probe", "open_probe_trace": "probe", "Capture": "capture",
     "SDSample": "sd_tracer", "SDTracer": "sd_tracer",
     "export_netcdf": "store", "open_trace": "store",
-    "MLLMTracer": "tracer", "TracedSample": "tracer", "trace": "tracer",
+    "MLLMTracer": "tracer", "TracedSample": "answers", "trace": "tracer",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -4,11 +4,19 @@
 no full-vocabulary log-softmax is ever materialised, detached, in float32. Labels are those of the
 final model input (for MLLMs: after the image token was expanded into its patch positions), with
 ``ignore_index`` on positions that are not scored (prompt, image, padding).
+
+:class:`LogProbCapture` is the forward hook that computes them for every forward a training step
+already makes with labels (no extra forward pass), and keeps the log-probs only, not the logits.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
+
+from .capture import Capture
 
 IGNORE_INDEX = -100
 
@@ -37,3 +45,75 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 def answer_logprobs(logprobs: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> list[torch.Tensor]:
     """Per sample, the 1-D tensor of log-probs of its scored tokens, in order."""
     return [row[lab != ignore_index] for row, lab in zip(logprobs, labels)]
+
+
+@dataclass
+class Forward:
+    """One captured forward: per-row log-probs, labels, input ids and attention maps (or None)."""
+
+    logp: torch.Tensor  # (batch, seq) float32, NaN where unscored
+    labels: torch.Tensor  # (batch, seq)
+    input_ids: torch.Tensor | None  # (batch, seq)
+    attention_mask: torch.Tensor | None  # (batch, seq)
+    maps: list[dict[int, torch.Tensor]] | None  # per row: layer -> (heads, n_answer, gy, gx)
+
+    def answer(self, row: int) -> list[int]:
+        return self.labels[row][self.labels[row] != IGNORE_INDEX].tolist()
+
+    def key(self, row: int) -> tuple[int, ...] | None:
+        if self.input_ids is None:
+            return None
+        ids = self.input_ids[row]
+        if self.attention_mask is not None:
+            ids = ids[self.attention_mask[row].bool()]
+        return tuple(ids.tolist())
+
+
+class LogProbCapture(Capture):
+    """A :class:`~knowtrace.capture.Capture` keeping a :class:`Forward` per forward of ``model`` made
+    with labels; ``read()`` returns them. ``attention``: an
+    :class:`~knowtrace.mllm_attention.AttentionCapture` whose maps are recorded during the very forward
+    while it is attached."""
+
+    def __init__(self, model: torch.nn.Module, attention=None):
+        super().__init__(model)
+        self.attention = attention
+        self._forwards: list[Forward] = []
+
+    def _install(self) -> None:
+        self._handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                         self.model.register_forward_hook(self._end, with_kwargs=True)]
+
+    def read(self) -> list[Forward]:
+        forwards, self._forwards = self._forwards, []
+        return forwards
+
+    @contextmanager
+    def separately(self):
+        """Forwards inside the block go to the list this yields, not to what ``read`` returns (probes
+        run between training steps without mixing with the step's own forwards)."""
+        kept, self._forwards = self._forwards, []
+        try:
+            yield self._forwards
+        finally:
+            self._forwards = kept
+
+    def _begin(self, module, args, kwargs):
+        labels = kwargs.get("labels")
+        if self.attention is not None and self.attention.attached and labels is not None:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                raise ValueError("attention capture needs input_ids (image positions are found from them)")
+            self.attention.begin(input_ids, labels, kwargs.get("image_grid_thw"))
+
+    def _end(self, module, args, kwargs, output):
+        labels = kwargs.get("labels")
+        logits = getattr(output, "logits", None)
+        maps = self.attention.read() if self.attention is not None and self.attention.recording else None
+        if labels is not None and logits is not None:
+            # keep the log-probs only (batch, seq), not the logits: computed now, chunked and detached
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            self._forwards.append(Forward(token_logprobs(logits.detach(), labels), labels.detach(),
+                                          None if input_ids is None else input_ids.detach(),
+                                          None if mask is None else mask.detach(), maps))

@@ -42,6 +42,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .capture import Capture
+
 PREFIX = "knowtrace_"
 SUPPORTED = ("sdpa", "eager")
 
@@ -154,15 +156,17 @@ def targets(input_ids: torch.Tensor, labels: torch.Tensor, image_id: int, grid_t
     return out
 
 
-class AttentionCapture:
-    """Switches a model's language model to the capturing implementation; collects maps per forward.
-
-    Use as a context manager; between :meth:`begin` and :meth:`end` every chosen layer adds, per
-    batch row with a target, a float32 tensor (heads, n_answer, gy, gx) (heads = 1 for the mean).
+class AttentionCapture(Capture):
+    """A :class:`~knowtrace.capture.Capture`: while attached, the language model runs the capturing
+    attention function (detached, it runs its original one and pays nothing). Between :meth:`begin`
+    and :meth:`read` every chosen layer adds, per batch row with a target, a float32 tensor (heads,
+    n_answer, gy, gx) (heads = 1 for the mean); :class:`~knowtrace.logprobs.LogProbCapture` calls both
+    around each forward.
     """
 
     def __init__(self, model: torch.nn.Module, options: AttentionOptions):
-        self.model, self.options = model, options
+        super().__init__(model)
+        self.options = options
         self.decoder = language_model(model)
         self.config = self.decoder.config
         n_layers = self.config.num_hidden_layers
@@ -178,6 +182,7 @@ class AttentionCapture:
         vision = getattr(top, "vision_config", None)
         self.merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
         self.grid = options.grid or config_grid(top)
+        self.n_heads = 1 if options.heads == "mean" else self.config.num_attention_heads  # per recorded map
         self.original = None
         self.recording = False
         self._targets: list[Target | None] = []
@@ -185,35 +190,25 @@ class AttentionCapture:
         self._eager = {}
 
     # ----------------------------------------------------------------- attach / restore
-    def __enter__(self):
-        """Claim the model (a second capture on it is an error) and switch to the capturing function."""
+    def _install(self) -> None:
+        """Route attention through the capturing function (one capture per language model)."""
         original = self.config._attn_implementation
         if original not in SUPPORTED:
             raise ValueError(f"attention capture runs on top of {SUPPORTED} attention; the language model uses "
                              f"{original!r}. Load it with attn_implementation='sdpa' (or 'eager')")
         if id(self.config) in _CAPTURES:
-            raise RuntimeError("attention is already being captured on this model; exit that capture first")
+            raise RuntimeError("attention capture is already attached to this language model; detach it first")
         self.original = original
         _CAPTURES[id(self.config)] = self
-        self.switch(True)
-        return self
+        self.config._attn_implementation_internal = PREFIX + original
 
-    def switch(self, on: bool) -> None:
-        """Route attention through the capturing function (on) or the original (off) while the model
-        stays claimed: a tracer that records attention only on probes leaves training steps on the
-        original function, so they pay nothing for it."""
-        if self.original is None:
-            raise RuntimeError("the attention capture is not attached")
-        self.config._attn_implementation_internal = PREFIX + self.original if on else self.original
-
-    def __exit__(self, *exc):
+    def _remove(self) -> None:
         if self.original is not None:
             self.config._attn_implementation_internal = self.original
             self.original = None
-        _CAPTURES.pop(id(self.config), None)
+            _CAPTURES.pop(id(self.config), None)
         self.recording = False
         self.maps, self._targets = [], []
-        return False
 
     def original_function(self, module):
         if self.original == "eager":  # the model's own eager function lives in its modeling module
@@ -240,7 +235,8 @@ class AttentionCapture:
         self.maps = [{} for _ in self._targets]
         self.recording = True
 
-    def end(self) -> list[dict[int, torch.Tensor]]:
+    def read(self) -> list[dict[int, torch.Tensor]]:
+        """The maps of the forward recorded since :meth:`begin`, per batch row; recording stops."""
         maps, self.maps, self._targets, self.recording = self.maps, [], [], False
         return maps
 

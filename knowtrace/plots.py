@@ -106,7 +106,7 @@ def _answer_positions(da: xr.DataArray) -> list[int]:
     if "token_id" in da.coords:
         return [int(i) for i in np.flatnonzero(np.asarray(da.coords["token_id"].values) >= 0)]
     if "token_str" in da.coords:
-        return [int(i) for i in np.flatnonzero(np.asarray(da.coords["token_str"].values).astype(str) != "")]
+        return [int(i) for i in np.flatnonzero(np.asarray(da.coords["token_str"].values).astype(object) != "")]
     return list(range(da.sizes[TOKEN]))
 
 
@@ -130,7 +130,8 @@ def token_trajectories(logprob: xr.DataArray | xr.Dataset, sample: int | str = 0
     sample = sample_index(full, sample)
     da = _pick_sample(full, sample)  # (step, token)
     steps = da[STEP].values.tolist()
-    strs = da.coords["token_str"].values.astype(str) if "token_str" in da.coords else None
+    # object: a StringDType coord (how Zarr v3 strings read back) does not cast to fixed-width str
+    strs = da.coords["token_str"].values.astype(object) if "token_str" in da.coords else None
     concept = da.coords["is_concept"].values.astype(bool) if "is_concept" in da.coords else np.zeros(da.sizes[TOKEN], bool)
     values = _values(da.transpose(STEP, TOKEN))  # (step, token)
     fig = go.Figure()
@@ -437,7 +438,7 @@ def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0,
             raise IndexError(f"layer {layer} is out of range: this trace has {n} recorded layers")
         by_layer, layer_text = da.isel(layer=layer), f"layer #{layer}"
     maps = by_layer.isel({TOKEN: positions}).mean(TOKEN)  # (step, y, x)
-    strs = da.coords["token_str"].values.astype(str) if "token_str" in da.coords else None
+    strs = da.coords["token_str"].values.astype(object) if "token_str" in da.coords else None
     names = ", ".join(f"{p}:{clean_token(strs[p])}" if strs is not None else str(p) for p in positions)
     title = f"Attention of [{names}] over the image<br><sub>{_sample_text(da, sample)}, {layer_text}</sub>"
     return map_slider(maps, image=image, opacity=opacity, colorbar="attention", title=_title(xattn, title),

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import xarray as xr
@@ -23,6 +25,10 @@ import xarray as xr
 from .modes import eval_mode
 from .schema import PROBE_GROUP
 from .store import open_trace
+
+if TYPE_CHECKING:  # annotations only: open_probe_trace does not import transformers
+    from .answers import SampleTrace, TracedSample
+    from .logprobs import LogProbCapture
 
 
 @dataclass
@@ -32,7 +38,7 @@ class ProbeSet:
     every step with ``step % every == 0``."""
 
     batches: Sequence[dict]
-    samples: Sequence  # TracedSample
+    samples: Sequence[TracedSample]
     every: int = 10
 
     def __post_init__(self):
@@ -47,15 +53,14 @@ class ProbeSet:
 
 
 class ProbeRunner:
-    """Runs a :class:`ProbeSet` for a tracer (built by it; not used directly)."""
+    """Runs a :class:`ProbeSet` through the model ``forwards`` is attached to and writes it to ``trace``.
 
-    def __init__(self, tracer, probes: ProbeSet, path: Path, attrs: dict | None, float_dtype: str, n_heads: int,
-                 flush_seconds: float = 0.0):
-        from .tracer import SampleTrace  # the tracer module builds probe runners
+    The probe forwards are captured apart from the training step's (:meth:`LogProbCapture.separately`);
+    the forwards' attention capture, when training steps do not attach it, is attached for the probe
+    alone (training forwards keep the original attention function and pay nothing for it)."""
 
-        self.tracer, self.probes = tracer, probes
-        self.trace = SampleTrace(path / PROBE_GROUP, probes.samples, attrs, float_dtype, tracer.attention, n_heads,
-                                 flush_seconds)
+    def __init__(self, probes: ProbeSet, trace: SampleTrace, forwards: LogProbCapture):
+        self.probes, self.trace, self.forwards = probes, trace, forwards
 
     def maybe_run(self, step: int) -> bool:
         if step % self.probes.every:
@@ -64,22 +69,16 @@ class ProbeRunner:
         return True
 
     def run(self, step: int) -> None:
-        tracer, model = self.tracer, self.tracer.model
-        saved, tracer._calls = tracer._calls, []  # the step's own forwards are not probes
+        model, attention = self.forwards.model, self.forwards.attention
         device = next(model.parameters()).device
-        try:
-            tracer._recording_attention = True
-            if tracer.attention is not None and tracer.attached:
-                tracer.attention.switch(True)
-            with eval_mode(model), torch.inference_mode():
-                for batch in self.probes.batches:
-                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            calls = tracer._calls
-        finally:
-            if tracer.attention is not None and tracer.attached:
-                tracer.attention.switch(tracer.attention.options.on_steps)
-            tracer._recording_attention = False
-            tracer._calls = saved
+        with ExitStack() as stack:
+            if attention is not None and not attention.attached:
+                stack.enter_context(attention)
+            calls = stack.enter_context(self.forwards.separately())
+            stack.enter_context(eval_mode(model))
+            stack.enter_context(torch.inference_mode())
+            for batch in self.probes.batches:
+                model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         if len(calls) != len(self.probes.batches):
             raise RuntimeError(f"{len(self.probes.batches)} probe batches ran but {len(calls)} forwards were captured; "
                                f"is the tracer attached (inside its `with` block)?")
@@ -92,8 +91,6 @@ class ProbeRunner:
                                      f"labels; give the samples in the order of the batch rows")
                 rows.append((i, call, r))
                 i += 1
-        if tracer.store.last_step is None:  # the root group first: creating it later would delete this group
-            tracer.store.flush()
         self.trace.write(step, rows)
 
 

@@ -5,14 +5,15 @@ A trace is an ``xarray.Dataset``; every training step appends one slice along ``
 dims
     step     training step (int coordinate; appended as training goes)
     sample   a traced record (fixed for the whole trace: the forget set or a probe set)
-    token    answer position of a sample, 0-based after image-token expansion; samples shorter
-             than the longest are padded (token_id -1, token_str "", NaN values)
-    layer, head, y, x, t   attention / pixel grids, where recorded
+    token    MLLM: answer position of a sample, 0-based after image-token expansion; SD (with
+             attention): position of a prompt's text token, BOS to EOS. Samples shorter than the
+             longest are padded (token_id -1, token_str "", NaN values)
+    layer, head, y, x   attention / pixel grids, where recorded
 
 coords (static: written with the first step)
     sample_id(sample)          str: the traced record's id
     layer(layer)               int: decoder layer index of the attention maps (when recorded)
-    token_id(sample, token)    int64, -1 on padding
+    token_id(sample, token)    int64, -1 on padding (answer tokens; SD: prompt tokens)
     token_str(sample, token)   str, "" on padding
     is_concept(sample, token)  bool: the token belongs to the concept's name
     concept(sample)            str: the concept the sample is about
@@ -28,6 +29,10 @@ variables (per step)
     xattn_head(step, sample, layer, head, token, y, x)   the same per head (``heads="all"``)
     eps_err(step, sample, y, x)    SD per-latent-pixel squared noise error, mean over channels
              (knowtrace.sd_tracer); K_C / K_N of SD traces are Eq. 4, 6 over it and ``mask``
+    xattn(step, sample, layer, token, y, x)   SD: cross-attention of the prompt's text tokens (token =
+             prompt position) to the latent pixels (y, x the latent grid of ``mask``), head mean
+             (knowtrace.sd_attention); the tracer's caller chooses the layers (unlearn's probe: one
+             ``layer``, the mean of every ``attn2`` layer and of its timesteps)
 
 probe group
     Probe mode (knowtrace.probe) writes a second trace with this same schema in the Zarr group
@@ -39,8 +44,10 @@ attrs
     JSON strings: ``model`` (id / revision), ``method`` (name + full config), ``seed``,
     ``versions``, ``git_commit``, ``capture`` (what was recorded, reductions applied).
 
-Storage: float16 is allowed in Zarr; NetCDF export casts floating variables to float32. No
-MultiIndex anywhere (NetCDF rejects it).
+Storage: float32, except the maps (MAP_VARIABLES: xattn, xattn_head, eps_err), which are float16
+only when asked (``map_dtype="float16"``); NetCDF export casts floating variables to float32. String
+coords are variable-length UTF-8 (Zarr v3 ``string``). Zarr metadata is consolidated after every
+write. No MultiIndex anywhere (NetCDF rejects it).
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ STEP_VARIABLES = {
     "xattn_head": (STEP, SAMPLE, "layer", "head", TOKEN, "y", "x"),
     "eps_err": (STEP, SAMPLE, "y", "x"),
 }
+
+MAP_VARIABLES = frozenset({"xattn", "xattn_head", "eps_err"})  # large: float16 when asked (map_dtype)
 
 PROBE_GROUP = "probe"
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-_ATTACHED = "_knowtrace_cross_attention_capture"  # attribute marking a UNet that is being captured
+from .capture import Capture
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,9 @@ def _cross_attention_names(unet) -> list[str]:
     return [n for n in unet.attn_processors if n.endswith("attn2.processor")]
 
 
-class CrossAttentionCapture:
-    """Context manager recording ``attn2`` attention probabilities; see the module docs.
+class CrossAttentionCapture(Capture):
+    """A :class:`~knowtrace.capture.Capture` recording ``attn2`` attention probabilities; see the module
+    docs. ``read()`` returns (and forgets) the records; :meth:`probs` / :meth:`maps` reduce them in place.
 
     layers: None for every ``attn2`` layer, a sequence of layer names (with or without the
     ``.processor`` suffix, as in ``unet.attn_processors``), or a predicate on the layer name
@@ -154,6 +155,7 @@ class CrossAttentionCapture:
         if keep_grad and to_cpu:
             raise ValueError("to_cpu=True copies records off the device, which a loss cannot train through; "
                              "use it with keep_grad=False")
+        super().__init__(unet)
         self.unet = unet
         self.keep_grad = keep_grad
         self.cfg = cfg
@@ -180,41 +182,26 @@ class CrossAttentionCapture:
         self._modules = {n: unet.get_submodule(n) for n in self.layers}
         self.records: dict[str, list[AttentionRecord]] = {n: [] for n in self.layers}
         self._originals: dict | None = None
-        self._hook = None
         self._latent_hw: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ attach / detach
 
-    def __enter__(self) -> CrossAttentionCapture:
-        if getattr(self.unet, _ATTACHED, None) is not None or any(
-                isinstance(m.processor, RecordingProcessor) for m in self._modules.values()):
-            raise RuntimeError("cross-attention capture is already attached to this UNet; "
-                               "leave the other `capture_cross_attention` block first (captures do not nest)")
+    def _install(self) -> None:
+        if any(isinstance(m.processor, RecordingProcessor) for m in self._modules.values()):
+            raise RuntimeError("cross-attention capture is already attached to this UNet (through another "
+                               "wrapper of it); captures do not nest")
         self._originals = {n: m.processor for n, m in self._modules.items()}
-        try:
-            for n, m in self._modules.items():
-                m.set_processor(RecordingProcessor(self._originals[n], n, self))
-        except BaseException:
-            self.detach()
-            raise
-        setattr(self.unet, _ATTACHED, self)
-        self._hook = self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        return self
+        for n, m in self._modules.items():
+            m.set_processor(RecordingProcessor(self._originals[n], n, self))
+        self._handles = [self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
 
-    def __exit__(self, *exc) -> None:
-        self.detach()
-
-    def detach(self) -> None:
-        """Set the original processors back (idempotent); the records stay readable."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+    def _remove(self) -> None:
+        """Set the original processors back; the records stay readable."""
+        super()._remove()
         if self._originals is not None:
             for n, original in self._originals.items():
                 self._modules[n].set_processor(original)
             self._originals = None
-        if getattr(self.unet, _ATTACHED, None) is self:
-            delattr(self.unet, _ATTACHED)
 
     def _pre_forward(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
@@ -248,6 +235,12 @@ class CrossAttentionCapture:
 
     def all(self) -> list[AttentionRecord]:
         return [r for n in self.layers for r in self.records[n]]
+
+    def read(self) -> list[AttentionRecord]:
+        """Every record, layer then call order, forgotten here."""
+        records = self.all()
+        self.clear()
+        return records
 
     def probs(self, layers: Iterable[str] | None = None) -> list[torch.Tensor]:
         """Every recorded ``(batch, heads, h*w, tokens)`` tensor of the chosen layers, layer then call order."""

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .capture import Capture
 from .knowledge import sd_knowledge
-from .store import TraceStore, index_samples, pad_ragged
-
-_ATTACHED = "_knowtrace_sd_attached"
+from .store import TraceStore, index_samples, token_coords
 
 
 @dataclass
@@ -48,9 +47,32 @@ class SDSample:
     is_concept: Sequence[bool] | None = None
 
 
+class PredictionCapture(Capture):
+    """A :class:`~knowtrace.capture.Capture` keeping (detached) the noise prediction (batch, C, h, w)
+    of the UNet's last forward; ``read()`` returns it (None if the UNet made no forward since)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__(unet)
+        self._prediction: torch.Tensor | None = None
+
+    def _install(self) -> None:
+        self._handles = [self.model.register_forward_hook(self._keep)]
+
+    def _keep(self, module, args, output):
+        sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        self._prediction = sample.detach()  # only the last forward of the step is kept
+
+    def read(self) -> torch.Tensor | None:
+        prediction, self._prediction = self._prediction, None
+        return prediction
+
+
 class SDTracer:
+    """``map_dtype``: storage type of ``eps_err`` and ``xattn`` ("float16" halves them; K and losses
+    are always float32)."""
+
     def __init__(self, path: str | os.PathLike, samples: Sequence[SDSample], unet: torch.nn.Module | None = None,
-                 lam: float = 1.0, reduce: str = "mean", attrs: dict | None = None, float_dtype: str = "float16",
+                 lam: float = 1.0, reduce: str = "mean", attrs: dict | None = None, map_dtype: str = "float32",
                  flush_seconds: float = 5.0):
         self.samples = list(samples)
         self.index = index_samples(self.samples)
@@ -72,29 +94,21 @@ class SDTracer:
             for s in self.samples:
                 if not (len(s.token_ids) == len(s.token_strs or ()) == len(s.is_concept or ())):
                     raise ValueError(f"sample {s.id!r}: token_ids, token_strs and is_concept must have the same length")
-            static["token_id"] = pad_ragged([list(s.token_ids) for s in self.samples], -1, dtype=np.int64)
-            static["token_str"] = pad_ragged([list(s.token_strs) for s in self.samples], "", dtype=object).astype(str)
-            static["is_concept"] = pad_ragged([list(map(bool, s.is_concept)) for s in self.samples], False, dtype=bool)
+            static.update(token_coords(self.samples))
             self.n_tokens = static["token_id"].shape[1]
-        self.store = TraceStore(path, static=static, attrs=attrs, float_dtype=float_dtype, flush_seconds=flush_seconds)
-        self._handle = None
-        self._prediction: torch.Tensor | None = None
+        self.store = TraceStore(path, static=static, attrs=attrs, map_dtype=map_dtype, flush_seconds=flush_seconds)
+        self.prediction = PredictionCapture(unet) if unet is not None else None
 
     # ------------------------------------------------------------------ hook (optional)
     def __enter__(self):
-        if self.unet is not None:
-            if getattr(self.unet, _ATTACHED, False):
-                raise RuntimeError("a knowtrace SD tracer is already attached to this UNet; exit it first")
-            self._handle = self.unet.register_forward_hook(self._keep)
-            setattr(self.unet, _ATTACHED, True)
+        if self.prediction is not None:
+            self.prediction.attach()
         return self
 
     def __exit__(self, *exc):
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-            setattr(self.unet, _ATTACHED, False)
-        self._prediction = None
+        if self.prediction is not None:
+            self.prediction.detach()
+            self.prediction.read()
         self.flush()
         return False
 
@@ -115,18 +129,14 @@ class SDTracer:
         out[rows, :, :n] = x[:, :, :n].numpy()
         return out
 
-    def _keep(self, module, args, output):
-        sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-        self._prediction = sample.detach()  # (batch, C, h, w): only the last forward of the step is kept
-
     # ------------------------------------------------------------------ steps
     def record_target(self, step: int, target: torch.Tensor, sample_ids: Sequence[str], losses: dict | None = None):
         """Record from the hooked UNet's last prediction and the step's target noise (batch, C, h, w)."""
-        if self._handle is None:
+        if self.prediction is None or not self.prediction.attached:
             raise RuntimeError("record_target needs the UNet hook: build the tracer with unet=... and enter it")
-        if self._prediction is None:
+        pred = self.prediction.read()
+        if pred is None:
             raise RuntimeError("the UNet made no forward since the last record; call record_target after the step")
-        pred, self._prediction = self._prediction, None
         if pred.shape != target.shape:
             raise ValueError(f"target noise {tuple(target.shape)} does not match the UNet's output {tuple(pred.shape)}")
         with torch.no_grad():

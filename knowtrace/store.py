@@ -10,13 +10,22 @@ exit, also after an exception. A write that failed in the background raises at t
 flush. The first write (it creates the store) is always made before ``append`` returns. A hard kill
 loses at most the last ``s`` seconds. Opening an existing store resumes it (later steps are appended
 after the last one).
+
+Storage types. Log-probs, K_C / K_N and losses are float32 (float16 overflows at 65504: a confident
+model's K_N is 1e4 per token at p = 0.9999). The large maps (``xattn``, ``xattn_head``, ``eps_err``)
+are float32 too unless ``map_dtype="float16"`` asks to halve them. String coords are written as
+variable-length UTF-8 (Zarr v3 ``string``; numpy's fixed-width UTF-32 has no Zarr v3 specification)
+and read back as ``str``. After every write the Zarr metadata is consolidated, so ``xr.open_zarr``
+opens a trace in one read, without a warning, also one whose run crashed after a flush.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .schema import JSON_ATTRS, PROBE_GROUP, STATIC_COORDS, STEP, STEP_VARIABLES, check_variable
+from .schema import JSON_ATTRS, MAP_VARIABLES, PROBE_GROUP, STATIC_COORDS, STEP, STEP_VARIABLES, check_variable
 
 
 def index_samples(samples: Sequence) -> dict[str, int]:
@@ -46,15 +55,24 @@ def pad_ragged(rows: Sequence[Sequence], fill, dtype=None) -> np.ndarray:
     return out
 
 
+def token_coords(samples: Sequence) -> dict[str, np.ndarray]:
+    """The static coords ``token_id``, ``token_str``, ``is_concept`` (sample, token) of samples that carry
+    ``token_ids``, ``token_strs`` and ``is_concept``, padded per the schema."""
+    return {"token_id": pad_ragged([list(s.token_ids) for s in samples], -1, dtype=np.int64),
+            "token_str": pad_ragged([list(s.token_strs) for s in samples], "", dtype=object),
+            "is_concept": pad_ragged([list(map(bool, s.is_concept)) for s in samples], False, dtype=bool)}
+
+
 class TraceStore:
     """Append-only Zarr trace following :mod:`knowtrace.schema`.
 
     ``static``: the static coords (name -> array with the schema's dims), written once;
-    ``attrs``: run metadata, stored as JSON strings; ``float_dtype``: storage type of float variables.
+    ``attrs``: run metadata, stored as JSON strings; ``map_dtype``: storage type of the map variables
+    (:data:`~knowtrace.schema.MAP_VARIABLES`); every other float variable is float32.
     """
 
     def __init__(self, path: str | os.PathLike, static: dict | None = None, attrs: dict | None = None,
-                 float_dtype: str = "float16", flush_seconds: float = 0.0):
+                 map_dtype: str = "float32", flush_seconds: float = 0.0):
         self.path = Path(path)
         self.flush_seconds = float(flush_seconds)
         self._buffer: list[tuple[int, dict]] = []
@@ -64,8 +82,12 @@ class TraceStore:
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # the background write in flight
         self._arrays: dict | None = None  # name -> zarr array, for appends (one writer at a time)
-        self.float_dtype = np.dtype(float_dtype)
-        self._static = {k: np.asarray(v) for k, v in (static or {}).items()}
+        self.map_dtype = np.dtype(map_dtype)
+        if self.map_dtype.kind != "f":
+            raise ValueError(f"map_dtype must be a float type (float32, float16), got {map_dtype!r}")
+        # str -> object: xarray writes object strings as Zarr v3 variable-length UTF-8
+        self._static = {k: np.asarray(v).astype(object) if np.asarray(v).dtype.kind == "U" else np.asarray(v)
+                        for k, v in (static or {}).items()}
         for name, values in self._static.items():
             if name not in STATIC_COORDS:
                 raise KeyError(f"{name!r} is not a static coord of the trace schema; known: {sorted(STATIC_COORDS)}")
@@ -113,7 +135,7 @@ class TraceStore:
             if name in self._shapes and arr.shape != self._shapes[name]:
                 raise ValueError(f"{name!r} has shape {arr.shape} per step, the trace's earlier steps {self._shapes[name]}")
             if np.issubdtype(arr.dtype, np.floating):
-                arr = arr.astype(self.float_dtype)
+                arr = arr.astype(self.map_dtype if name in MAP_VARIABLES else np.float32)
             data[name] = (dims, arr)
         if not self._shapes:
             self._shapes = {name: arr.shape for name, (_, arr) in data.items()}
@@ -169,6 +191,7 @@ class TraceStore:
             ds.to_zarr(self.path, mode="a" if self.path.exists() else "w", consolidated=False, encoding=encoding)
         else:
             self._append_direct(steps, data)
+        consolidate(self.path)
         self.last_step = steps[-1]
 
     def _append_direct(self, steps: list[int], data: dict) -> None:
@@ -178,7 +201,7 @@ class TraceStore:
         if self._arrays is None:  # opened once: reopening the group and its arrays was a third of an append
             import zarr
 
-            group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+            group = zarr.open_group(self.path, mode="r+", zarr_format=3, use_consolidated=False)
             self._arrays = {name: group[name] for name in (*data, STEP) if name in group}
         arrays = self._arrays
         missing = set(data) - set(arrays)
@@ -209,9 +232,27 @@ def _step_chunk(step_nbytes: int) -> int:
     return int(max(1, min(MAX_STEP_CHUNK, STEP_CHUNK_BYTES // max(step_nbytes, 1))))
 
 
+_CONSOLIDATING = threading.Lock()  # a trace and its probe group write from their own threads
+
+
+def consolidate(path: Path) -> None:
+    """Rewrite the consolidated metadata of the trace at ``path``, and of the trace it lies in if it is
+    a group of one (a probe group: the enclosing trace's consolidated copy of it would go stale)."""
+    import zarr
+
+    # consolidated on purpose (one read to open, clean after a crash): zarr's notice that Zarr v3 does
+    # not specify consolidated metadata yet would come with every write. The filter is re-added each
+    # time because test runners and callers may reset the filters.
+    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+    with _CONSOLIDATING:  # one at a time: the last one to run sees every finished write
+        zarr.consolidate_metadata(path, zarr_format=3)
+        if (path.parent / "zarr.json").exists():
+            zarr.consolidate_metadata(path.parent, zarr_format=3)
+
+
 def open_trace(path: str | os.PathLike) -> xr.Dataset:
     """The trace, lazily (dask-backed: traces bigger than memory are fine); attrs decoded from JSON."""
-    ds = xr.open_zarr(path, consolidated=False)
+    ds = xr.open_zarr(path)
     ds.attrs = {k: json.loads(v) if k in JSON_ATTRS else v for k, v in ds.attrs.items()}
     return ds
 
@@ -233,7 +274,7 @@ def export_netcdf(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
 
 
 def _to_netcdf(zarr_path, nc_file: Path, mode: str, group: str | None = None) -> None:
-    ds = xr.open_zarr(zarr_path, consolidated=False)  # attrs stay JSON strings: NetCDF stores strings
+    ds = xr.open_zarr(zarr_path)  # attrs stay JSON strings: NetCDF stores strings
     ds = ds.map(lambda v: v.astype("float32") if np.issubdtype(v.dtype, np.floating) else v)
     ds.to_netcdf(nc_file, mode=mode, group=group, engine="h5netcdf")
 

@@ -17,7 +17,9 @@ Three ways to drive it, one tracer:
 * HF ``Trainer``: :class:`knowtrace.hf.KnowtraceCallback` (rows matched to samples by their tokens).
 
 Probe mode (:mod:`knowtrace.probe`): every k steps a fixed probe set runs under inference mode into
-the trace's ``probe`` group.
+the trace's ``probe`` group. The tracer builds and runs its probe (``trace(..., probes=)``); the probe
+module knows nothing of the tracer: it runs through the tracer's :class:`~knowtrace.logprobs.LogProbCapture`
+and writes its own :class:`~knowtrace.answers.SampleTrace`, so the import goes one way, tracer -> probe.
 """
 
 from __future__ import annotations
@@ -26,109 +28,17 @@ import os
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .knowledge import mllm_knowledge
-from .logprobs import IGNORE_INDEX, token_logprobs
-from .mllm_attention import AttentionCapture, AttentionOptions, stack_layers
-from .store import TraceStore, index_samples, pad_ragged
+from .answers import SampleTrace, TracedSample
+from .logprobs import Forward, LogProbCapture
+from .mllm_attention import AttentionCapture, AttentionOptions
+from .probe import ProbeRunner, ProbeSet
+from .schema import PROBE_GROUP
 
-_ATTACHED = "_knowtrace_attached"
-
-
-@dataclass
-class TracedSample:
-    """One traced answer: its id, answer token ids and strings, and which tokens are the concept's.
-
-    ``input_ids``: the sample's full (unpadded) model input ids; optional, used to tell samples with
-    the same answer apart when rows are matched by content (HF Trainer)."""
-
-    id: str
-    token_ids: Sequence[int]
-    token_strs: Sequence[str]
-    is_concept: Sequence[bool]
-    concept: str = ""
-    input_ids: Sequence[int] | None = None
-
-
-@dataclass
-class _Call:
-    """One captured forward: per-row log-probs, labels, input ids and attention maps (or None)."""
-
-    logp: torch.Tensor  # (batch, seq) float32, NaN where unscored
-    labels: torch.Tensor  # (batch, seq)
-    input_ids: torch.Tensor | None  # (batch, seq)
-    attention_mask: torch.Tensor | None  # (batch, seq)
-    maps: list[dict[int, torch.Tensor]] | None  # per row: layer -> (heads, n_answer, gy, gx)
-
-    def answer(self, row: int) -> list[int]:
-        return self.labels[row][self.labels[row] != IGNORE_INDEX].tolist()
-
-    def key(self, row: int) -> tuple[int, ...] | None:
-        if self.input_ids is None:
-            return None
-        ids = self.input_ids[row]
-        if self.attention_mask is not None:
-            ids = ids[self.attention_mask[row].bool()]
-        return tuple(ids.tolist())
-
-
-class SampleTrace:
-    """The store of one sample set (the traced samples, or a probe set): static coords once, then
-    one slice per step built from matched rows of captured forwards."""
-
-    def __init__(self, path, samples: Sequence[TracedSample], attrs: dict | None, float_dtype: str,
-                 attention: AttentionCapture | None = None, n_heads: int = 0, flush_seconds: float = 0.0):
-        self.samples = list(samples)
-        self.index = index_samples(self.samples)
-        self.attention, self.n_heads = attention, n_heads
-        static = {
-            "sample_id": np.array([s.id for s in self.samples]),
-            "token_id": pad_ragged([s.token_ids for s in self.samples], -1, dtype=np.int64),
-            "token_str": pad_ragged([list(s.token_strs) for s in self.samples], "", dtype=object).astype(str),
-            "is_concept": pad_ragged([list(map(bool, s.is_concept)) for s in self.samples], False, dtype=bool),
-            "concept": np.array([s.concept for s in self.samples]),
-        }
-        if attention is not None:
-            static["layer"] = np.array(attention.layers, dtype=np.int64)
-        self.width = static["token_id"].shape[1]
-        self._concept = torch.from_numpy(static["is_concept"])
-        self.store = TraceStore(path, static=static, attrs=attrs, float_dtype=float_dtype, flush_seconds=flush_seconds)
-
-    def write(self, step: int, rows: Sequence[tuple[int, _Call, int]], losses: dict | None = None) -> None:
-        """Append ``step`` from ``rows`` = (sample index, call, batch row); other samples are NaN."""
-        n = len(self.samples)
-        logprob = np.full((n, self.width), np.nan, dtype=np.float32)
-        head = None
-        if self.attention is not None:
-            if self.attention.grid is None:
-                raise ValueError("the patch grid is not known yet (no image was recorded): pass "
-                                 "AttentionOptions(grid=(y, x))")
-            shape = (n, len(self.attention.layers), self.n_heads, self.width, *self.attention.grid)
-            head = np.full(shape, np.nan, dtype=np.float32)
-        for si, call, r in rows:
-            values = call.logp[r][call.labels[r] != IGNORE_INDEX]
-            logprob[si, : len(values)] = values.cpu().numpy()
-            if head is not None and call.maps is not None and call.maps[r]:
-                m = stack_layers(call.maps[r], self.attention.layers).numpy()  # (layer, heads, n_answer, gy, gx)
-                head[si, :, : m.shape[1], : m.shape[2]] = m
-        k_c, k_n = mllm_knowledge(torch.from_numpy(logprob), self._concept)
-        unseen = np.isnan(logprob).all(1)  # samples not in this step: K is NaN, not an empty sum
-        values = {"logprob": logprob, "K_C": np.where(unseen, np.nan, k_c.numpy()),
-                  "K_N": np.where(unseen, np.nan, k_n.numpy())}
-        for key in ("loss_forget", "loss_retain"):
-            values[key] = np.float32((losses or {}).get(key, np.nan))
-        if head is not None:
-            with warnings.catch_warnings():  # all-NaN slices (samples not in this step) stay NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                values["xattn"] = np.nanmean(head, axis=2) if self.n_heads > 1 else head[:, :, 0]
-            if self.attention.options.heads == "all":
-                values["xattn_head"] = head
-        self.store.append(step, **values)
+__all__ = ["MLLMTracer", "TracedSample", "trace"]
 
 
 class MLLMTracer:
@@ -136,68 +46,56 @@ class MLLMTracer:
 
     ``attention``: :class:`~knowtrace.mllm_attention.AttentionOptions` (None: no attention);
     ``probes``: a :class:`~knowtrace.probe.ProbeSet` run every ``probes.every`` steps;
-    ``flush_seconds``: steps are buffered and written at most this often (and on exit, also after an
-    exception; see :class:`~knowtrace.store.TraceStore`); 0 writes every step at once.
+    ``map_dtype``: storage type of the attention maps ("float16" halves them; log-probs, K and losses
+    are always float32); ``flush_seconds``: steps are buffered and written at most this often (and on
+    exit, also after an exception; see :class:`~knowtrace.store.TraceStore`); 0 writes every step at once.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample],
-                 attrs: dict | None = None, float_dtype: str = "float16", attention: AttentionOptions | None = None,
-                 probes=None, flush_seconds: float = 5.0):
+                 attrs: dict | None = None, map_dtype: str = "float32", attention: AttentionOptions | None = None,
+                 probes: ProbeSet | None = None, flush_seconds: float = 5.0):
         self.model = model
         self.attention = AttentionCapture(model, attention) if attention is not None else None
-        n_heads = 0
-        if self.attention is not None:
-            n_heads = 1 if attention.heads == "mean" else self.attention.config.num_attention_heads
+        self.forwards = LogProbCapture(model, self.attention)
+        # attached with the tracer: the log-prob hook, and the attention function when steps record it
+        # (else the probe attaches it for its own forwards only)
         on_steps = self.attention if attention is not None and attention.on_steps else None
-        self.trace = SampleTrace(path, samples, attrs, float_dtype, on_steps, n_heads, flush_seconds)
+        self._captures = [c for c in (self.forwards, on_steps) if c is not None]
+        self.trace = SampleTrace(path, samples, attrs, map_dtype, on_steps, flush_seconds)
         self.samples, self.index, self.store = self.trace.samples, self.trace.index, self.trace.store
         self.probe = None
         if probes is not None:
-            from .probe import ProbeRunner  # probe mode builds on this module
-
-            self.probe = ProbeRunner(self, probes, Path(path), attrs, float_dtype, n_heads, flush_seconds)
-        self._calls: list[_Call] = []
-        self._handles = []
-        self._recording_attention = False
+            probe_trace = SampleTrace(Path(path) / PROBE_GROUP, probes.samples, attrs, map_dtype, self.attention,
+                                      flush_seconds)
+            self.probe = ProbeRunner(probes, probe_trace, self.forwards)
         self._warned = False
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self.forwards.attached
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self):
-        if getattr(self.model, _ATTACHED, False):
-            raise RuntimeError("a knowtrace tracer is already attached to this model; exit it first")
         self._attach()
         return self
 
     def __exit__(self, *exc):
         self._detach()
-        self._calls.clear()
+        self.forwards.read()  # captured forwards of an unrecorded step are dropped
         self.flush()
         return False
 
     def _attach(self):
         try:
-            if self.attention is not None:
-                self.attention.__enter__()
-                self.attention.switch(self.attention.options.on_steps)  # probes only: switched in per probe
-            self._handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
-                             self.model.register_forward_hook(self._capture, with_kwargs=True)]
-            setattr(self.model, _ATTACHED, True)
+            for capture in self._captures:
+                capture.attach()
         except BaseException:
             self._detach()
             raise
 
     def _detach(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self.attention is not None:
-            self.attention.__exit__(None, None, None)
-        if getattr(self.model, _ATTACHED, False):
-            setattr(self.model, _ATTACHED, False)
+        for capture in reversed(self._captures):
+            capture.detach()
 
     @contextmanager
     def paused(self):
@@ -217,37 +115,16 @@ class MLLMTracer:
         if self.probe is not None:
             self.probe.trace.store.flush()
 
-    def _begin(self, module, args, kwargs):
-        labels = kwargs.get("labels")
-        wanted = self.attention is not None and (self._recording_attention or self.attention.options.on_steps)
-        if wanted and labels is not None:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            if input_ids is None:
-                raise ValueError("attention capture needs input_ids (image positions are found from them)")
-            self.attention.begin(input_ids, labels, kwargs.get("image_grid_thw"))
-
-    def _capture(self, module, args, kwargs, output):
-        labels = kwargs.get("labels")
-        logits = getattr(output, "logits", None)
-        maps = self.attention.end() if self.attention is not None and self.attention.recording else None
-        if labels is not None and logits is not None:
-            # keep the log-probs only (batch, seq), not the logits: computed now, chunked and detached
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            mask = kwargs.get("attention_mask")
-            self._calls.append(_Call(token_logprobs(logits.detach(), labels), labels.detach(),
-                                     None if input_ids is None else input_ids.detach(),
-                                     None if mask is None else mask.detach(), maps))
-
     # ------------------------------------------------------------------ steps
-    def _match(self, sample_ids: Sequence[str]):
+    def _match(self, sample_ids: Sequence[str], forwards: Sequence[Forward]):
         """The captured call whose rows are these samples' answers (same labelled token ids)."""
         want = [list(self.samples[self.index[i]].token_ids) for i in sample_ids]
-        for call in self._calls:
+        for call in forwards:
             if call.labels.shape[0] == len(want) and [call.answer(r) for r in range(len(want))] == want:
                 return call
         return None
 
-    def _match_rows(self, calls: Sequence[_Call]) -> list[tuple[int, _Call, int]]:
+    def _match_rows(self, calls: Sequence[Forward]) -> list[tuple[int, Forward, int]]:
         """Every row of every call that is exactly one traced sample (by input ids when the samples
         carry them, else by answer tokens); rows matching several samples are skipped, with a warning."""
         by_key: dict[tuple, list[int]] = {}
@@ -274,15 +151,15 @@ class MLLMTracer:
         ``sample_ids``: the step's batch in row order (the call whose label rows are exactly these
         samples' answers is used); None: every captured row that is a traced sample (matched by
         tokens). Runs the probes afterwards when they are due."""
+        unknown = [i for i in sample_ids or () if i not in self.index]
+        if unknown:
+            raise KeyError(f"samples {unknown} are not traced; traced: {list(self.index)[:10]}...")
+        forwards = self.forwards.read()
         if sample_ids is not None:
-            unknown = [i for i in sample_ids if i not in self.index]
-            if unknown:
-                raise KeyError(f"samples {unknown} are not traced; traced: {list(self.index)[:10]}...")
-            call = self._match(sample_ids)
+            call = self._match(sample_ids, forwards)
             rows = [] if call is None else [(self.index[s], call, r) for r, s in enumerate(sample_ids)]
         else:
-            rows = self._match_rows(self._calls)
-        self._calls.clear()
+            rows = self._match_rows(forwards)
         self.trace.write(step, rows, losses)
         if self.probe is not None:
             self.probe.maybe_run(step)
@@ -290,7 +167,7 @@ class MLLMTracer:
 
     def clear(self) -> None:
         """Forget this step's captured forwards without writing (e.g. on non-main processes)."""
-        self._calls.clear()
+        self.forwards.read()
 
     def on_step_end(self, step: int, logs: dict, state) -> None:
         """Callback of the unlearn loop: ``state.batch`` holds the step's records (with ``.id``)."""
@@ -298,12 +175,12 @@ class MLLMTracer:
 
 
 def trace(model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample], *,
-          attention: AttentionOptions | bool | None = None, probes=None, attrs: dict | None = None,
-          float_dtype: str = "float16", flush_seconds: float = 5.0) -> MLLMTracer:
+          attention: AttentionOptions | bool | None = None, probes: ProbeSet | None = None,
+          attrs: dict | None = None, map_dtype: str = "float32", flush_seconds: float = 5.0) -> MLLMTracer:
     """A tracer to use as a context manager: ``with knowtrace.trace(model, path, samples) as tr: ...``.
 
     ``attention=True`` records the last layer's head-mean maps; pass AttentionOptions for more."""
     if attention is True:
         attention = AttentionOptions()
-    return MLLMTracer(model, path, samples, attrs=attrs, float_dtype=float_dtype, attention=attention or None,
+    return MLLMTracer(model, path, samples, attrs=attrs, map_dtype=map_dtype, attention=attention or None,
                       probes=probes, flush_seconds=flush_seconds)

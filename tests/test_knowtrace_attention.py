@@ -61,7 +61,7 @@ def test_maps_equal_eager_weights_and_outputs_unchanged(tmp_path, family, n_reco
     ref = model(**batch)
     (ref_grad,) = torch.autograd.grad(ref.loss, param)
     options = AttentionOptions(layers=(0, -1), heads="all")
-    with trace(model, tmp_path / "t.zarr", samples, attention=options, float_dtype="float32") as tr:
+    with trace(model, tmp_path / "t.zarr", samples, attention=options) as tr:
         assert model.config.get_text_config()._attn_implementation == f"knowtrace_{impl}"
         got = model(**batch)
         (got_grad,) = torch.autograd.grad(got.loss, param)
@@ -117,7 +117,7 @@ def test_restored_after_an_exception_and_attaching_twice_is_an_error(tmp_path):
             with torch.no_grad():
                 model(**adapter.encode(records))
         assert model.config.get_text_config()._attn_implementation == "knowtrace_sdpa" and model._forward_hooks
-        assert not tr._calls  # the paused forward was not captured
+        assert not tr.forwards.read()  # the paused forward was not captured
 
 
 def test_bad_options_are_clear_errors(tmp_path):

@@ -25,8 +25,7 @@ def test_buffered_appends_equal_what_was_given_and_resume(tmp_path):
     rng = np.random.default_rng(0)
     given = [_values(rng, nan_row=i % 2 == 1) for i in range(7)]
     path = tmp_path / "t.zarr"
-    store = TraceStore(path, static={"token_id": np.arange(12).reshape(3, 4)}, float_dtype="float32",
-                       flush_seconds=1e9)
+    store = TraceStore(path, static={"token_id": np.arange(12).reshape(3, 4)}, flush_seconds=1e9)
     store.append(0, **given[0])  # the first step creates the store at once
     assert list(open_trace(path).step.values) == [0]
     for i in range(1, 3):
@@ -36,7 +35,7 @@ def test_buffered_appends_equal_what_was_given_and_resume(tmp_path):
     for i in range(3, 5):
         store.append(i, **given[i])
     store.flush()  # appended with zarr directly
-    again = TraceStore(path, float_dtype="float32", flush_seconds=0)  # resume: appends after the last stored step
+    again = TraceStore(path, flush_seconds=0)  # resume: appends after the last stored step
     assert again.last_step == 4
     with pytest.raises(ValueError, match="not after the last stored step"):
         again.append(4, **given[5])
@@ -90,7 +89,7 @@ def test_tracer_flushes_on_exit_after_an_exception(tmp_path):
 def test_background_writes_keep_order_and_everything_is_there_after_flush(tmp_path):
     rng = np.random.default_rng(2)
     given = [_values(rng) for _ in range(30)]
-    store = TraceStore(tmp_path / "t.zarr", float_dtype="float32", flush_seconds=1e-9)  # a background write per step
+    store = TraceStore(tmp_path / "t.zarr", flush_seconds=1e-9)  # a background write per step
     for i, g in enumerate(given):
         store.append(i, **g)
     store.flush()

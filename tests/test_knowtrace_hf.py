@@ -35,7 +35,7 @@ def test_trainer_callback_records_one_entry_per_step(tmp_path):
     model, items, samples = _setup()
     with torch.no_grad():  # the starting model: step 1's trace must hold its log-probs
         start = [torch.log_softmax(model(**it).logits.double(), -1) for it in items]
-    with trace(model, tmp_path / "t.zarr", samples, float_dtype="float32") as tracer:
+    with trace(model, tmp_path / "t.zarr", samples) as tracer:
         trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=items, data_collator=lambda f: f[0],
                           callbacks=[KnowtraceCallback(tracer)])
         trainer.train()

@@ -30,7 +30,7 @@ def write_synthetic(path, seed=0, method="fttp"):
         "sample_id": np.array(["s/a", "s/b", "s/c"]),
         "layer": np.array([1, 3]),  # decoder layers the maps come from
     }
-    store = TraceStore(path, static=static, attrs={"method": {"name": method}, "seed": seed}, float_dtype="float32")
+    store = TraceStore(path, static=static, attrs={"method": {"name": method}, "seed": seed})
     pad = torch.tensor(static["token_id"] < 0)
     for step in STEPS:
         logprob = torch.from_numpy(-rng.gamma(2.0, 0.5, size=(3, 4))).masked_fill(pad, float("nan"))
@@ -240,7 +240,7 @@ def real_trace(tmp_path_factory):
     adapter, concept, forget, _ = _setup(root / "world")
     path = root / "trace.zarr"
     with trace(adapter.model, path, traced_samples(adapter, forget, concept.names), attention=True,
-               float_dtype="float32", attrs={"method": {"name": "fttp"}, "seed": 0}) as tracer:
+               attrs={"method": {"name": "fttp"}, "seed": 0}) as tracer:
         run_loop(adapter, get_method("fttp"), forget, [], TrainConfig(steps=3), concept.key, concept.names,
                  callbacks=[tracer], progress=False)
     return path, forget
@@ -302,7 +302,7 @@ def test_eps_err_slider_on_a_real_sd_trace(tmp_path):
     g = torch.Generator().manual_seed(0)
     z, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
     cond = torch.randn(1, 5, 16, generator=g)
-    with SDTracer(tmp_path / "sd.zarr", [SDSample("vorn0", mask, "vorn")], unet=unet, float_dtype="float32") as tracer:
+    with SDTracer(tmp_path / "sd.zarr", [SDSample("vorn0", mask, "vorn")], unet=unet) as tracer:
         for step in range(3):
             loss = -(unet(z, torch.tensor([500]), encoder_hidden_states=cond).sample - noise).pow(2).mean()
             opt.zero_grad()

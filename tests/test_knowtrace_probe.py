@@ -20,7 +20,7 @@ def _run(path, world_dir):  # noqa: F811
                       traced_samples(adapter, probe_records, concept.names), every=2)
     options = AttentionOptions(layers=(0, -1), on_steps=False)  # attention on probes only
     with trace(adapter.model, path, traced_samples(adapter, forget, concept.names), probes=probes,
-               attention=options, float_dtype="float32") as tr:
+               attention=options) as tr:
         run_loop(adapter, get_method("fttp"), forget, [], TrainConfig(steps=3), concept.key, concept.names,
                  callbacks=[tr], progress=False)
     return adapter, probes
@@ -98,7 +98,7 @@ def test_probe_only_attention_switches_in_for_the_probe_forward_alone(tmp_path):
     handle = attn.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
     try:
         with trace(model, tmp_path / "t.zarr", samples, probes=probes,
-                   attention=AttentionOptions(on_steps=False), float_dtype="float32") as tr:
+                   attention=AttentionOptions(on_steps=False)) as tr:
             model(**adapter.encode(records[1:]))  # a training step's forward
             tr.record(0, [r.id for r in records[1:]])  # then the probe
             model(**adapter.encode(records[1:]))

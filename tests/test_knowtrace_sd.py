@@ -24,7 +24,7 @@ def _tiny_unet():
 def test_record_errors_and_knowledge_by_hand(tmp_path):
     samples = _samples()
     err = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1))
-    with SDTracer(tmp_path / "sd.zarr", samples, lam=2.0, float_dtype="float32") as tracer:
+    with SDTracer(tmp_path / "sd.zarr", samples, lam=2.0) as tracer:
         tracer.record_errors(0, err, ["img2", "img0"], {"loss_forget": 0.5})
         tracer.record_errors(1, err[:1], ["img1"])
         assert list(open_trace(tmp_path / "sd.zarr").step.values) == [0]  # step 1 buffered (flush_seconds=5)
@@ -49,7 +49,7 @@ def test_unet_hook_gives_the_errors_of_the_step_forward(tmp_path):
     cond, noise = torch.randn(2, 5, 16), torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         expected = (unet(z, t, cond).sample - noise).pow(2).mean(1)
-    with SDTracer(tmp_path / "sd.zarr", samples, unet=unet, float_dtype="float32") as tracer:
+    with SDTracer(tmp_path / "sd.zarr", samples, unet=unet) as tracer:
         pred = unet(z, t, encoder_hidden_states=cond).sample  # the training step's own forward
         (pred - noise).pow(2).mean().backward()
         tracer.record_target(0, noise, ["img0", "img1"])

@@ -25,7 +25,7 @@ def test_trace_matches_an_independent_forward_and_hooks_are_removed(tmp_path, wo
         lab = batch["labels"][row]
         pos = (lab != -100).nonzero().squeeze(1)
         expected.append(logp[row, pos - 1, lab[pos]].numpy())
-    with MLLMTracer(model, tmp_path / "trace.zarr", samples, float_dtype="float32") as tracer:
+    with MLLMTracer(model, tmp_path / "trace.zarr", samples) as tracer:
         with pytest.raises(RuntimeError, match="already attached"):
             MLLMTracer(model, tmp_path / "other.zarr", samples).__enter__()
         run_loop(adapter, get_method("fttp"), forget, [], TrainConfig(steps=3), concept.key, concept.names,

@@ -1,0 +1,84 @@
+"""Traced answers: :class:`TracedSample`, and :class:`SampleTrace`, which writes one step of a set of
+them (per-token log-probs, K_C / K_N, cross-attention) from rows of captured forwards
+(:class:`~knowtrace.logprobs.Forward`) to its store. The tracer's samples and a probe set are each one
+``SampleTrace``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .knowledge import mllm_knowledge
+from .logprobs import IGNORE_INDEX, Forward
+from .mllm_attention import AttentionCapture, stack_layers
+from .store import TraceStore, index_samples, token_coords
+
+
+@dataclass
+class TracedSample:
+    """One traced answer: its id, answer token ids and strings, and which tokens are the concept's.
+
+    ``input_ids``: the sample's full (unpadded) model input ids; optional, used to tell samples with
+    the same answer apart when rows are matched by content (HF Trainer)."""
+
+    id: str
+    token_ids: Sequence[int]
+    token_strs: Sequence[str]
+    is_concept: Sequence[bool]
+    concept: str = ""
+    input_ids: Sequence[int] | None = None
+
+
+class SampleTrace:
+    """The store of one sample set (the traced samples, or a probe set): static coords once, then
+    one slice per step built from matched rows of captured forwards. ``attention``: the capture whose
+    maps the rows carry (None: no attention variables)."""
+
+    def __init__(self, path, samples: Sequence[TracedSample], attrs: dict | None, map_dtype: str,
+                 attention: AttentionCapture | None = None, flush_seconds: float = 0.0):
+        self.samples = list(samples)
+        self.index = index_samples(self.samples)
+        self.attention = attention
+        static = {"sample_id": np.array([s.id for s in self.samples]), **token_coords(self.samples),
+                  "concept": np.array([s.concept for s in self.samples])}
+        if attention is not None:
+            static["layer"] = np.array(attention.layers, dtype=np.int64)
+        self.width = static["token_id"].shape[1]
+        self._concept = torch.from_numpy(static["is_concept"])
+        self.store = TraceStore(path, static=static, attrs=attrs, map_dtype=map_dtype, flush_seconds=flush_seconds)
+
+    def write(self, step: int, rows: Sequence[tuple[int, Forward, int]], losses: dict | None = None) -> None:
+        """Append ``step`` from ``rows`` = (sample index, forward, batch row); other samples are NaN."""
+        n = len(self.samples)
+        logprob = np.full((n, self.width), np.nan, dtype=np.float32)
+        head = None
+        if self.attention is not None:
+            if self.attention.grid is None:
+                raise ValueError("the patch grid is not known yet (no image was recorded): pass "
+                                 "AttentionOptions(grid=(y, x))")
+            shape = (n, len(self.attention.layers), self.attention.n_heads, self.width, *self.attention.grid)
+            head = np.full(shape, np.nan, dtype=np.float32)
+        for si, call, r in rows:
+            values = call.logp[r][call.labels[r] != IGNORE_INDEX]
+            logprob[si, : len(values)] = values.cpu().numpy()
+            if head is not None and call.maps is not None and call.maps[r]:
+                m = stack_layers(call.maps[r], self.attention.layers).numpy()  # (layer, heads, n_answer, gy, gx)
+                head[si, :, : m.shape[1], : m.shape[2]] = m
+        k_c, k_n = mllm_knowledge(torch.from_numpy(logprob), self._concept)
+        unseen = np.isnan(logprob).all(1)  # samples not in this step: K is NaN, not an empty sum
+        values = {"logprob": logprob, "K_C": np.where(unseen, np.nan, k_c.numpy()),
+                  "K_N": np.where(unseen, np.nan, k_n.numpy())}
+        for key in ("loss_forget", "loss_retain"):
+            values[key] = np.float32((losses or {}).get(key, np.nan))
+        if head is not None:
+            with warnings.catch_warnings():  # all-NaN slices (samples not in this step) stay NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                values["xattn"] = np.nanmean(head, axis=2) if self.attention.n_heads > 1 else head[:, :, 0]
+            if self.attention.options.heads == "all":
+                values["xattn_head"] = head
+        self.store.append(step, **values)
