@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tests.test_world_sd import TINY_SD
 from unlearn.cli import main
-from unlearn.data.sd_records import world_sd_data
+from unlearn.world.records import world_sd_data
 from unlearn.run_sd import load_run, run_sd
 from unlearn.world.sd import train_sd
 
@@ -91,9 +91,10 @@ def test_fttp_on_the_world_lowers_concept_knowledge_only():
     from unlearn.loop import TrainConfig, run_loop
     from unlearn.methods import get_method
     from unlearn.models.sd import load_sd_adapter
+    from unlearn.world.source import resolve_model
     from unlearn.world.concepts import BY_KEY
 
-    a = load_sd_adapter("world")
+    a = load_sd_adapter(resolve_model("world", "sd"))
     forget, _ = world_sd_data("vorn", 4, a.resolution)
     before = forget_knowledge(a.pipe, forget, adapter=a)
     c = BY_KEY["vorn"]
