@@ -197,7 +197,8 @@ def test_a_synthetic_cycle_fails(tmp_package):
     assert len(found) == 1 and {e.source for e in found[0]} >= {"pkg.low.a", "pkg.high.b"}
     assert found[0][0].source == found[0][-1].target  # a closed path
     order = {"low": 0, "high": 1, "run": 2}
-    assert layer_violations(edges, "pkg", order) == ["pkg/low/a.py:2: pkg.low.a -> pkg.high.b  (low may not import high)"]
+    assert layer_violations(edges, "pkg", order) == \
+        ["pkg/low/a.py:2: pkg.low.a -> pkg.high.b  (low may not import high)"]
     # the same two layers side by side: each import between them is reported
     assert len(layer_violations(edges, "pkg", {"low": 0, "high": 0, "run": 2})) == 3
     # without the function-level import, no cycle and no violation

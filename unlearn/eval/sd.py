@@ -4,8 +4,8 @@ on the forget images, TS / TI. Definitions and choices are in docs/sd-eval.md; i
 * **UA** (unlearning accuracy, percent): of the images generated from the forgotten concept's
   prompt(s) with seeds ``0 .. n_seeds-1`` (default 100), the share a classifier does NOT label as
   the concept. Classifiers follow :class:`ConceptClassifier`: the world classifier
-  (:class:`unlearn.world.source.WorldConceptClassifier`) on the world; on real SD a classifier the user gives, e.g.
-  :class:`ClipZeroShotClassifier` (a CLIP model, prompts "a photo of {name}").
+  (:class:`unlearn.world.source.WorldConceptClassifier`) on the world; on real SD a classifier the
+  user gives, e.g. :class:`ClipZeroShotClassifier` (a CLIP model, prompts "a photo of {name}").
 * **FD** (Fréchet distance) between features of images the model generates for the *retained*
   concepts and reference images of them: on the world, features are the world classifier's
   penultimate layer and the result is named ``"world-classifier-features"`` (it is not an Inception

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..models.sd import generate_images
-from ..models.sd import load_sd_pipeline as load_sd  # the world SD is an SD directory like any other
+from ..models.sd import load_sd_pipeline as load_sd  # noqa: F401  (the world SD is an SD directory like any other)
 from .concepts import BY_KEY, CONCEPTS, Concept
 from .render import CONCEPT_INDEX, SPLITS, render_scene, world_image
 from .schedule import warmup_cosine
