@@ -45,9 +45,9 @@ from unlearn.data.token_weights import token_weights
 from unlearn.loop import apply_lora
 from unlearn.methods.losses import weighted_token_loss
 from unlearn.models import load_mllm
-from unlearn.world.source import resolve_model
 from unlearn.run_mllm import world_data
 from unlearn.tracing import traced_samples
+from unlearn.world.source import resolve_model
 
 MIB = 2 ** 20
 
@@ -223,13 +223,13 @@ def sd(args, tmp: Path) -> None:
     forward: `--trace-source step`) and ``SDTraceCallback(attention=True)`` (fixed-noise probe, 5
     timesteps, with cross-attention maps: `--trace-attention`) on 2 forget images, the training
     batch's size."""
-    from unlearn.world.records import world_sd_data
     from unlearn.loop import TrainConfig, run_loop
     from unlearn.methods import get_method
     from unlearn.models.sd import load_sd_adapter
-    from unlearn.world.source import resolve_model
     from unlearn.sd_tracing import SDStepErrorCallback, SDTraceCallback
     from unlearn.world.concepts import BY_KEY
+    from unlearn.world.records import world_sd_data
+    from unlearn.world.source import resolve_model
 
     c = BY_KEY[args.concept]
     torch.manual_seed(0)

@@ -18,8 +18,8 @@ from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import get_method
 from unlearn.methods.losses import weighted_token_loss
 from unlearn.models import load_mllm
-from unlearn.world.source import resolve_model
 from unlearn.run_mllm import world_data
+from unlearn.world.source import resolve_model
 
 
 class InterleavedTimer:

@@ -10,16 +10,16 @@ import time
 
 import numpy as np
 
-from unlearn.world.records import world_sd_data
 from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import get_method
 from unlearn.models.sd import load_sd_adapter
-from unlearn.world.source import resolve_model
 from unlearn.world.build import build_world
 from unlearn.world.classifier import load_classifier
 from unlearn.world.concepts import BY_KEY
+from unlearn.world.records import world_sd_data
 from unlearn.world.render import CONCEPT_INDEX
 from unlearn.world.sd import concept_prompt
+from unlearn.world.source import resolve_model
 
 OTHERS = ("quilla", "blip", "korvex")
 

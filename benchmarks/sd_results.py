@@ -63,14 +63,14 @@ def segmenter_quality(concepts, size: int, n: int = 20) -> dict:
 
 
 def main() -> None:
-    from unlearn.world.records import world_sd_data
     from unlearn.loop import TrainConfig, run_loop
     from unlearn.methods import SD_METHODS, get_method
     from unlearn.models.sd import load_sd_adapter
-    from unlearn.world.source import resolve_model
     from unlearn.run_sd import evaluator
     from unlearn.world.concepts import BY_KEY, CONCEPTS
+    from unlearn.world.records import world_sd_data
     from unlearn.world.sd import concept_prompt
+    from unlearn.world.source import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", nargs="+", default=["oskel", "grom", "korvex"])

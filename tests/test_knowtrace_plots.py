@@ -233,8 +233,8 @@ def real_trace(tmp_path_factory):
     from unlearn.loop import TrainConfig, run_loop
     from unlearn.methods import get_method
     from unlearn.models import load_mllm
-    from unlearn.world.source import resolve_model
     from unlearn.tracing import traced_samples
+    from unlearn.world.source import resolve_model
 
     root = tmp_path_factory.mktemp("real")
     load_mllm(resolve_model("world", "mllm", root / "world", WORLD))

@@ -6,9 +6,9 @@ import torch
 from tests.tiny_models import tiny_llava, tiny_qwen2vl
 from unlearn.data.records import Record
 from unlearn.models import ADAPTERS, LlavaAdapter, Qwen2VLAdapter, adapter_for, load_mllm
+from unlearn.world.concepts import BY_KEY
 from unlearn.world.records import ImageBank, world_records
 from unlearn.world.texts import ImageRef, fact_qa, identify_qa
-from unlearn.world.concepts import BY_KEY
 
 FAMILIES = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2vl}
 

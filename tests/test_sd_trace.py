@@ -12,15 +12,15 @@ import torch
 
 from knowtrace import open_trace
 from unlearn.cli import main
-from unlearn.world.records import world_sd_data
 from unlearn.eval.sd import forget_knowledge
 from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import get_method
 from unlearn.models.sd import load_sd_adapter
-from unlearn.world.source import resolve_model
 from unlearn.run_sd import run_sd
 from unlearn.sd_tracing import SDTraceCallback
 from unlearn.world.concepts import BY_KEY
+from unlearn.world.records import world_sd_data
+from unlearn.world.source import resolve_model
 
 STEPS = 4
 
