@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ..eval.sd import WORLD_FD_SPACE, ClipZeroShotClassifier, ConceptClassifier, check_classifier_spec, check_images
-from .build import build_world
 
 
 def resolve_model(model, component: str, world_dir=None, world_config=None):
@@ -23,6 +22,8 @@ def resolve_model(model, component: str, world_dir=None, world_config=None):
     if missing; any other spec (a local path, a hub id) as given."""
     if model != "world":
         return model
+    from .build import build_world  # local: it loads every world model's module (diffusers among them)
+
     return build_world(world_dir, world_config, only=(component,))[component]
 
 
