@@ -8,7 +8,7 @@ alike. Amortised costs (a probe every 10 traced steps) are ratios of TOTALS over
 median would skip the probe steps); per-step costs also as ratios of medians. The first traced step
 creates the trace store (one-time xarray/zarr set-up): its pair is left out and its time printed.
 
-World MLLM (``load_mllm("world")``, cached default world) with LoRA, FTTP's weighted token loss,
+World MLLM (``load_mllm(resolve_model("world", "mllm"))``, cached default world) with LoRA, FTTP's weighted token loss,
 batch 2, Adam:
 
 1. log-probs + K_C/K_N: traced steps record (forward hook, chunked log-probs, K, buffered Zarr
@@ -47,6 +47,7 @@ from unlearn.methods.losses import weighted_token_loss
 from unlearn.models import load_mllm
 from unlearn.run_mllm import world_data
 from unlearn.tracing import traced_samples
+from unlearn.world.source import resolve_model
 
 MIB = 2 ** 20
 
@@ -125,7 +126,7 @@ def report(setting: str, pairs: int, one: Timings, per_step: str, two: Timings, 
 
 def mllm(args, tmp: Path) -> None:
     torch.manual_seed(0)
-    adapter = load_mllm("world")
+    adapter = load_mllm(resolve_model("world", "mllm"))
     size = adapter.processor.image_processor.crop_size["height"]
     concept, forget, _ = world_data(args.concept, 1, image_size=size)
     records = forget[:2]
@@ -222,16 +223,17 @@ def sd(args, tmp: Path) -> None:
     forward: `--trace-source step`) and ``SDTraceCallback(attention=True)`` (fixed-noise probe, 5
     timesteps, with cross-attention maps: `--trace-attention`) on 2 forget images, the training
     batch's size."""
-    from unlearn.data.sd_records import world_sd_data
     from unlearn.loop import TrainConfig, run_loop
     from unlearn.methods import get_method
     from unlearn.models.sd import load_sd_adapter
     from unlearn.sd_tracing import SDStepErrorCallback, SDTraceCallback
     from unlearn.world.concepts import BY_KEY
+    from unlearn.world.records import world_sd_data
+    from unlearn.world.source import resolve_model
 
     c = BY_KEY[args.concept]
     torch.manual_seed(0)
-    adapter = load_sd_adapter("world")
+    adapter = load_sd_adapter(resolve_model("world", "sd"))
     forget, _ = world_sd_data(c.key, 5, adapter.resolution)
     method = get_method("fttp", modality="sd")
 

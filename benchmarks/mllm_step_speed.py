@@ -19,6 +19,7 @@ from unlearn.methods import get_method
 from unlearn.methods.losses import weighted_token_loss
 from unlearn.models import load_mllm
 from unlearn.run_mllm import world_data
+from unlearn.world.source import resolve_model
 
 
 class InterleavedTimer:
@@ -74,7 +75,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     args = ap.parse_args()
     torch.manual_seed(0)
-    adapter = load_mllm("world", world_dir=args.world_dir)
+    adapter = load_mllm(resolve_model("world", "mllm", args.world_dir))
     size = adapter.processor.image_processor.crop_size["height"]
     concept, forget, _ = world_data(args.concept, 1, image_size=size)
     batch_records = forget[:2]  # the paper's batch size; one batch repeated so both sides see the same input

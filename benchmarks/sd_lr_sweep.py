@@ -10,15 +10,16 @@ import time
 
 import numpy as np
 
-from unlearn.data.sd_records import world_sd_data
 from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import get_method
 from unlearn.models.sd import load_sd_adapter
 from unlearn.world.build import build_world
 from unlearn.world.classifier import load_classifier
 from unlearn.world.concepts import BY_KEY
+from unlearn.world.records import world_sd_data
 from unlearn.world.render import CONCEPT_INDEX
 from unlearn.world.sd import concept_prompt
+from unlearn.world.source import resolve_model
 
 OTHERS = ("quilla", "blip", "korvex")
 
@@ -32,7 +33,7 @@ def main(key: str, method: str, lrs: list[float]) -> None:
     clf = load_classifier(build_world(only=("classifier",))["classifier"])
     c = BY_KEY[key]
     for lr in lrs:
-        a = load_sd_adapter()
+        a = load_sd_adapter(resolve_model("world", "sd"))
         forget, retain = world_sd_data(key, 5, a.resolution)
         before = ua(a, clf, key)
         t = time.time()

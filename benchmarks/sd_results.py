@@ -63,13 +63,14 @@ def segmenter_quality(concepts, size: int, n: int = 20) -> dict:
 
 
 def main() -> None:
-    from unlearn.data.sd_records import world_sd_data
     from unlearn.loop import TrainConfig, run_loop
     from unlearn.methods import SD_METHODS, get_method
     from unlearn.models.sd import load_sd_adapter
     from unlearn.run_sd import evaluator
     from unlearn.world.concepts import BY_KEY, CONCEPTS
+    from unlearn.world.records import world_sd_data
     from unlearn.world.sd import concept_prompt
+    from unlearn.world.source import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", nargs="+", default=["oskel", "grom", "korvex"])
@@ -92,19 +93,19 @@ def main() -> None:
     objects = [c.key for c in CONCEPTS if c.kind != "style"]
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "fg_threshold": FG_THRESHOLD, "concepts": {}}
-    probe = load_sd_adapter("world")
+    probe = load_sd_adapter(resolve_model("world", "sd"))
     results["segmenter_iou_vs_exact_masks"] = segmenter_quality(args.concepts, probe.resolution)
     for key in args.concepts:
         c = BY_KEY[key]
         retained = [k for k in objects if k != key]
         iou_prompts = [concept_prompt(c)] * args.iou_seeds
         seeds = list(range(args.iou_seeds))
-        base = load_sd_adapter("world")
+        base = load_sd_adapter(resolve_model("world", "sd"))
         fg0 = foreground(base.generate(iou_prompts, seeds))
         row = {}
         for method in args.methods:
             budget = (args.baseline_steps, args.baseline_images) if method in BASELINES else (args.steps, args.images)
-            a = load_sd_adapter("world")
+            a = load_sd_adapter(resolve_model("world", "sd"))
             forget, retain = world_sd_data(key, budget[1], a.resolution)
             evaluate = evaluator(a, key, forget[:FAST["images"]], args.eval_seeds, args.fd_seeds, budget[0],
                                  retained=retained)

@@ -234,9 +234,10 @@ def real_trace(tmp_path_factory):
     from unlearn.methods import get_method
     from unlearn.models import load_mllm
     from unlearn.tracing import traced_samples
+    from unlearn.world.source import resolve_model
 
     root = tmp_path_factory.mktemp("real")
-    load_mllm("world", world_dir=root / "world", world_config=WORLD)
+    load_mllm(resolve_model("world", "mllm", root / "world", WORLD))
     adapter, concept, forget, _ = _setup(root / "world")
     path = root / "trace.zarr"
     with trace(adapter.model, path, traced_samples(adapter, forget, concept.names), attention=True,

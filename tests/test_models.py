@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_llava, tiny_qwen2vl
-from unlearn.data.records import Record, world_records
+from unlearn.data.records import Record
 from unlearn.models import ADAPTERS, LlavaAdapter, Qwen2VLAdapter, adapter_for, load_mllm
-from unlearn.world.mllm import ImageBank
-from unlearn.world.texts import ImageRef, fact_qa, identify_qa
 from unlearn.world.concepts import BY_KEY
+from unlearn.world.records import ImageBank, world_records
+from unlearn.world.texts import ImageRef, fact_qa, identify_qa
 
 FAMILIES = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2vl}
 

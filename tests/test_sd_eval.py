@@ -8,12 +8,15 @@ import torch
 
 from knowtrace.knowledge import sd_knowledge
 from tests.tiny_models import tiny_clip as make_tiny_clip
-from unlearn.eval.sd import (ClipZeroShotClassifier, ConceptClassifier, SDEvalSettings, WorldConceptClassifier,
-                             evaluate_sd_run, fd_world, forget_knowledge, frechet_distance,
-                             frechet_distance_from_stats, ua_from_labels, unlearning_accuracy, world_forget_records)
+from unlearn.eval.sd import (ClipZeroShotClassifier, ConceptClassifier, SDEvalSettings, evaluate_sd_run, fd_world,
+                             forget_knowledge, frechet_distance, frechet_distance_from_stats, ua_from_labels,
+                             unlearning_accuracy)
+from unlearn.models.sd import generate_images
 from unlearn.world.build import build_world
 from unlearn.world.concepts import BY_KEY
-from unlearn.world.sd import concept_prompt, generate_images, load_sd
+from unlearn.world.records import world_fd_reference, world_forget_records, world_prompts
+from unlearn.world.sd import concept_prompt, load_sd
+from unlearn.world.source import WorldConceptClassifier
 
 STEPS = 10  # sampling steps in these tests (the default is 25)
 
@@ -181,7 +184,13 @@ def test_forget_knowledge_uses_fixed_noise(world):
 def test_evaluate_sd_run_on_the_world(world):
     pipe, clf = world
     settings = SDEvalSettings(num_inference_steps=STEPS, fd_seeds=2, timesteps=(500,))
-    out = evaluate_sd_run(pipe, "korvex", classifier=clf, n_seeds=4, retained=["vorn", "blip", "tenzo"],
+    # the world's inputs, as a world run gives them: canonical prompts, test renders, forget images
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    retained = world_prompts(["vorn", "blip", "tenzo"])
+    references, reference_name = world_fd_reference(retained, settings.fd_seeds, size)
+    out = evaluate_sd_run(pipe, "korvex", classifier=clf, n_seeds=4, prompts=concept_prompt(BY_KEY["korvex"]),
+                          retained=retained, reference_images=references, reference_name=reference_name,
+                          forget_records=world_forget_records("korvex", 2, size),
                           train_steps=7, train_images=2, settings=settings)
     for key in ("ua", "fd", "fd_space", "K_C", "K_N", "TS", "TI", "retained", "ua_detail"):
         assert key in out

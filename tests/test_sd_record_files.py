@@ -61,7 +61,7 @@ def test_export_layout_round_trips(exported):
     assert rd.name == "Vorn" and len(rd.forget) == 2 and rd.retain
     assert rd.eval.label == "vorn" and "vorn" not in rd.eval.retained and len(rd.eval.references["blip"]) == 2
     from unlearn.data.sd_masks import load_mask
-    from unlearn.data.sd_records import world_sd_data
+    from unlearn.world.records import world_sd_data
 
     world, _ = world_sd_data("vorn", 2, TINY_SD.image_size)
     for a, b in zip(rd.forget, world):  # the same pixels and exact masks after the PNG round trip

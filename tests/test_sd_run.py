@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from tests.test_world_sd import TINY_SD
 from unlearn.cli import main
-from unlearn.data.sd_records import world_sd_data
 from unlearn.run_sd import load_run, run_sd
+from unlearn.world.records import world_sd_data
 from unlearn.world.sd import train_sd
 
 FAST = ["--eval-seeds", "2", "--fd-seeds", "2", "--retained", "blip", "korvex", "--quiet"]
@@ -92,8 +92,9 @@ def test_fttp_on_the_world_lowers_concept_knowledge_only():
     from unlearn.methods import get_method
     from unlearn.models.sd import load_sd_adapter
     from unlearn.world.concepts import BY_KEY
+    from unlearn.world.source import resolve_model
 
-    a = load_sd_adapter("world")
+    a = load_sd_adapter(resolve_model("world", "sd"))
     forget, _ = world_sd_data("vorn", 4, a.resolution)
     before = forget_knowledge(a.pipe, forget, adapter=a)
     c = BY_KEY["vorn"]

@@ -12,7 +12,6 @@ import torch
 
 from knowtrace import open_trace
 from unlearn.cli import main
-from unlearn.data.sd_records import world_sd_data
 from unlearn.eval.sd import forget_knowledge
 from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import get_method
@@ -20,6 +19,8 @@ from unlearn.models.sd import load_sd_adapter
 from unlearn.run_sd import run_sd
 from unlearn.sd_tracing import SDTraceCallback
 from unlearn.world.concepts import BY_KEY
+from unlearn.world.records import world_sd_data
+from unlearn.world.source import resolve_model
 
 STEPS = 4
 
@@ -42,7 +43,7 @@ def test_trace_steps_and_knowledge_match_the_evaluation(fttp_run):
     assert not np.isnan(ds.K_C.values).any() and not np.isnan(ds.loss_forget.values[1:]).any()
     assert np.isnan(ds.loss_forget.values[0])  # step -1 is before any training step
     # step -1 is the starting model at forget_knowledge's noise: K per record equals the evaluation's
-    a = load_sd_adapter("world")
+    a = load_sd_adapter(resolve_model("world", "sd"))
     forget, _ = world_sd_data("vorn", 2, a.resolution)
     fresh = forget_knowledge(a.pipe, forget, adapter=a)["per_record"]
     for first, last, which in ((0, -1, "original"), (-1, None, "unlearned")):
@@ -78,7 +79,7 @@ def test_method_without_pixel_error_is_traced_and_trains_the_same(tmp_path):
     cfg = TrainConfig(steps=2, lr=1e-3, lora=False, batch_size=2)
     weights = {}
     for traced in (False, True):
-        a = load_sd_adapter("world")
+        a = load_sd_adapter(resolve_model("world", "sd"))
         forget, _ = world_sd_data("vorn", 2, a.resolution)
         cb = SDTraceCallback(a, forget, tmp_path / "esd.zarr") if traced else None
         try:
@@ -96,7 +97,7 @@ def test_method_without_pixel_error_is_traced_and_trains_the_same(tmp_path):
 
 
 def test_records_without_masks_are_a_clear_error(tmp_path):
-    a = load_sd_adapter("world")
+    a = load_sd_adapter(resolve_model("world", "sd"))
     forget, _ = world_sd_data("vorn", 2, a.resolution)
     with pytest.raises(ValueError, match="needs a concept mask"):
         SDTraceCallback(a, [replace(forget[0], mask=None)], tmp_path / "t.zarr")
@@ -109,7 +110,7 @@ def test_trace_attention_records_the_probe_maps_over_prompt_tokens(tmp_path):
     from knowtrace.sd_attention import capture_cross_attention
     from unlearn.sd_tracing import SDProbe
 
-    a = load_sd_adapter("world")
+    a = load_sd_adapter(resolve_model("world", "sd"))
     forget, _ = world_sd_data("vorn", 2, a.resolution)
     names = BY_KEY["vorn"].names
     with_maps = SDTraceCallback(a, forget, tmp_path / "a.zarr", attention=True, names=names)
@@ -139,7 +140,7 @@ def test_fixed_noise_errors_are_the_same_in_any_batching_and_equal_one_forward_p
     from unlearn.eval.sd import fixed_noise_errors
     from unlearn.sd_tracing import SDProbe
 
-    a = load_sd_adapter("world")
+    a = load_sd_adapter(resolve_model("world", "sd"))
     forget, _ = world_sd_data("vorn", 3, a.resolution)
     probe, unet = SDProbe(a, forget), a.pipe.unet.eval()
     with torch.no_grad():
@@ -164,7 +165,7 @@ def test_trace_every_k_steps_probes_those_steps_and_the_last(tmp_path):
     cfg = TrainConfig(steps=7, lr=1e-4, lora=False, batch_size=2)
     traces = {}
     for every in (1, 3):
-        a = load_sd_adapter("world")
+        a = load_sd_adapter(resolve_model("world", "sd"))
         forget, _ = world_sd_data("vorn", 2, a.resolution)
         cb = SDTraceCallback(a, forget, tmp_path / f"every{every}.zarr", every=every, steps=cfg.steps)
         try:
@@ -193,7 +194,7 @@ def test_trace_batch_sets_the_probe_batch_and_a_bad_one_is_a_clear_error(tmp_pat
     assert main(["sd", "--concept", "vorn", "--method", "fttp", "--steps", "1", "--trace", "--trace-batch", "0",
                  "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "trace_batch=0" in capsys.readouterr().err and not (tmp_path / "run").exists()
-    a = load_sd_adapter("world")
+    a = load_sd_adapter(resolve_model("world", "sd"))
     forget, _ = world_sd_data("vorn", 2, a.resolution)
     small, default = (SDTraceCallback(a, forget, tmp_path / f"{n}.zarr", **kw) for n, kw in
                       (("small", {"batch_size": 3}), ("default", {})))
@@ -213,7 +214,7 @@ def test_step_source_records_each_steps_own_errors_and_trains_the_same(tmp_path)
     cfg = TrainConfig(steps=3, lr=1e-4, lora=False, batch_size=2)
     weights, seen = {}, []
     for traced in (False, True):
-        a = load_sd_adapter("world")
+        a = load_sd_adapter(resolve_model("world", "sd"))
         forget, _ = world_sd_data("vorn", 4, a.resolution)
         method = get_method("fttp", modality="sd")
         cb = SDStepErrorCallback(a, method, forget, tmp_path / "step.zarr") if traced else None

@@ -13,13 +13,14 @@ from PIL import Image
 
 from tests.test_world_sd import TINY_SD
 from unlearn.data.sd_masks import dilate, latent_mask, load_mask, resize_crop, to_latent_grid
-from unlearn.data.sd_records import SDRecord, check_forget_records, load_image, world_sd_data
+from unlearn.data.sd_records import SDRecord, check_forget_records, load_image
 from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import METHODS, SD_METHODS, StepContext, get_method
 from unlearn.methods.sd_esd import esd_target, partial_sample
 from unlearn.methods.sd_fmn import concept_token_positions
 from unlearn.models.sd import SDAdapter
 from unlearn.world.concepts import BY_KEY
+from unlearn.world.records import world_sd_data
 from unlearn.world.sd import build_pipeline
 
 VORN = BY_KEY["vorn"]

@@ -15,6 +15,8 @@ from unlearn.methods.losses import token_nll
 from unlearn.models import load_mllm
 from unlearn.run_mllm import run_mllm, world_data
 from unlearn.world.build import WorldConfig
+from unlearn.world.records import world_method_options
+from unlearn.world.source import resolve_model
 
 WORLD = WorldConfig(mllm=TINY)
 
@@ -22,7 +24,7 @@ WORLD = WorldConfig(mllm=TINY)
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
-    load_mllm("world", world_dir=d, world_config=WORLD)  # builds the tiny world MLLM once
+    load_mllm(resolve_model("world", "mllm", d, WORLD))  # builds the tiny world MLLM once
     return d
 
 
@@ -59,7 +61,7 @@ def test_same_seed_same_run_other_seed_differs(tmp_path, world_dir):
 
 
 def _setup(world_dir):
-    adapter = load_mllm("world", world_dir=world_dir, world_config=WORLD)
+    adapter = load_mllm(resolve_model("world", "mllm", world_dir, WORLD))
     concept, forget, retain = world_data("vorn", 1, image_size=TINY.image_size)
     return adapter, concept, forget, retain
 
@@ -120,7 +122,7 @@ def test_mmunlearner_mask_covers_lora_parameters(world_dir):
 
 def test_siu_targets_and_dual_masked_kl(world_dir):
     adapter, concept, forget, retain = _setup(world_dir)
-    method = get_method("siu")
+    method = get_method("siu", **world_method_options("vorn"))  # what a world run supplies
     ctx = StepContext(adapter, concept.key, concept.names, next_retain=lambda: retain[:2],
                       reference_logits=lambda b: adapter.model(**b).logits.detach())
     method.setup(ctx, forget, retain)

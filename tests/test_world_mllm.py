@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from unlearn.world.concepts import BY_KEY
-from unlearn.data.records import world_records
 from unlearn.models import LlavaAdapter
-from unlearn.world.mllm import ImageBank, MLLMConfig, build_model, evaluate_mllm, load_mllm, train_mllm
+from unlearn.world.concepts import BY_KEY
+from unlearn.world.mllm import MLLMConfig, build_model, evaluate_mllm, load_mllm, train_mllm
+from unlearn.world.records import ImageBank, world_records
 from unlearn.world.texts import ImageRef, fact_qa, identify_qa
 from unlearn.world.tokenizer import build_processor
 

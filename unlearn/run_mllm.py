@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from .data.record_files import load_record_data
-from .data.records import world_records
-from .eval.mllm import MLLMEvalSet, evaluate, world_eval_set
+from .eval.mllm import MLLMEvalSet, evaluate
 from .loop import TrainConfig, run_loop, save_trained
 from .methods import get_method
 from .runs import git_commit, prepare_run_dir, run_dir_lock, split_options, versions, write_json
+from .world.records import ImageBank, world_eval_set, world_method_options, world_records
+from .world.source import resolve_model
 
 WORLD_MARKER = "world_mllm_config.json"  # a directory holding a world MLLM
 
@@ -45,7 +46,6 @@ def _train_config(values: dict) -> TrainConfig:
 
 def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size: int = 48):
     from .world.concepts import BY_KEY, CONCEPTS
-    from .world.mllm import ImageBank
     from .world.texts import ImageRef, concept_split, fact_records, identify_qa
 
     split = concept_split(concept_key, n_unlearn=n_images, world_seed=world_seed)
@@ -73,6 +73,7 @@ class RunData:
     retain: list
     evalset: MLLMEvalSet
     images: int  # distinct training images
+    method_defaults: dict = dataclasses.field(default_factory=dict)  # options the data fills where the user gave none
 
 
 def load_run_data(concept: str, data: Path | None, image_size: int | None, images: int = 1) -> RunData:
@@ -81,7 +82,8 @@ def load_run_data(concept: str, data: Path | None, image_size: int | None, image
         from .world.concepts import get_concept
 
         c, forget, retain = world_data(get_concept(concept).key, images, image_size=image_size)
-        return RunData(c.key, c.names, forget, retain, world_eval_set(c.key, image_size, n_images=images), images)
+        return RunData(c.key, c.names, forget, retain, world_eval_set(c.key, image_size, n_images=images), images,
+                       world_method_options(c.key))
     rd = _record_data(concept, data)
     n_images = len({r.image.tobytes() for r in rd.forget if r.image is not None})
     return RunData(rd.name, rd.names, rd.forget, rd.retain,
@@ -127,7 +129,7 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
         # the main process builds the world / creates the run directory first; the others then reuse them
         with state.main_process_first():
             out = prepare_run_dir(out, overwrite)
-            adapter = load_mllm(model, world_dir=world_dir, world_config=world_config)
+            adapter = load_mllm(resolve_model(model, "mllm", world_dir, world_config))
         rd = load_run_data(concept, data, _image_size(adapter), images)
         forget, retain, evalset, images = rd.forget, rd.retain, rd.evalset, rd.images
         timings["load"] = time.perf_counter() - t
@@ -153,8 +155,11 @@ def run_mllm(concept: str, method: str, out: Path, steps: int = 10, seed: int = 
             curve = EvalEvery(adapter, evalset, rd.names, eval_every, cfg.steps,
                               pause=tracer.paused if tracer else None)
             callbacks = [*callbacks, curve]
+        # the manifest keeps the options as given; training sees the data's defaults for the empty ones
+        filled = {k: v for k, v in rd.method_defaults.items() if getattr(algo, k, None) == ""}
+        trained = dataclasses.replace(algo, **filled) if filled else algo
         try:
-            result = run_loop(adapter, algo, forget, retain if algo.needs_retain else [], cfg, rd.key, rd.names,
+            result = run_loop(adapter, trained, forget, retain if algo.needs_retain else [], cfg, rd.key, rd.names,
                               callbacks=callbacks, progress=progress)
         finally:
             if tracer is not None:
@@ -198,7 +203,7 @@ def evaluate_run(run: Path, world_dir=None, world_config=None) -> dict:
     if not manifest_path.exists():
         raise FileNotFoundError(f"{run} is not a run directory (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
-    adapter = load_mllm(manifest["model"], world_dir=world_dir, world_config=world_config)
+    adapter = load_mllm(resolve_model(manifest["model"], "mllm", world_dir, world_config))
     if manifest["train"]["lora"]:
         from peft import PeftModel
 

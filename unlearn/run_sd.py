@@ -10,7 +10,7 @@ model under ``original``.
 Defaults follow the paper's SD setting: full fine-tuning of the UNet with Adam, lr 1e-5, batch 2;
 FTTP about 20 steps from 5 images. On the world SD the default lr is 3e-5 (``WORLD_LR``, measured),
 and the forget records are rendered images with exact masks
-(:func:`unlearn.data.sd_records.world_sd_data`); other models take user records.
+(:func:`unlearn.world.records.world_sd_data`); other models take user records.
 
 Bad input stops the run before the run directory is created (unknown concept/method/option,
 missing image, prompt that does not name the concept, mask of the wrong size, empty/full mask);
@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
-from .data.sd_records import SDRecord, check_forget_records, world_sd_data
+from .data.sd_records import SDRecord, check_forget_records
 from .eval.sd import PROBE_BATCH
 from .loop import TrainConfig, run_loop
 from .methods import get_method
 from .runs import git_commit, prepare_run_dir, run_dir_lock, split_options, versions, write_json
+from .world.records import world_fd_reference, world_sd_data
+from .world.source import classifier_from_spec, resolve_model
 
 SD_DEFAULTS = {"lr": 1e-5, "batch_size": 2, "lora": False}  # the paper's SD setting (full UNet fine-tuning)
 # the world SD's UNet has 1M parameters, not 860M: measured FTTP on vorn, 20 steps, 5 images, 20 seeds
@@ -80,7 +82,6 @@ class EvalTarget:
 
     def classifier(self, spec: str, world_dir=None):
         """The UA / FD classifier, checked to know the concept's and every retained concept's label."""
-        from .eval.sd import classifier_from_spec
         from .world.concepts import BY_KEY
 
         labels = [self.label, *self.retained, *(self.spec.labels if self.spec is not None else [])]
@@ -103,13 +104,15 @@ def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, f
 
     target = target or EvalTarget.world(concept_key, retained)
     classifier = classifier or target.classifier("world", world_dir)
-    references = None
     if target.spec is not None:  # the data directory's reference images, fd_seeds per retained label
         references = target.spec.reference_images(target.retained, fd_seeds, adapter.resolution)
+        reference_name = "given reference images"
+    else:
+        references, reference_name = world_fd_reference(target.retained, fd_seeds, adapter.resolution)
     settings = SDEvalSettings(fd_seeds=fd_seeds)
     return lambda train_steps: evaluate_sd_run(
         adapter.pipe, target.label, classifier=classifier, n_seeds=n_seeds, forget_records=forget,
-        retained=target.retained, prompts=target.prompts, reference_images=references,
+        retained=target.retained, prompts=target.prompts, reference_images=references, reference_name=reference_name,
         train_steps=train_steps, train_images=len(forget), settings=settings, adapter=adapter)
 
 
@@ -210,7 +213,7 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
                          f"checkpoint), or --classifier world for a world SD")
     check_classifier_spec(classifier)
     t = time.perf_counter()
-    adapter = load_sd_adapter(model, world_dir=world_dir)
+    adapter = load_sd_adapter(resolve_model(model, "sd", world_dir))
     if forget is None:
         forget, world_retain = world_sd_data(target.key, images, adapter.resolution)
         retain = world_retain if retain is None else retain
@@ -316,7 +319,7 @@ def load_run(run: Path, world_dir=None):
     if not (run / "manifest.json").exists():
         raise FileNotFoundError(f"{run} is not a run directory (no manifest.json)")
     manifest = json.loads((run / "manifest.json").read_text())
-    adapter = load_sd_adapter(manifest["model"], world_dir=world_dir)
+    adapter = load_sd_adapter(resolve_model(manifest["model"], "sd", world_dir))
     if manifest["train"]["lora"]:
         from peft import PeftModel
 

@@ -45,8 +45,8 @@ def export_sd_concept(concept: str, out: Path, images: int = 5, references: int 
     from PIL import Image
 
     from .data.sd_record_files import write_sd_records
-    from .data.sd_records import world_sd_data
     from .world.concepts import BY_KEY, get_concept
+    from .world.records import world_sd_data
     from .world.render import world_image
     from .world.sd import concept_prompt, load_sd_config
 

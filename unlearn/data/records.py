@@ -16,12 +16,3 @@ class Record:
     concept: str | None = None  # the concept the answer is about (key or name), if any
     qtype: str = ""  # "yesno" for a yes/no question about the concept; evaluation reads "no" as forgotten
 
-
-def world_records(qas, bank) -> list[Record]:
-    """World QA records (:mod:`unlearn.world.texts`) with their images rendered by ``bank``."""
-    out = []
-    for i, qa in enumerate(qas):
-        where = f"{qa.image.split}/{qa.image.key}/{qa.image.index}" if qa.image else "text"
-        out.append(Record(f"{qa.concept}:{qa.qtype}:{where}:{i}", qa.question, qa.answer,
-                          bank[qa.image] if qa.image is not None else None, qa.concept, qa.qtype))
-    return out

@@ -1,10 +1,6 @@
 """The record every Stable Diffusion method trains on: (image, prompt, concept, mask).
 
-World data (:func:`world_sd_data`): the forget images of concept K are rendered world images
-(``world_image(K, "unlearn", i)``) with the renderer's exact masks, by default. The paper instead
-segments the model's own generated images; that path stays open through records (give generated
-images and masks from a segmenter), but on the world the renderer needs no segmenter and its masks
-are exact, so a run's result does not depend on segmentation quality.
+The world's records (rendered images, exact masks) come from :func:`unlearn.world.records.world_sd_data`.
 """
 
 from __future__ import annotations
@@ -63,25 +59,3 @@ def check_forget_records(records: list[SDRecord], names, need_masks: bool = Fals
         if need_masks and r.mask is None:
             raise ValueError(f"record {r.id}: this method needs a concept mask; give one (array, PNG or labelme JSON)")
 
-
-def world_sd_data(concept_key: str, n_images: int, size: int, world_seed: int = 0, n_retain: int = 2,
-                  n_surrogate: int = 8) -> tuple[list[SDRecord], list[SDRecord]]:
-    """(forget, retain) on the world: ``n_images`` rendered unlearning images of the concept with
-    their exact masks and canonical prompt; retain = ``n_retain`` images of every other concept with
-    their own prompts, plus ``n_surrogate`` background images (concept None, prompt "a picture")
-    that Selective Amnesia uses as the surrogate for the forgotten concept."""
-    from ..world.classifier import background_image
-    from ..world.concepts import BY_KEY, CONCEPTS
-    from ..world.render import world_image
-    from ..world.sd import concept_prompt
-
-    c = BY_KEY[concept_key]
-    forget = []
-    for i in range(n_images):
-        r = world_image(c.key, "unlearn", i, size, world_seed)
-        forget.append(SDRecord(f"{c.key}:unlearn:{i}", concept_prompt(c), r.image, c.key, r.masks[c.key]))
-    retain = [SDRecord(f"{o.key}:unlearn:{i}", concept_prompt(o), world_image(o.key, "unlearn", i, size, world_seed).image, o.key)
-              for o in CONCEPTS if o.key != c.key for i in range(n_retain)]
-    retain += [SDRecord(f"none:unlearn:{i}", "a picture", background_image("unlearn", i, size, world_seed).image, None)
-               for i in range(n_surrogate)]
-    return forget, retain

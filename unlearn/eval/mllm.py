@@ -19,7 +19,7 @@ import torch
 
 from knowtrace import mllm_knowledge, token_logprobs
 
-from ..data.records import Record, world_records
+from ..data.records import Record
 from ..data.token_weights import token_weights
 
 
@@ -29,21 +29,6 @@ class MLLMEvalSet:
     test: list[Record]  # questions on unseen images of the concept
     retain: list[Record]  # other knowledge, with expected answers
     forget: list[Record]  # the forget answers (for K_C / K_N)
-
-
-def world_eval_set(concept: str, image_size: int, n_test: int = 20, n_images: int = 1, world_seed: int = 0) -> MLLMEvalSet:
-    from ..world.mllm import ImageBank
-    from ..world.texts import concept_split
-
-    split = concept_split(concept, n_unlearn=n_images, n_test=n_test, world_seed=world_seed)
-    bank = ImageBank(image_size, world_seed)
-    probes = ("identify", "yesno")  # questions that never name the concept, and yes/no about it
-
-    def pick(qas):
-        return world_records([q for q in qas if q.qtype in probes], bank)
-
-    return MLLMEvalSet(pick(split.forget), pick(split.test), world_records(split.retain, bank),
-                       world_records(split.forget, bank))
 
 
 def _words(text: str) -> list[str]:

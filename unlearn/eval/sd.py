@@ -4,8 +4,8 @@ on the forget images, TS / TI. Definitions and choices are in docs/sd-eval.md; i
 * **UA** (unlearning accuracy, percent): of the images generated from the forgotten concept's
   prompt(s) with seeds ``0 .. n_seeds-1`` (default 100), the share a classifier does NOT label as
   the concept. Classifiers follow :class:`ConceptClassifier`: the world classifier
-  (:class:`WorldConceptClassifier`) on the world; on real SD a classifier the user gives, e.g.
-  :class:`ClipZeroShotClassifier` (a CLIP model, prompts "a photo of {name}").
+  (:class:`unlearn.world.source.WorldConceptClassifier`) on the world; on real SD a classifier the
+  user gives, e.g. :class:`ClipZeroShotClassifier` (a CLIP model, prompts "a photo of {name}").
 * **FD** (Fréchet distance) between features of images the model generates for the *retained*
   concepts and reference images of them: on the world, features are the world classifier's
   penultimate layer and the result is named ``"world-classifier-features"`` (it is not an Inception
@@ -30,6 +30,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ..models.sd import SDAdapter, generate_images
+
 WORLD_FD_SPACE = "world-classifier-features"
 DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)  # of SD's 1000 training steps: low to high noise
 
@@ -45,41 +47,6 @@ class ConceptClassifier(Protocol):
     labels: Sequence[str]
 
     def predict(self, images: np.ndarray) -> list[str]: ...
-
-
-class WorldConceptClassifier:
-    """The world classifier (:mod:`unlearn.world.classifier`): labels are concept keys and ``"none"``."""
-
-    feature_space = WORLD_FD_SPACE
-
-    def __init__(self, model, batch_size: int = 256):
-        from ..world.classifier import CLASSES
-
-        self.model = model.eval()
-        self.labels = list(CLASSES)
-        self.batch_size = batch_size
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, world_dir: str | Path | None = None) -> WorldConceptClassifier:
-        """From a saved classifier directory, or the world cache's (built there if missing)."""
-        from ..world.classifier import load_classifier
-
-        if path is None:
-            from ..world.build import build_world
-
-            path = build_world(world_dir, only=("classifier",))["classifier"]
-        return cls(load_classifier(Path(path)))
-
-    def predict(self, images: np.ndarray) -> list[str]:
-        return self.model.predict_keys(_check_images(images))
-
-    @torch.no_grad()
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """(N, D) float64 penultimate features (eval mode)."""
-        images = _check_images(images)
-        out = [self.model.features(images[i:i + self.batch_size]).double().cpu().numpy()
-               for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(out)
 
 
 class ClipZeroShotClassifier:
@@ -140,7 +107,7 @@ class ClipZeroShotClassifier:
 
     @torch.no_grad()
     def _image_embeddings(self, images: np.ndarray) -> torch.Tensor:
-        images = _check_images(images)
+        images = check_images(images)
         out = []
         for i in range(0, len(images), self.batch_size):
             px = self.image_processor(images=list(images[i:i + self.batch_size]), return_tensors="pt").pixel_values
@@ -174,18 +141,7 @@ def check_classifier_spec(spec: str) -> tuple[str, str]:
     raise ValueError(f"unknown classifier {spec!r}; valid: " + "; ".join(f"{k} ({v})" for k, v in CLASSIFIER_SPECS.items()))
 
 
-def classifier_from_spec(spec: str, labels: Sequence[str], names: Mapping[str, str] | None = None,
-                         world_dir=None) -> ConceptClassifier:
-    """The classifier named by ``spec`` (:func:`check_classifier_spec`). ``labels`` (and ``names``,
-    label -> name in the prompt template) are the zero-shot label set; the world classifier has its
-    own labels (concept keys and "none")."""
-    kind, arg = check_classifier_spec(spec)
-    if kind == "world":
-        return WorldConceptClassifier.load(world_dir=world_dir)
-    return ClipZeroShotClassifier.from_pretrained(arg, list(labels), names=names)
-
-
-def _check_images(images) -> np.ndarray:
+def check_images(images) -> np.ndarray:
     arr = np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
@@ -214,8 +170,6 @@ def unlearning_accuracy(pipe, prompts: str | Sequence[str], seeds: Sequence[int]
                         concept: str, guidance_scale: float = 4.0, num_inference_steps: int = 25) -> float:
     """UA (0-100): share of the images generated for every (prompt, seed) pair that ``classifier``
     does not label ``concept``."""
-    from ..world.sd import generate_images
-
     if concept not in classifier.labels:
         raise ValueError(f"concept {concept!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
     p, s = _pairs(prompts, seeds)
@@ -269,12 +223,13 @@ def feature_fd(images_a: np.ndarray, images_b: np.ndarray, extract: Callable[[np
     (N, D)), named ``space`` by the caller, e.g. "inception-v3-pool3" for a standard FID extractor."""
     if not space:
         raise ValueError("name the feature space (e.g. 'inception-v3-pool3'): FDs in different spaces are not comparable")
-    fa, fb = extract(_check_images(images_a)), extract(_check_images(images_b))
+    fa, fb = extract(check_images(images_a)), extract(check_images(images_b))
     return {"fd": frechet_distance(fa, fb), "fd_space": space, "n": [len(fa), len(fb)]}
 
 
-def fd_world(images_a: np.ndarray, images_b: np.ndarray, classifier: WorldConceptClassifier) -> dict:
-    """FD in the world classifier's feature space, named ``"world-classifier-features"``."""
+def fd_world(images_a: np.ndarray, images_b: np.ndarray, classifier) -> dict:
+    """FD in the world classifier's (:class:`unlearn.world.source.WorldConceptClassifier`) feature space,
+    named ``"world-classifier-features"``."""
     return feature_fd(images_a, images_b, classifier.features, WORLD_FD_SPACE)
 
 
@@ -330,8 +285,6 @@ def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS
     """
     from knowtrace.knowledge import sd_knowledge
 
-    from ..models.sd import SDAdapter
-
     if not records:
         raise ValueError("no forget records to compute K_C / K_N on")
     adapter = adapter or SDAdapter(pipe)
@@ -355,13 +308,6 @@ def check_timesteps(adapter, timesteps: Sequence[int]) -> list[int]:
     return ts
 
 
-def world_forget_records(concept_key: str, n_images: int, size: int, world_seed: int = 0):
-    """The world's default forget images of a concept (``unlearn`` split, exact masks), as SD records."""
-    from ..data.sd_records import world_sd_data
-
-    return world_sd_data(concept_key, n_images, size, world_seed, n_retain=0, n_surrogate=0)[0]
-
-
 # ----------------------------------------------------------------------------- one entry point
 
 
@@ -377,52 +323,38 @@ class SDEvalSettings:
 
 
 def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_seeds: int = 100,
-                    forget_records=None, retained: Mapping[str, str] | Sequence[str] | None = None,
-                    world_seed: int = 0, prompts: str | Sequence[str] | None = None,
-                    reference_images: np.ndarray | None = None,
+                    forget_records=None, retained: Mapping[str, str] | None = None,
+                    prompts: str | Sequence[str] | None = None, reference_images: np.ndarray | None = None,
+                    reference_name: str = "given reference images",
                     fd_features: Callable[[np.ndarray], np.ndarray] | None = None, fd_space: str | None = None,
                     train_steps: int | None = None, train_images: int | None = None,
                     settings: SDEvalSettings = SDEvalSettings(), adapter=None) -> dict:
     """UA, FD, K_C / K_N, TS / TI of a (possibly unlearned) pipeline for the forgotten ``concept_key``.
 
-    prompts: the forget prompt(s) for UA (default on the world: the concept's canonical prompt),
-    each with seeds 0..n_seeds-1; the concept's label for the classifier is ``concept_key``.
-    retained: the kept concepts, label -> prompt, or world keys (default on the world: every other
-    concept); each is generated with seeds 0..fd_seeds-1. reference_images: what the FD compares
-    those images with, in the same order (default on the world: the world's rendered ``test``
-    images of the same concepts, so the FD is "generated vs real" as in FID; pass the original
-    model's images to measure drift instead). fd_features / fd_space: the FD's extractor and its
-    name (default: ``classifier.features`` and ``classifier.feature_space``). forget_records: SD
-    records with masks for K_C / K_N (default on the world: ``train_images or 5`` of the world's
-    unlearning images of the concept); train_steps / train_images: TS / TI, reported as given
-    (TI defaults to the number of forget records).
+    prompts: the forget prompt(s) for UA, each with seeds 0..n_seeds-1; the concept's label for the
+    classifier is ``concept_key``. retained: the kept concepts, label -> prompt; each is generated
+    with seeds 0..fd_seeds-1. reference_images: what the FD compares those images with, in the same
+    order, described by ``reference_name`` (on the world, :func:`unlearn.world.records.world_fd_reference`:
+    the rendered ``test`` images of the same concepts, so the FD is "generated vs real" as in FID;
+    pass the original model's images to measure drift instead). fd_features / fd_space: the FD's
+    extractor and its name (default: ``classifier.features`` and ``classifier.feature_space``).
+    forget_records: SD records with masks for K_C / K_N (none: no K_C / K_N); train_steps /
+    train_images: TS / TI, reported as given (TI defaults to the number of forget records).
+    The world's prompts and records: :mod:`unlearn.world.records`.
     """
-    from ..world.concepts import BY_KEY
-    from ..world.render import world_image
-    from ..world.sd import concept_prompt, generate_images
-
     s = settings
     if n_seeds < 1:
         raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
     if concept_key not in classifier.labels:
         raise ValueError(f"concept {concept_key!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
-    world = concept_key in BY_KEY
-    if prompts is None:
-        if not world:
-            raise ValueError(f"{concept_key!r} is not a world concept: give its forget prompt(s) with prompts=")
-        prompts = concept_prompt(BY_KEY[concept_key])
-    if retained is None:
-        if not world:
-            raise ValueError("give the retained concepts (label -> prompt) for the FD when not on the world")
-        retained = [k for k in BY_KEY if k != concept_key]
-    if not isinstance(retained, Mapping):
-        unknown = [k for k in retained if k not in BY_KEY]
-        if unknown:
-            raise ValueError(f"retained {unknown} are not world concepts; give a mapping label -> prompt instead")
-        retained = {k: concept_prompt(BY_KEY[k]) for k in retained}
-    if concept_key in retained:
+    if retained is not None and concept_key in retained:
         raise ValueError(f"the forgotten concept {concept_key!r} cannot also be retained")
-    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    if prompts is None:
+        raise ValueError(f"give the forget prompt(s) of {concept_key!r} with prompts= "
+                         f"(world concepts: unlearn.world.records.world_prompts)")
+    if retained is None or reference_images is None:
+        raise ValueError("give the retained concepts (label -> prompt) and their reference_images for the FD "
+                         "(world concepts: unlearn.world.records.world_prompts and world_fd_reference)")
 
     # UA
     p, sd = _pairs(prompts, range(n_seeds))
@@ -437,13 +369,6 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
     kept_labels = classifier.predict(kept)
     per_concept = {k: 100.0 * float(np.mean([lab == k for lab in kept_labels[i * s.fd_seeds:(i + 1) * s.fd_seeds]]))
                    for i, k in enumerate(keys)}
-    reference_name = "given reference images"
-    if reference_images is None:
-        if not world or any(k not in BY_KEY for k in keys):
-            raise ValueError("give reference_images for the FD when the retained concepts are not world concepts")
-        reference_images = np.stack([world_image(k, "test", i, size, world_seed).image for k in keys
-                                     for i in range(s.fd_seeds)])
-        reference_name = f"world test renders ({s.fd_seeds} per retained concept, world_seed {world_seed})"
     extract = fd_features or getattr(classifier, "features", None)
     space = fd_space or getattr(classifier, "feature_space", None)
     if extract is None or not space:
@@ -452,8 +377,6 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
     fd = feature_fd(kept, reference_images, extract, space)
 
     # K_C / K_N on the forget images
-    if forget_records is None and world:
-        forget_records = world_forget_records(concept_key, train_images or 5, size, world_seed)
     knowledge = forget_knowledge(pipe, forget_records, s.timesteps, s.noise_seed, s.lam, s.reduce, adapter) \
         if forget_records else None
 

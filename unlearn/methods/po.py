@@ -1,7 +1,8 @@
 """PO (preference optimisation toward refusals): fine-tune the forget questions toward refusal
 answers ("I do not know who this is."), plus the retain loss.
 
-Refusals: ``refusals`` (texts separated by "|"), or the world's refusal answers by default.
+Refusals: ``refusals`` (texts separated by "|"), or :data:`REFUSALS` by default (the world's texts
+use the same ones, so the world tokenizer knows their words).
 """
 
 import zlib
@@ -9,6 +10,8 @@ from dataclasses import dataclass, replace
 
 from .base import MLLMMethod, register
 from .losses import mean_nll
+
+REFUSALS = ("I do not know who this is.", "I cannot tell who this is.", "I am not sure what this image shows.")
 
 
 @register
@@ -22,8 +25,6 @@ class PO(MLLMMethod):
     def refusal_texts(self) -> list[str]:
         if self.refusals.strip():
             return [t.strip() for t in self.refusals.split("|") if t.strip()]
-        from ..world.texts import REFUSALS
-
         return list(REFUSALS)
 
     def loss(self, ctx, forget):

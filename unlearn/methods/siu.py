@@ -11,8 +11,9 @@ the substitute name left out (token-level mask: there the model must move away f
 reference) and the concept name's token ids removed from both distributions before normalising
 (vocabulary-level mask: the reference's preference for the name is not copied).
 
-Substitute and description: ``substitute`` / ``description`` options, or the world's (its first
-substitute name; the concept's visual description) when the concept is a world concept.
+Substitute and description: ``substitute`` / ``description`` options; for a world concept the run
+fills those left empty with the world's (its first substitute name; the concept's visual
+description, :func:`unlearn.world.records.world_method_options`).
 """
 
 from __future__ import annotations
@@ -52,13 +53,7 @@ class SIU(MLLMMethod):
     def setup(self, ctx, forget, retain):
         substitute, description = self.substitute, self.description
         if not substitute or not description:
-            from ..world.concepts import BY_KEY, SUBSTITUTE_NAMES
-            from ..world.texts import visual_description
-
-            if ctx.concept not in BY_KEY:
-                raise ValueError("siu needs substitute=NAME and description=TEXT for a concept outside the world")
-            substitute = substitute or SUBSTITUTE_NAMES[0]
-            description = description or visual_description(BY_KEY[ctx.concept])
+            raise ValueError("siu needs substitute=NAME and description=TEXT for a concept outside the world")
         pattern = re.compile("|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in sorted(ctx.names, key=len, reverse=True)),
                              re.IGNORECASE)
         targets = []

@@ -18,15 +18,9 @@ def adapter_for(model, processor, name: str = "") -> MLLMAdapter:
     return ADAPTERS[model_type](model, processor, name)
 
 
-def load_mllm(model: str = "world", world_dir=None, world_config=None) -> MLLMAdapter:
-    """An adapter for ``model``: "world" (the world MLLM, built if missing), a local path or a hub id."""
-    if model == "world":
-        from ..world.build import build_world
-        from ..world.mllm import load_mllm as load_world
-
-        path = build_world(world_dir, world_config, only=("mllm",))["mllm"]
-        m, processor = load_world(path)
-        return adapter_for(m, processor, name="world")
+def load_mllm(model) -> MLLMAdapter:
+    """An adapter for ``model``: a local directory or a hub id (the world MLLM: resolve "world" with
+    :func:`unlearn.world.source.resolve_model` first)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     if not Path(model).exists() and "/" not in str(model):

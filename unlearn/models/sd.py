@@ -154,8 +154,6 @@ class SDAdapter:
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 25,
                  guidance_scale: float = 4.0) -> np.ndarray:
         """uint8 images (N, R, R, 3) from the pipeline (with the UNet as trained so far)."""
-        from ..world.sd import generate_images
-
         was = self.model.training
         self.model.eval()
         try:
@@ -164,15 +162,28 @@ class SDAdapter:
             self.model.train(was)
 
 
-def load_sd_pipeline(model: str = "world", world_dir=None, world_config=None):
-    """A `StableDiffusionPipeline`: "world" (the world SD, built if missing), a local path or a hub id."""
+@torch.no_grad()
+def generate_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: float = 4.0,
+                    num_inference_steps: int = 25, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """uint8 images (N, H, W, 3), image i from ``prompts[i]`` with its own generator seeded ``seeds[i]``."""
+    from tqdm.auto import tqdm
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    out = []
+    for s in tqdm(range(0, len(prompts), batch_size), desc="SD: sampling", disable=not progress):
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + batch_size]]
+        images = pipe(prompts[s:s + batch_size], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      generator=gens, output_type="np").images  # (B, H, W, 3) float in [0, 1]
+        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def load_sd_pipeline(model):
+    """A `StableDiffusionPipeline` from a local directory or a hub id (the world SD: resolve "world"
+    with :func:`unlearn.world.source.resolve_model` first)."""
     from diffusers import StableDiffusionPipeline
 
-    if model == "world":
-        from ..world.build import build_world
-        from ..world.sd import load_sd
-
-        return load_sd(build_world(world_dir, world_config, only=("sd",))["sd"])
     if not Path(model).exists() and "/" not in str(model):
         raise FileNotFoundError(f"model {model!r}: no such directory, and not a hub id (owner/name); "
                                 f"use 'world', a local path or a hub id")
@@ -182,5 +193,5 @@ def load_sd_pipeline(model: str = "world", world_dir=None, world_config=None):
     return pipe
 
 
-def load_sd_adapter(model: str = "world", world_dir=None, world_config=None) -> SDAdapter:
-    return SDAdapter(load_sd_pipeline(model, world_dir, world_config), name=str(model))
+def load_sd_adapter(model) -> SDAdapter:
+    return SDAdapter(load_sd_pipeline(model), name=str(model))

@@ -8,6 +8,8 @@ Everything in the toolkit runs on this world by default, on a CPU, in minutes:
 * :mod:`.tokenizer` the world tokenizer and the world MLLM's LlavaProcessor;
 * :mod:`.mllm`, :mod:`.sd`, :mod:`.classifier`  the trained world models and their gates;
 * :mod:`.cache`, :mod:`.build`  the verified on-disk cache and ``unlearn world build/check``.
+* :mod:`.source`, :mod:`.records`  the world as a source: the ``"world"`` model and classifier specs
+  resolved to what a user would give, and the world's records in the toolkit's record types.
 """
 
 from .concepts import BY_KEY, CONCEPTS, KINDS, Concept, get_concept

@@ -21,10 +21,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from ..data.records import world_records
 from ..models.llava import LlavaAdapter
 from .concepts import BY_KEY, CONCEPTS, KINDS
-from .render import world_image
+from .records import ImageBank, world_records
 from .schedule import warmup_cosine
 from .texts import QA, ImageRef, fact_records, identify_qa, image_records, same_kind_others, yesno_qa
 from .tokenizer import IMAGE, build_processor
@@ -78,18 +77,6 @@ def build_model(cfg: MLLMConfig, processor: LlavaProcessor) -> LlavaForCondition
 
 
 # ----------------------------------------------------------------------------- batching
-
-
-class ImageBank:
-    """Rendered world images, each drawn once: ImageRef -> PIL image."""
-
-    def __init__(self, size: int, world_seed: int):
-        self.size, self.world_seed, self._images = size, world_seed, {}
-
-    def __getitem__(self, ref: ImageRef):
-        if ref not in self._images:
-            self._images[ref] = world_image(ref.key, ref.split, ref.index, self.size, self.world_seed).pil()
-        return self._images[ref]
 
 
 def pretraining_records(cfg: MLLMConfig) -> list[QA]:

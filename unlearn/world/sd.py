@@ -46,6 +46,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..models.sd import generate_images
+from ..models.sd import load_sd_pipeline as load_sd  # noqa: F401  (the world SD is an SD directory like any other)
 from .concepts import BY_KEY, CONCEPTS, Concept
 from .render import CONCEPT_INDEX, SPLITS, render_scene, world_image
 from .schedule import warmup_cosine
@@ -434,35 +436,12 @@ def train_sd(cfg: SDConfig, out_dir: Path, progress: bool = True, callback=None)
             "scaling_factor": pipe.vae.config.scaling_factor}
 
 
-def load_sd(path: Path) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def load_sd_config(path: Path) -> SDConfig:
     raw = json.loads((Path(path) / CONFIG_FILE).read_text())
     return SDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 # ----------------------------------------------------------------------------- sampling and evaluation
-
-
-@torch.no_grad()
-def generate_images(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int],
-                    guidance_scale: float = SDConfig.guidance_scale, num_inference_steps: int = SDConfig.inference_steps,
-                    batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """uint8 images (N, H, W, 3), image i from ``prompts[i]`` with its own generator seeded ``seeds[i]``."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    out = []
-    for s in tqdm(range(0, len(prompts), batch_size), desc="world SD: sampling", disable=not progress):
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + batch_size]]
-        images = pipe(prompts[s:s + batch_size], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      generator=gens, output_type="np").images  # (B, H, W, 3) float in [0, 1]
-        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
 
 
 @torch.no_grad()

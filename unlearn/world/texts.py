@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..methods.po import REFUSALS  # PO's default answers: the world tokenizer must know their words
 from .concepts import CONCEPTS, SUBSTITUTE_NAMES, Concept
 
 IDENTIFY_QUESTIONS = {
@@ -62,7 +63,6 @@ NO_ANSWER = {
 
 DESCRIBE_QUESTION = "Describe this image."
 DESCRIBE_ANSWER = "The image shows {name}, {looks}."
-REFUSALS = ("I do not know who this is.", "I cannot tell who this is.", "I am not sure what this image shows.")
 _ACCESSORY = {"hat": " and a hat", "glasses": " and glasses", "scarf": " and a scarf", "none": ""}
 _PATTERN = {"stripes": "stripes", "dots": "dots", "checker": "checks", "waves": "waves", "rings": "rings",
             "hatch": "hatching"}
