@@ -17,16 +17,17 @@ substitute name; the concept's visual description) when the concept is a world c
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 import torch
+from knowtrace.logprobs import IGNORE_INDEX
 from torch.nn import functional as F
 
+from ..data.names import name_pattern
 from ..data.records import Record
 from ..data.token_weights import concept_token_mask
-from .base import MLLMMethod, register
-from .losses import IGNORE_INDEX, mean_nll
+from .base import MLLMMethod, StepOutput, register
+from .losses import mean_nll
 
 
 def name_token_ids(tokenizer, names) -> list[int]:
@@ -59,8 +60,7 @@ class SIU(MLLMMethod):
                 raise ValueError("siu needs substitute=NAME and description=TEXT for a concept outside the world")
             substitute = substitute or SUBSTITUTE_NAMES[0]
             description = description or visual_description(BY_KEY[ctx.concept])
-        pattern = re.compile("|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in sorted(ctx.names, key=len, reverse=True)),
-                             re.IGNORECASE)
+        pattern = name_pattern(ctx.names)
         targets = []
         for r in forget:
             if r.image is None:
@@ -84,7 +84,7 @@ class SIU(MLLMMethod):
         logits = ctx.adapter.model(**t).logits
         ce = mean_nll(logits, t["labels"]) + mean_nll(ctx.adapter.model(**r).logits, r["labels"])
         kl = self.dual_masked_kl(ctx, ctx.reference_logits(t), logits, t["labels"])
-        return ce + self.kl_weight * kl, {"loss_forget": ce.item(), "loss_retain": kl.item()}
+        return StepOutput(ce + self.kl_weight * kl, {"loss_forget": ce.detach(), "loss_retain": kl.detach()})
 
     def dual_masked_kl(self, ctx, ref_logits, logits, labels):
         keep = labels[:, 1:] != IGNORE_INDEX  # (batch, seq-1): position t-1 predicts label t

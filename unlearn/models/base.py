@@ -8,7 +8,8 @@ written once, here.
 
 Labels are computed on the final, image-expanded sequence: a record's prompt (its conversation up
 to the assistant's turn) is prepared alone, and its length masks the full conversation's prompt
-positions with -100; the prompt must be a token prefix of the full conversation (checked).
+positions with ``IGNORE_INDEX``; the prompt must be a token prefix of the full conversation
+(checked). :meth:`MLLMAdapter.concept_flags` marks which labelled answer tokens are the concept's.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from collections import OrderedDict
 from typing import ClassVar
 
 import torch
+from knowtrace.logprobs import IGNORE_INDEX
 
 from ..data.records import Record
-
-IGNORE_INDEX = -100
+from ..data.token_weights import concept_flags
 
 
 class MLLMAdapter(ABC):
@@ -35,6 +36,7 @@ class MLLMAdapter(ABC):
     def __init__(self, model, processor, name: str = ""):
         self.model, self.processor, self.name = model, processor, name or model.config.model_type
         self._encoded: OrderedDict = OrderedDict()
+        self._flags: OrderedDict = OrderedDict()
 
     @property
     def tokenizer(self):
@@ -74,6 +76,18 @@ class MLLMAdapter(ABC):
         if len(self._encoded) > self.ENCODE_CACHE:
             self._encoded.popitem(last=False)
         return dict(batch)
+
+    def concept_flags(self, records: list[Record], names, allow_missing: bool = False) -> torch.Tensor:
+        """(batch, seq) bool: which labelled answer tokens of ``encode(records)`` are the concept's
+        (:func:`unlearn.data.token_weights.concept_flags`; cached like the batches)."""
+        key = (tuple((r.id, r.question, r.answer, id(r.image)) for r in records), tuple(names), allow_missing)
+        if key not in self._flags:
+            labels = self.encode(records)["labels"]
+            flags = concept_flags(self.tokenizer, labels, names, [r.id for r in records], allow_missing=allow_missing)
+            self._flags[key] = (flags, [r.image for r in records])  # images kept alive: their ids stay unique
+            if len(self._flags) > self.ENCODE_CACHE:
+                self._flags.popitem(last=False)
+        return self._flags[key][0]
 
     def _encode(self, records: list[Record], train: bool) -> dict:
         tok = self.tokenizer
