@@ -303,3 +303,25 @@ def test_fmn_finds_the_concept_tokens_and_lowers_their_attention(data):
     after = fmn.loss(ctx_for(a, 1), forget).loss
     assert after.item() < first.item()
     assert all(type(p).__name__ != "RecordingProcessor" for p in a.pipe.unet.attn_processors.values())
+
+
+def test_step_output_reaches_the_callbacks(data):
+    """The method's StepOutput comes to every callback (per-pixel errors and their record ids), and
+    its tensor logs arrive as the numbers the loop read once per step (what the history holds)."""
+    forget, _ = data
+    a = tiny_adapter()
+    seen = []
+
+    class Spy:
+        def on_step_end(self, step, logs, state):
+            seen.append((logs, state.output, [r.id for r in state.batch]))
+
+    result = run_loop(a, get_method("fttp", modality="sd"), forget, [], TrainConfig(steps=2, lr=1e-3, batch_size=2),
+                      VORN.key, VORN.names, callbacks=[Spy()], progress=False)
+    assert len(seen) == 2
+    h = a.resolution // a.factor
+    for (logs, out, ids), hist in zip(seen, result["history"]):
+        assert out.ids == ids and out.per_element.shape == (2, h, h) and not out.per_element.requires_grad
+        assert all(isinstance(v, torch.Tensor) for v in out.logs.values())
+        assert logs == {k: v.item() for k, v in out.logs.items()} and hist == {"step": hist["step"], **logs}
+        assert all(type(v) is float for v in logs.values())

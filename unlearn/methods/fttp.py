@@ -23,9 +23,6 @@ class FTTP(MLLMMethod):
     beta: float = 0.5
     allow_missing: bool = False  # answers without the concept: all natural (+beta) instead of an error
 
-    def setup(self, ctx, forget, retain):
-        ctx.adapter.concept_flags(forget, ctx.names, self.allow_missing)  # every answer checked before the first step
-
     def loss(self, ctx, forget):
         batch = ctx.adapter.encode(forget)
         labels = batch["labels"]
