@@ -36,7 +36,6 @@ class MLLMAdapter(ABC):
     def __init__(self, model, processor, name: str = ""):
         self.model, self.processor, self.name = model, processor, name or model.config.model_type
         self._encoded: OrderedDict = OrderedDict()
-        self._flags: OrderedDict = OrderedDict()
 
     @property
     def tokenizer(self):
@@ -67,27 +66,24 @@ class MLLMAdapter(ABC):
         preprocessing; callers must not modify the returned tensors in place."""
         if not cache:  # batches that will not come back (pre-training on random batches)
             return self._encode(records, train)
-        key = (train, tuple((r.id, r.question, r.answer, id(r.image)) for r in records))
-        if key in self._encoded:
-            self._encoded.move_to_end(key)
-            return dict(self._encoded[key][0])
-        batch = self._encode(records, train)
-        self._encoded[key] = (batch, [r.image for r in records])
-        if len(self._encoded) > self.ENCODE_CACHE:
-            self._encoded.popitem(last=False)
-        return dict(batch)
+        return dict(self._cached(train, records, lambda: self._encode(records, train)))
 
     def concept_flags(self, records: list[Record], names, allow_missing: bool = False) -> torch.Tensor:
         """(batch, seq) bool: which labelled answer tokens of ``encode(records)`` are the concept's
         (:func:`unlearn.data.token_weights.concept_flags`; cached like the batches)."""
-        key = (tuple((r.id, r.question, r.answer, id(r.image)) for r in records), tuple(names), allow_missing)
-        if key not in self._flags:
-            labels = self.encode(records)["labels"]
-            flags = concept_flags(self.tokenizer, labels, names, [r.id for r in records], allow_missing=allow_missing)
-            self._flags[key] = (flags, [r.image for r in records])  # images kept alive: their ids stay unique
-            if len(self._flags) > self.ENCODE_CACHE:
-                self._flags.popitem(last=False)
-        return self._flags[key][0]
+        return self._cached(("flags", tuple(names), allow_missing), records, lambda: concept_flags(
+            self.tokenizer, self.encode(records)["labels"], names, [r.id for r in records], allow_missing=allow_missing))
+
+    def _cached(self, what, records: list[Record], build):
+        key = (what, tuple((r.id, r.question, r.answer, id(r.image)) for r in records))
+        if key in self._encoded:
+            self._encoded.move_to_end(key)
+            return self._encoded[key][0]
+        value = build()
+        self._encoded[key] = (value, [r.image for r in records])
+        if len(self._encoded) > self.ENCODE_CACHE:
+            self._encoded.popitem(last=False)
+        return value
 
     def _encode(self, records: list[Record], train: bool) -> dict:
         tok = self.tokenizer
