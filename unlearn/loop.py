@@ -206,11 +206,9 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
 
 
 def _numbers(logs: dict, device) -> dict[str, float]:
-    """The logs as Python floats, read from the device in one transfer (float64 holds any float32/bf16 exactly)."""
-    if not logs:
-        return {}
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in logs.values()])
-    return dict(zip(logs, values.tolist()))
+    """The logs as Python floats, read in one transfer (float64 holds any float32 or bf16 value exactly)."""
+    values = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in logs.values()]
+    return dict(zip(logs, torch.stack(values).tolist())) if values else {}
 
 
 def _mean_over_processes(accelerator, value: float) -> float:

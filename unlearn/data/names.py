@@ -1,11 +1,10 @@
-"""Finding a concept's name or alias in text: the one rule every part of the toolkit uses (training
-flags, evaluation, record checks, SIU's substitution, FMN's prompt tokens).
+"""Finding a concept's name or aliases in text: the one rule of the toolkit (training flags,
+evaluation, record checks, SIU's substitution, FMN's prompt tokens).
 
-Case-insensitive, and word boundaries only where the script uses them: a name must not start or end
-inside a word of a script written with spaces ("Korvex" is not found in "korvexes", nor "Vorn" in
-"Vornel"), while an edge of the name written in a script without spaces (Han, kana, Thai, Lao,
-Khmer, Myanmar, Tibetan) has no boundary to check: "李明" is found in "我是李明。" (Qwen2-VL
-answering in Chinese), and "Vorn" in "我是Vorn。". Blank names are ignored.
+Case-insensitive, with word boundaries only where the script uses them: a name must not start or
+end inside a word of a script written with spaces ("Korvex" is not in "korvexes", nor "Vorn" in
+"Vornel"); an edge written in a script without spaces (Han, kana, Thai, Lao, Khmer, Myanmar,
+Tibetan) has no boundary to check: "李明" is found in "我是李明。" (Qwen2-VL answering in Chinese).
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-# scripts written without spaces between words
 _UNSPACED = ("\u0e00-\u0fff\u1000-\u109f\u1780-\u17ff\u3005\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
-             "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
+             "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")  # scripts written without spaces
 _SPACED_LETTER = rf"[^\W{_UNSPACED}]"  # a word character of a script written with spaces
 _UNSPACED_CHAR = re.compile(rf"[{_UNSPACED}]")
 
@@ -33,14 +31,13 @@ def _names(names: Iterable[str]) -> list[str]:
 
 
 def name_pattern(names: Iterable[str]) -> re.Pattern:
-    """One pattern matching any of ``names`` (the longest at a position wins), e.g. to substitute them."""
+    """One pattern for all ``names`` (the longest wins at a position), e.g. to substitute them."""
     return re.compile("|".join(_name_regex(n) for n in _names(names)) or r"(?!)", re.IGNORECASE)
 
 
 def name_spans(text: str, names: Iterable[str]) -> list[tuple[int, int]]:
     """Character spans of every occurrence of every name in ``text`` (overlapping ones included), sorted."""
-    found = {m.span() for n in _names(names) for m in re.finditer(_name_regex(n), text, re.IGNORECASE)}
-    return sorted(found)
+    return sorted({m.span() for n in _names(names) for m in re.finditer(_name_regex(n), text, re.IGNORECASE)})
 
 
 def names_in(text: str, names: Iterable[str]) -> bool:

@@ -18,9 +18,7 @@ The pipeline, in this order (one function each):
 A mask that ends up empty or covering the whole latent grid is an error (an FTTP step on it is
 plain GA or plain fine-tuning, which is never what a user asked for silently); ``allow_degenerate``
 turns it into a whole-image concept mask (every pixel weighted -alpha) instead.
-
-:class:`MaskOptions` are the dilation and degenerate-mask settings; a method declares its own once
-(:attr:`unlearn.methods.base.SDMethod.mask_options`), and tracing and evaluation build theirs the same way.
+A method declares its :class:`MaskOptions` once (``SDMethod.mask_options``); tracing and evaluation pass theirs.
 """
 
 from __future__ import annotations

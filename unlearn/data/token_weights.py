@@ -9,7 +9,7 @@ public FTTP code) is wrong for BPE; matching the name's ids tokenized alone miss
 2. find every occurrence of every name and alias in it (:func:`unlearn.data.names.name_spans`);
 3. a token is a concept token if its span overlaps an occurrence.
 
-The signed weights of FTTP are built from these flags by :func:`unlearn.methods.losses.signed_weights`.
+FTTP's signed weights come from these flags (:func:`unlearn.methods.losses.signed_weights`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Methods are small classes registered by name; their options are dataclass fields.
 
 A method turns a batch of forget records (and, if it needs them, retain records and the frozen
-reference model, through :class:`StepContext`) into a :class:`StepOutput`: its loss, its logs, and
-for some SD methods the per-element values of the forget batch (what a step-source trace records).
-It declares what it needs as class attributes (``needs_retain``, ``needs_reference``, SD:
-``mask_options``), which the loop and the runs read. The loop owns everything else (optimizer,
-steps, accumulation, devices, reading the logs once per step), so a method is only its objective.
+reference model, through :class:`StepContext`) into a :class:`StepOutput`, and declares what it
+needs on its class (``needs_retain``, ``needs_reference``, SD: ``mask_options``). The loop owns
+everything else (optimizer, steps, accumulation, devices, reading the logs), so a method is only its objective.
 
 One registry per modality ("mllm", "sd"): a method class declares its ``modality`` and the same
 name may exist once per modality (MLLM "fttp" and SD "fttp" are different objectives).

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.token_weights import concept_token_positions
 from .base import SDMethod, StepOutput, register
 
 
@@ -28,8 +29,16 @@ class ForgetMeNot(SDMethod):
     def train_targets(self, adapter, lora):
         return adapter.part("xattn_qk", lora)
 
+    def token_mask(self, ctx, forget) -> torch.Tensor:
+        """(B, L) 1 on each record's concept tokens."""
+        tok = ctx.adapter.pipe.tokenizer
+        m = torch.zeros(len(forget), tok.model_max_length)
+        for i, r in enumerate(forget):
+            m[i, concept_token_positions(tok, r.prompt, ctx.names)] = 1
+        return m
+
     def setup(self, ctx, forget, retain):
-        ctx.adapter.prompt_flags([r.prompt for r in forget], ctx.names)  # every prompt checked before the first step
+        self.token_mask(ctx, forget)  # every prompt checked before the first step
 
     def loss(self, ctx, forget):
         from knowtrace.sd_attention import capture_cross_attention
@@ -37,7 +46,7 @@ class ForgetMeNot(SDMethod):
         a = ctx.adapter
         batch = a.encode(forget)
         _, t, z_t = a.noise(batch.latents, ctx.generator)
-        tokens = a.prompt_flags([r.prompt for r in forget], ctx.names).to(z_t.device).float()  # (B, L) concept tokens
+        tokens = self.token_mask(ctx, forget).to(z_t.device)  # (B, L)
         with capture_cross_attention(a.pipe.unet, keep_grad=True) as cap:
             a.predict(z_t, t, batch.cond)
         probs = cap.probs()  # each (B, heads, h*w, L)

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ..data.names import name_pattern
 from ..data.records import Record
-from ..data.token_weights import concept_token_mask
+from ..data.token_weights import concept_flags
 from .base import MLLMMethod, StepOutput, register
 from .losses import mean_nll
 
@@ -87,11 +87,9 @@ class SIU(MLLMMethod):
         return StepOutput(ce + self.kl_weight * kl, {"loss_forget": ce.detach(), "loss_retain": kl.detach()})
 
     def dual_masked_kl(self, ctx, ref_logits, logits, labels):
-        keep = labels[:, 1:] != IGNORE_INDEX  # (batch, seq-1): position t-1 predicts label t
-        for row in range(labels.shape[0]):  # token-level mask: not on the substitute name's tokens
-            pos = (labels[row, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
-            on_sub = concept_token_mask(ctx.adapter.tokenizer, labels[row, 1:][pos].tolist(), [self._substitute])
-            keep[row, pos[torch.tensor(on_sub, dtype=torch.bool)]] = False
+        # (batch, seq-1): position t-1 predicts label t; token-level mask: not on the substitute name's tokens
+        on_sub = concept_flags(ctx.adapter.tokenizer, labels[:, 1:], [self._substitute], allow_missing=True)
+        keep = (labels[:, 1:] != IGNORE_INDEX) & ~on_sub.to(labels.device)
         ref, cur = ref_logits[:, :-1][keep].float(), logits[:, :-1][keep].float()
         if self._vocab_mask:  # vocabulary-level mask: the concept's name tokens leave both distributions
             ref[:, self._vocab_mask] = float("-inf")

@@ -27,7 +27,6 @@ import torch
 
 from ..data.sd_masks import MaskOptions, latent_mask, resize_crop
 from ..data.sd_records import SDRecord, load_image
-from ..data.token_weights import concept_token_positions
 
 WORLD_MARKER = "world_sd_config.json"  # a directory holding a world SD
 
@@ -68,7 +67,6 @@ class SDAdapter:
         self._latents: dict = {}
         self._cond: dict[str, torch.Tensor] = {}
         self._masks: dict = {}
-        self._prompt_flags: dict = {}
 
     @property
     def device(self) -> torch.device:
@@ -124,16 +122,6 @@ class SDAdapter:
                 self._masks[key] = (m, r.mask)
             out.append(self._masks[key][0])
         return torch.stack(out).to(self.device)
-
-    def prompt_flags(self, prompts: list[str], names) -> torch.Tensor:
-        """(B, L) bool: the concept's tokens in each prompt's padded text-encoder input (cached per prompt)."""
-        tok, names = self.pipe.tokenizer, tuple(names)
-        flags = torch.zeros(len(prompts), tok.model_max_length, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            if (p, names) not in self._prompt_flags:
-                self._prompt_flags[p, names] = concept_token_positions(tok, p, names)
-            flags[i, self._prompt_flags[p, names]] = True
-        return flags
 
     def encode(self, records: list[SDRecord], prompts: list[str] | None = None,
                masks: MaskOptions | None = None) -> SDBatch:
