@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 
 from knowtrace import AttentionOptions, ProbeSet, trace
-from unlearn.data.token_weights import token_weights
+from knowtrace.logprobs import IGNORE_INDEX
 from unlearn.loop import apply_lora
-from unlearn.methods.losses import weighted_token_loss
+from unlearn.methods.losses import signed_weights, weighted_token_loss
 from unlearn.models import load_mllm
 from unlearn.run_mllm import world_data
 from unlearn.tracing import traced_samples
@@ -134,7 +134,7 @@ def mllm(args, tmp: Path) -> None:
     base = adapter.model  # peft injects LoRA in place: hooks on the base model see the trained model
     model.train()
     batch = adapter.encode(records)
-    weights, _ = token_weights(adapter.tokenizer, batch["labels"], concept.names, 1.0, 1.0)
+    weights = signed_weights(adapter.concept_flags(records, concept.names), 1.0, 1.0, batch["labels"] != IGNORE_INDEX)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     samples = traced_samples(adapter, forget, concept.names)
     ids = [r.id for r in records]

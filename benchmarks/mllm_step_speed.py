@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from unlearn.data.token_weights import token_weights
+from knowtrace.logprobs import IGNORE_INDEX
 from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import get_method
-from unlearn.methods.losses import weighted_token_loss
+from unlearn.methods.losses import signed_weights, weighted_token_loss
 from unlearn.models import load_mllm
 from unlearn.run_mllm import world_data
 from unlearn.world.source import resolve_model
@@ -55,7 +55,8 @@ def bare_step_on_copy(adapter, batch_records, concept, full: bool):
     model.train()
     enc = adapter.encode(batch_records)
     fttp = get_method("fttp")
-    weights, _ = token_weights(adapter.tokenizer, enc["labels"], concept.names, fttp.alpha, fttp.beta)
+    weights = signed_weights(adapter.concept_flags(batch_records, concept.names), fttp.alpha, fttp.beta,
+                             enc["labels"] != IGNORE_INDEX)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
 
     def step():

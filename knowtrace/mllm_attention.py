@@ -43,6 +43,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .capture import Capture
+from .logprobs import IGNORE_INDEX
 
 PREFIX = "knowtrace_"
 SUPPORTED = ("sdpa", "eager")
@@ -122,7 +123,7 @@ def config_grid(config) -> tuple[int, int] | None:
 
 
 def targets(input_ids: torch.Tensor, labels: torch.Tensor, image_id: int, grid_thw: torch.Tensor | None = None,
-            merge: int = 1, ignore_index: int = -100) -> list[Target | None]:
+            merge: int = 1, ignore_index: int = IGNORE_INDEX) -> list[Target | None]:
     """Per batch row, the rows/columns to record (None: no image or no answer in that row).
 
     input_ids, labels: (batch, seq); grid_thw: (n_images, 3) in the order of the rows that have an

@@ -8,6 +8,7 @@ import torch
 
 from knowtrace.knowledge import sd_knowledge
 from tests.tiny_models import tiny_clip as make_tiny_clip
+from unlearn.data.sd_masks import MaskOptions
 from unlearn.eval.sd import (ClipZeroShotClassifier, ConceptClassifier, SDEvalSettings, evaluate_sd_run, fd_world,
                              forget_knowledge, frechet_distance, frechet_distance_from_stats, ua_from_labels,
                              unlearning_accuracy)
@@ -164,7 +165,7 @@ def test_forget_knowledge_uses_fixed_noise(world):
     from unlearn.models.sd import SDAdapter
 
     ad = SDAdapter(pipe)
-    batch = ad.encode(records, with_mask=True)
+    batch = ad.encode(records, masks=MaskOptions())
     noise = torch.randn((2, *batch.latents.shape), generator=torch.Generator().manual_seed(3))
     err = 0
     with torch.no_grad():

@@ -219,9 +219,9 @@ def test_step_source_records_each_steps_own_errors_and_trains_the_same(tmp_path)
         method = get_method("fttp", modality="sd")
         cb = SDStepErrorCallback(a, method, forget, tmp_path / "step.zarr") if traced else None
 
-        class Spy:  # the errors the method left at each step, before the trace reads them
+        class Spy:  # the errors the method returned at each step, before the trace reads them
             def on_step_end(self, step, logs, state):
-                seen.append((list(method.step_errors[0]), method.step_errors[1].clone()))
+                seen.append((list(state.output.ids), state.output.per_element.clone()))
 
         try:
             run_loop(a, method, forget, [], cfg, c.key, c.names, callbacks=[Spy(), *([cb] if cb else [])],

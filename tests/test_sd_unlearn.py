@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from tests.test_world_sd import TINY_SD
-from unlearn.data.sd_masks import dilate, latent_mask, load_mask, resize_crop, to_latent_grid
+from unlearn.data.sd_masks import MaskOptions, dilate, latent_mask, load_mask, resize_crop, to_latent_grid
 from unlearn.data.sd_records import SDRecord, check_forget_records, load_image
 from unlearn.loop import TrainConfig, run_loop
 from unlearn.methods import METHODS, SD_METHODS, StepContext, get_method
 from unlearn.methods.sd_esd import esd_target, partial_sample
-from unlearn.methods.sd_fmn import concept_token_positions
+from unlearn.data.token_weights import concept_token_positions
 from unlearn.models.sd import SDAdapter
 from unlearn.world.concepts import BY_KEY
 from unlearn.world.records import world_sd_data
@@ -117,8 +117,8 @@ def test_dilation_then_latent_grid():
         latent_mask(m, image, 16, 2)
     with pytest.raises(ValueError, match="whole image"):
         latent_mask(np.ones((16, 16), bool), image, 16, 2)
-    assert latent_mask(m, image, 16, 2, allow_degenerate=True).eq(1).all()
-    assert latent_mask(m, image, 16, 2, kernel=3).sum() >= 1
+    assert latent_mask(m, image, 16, 2, MaskOptions(allow_degenerate=True)).eq(1).all()
+    assert latent_mask(m, image, 16, 2, MaskOptions(dilate=3)).sum() >= 1
 
 
 def test_record_errors(tmp_path, data):
@@ -139,7 +139,7 @@ def test_adapter_reads_the_vae_factor():
     a = tiny_adapter(vae_channels=(16, 16, 32))  # three VAE levels: /4
     assert a.factor == 4 and a.resolution == a.pipe.unet.config.sample_size * 4
     forget, _ = world_sd_data("vorn", 2, a.resolution, n_retain=0, n_surrogate=0)
-    b = a.encode(forget, with_mask=True)
+    b = a.encode(forget, masks=MaskOptions())
     h = a.resolution // 4
     assert b.latents.shape == (2, 4, h, h) and b.mask.shape == (2, h, h) and b.cond.shape[0] == 2
     e = a.pixel_error(b, torch.Generator().manual_seed(0))
@@ -154,7 +154,8 @@ def test_fttp_gradient_is_the_weighted_combination(data):
     a = tiny_adapter()
     params = [p for p in a.model.parameters()]
     fttp = get_method("fttp", modality="sd")
-    loss, logs = fttp.loss(ctx_for(a, 3), forget)
+    out = fttp.loss(ctx_for(a, 3), forget)
+    loss, logs = out.loss, out.logs
     g = torch.autograd.grad(loss, params, allow_unused=True)
     # by hand, same noise: the two groups' means over all pixels
     m = a.masks(forget)
@@ -166,8 +167,8 @@ def test_fttp_gradient_is_the_weighted_combination(data):
             torch.testing.assert_close(x, -0.8 * c + 0.5 * n, rtol=1e-4, atol=1e-7)
     assert 0 < logs["concept_share"] < 1 and logs["err_concept"] > 0
     dil = get_method("fttp_dilated", modality="sd")
-    assert dil.loss(ctx_for(a, 3), forget)[1]["concept_share"] > logs["concept_share"]
-    ga_loss, _ = get_method("ga", modality="sd").loss(ctx_for(a, 3), forget)
+    assert dil.loss(ctx_for(a, 3), forget).logs["concept_share"] > logs["concept_share"]
+    ga_loss = get_method("ga", modality="sd").loss(ctx_for(a, 3), forget).loss
     torch.testing.assert_close(ga_loss, -e.mean(), rtol=1e-5, atol=1e-7)
 
 
@@ -179,7 +180,7 @@ def test_esd_target_and_parts(data):
         for p in a.model.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     esd = get_method("esd_x", modality="sd", eta=2.0)
-    loss, _ = esd.loss(ctx_for(a, 5, reference=frozen), forget)
+    loss = esd.loss(ctx_for(a, 5, reference=frozen), forget).loss
     b = a.encode(forget)
     _, t, z = a.noise(b.latents, torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -215,7 +216,7 @@ def test_esd_sampled_latents_train_on_the_timestep_they_reached(data, monkeypatc
     seen = []
     original = a.predict
     monkeypatch.setattr(a, "predict", lambda z, t, c, model=None: seen.append(t.clone()) or original(z, t, c, model))
-    loss, _ = esd.loss(ctx_for(a, 2, reference=frozen), forget)
+    loss = esd.loss(ctx_for(a, 2, reference=frozen), forget).loss
     assert torch.isfinite(loss)
     k = int(torch.randint(0, 5, (1,), generator=torch.Generator().manual_seed(2)))
     assert k == 3  # the step's generator draws k first: 3 sampling steps here
@@ -281,7 +282,8 @@ def test_selective_amnesia_penalty_and_replay(data):
     with torch.no_grad():
         p.add_(0.5)
     torch.testing.assert_close(sa.penalty(), (f * 0.25).sum())
-    loss, logs = sa.loss(ctx, forget)
+    out = sa.loss(ctx, forget)
+    loss, logs = out.loss, out.logs
     assert torch.isfinite(loss) and logs["ewc"] > 0
     with pytest.raises(ValueError, match="surrogate"):
         sa.setup(ctx, forget, [r for r in retain if r.concept is not None])
@@ -296,9 +298,31 @@ def test_fmn_finds_the_concept_tokens_and_lowers_their_attention(data):
     with pytest.raises(ValueError, match="none of the concept's names"):
         concept_token_positions(tok, "a picture of Blip", VORN.names)
     fmn = get_method("fmn", modality="sd")
-    first, _ = fmn.loss(ctx_for(a, 1), forget)
+    first = fmn.loss(ctx_for(a, 1), forget).loss
     run_loop(a, fmn, forget, [], TrainConfig(steps=5, lr=1e-2, lora=False, batch_size=2), VORN.key, VORN.names,
              progress=False)
-    after, _ = fmn.loss(ctx_for(a, 1), forget)
+    after = fmn.loss(ctx_for(a, 1), forget).loss
     assert after.item() < first.item()
     assert all(type(p).__name__ != "RecordingProcessor" for p in a.pipe.unet.attn_processors.values())
+
+
+def test_step_output_reaches_the_callbacks(data):
+    """The method's StepOutput comes to every callback (per-pixel errors and their record ids), and
+    its tensor logs arrive as the numbers the loop read once per step (what the history holds)."""
+    forget, _ = data
+    a = tiny_adapter()
+    seen = []
+
+    class Spy:
+        def on_step_end(self, step, logs, state):
+            seen.append((logs, state.output, [r.id for r in state.batch]))
+
+    result = run_loop(a, get_method("fttp", modality="sd"), forget, [], TrainConfig(steps=2, lr=1e-3, batch_size=2),
+                      VORN.key, VORN.names, callbacks=[Spy()], progress=False)
+    assert len(seen) == 2
+    h = a.resolution // a.factor
+    for (logs, out, ids), hist in zip(seen, result["history"]):
+        assert out.ids == ids and out.per_element.shape == (2, h, h) and not out.per_element.requires_grad
+        assert all(isinstance(v, torch.Tensor) for v in out.logs.values())
+        assert logs == {k: v.item() for k, v in out.logs.items()} and hist == {"step": hist["step"], **logs}
+        assert all(type(v) is float for v in logs.values())

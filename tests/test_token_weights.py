@@ -1,5 +1,7 @@
 """Concept tokens in answers: property-based over random texts, names and three tokenizers."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -7,7 +9,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from unlearn.data.token_weights import ConceptNotInAnswer, concept_token_mask, token_weights
+from unlearn.data.names import name_pattern, name_spans, names_in
+from unlearn.data.token_weights import ConceptNotInAnswer, concept_flags, concept_token_mask, concept_token_positions
+from unlearn.methods.losses import signed_weights
 from unlearn.world.concepts import CONCEPTS
 from unlearn.world.texts import world_corpus
 from unlearn.world.tokenizer import build_tokenizer
@@ -96,10 +100,58 @@ def test_signed_weights_and_missing_concept_error():
     for r, row in enumerate(ids):
         labels[r, 3:3 + len(row)] = torch.tensor(row)
     with pytest.raises(ConceptNotInAnswer, match=r"record q2.*'Ulmar is in this image\.'.*'vorn'.*allow_missing"):
-        token_weights(tok, labels, ["Vorn", "Vornel"], 1.0, 0.5, record_ids=["q1", "q2"], concept="vorn")
-    w, is_c = token_weights(tok, labels, ["Vorn", "Vornel"], 1.0, 0.5, allow_missing=True)
+        concept_flags(tok, labels, ["Vorn", "Vornel"], record_ids=["q1", "q2"], concept="vorn")
+    is_c = concept_flags(tok, labels, ["Vorn", "Vornel"], allow_missing=True)
+    w = signed_weights(is_c, 1.0, 0.5, scored=labels != -100)
     assert w[0, 5].item() == -1.0 and is_c[0].sum() == 1  # "▁Vorn" is the third answer token
     assert (w[0, :3] == 0).all() and (w[1][labels[1] != -100] == 0.5).all()
     assert (w[labels == -100] == 0).all()
     with pytest.raises(ValueError, match="no concept name"):
-        token_weights(tok, labels, [" "], 1.0, 0.5)
+        concept_flags(tok, labels, [" "])
+
+
+def test_names_are_found_by_the_script_rule():
+    """Word boundaries only where the script uses them: Latin names need them, Chinese/Japanese ones do not."""
+    assert name_spans("我是李明。", ["李明"]) == [(2, 4)] and names_in("これはヴォルンです。", ["ヴォルン"])
+    assert names_in("我是Vorn。", ["Vorn"])  # a Latin name inside Chinese text: no space to require around it
+    assert not names_in("korvexes everywhere", ["Korvex"]) and not names_in("Vornel", ["Vorn"])
+    assert not names_in("x_korvex", ["Korvex"]) and not names_in("Korvex2", ["Korvex"])
+    assert names_in("the KORVEX logo.", ["korvex"]) and names_in("Vorn's hat", ["Vorn"])
+    assert not names_in("anything", [" ", ""])  # blank names never match
+    # overlapping aliases: spans keep every occurrence, the pattern substitutes the longest at a position
+    assert name_spans("Oskel Brin Tavo", ["Oskel Brin", "Brin Tavo"]) == [(0, 10), (6, 15)]
+    assert name_pattern(["Oskel Brin", "Oskel Brin Tavo"]).sub("X", "Oskel Brin Tavo, oskel brin.") == "X, X."
+
+
+def test_concept_tokens_of_an_answer_without_spaces():
+    """Qwen2-VL answering in Chinese: byte-level BPE splits each character into byte tokens; the
+    name's bytes are the concept's tokens."""
+    tok = TOKENIZERS["gpt2-style byte-level BPE"]
+    ids = tok("我是李明。", add_special_tokens=False)["input_ids"]
+    flags = concept_token_mask(tok, ids, ["李明"])
+    per_char = [len(ch.encode()) for ch in "我是李明。"]
+    assert len(ids) == sum(per_char)  # one token per byte: the names live inside multi-byte pieces
+    assert flags == [False] * 6 + [True] * 6 + [False] * 3
+
+
+def test_sd_prompt_positions_are_bpe_safe():
+    """FMN's tokens: the name's ids tokenized alone ('V', 'or', 'n') are not in the prompt ('ĠV', 'or', 'n')."""
+    tok = copy.deepcopy(TOKENIZERS["gpt2-style byte-level BPE"])
+    tok.model_max_length = 77  # a text encoder's context, as SD's CLIP tokenizer has
+    prompt = "a picture of Vorn"
+    ids, alone = tok(prompt)["input_ids"], tok("Vorn", add_special_tokens=False)["input_ids"]
+    assert not any(ids[s:s + len(alone)] == alone for s in range(len(ids)))
+    positions = concept_token_positions(tok, prompt, ["Vorn"])
+    assert positions == list(range(len(ids) - 3, len(ids))) and tok.decode([ids[i] for i in positions]) == " Vorn"
+    with pytest.raises(ValueError, match="none of the concept's names"):
+        concept_token_positions(tok, "a picture of Vornel", ["Vorn"])
+
+
+def test_signed_weights_from_flags():
+    flags = torch.tensor([[True, False, False], [False, True, False]])
+    scored = torch.tensor([[True, True, False], [True, True, True]])
+    w = signed_weights(flags, 2.0, 0.5, scored=scored)
+    assert w.tolist() == [[-2.0, 0.5, 0.0], [0.5, -2.0, 0.5]] and w.dtype == torch.float32
+    # SD: a {0, 1} latent mask gives exactly the weights -alpha * M + beta * (1 - M)
+    mask = (torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    assert torch.equal(signed_weights(mask, 0.8, 0.5), -0.8 * mask + 0.5 * (1 - mask))

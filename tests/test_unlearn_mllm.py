@@ -1,6 +1,7 @@
 """MLLM unlearning end to end on a tiny world: run directory, methods' objectives, errors, determinism."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from safetensors.torch import load_file
 
 from tests.test_world_mllm import TINY
 from unlearn.cli import main
-from unlearn.data.token_weights import token_weights
+from unlearn.data.token_weights import concept_flags
 from unlearn.loop import NonFiniteError, TrainConfig, run_loop
 from unlearn.methods import METHODS, StepContext, get_method
 from unlearn.methods.losses import token_nll
@@ -73,9 +74,10 @@ def test_fttp_and_ga_objectives_by_hand(world_dir):
     batch = adapter.encode(batch_records)
     with torch.no_grad():
         nll, scored = token_nll(adapter.model(**batch).logits, batch["labels"])
-        w, is_c = token_weights(adapter.tokenizer, batch["labels"], concept.names, 0.7, 0.3)
-        ga, _ = get_method("ga").loss(ctx, batch_records)
-        fttp, logs = get_method("fttp", alpha=0.7, beta=0.3).loss(ctx, batch_records)
+        is_c = concept_flags(adapter.tokenizer, batch["labels"], concept.names)
+        ga = get_method("ga").loss(ctx, batch_records).loss
+        out = get_method("fttp", alpha=0.7, beta=0.3).loss(ctx, batch_records)
+        fttp, logs = out.loss, out.logs
     n = scored.sum()
     assert torch.allclose(ga, -nll.sum() / n, atol=1e-6)
     concept_part, natural_part = (nll * is_c).sum(), (nll * scored * ~is_c).sum()
@@ -88,8 +90,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(world_dir):
 
     class Explodes(type(get_method("ga"))):
         def loss(self, ctx, records):
-            loss, logs = super().loss(ctx, records)
-            return (loss if ctx.step < 1 else loss * float("nan")), logs
+            out = super().loss(ctx, records)
+            return replace(out, loss=out.loss if ctx.step < 1 else out.loss * float("nan"))
 
     with pytest.raises(NonFiniteError, match="step 1"):
         run_loop(adapter, Explodes(), forget, [], TrainConfig(steps=3), concept.key, concept.names, progress=False)
@@ -164,11 +166,12 @@ def test_non_finite_gradients_stop_before_the_update(world_dir):
 
     class BadGrad(type(get_method("ga"))):
         def loss(self, ctx, records):
-            loss, logs = super().loss(ctx, records)
+            out = super().loss(ctx, records)
+            loss = out.loss
             if ctx.step == 1:  # a finite loss (sqrt(0) = 0) whose gradient is not (0 * 1/sqrt(0) = nan)
                 p = next(p for p in ctx.adapter.model.parameters() if p.requires_grad)
                 loss = loss + torch.sqrt((p * 0).sum())
-            return loss, logs
+            return replace(out, loss=loss)
 
     with pytest.raises(NonFiniteError, match="gradients are non-finite at step 1"):
         run_loop(adapter, BadGrad(), forget, [], TrainConfig(steps=3), concept.key, concept.names, progress=False)

@@ -9,8 +9,9 @@ seeded generator (``ctx.generator``: diffusion noise and timesteps).
 Seeds, LoRA (peft) or full fine-tuning, Adam, gradient accumulation, autocast where the hardware
 has it (bf16 on CUDA), several processes through accelerate (``accelerate launch``; each process
 takes its own slice of each step's records and gradients are averaged), callbacks after every step
-(the tracer attaches there). A non-finite loss or parameter stops the run with a clear message,
-keeping the last good parameters.
+(the tracer attaches there; they get the step's logs as numbers and its :class:`StepOutput`). A
+method's logs stay tensors until the loop reads them once per step. A non-finite loss or parameter
+stops the run with a clear message, keeping the last good parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from .data.records import Record
-from .methods.base import Method, StepContext, retain_iterator
+from .methods.base import Method, StepContext, StepOutput, retain_iterator
 
 
 SNAPSHOT_LIMIT = 100_000_000  # trained parameters (elements) up to which a per-step copy is kept
@@ -61,6 +62,7 @@ class LoopState:
     model: torch.nn.Module  # unwrapped model being trained
     batch: list[Record]  # the step's forget records (this process's slice)
     accelerator: object
+    output: StepOutput | None = None  # what the method returned for the step's last micro-batch
 
 
 def seed_everything(seed: int) -> None:
@@ -148,7 +150,6 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
                       reference_logits=reference_logits, run_reference=run_reference if method.needs_reference else None,
                       generator=generator)
     method.setup(ctx, forget, retain)
-    hook = method.gradient_hook()
     rank, world = accelerator.process_index, accelerator.num_processes
     # a copy of the trained parameters after every step, to restore if the next one breaks them; for
     # large full fine-tuning the gradient check before each update is the guard instead (no copy)
@@ -165,13 +166,13 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
     bar = tqdm(range(cfg.steps), desc=f"{method.name}", disable=not progress or not accelerator.is_main_process)
     for step in bar:
         ctx.step = step
-        logs: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             # this process's records for this micro-batch: consecutive, cycling through the forget set
             first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
             batch = [forget[(first + i) % len(forget)] for i in range(cfg.batch_size)]
             with accelerator.accumulate(model), accelerator.autocast():
-                loss, logs = method.loss(ctx, batch)
+                out = method.loss(ctx, batch)
+                loss = out.loss
                 if not torch.isfinite(loss):
                     _restore(unwrapped, last_good)
                     raise NonFiniteError(f"{method.name}: loss is {loss.item()} at step {step}; the run stops "
@@ -182,8 +183,7 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
                     _restore(unwrapped, last_good)
                     raise NonFiniteError(f"{method.name}: gradients are non-finite at step {step}; the run stops "
                                          f"here with the parameters of the last finished step")
-                if hook is not None:
-                    hook()
+                method.gradient_hook(ctx)
                 if cfg.max_grad_norm and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -194,15 +194,21 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
                 "too large to keep a copy of: the parameters are not usable"
             raise NonFiniteError(f"{method.name}: parameters became non-finite at step {step}; {kept}")
         last_good = snapshot()
-        logs = {k: float(_mean_over_processes(accelerator, v)) for k, v in logs.items()}
+        logs = {k: _mean_over_processes(accelerator, v) for k, v in _numbers(out.logs, accelerator.device).items()}
         history.append({"step": step, **logs})
         bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")})
         for cb in callbacks:
-            cb.on_step_end(step, logs, LoopState(unwrapped, batch, accelerator))
+            cb.on_step_end(step, logs, LoopState(unwrapped, batch, accelerator, out))
     model.eval()
     adapter.model = unwrapped
     return {"history": history, "train_seconds": round(time.perf_counter() - start, 3),
             "world_size": world, "mixed_precision": mixed, "accelerator": accelerator}
+
+
+def _numbers(logs: dict, device) -> dict[str, float]:
+    """The logs as Python floats, read in one transfer (float64 holds any float32 or bf16 value exactly)."""
+    values = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in logs.values()]
+    return dict(zip(logs, torch.stack(values).tolist())) if values else {}
 
 
 def _mean_over_processes(accelerator, value: float) -> float:

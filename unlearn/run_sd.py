@@ -186,7 +186,7 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
     if trace_source == "step" and (trace is not True or int(trace_every) != 1 or not algo.has_step_errors):
         raise ValueError(f"--trace-source step records each step's own errors: it needs --trace (no attention, no "
                          f"--trace-every) and a method that computes them (fttp, fttp_dilated, ga; got {method!r})")
-    needs_masks = getattr(algo, "needs_masks", False)
+    needs_masks = algo.needs_masks
     if data is not None:
         from .data.sd_record_files import load_sd_record_data
 
@@ -221,7 +221,7 @@ def run_sd(concept: str | None, method: str, out: Path, steps: int = 20, seed: i
     images = len(forget)
     check_forget_records(forget, target.names, need_masks=needs_masks)
     if needs_masks:
-        adapter.masks(forget, **algo.mask_options())  # mask errors (size, empty, full) before any write
+        adapter.masks(forget, algo.mask_options)  # mask errors (size, empty, full) before any write
     if algo.needs_retain and not retain:
         raise ValueError(f"sd method {method!r} needs retain records; none were given"
                          + (f" (add {data}/retain.jsonl)" if data is not None else ""))

@@ -36,7 +36,12 @@ import torch
 
 from knowtrace.sd_tracer import SDSample, SDTracer
 
+from .data.sd_masks import MaskOptions
+from .data.token_weights import prompt_token_flags
 from .eval.sd import DEFAULT_TIMESTEPS, PROBE_BATCH, check_timesteps, fixed_noise_errors
+
+# a whole-image concept (art style) is traced as all concept (K_N NaN), not an error
+TRACE_MASKS = MaskOptions(allow_degenerate=True)
 
 
 def check_traceable(records: Sequence) -> None:
@@ -59,8 +64,7 @@ class SDProbe:
         self.timesteps = check_timesteps(adapter, timesteps)
         self.adapter, self.records, self.noise_seed = adapter, list(records), int(noise_seed)
         self.batch_size = int(batch_size)
-        # allow_degenerate: a whole-image concept (art style) is traced as all concept (K_N NaN), not an error
-        batch = adapter.encode(self.records, with_mask=True, allow_degenerate=True)
+        batch = adapter.encode(self.records, masks=TRACE_MASKS)
         self.latents, self.cond = batch.latents, batch.cond  # (N, C, h, w), (N, L, D)
         self.mask = batch.mask.cpu().bool()  # (N, h, w)
         # one draw (T, N, C, h, w), as forget_knowledge makes it: the same noisy latents at every step
@@ -115,16 +119,9 @@ def prompt_tokens(adapter, record, names: Sequence[str] | None = None) -> tuple[
     """The record's prompt as the text encoder sees it, start to end token (padding dropped): ids,
     token strings, and which are the concept's name tokens (``names``: its name and aliases; default
     the record's concept field)."""
-    from .methods.sd_fmn import concept_token_positions
-
     tok = adapter.pipe.tokenizer
-    ids = tok(record.prompt, truncation=True, max_length=tok.model_max_length).input_ids
-    names = tuple(names) if names else (record.concept,)
-    try:
-        concept = set(concept_token_positions(tok, record.prompt, names))
-    except ValueError:
-        concept = set()
-    return ids, tok.convert_ids_to_tokens(ids), [i in concept for i in range(len(ids))]
+    ids, flags = prompt_token_flags(tok, record.prompt, tuple(names) if names else (record.concept,))
+    return ids, tok.convert_ids_to_tokens(ids), flags
 
 
 class SDTraceCallback:
@@ -187,23 +184,22 @@ class SDStepErrorCallback:
 
     def __init__(self, adapter, method, records: Sequence, path, attrs: dict | None = None, lam: float = 1.0,
                  reduce: str = "mean", flush_seconds: float = 5.0):
-        if not getattr(method, "has_step_errors", False):
+        if not method.has_step_errors:
             raise ValueError(f"a step-source trace needs a method whose loss computes the forget images' per-pixel "
                              f"error (fttp, fttp_dilated, ga); {method.name!r} computes none: trace it with the "
                              f"probe (--trace-source probe, the default)")
         check_traceable(records)
-        mask = adapter.encode(list(records), with_mask=True, allow_degenerate=True).mask.cpu().bool()  # (N, h, w)
+        mask = adapter.masks(list(records), TRACE_MASKS).cpu().bool()  # (N, h, w)
         samples = [SDSample(r.id, m.numpy(), r.concept or "") for r, m in zip(records, mask)]
         capture = {"eps_err": "each step's own training error of its forget batch (the step's random timestep and "
                               "noise; records outside the step's batch NaN)",
                    "knowledge": {"lambda": lam, "reduce": reduce}, "loss_forget": "the step's own training loss"}
-        self.method = method
         self.tracer = SDTracer(path, samples, lam=lam, reduce=reduce, attrs={**(attrs or {}), "capture": capture},
                                flush_seconds=flush_seconds)
 
     def on_step_end(self, step: int, logs: dict, state) -> None:
-        ids, err = self.method.step_errors
-        self.tracer.record_errors(step, err, ids, logs)
+        out = state.output  # the step's (last micro-batch's) StepOutput
+        self.tracer.record_errors(step, out.per_element, out.ids, logs)
 
     def close(self) -> None:
         self.tracer.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from knowtrace.logprobs import IGNORE_INDEX
 from knowtrace.tracer import TracedSample
 
 from .data.token_weights import concept_token_mask
@@ -12,7 +13,7 @@ def traced_samples(adapter, records, names, allow_missing: bool = True) -> list[
     out = []
     for r in records:
         labels = adapter.encode([r])["labels"][0]
-        ids = labels[labels != -100].tolist()
+        ids = labels[labels != IGNORE_INDEX].tolist()
         out.append(TracedSample(r.id, ids, tok.convert_ids_to_tokens(ids), concept_token_mask(tok, ids, names),
                                 r.concept or ""))
     return out

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from .names import names_in
 from .records import Record
 
 KEYS = ("id", "question", "answer", "image", "concept", "qtype")
@@ -157,8 +158,6 @@ def read_concept(data: Path) -> tuple[str, tuple[str, ...]]:
 
 def load_record_data(data: Path) -> RecordData:
     """Read a data directory (layout in the module docs); checks that forget answers name the concept."""
-    from ..eval.mllm import names_concept
-
     data = Path(data)
     if not data.is_dir():
         raise FileNotFoundError(f"data directory {data} does not exist")
@@ -171,7 +170,7 @@ def load_record_data(data: Path) -> RecordData:
             continue
         parts[part] = read_records(path, base=data)
     names = (name, *aliases)
-    lacking = [r.id for r in parts["forget"] if not names_concept(r.answer, names)]
+    lacking = [r.id for r in parts["forget"] if not names_in(r.answer, names)]
     if lacking:
         raise ValueError(f"{data}/forget.jsonl: the answers of {lacking[:5]}{' ...' if len(lacking) > 5 else ''} "
                          f"do not name the concept ({', '.join(names)}); every forget answer must contain its "

@@ -18,17 +18,28 @@ The pipeline, in this order (one function each):
 A mask that ends up empty or covering the whole latent grid is an error (an FTTP step on it is
 plain GA or plain fine-tuning, which is never what a user asked for silently); ``allow_degenerate``
 turns it into a whole-image concept mask (every pixel weighted -alpha) instead.
+A method declares its :class:`MaskOptions` once (``SDMethod.mask_options``); tracing and evaluation pass theirs.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """How a record's mask becomes its latent-grid concept mask."""
+
+    dilate: int = 0  # OpenCV dilation kernel (pixels at the model's resolution); 0 = none
+    iterations: int = 1
+    allow_degenerate: bool = False  # an empty/full mask is a whole-image concept instead of an error
 
 
 def polygon_mask(shapes: list[dict], height: int, width: int, labels: tuple[str, ...] | None = None,
@@ -127,14 +138,14 @@ def to_latent_grid(mask: np.ndarray, factor: int) -> torch.Tensor:
     return (F.avg_pool2d(m, factor)[0, 0] >= 0.5).float()
 
 
-def latent_mask(mask, image: np.ndarray, size: int, factor: int, kernel: int = 0, iterations: int = 1,
-                allow_degenerate: bool = False, where: str = "mask") -> torch.Tensor:
+def latent_mask(mask, image: np.ndarray, size: int, factor: int, options: MaskOptions = MaskOptions(),
+                where: str = "mask") -> torch.Tensor:
     """The whole pipeline for one record: (h, w) = (size/factor, size/factor) float {0, 1}."""
     _, m = resize_crop(image, load_mask(mask, where), size)
-    grid = to_latent_grid(dilate(m, kernel, iterations), factor)
+    grid = to_latent_grid(dilate(m, options.dilate, options.iterations), factor)
     share = float(grid.mean())
     if share in (0.0, 1.0):
-        if not allow_degenerate:
+        if not options.allow_degenerate:
             what = "empty" if share == 0.0 else "the whole image"
             raise ValueError(f"{where}: on the {grid.shape[0]}x{grid.shape[1]} latent grid the concept mask is {what}; "
                              f"FTTP would train plain {'fine-tuning' if share == 0.0 else 'GA'} on it. Fix the mask, or "

@@ -49,7 +49,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .record_files import jsonl_rows, read_concept
 from .sd_masks import load_mask
-from .sd_records import SDRecord, names_in
+from .names import names_in
+from .sd_records import SDRecord
 
 KEYS = ("id", "image", "prompt", "mask", "concept")
 EVAL_KEYS = ("prompts", "label", "retained", "references", "labels")

@@ -5,12 +5,13 @@ The world's records (rendered images, exact masks) come from :func:`unlearn.worl
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .names import names_in
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,6 @@ def load_image(record: SDRecord) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"record {record.id}: an image array must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
     return arr
-
-
-def names_in(prompt: str, names) -> bool:
-    """Whether ``prompt`` names the concept (any of ``names``, whole words, case-insensitive)."""
-    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", prompt, flags=re.IGNORECASE) for n in names)
 
 
 def check_forget_records(records: list[SDRecord], names, need_masks: bool = False) -> None:

@@ -169,7 +169,7 @@ def generate_with_attention(pipe, prompt: str, names: Sequence[str], seed: int =
     and denoising steps (``calls``, default all), upsampled bilinearly to the image size."""
     from knowtrace.sd_attention import capture_cross_attention, token_map
 
-    from ..methods.sd_fmn import concept_token_positions
+    from .token_weights import concept_token_positions
 
     tokens = concept_token_positions(pipe.tokenizer, prompt, list(names))
     cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipeline's own CFG test

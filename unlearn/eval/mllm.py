@@ -19,8 +19,8 @@ import torch
 
 from knowtrace import mllm_knowledge, token_logprobs
 
+from ..data.names import names_in
 from ..data.records import Record
-from ..data.token_weights import token_weights
 
 
 @dataclass
@@ -35,14 +35,10 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def names_concept(answer: str, names) -> bool:
-    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", answer, re.IGNORECASE) for n in names)
-
-
 def forgotten(answer: str, record: Record, names) -> bool:
     if record.qtype == "yesno":
         return not answer.strip().lower().startswith("yes")
-    return not names_concept(answer, names)
+    return not names_in(answer, names)
 
 
 def answers_match(generated: str, expected: str) -> bool:
@@ -68,7 +64,7 @@ def knowledge(adapter, records: list[Record], names, batch_size: int = 8) -> tup
         batch = adapter.encode(chunk, train=True)
         logits = adapter.model(**batch).logits
         logp = token_logprobs(logits, batch["labels"])
-        _, is_concept = token_weights(adapter.tokenizer, batch["labels"], names, 1.0, 1.0, allow_missing=True)
+        is_concept = adapter.concept_flags(chunk, names, allow_missing=True)
         c, n = mllm_knowledge(logp, is_concept)
         k_c += c.tolist()
         k_n += n.tolist()

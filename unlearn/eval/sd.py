@@ -285,11 +285,13 @@ def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS
     """
     from knowtrace.knowledge import sd_knowledge
 
+    from ..data.sd_masks import MaskOptions
+
     if not records:
         raise ValueError("no forget records to compute K_C / K_N on")
     adapter = adapter or SDAdapter(pipe)
     ts = check_timesteps(adapter, timesteps)
-    batch = adapter.encode(list(records), with_mask=True)  # latents (N, C, h, w), cond, mask (N, h, w)
+    batch = adapter.encode(list(records), masks=MaskOptions())  # latents (N, C, h, w), cond, mask (N, h, w)
     noise = torch.randn((len(ts), *batch.latents.shape), generator=torch.Generator().manual_seed(int(noise_seed)))
     err = fixed_noise_errors(adapter.model, adapter.noise_scheduler, batch.latents, batch.cond, noise, ts)
     k_c, k_n = sd_knowledge(err, batch.mask.cpu(), lam=lam, reduce=reduce)

@@ -1,8 +1,9 @@
 """Methods are small classes registered by name; their options are dataclass fields.
 
 A method turns a batch of forget records (and, if it needs them, retain records and the frozen
-reference model, through :class:`StepContext`) into one loss. The loop owns everything else
-(optimizer, steps, accumulation, devices), so a method is only its objective.
+reference model, through :class:`StepContext`) into a :class:`StepOutput`, and declares what it
+needs on its class (``needs_retain``, ``needs_reference``, SD: ``mask_options``). The loop owns
+everything else (optimizer, steps, accumulation, devices, reading the logs), so a method is only its objective.
 
 One registry per modality ("mllm", "sd"): a method class declares its ``modality`` and the same
 name may exist once per modality (MLLM "fttp" and SD "fttp" are different objectives).
@@ -18,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..data.records import Record
+from ..data.sd_masks import MaskOptions
 
 MODALITIES = ("mllm", "sd")
 REGISTRY: dict[str, dict[str, type[Method]]] = {m: {} for m in MODALITIES}
@@ -102,11 +104,24 @@ class StepContext:
 
 
 @dataclass
+class StepOutput:
+    """What a method's ``loss`` returns for one (micro-)batch."""
+
+    loss: torch.Tensor  # scalar, with gradient
+    # logged values, kept as tensors (detached) or numbers: the loop reads them once per step
+    logs: dict[str, torch.Tensor | float]
+    per_element: torch.Tensor | None = None  # SD: (B, h, w) detached per-latent-pixel errors of the forget batch
+    ids: list[str] | None = None  # the record ids of ``per_element``'s rows
+
+
+@dataclass
 class Method:
     name: ClassVar[str]
     modality: ClassVar[str] = "mllm"
     needs_retain: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
+    # True for methods whose StepOutput carries per_element values (a step-source trace records them)
+    has_step_errors: ClassVar[bool] = False
 
     def train_targets(self, adapter, lora: bool) -> str | None:
         """Which parts this method trains: a peft target-module regex (``lora``) or a regex searched in
@@ -116,12 +131,11 @@ class Method:
     def setup(self, ctx: StepContext, forget: list[Record], retain: list[Record]) -> None:
         """Once before training (saliency masks, constructed targets, ...)."""
 
-    def loss(self, ctx: StepContext, forget: list[Record]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, ctx: StepContext, forget: list[Record]) -> StepOutput:
         raise NotImplementedError
 
-    def gradient_hook(self) -> Callable[[], None] | None:
+    def gradient_hook(self, ctx: StepContext) -> None:
         """Called after backward and before the optimizer step (e.g. to mask gradients)."""
-        return None
 
 
 MLLMMethod = Method  # MLLM methods subclass it as before (modality "mllm")
@@ -133,10 +147,15 @@ class SDMethod(Method):
     ``ctx.adapter`` is an :class:`unlearn.models.sd.SDAdapter`."""
 
     modality: ClassVar[str] = "sd"
-    # True for methods whose loss computes the forget batch's per-latent-pixel error; they leave
-    # ``self.step_errors = (record ids, e (B, h, w) detached)`` after each loss, which a step-source
-    # trace (``unlearn sd --trace --trace-source step``) records at no extra forward
-    has_step_errors: ClassVar[bool] = False
+
+    @property
+    def mask_options(self) -> MaskOptions | None:
+        """How the concept masks of this method's forget batches are built; None: it uses none."""
+        return None
+
+    @property
+    def needs_masks(self) -> bool:
+        return self.mask_options is not None
 
 
 def retain_iterator(records: list, batch_size: int, seed: int) -> Iterator[list]:

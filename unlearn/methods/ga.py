@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MLLMMethod, register
+from .base import MLLMMethod, StepOutput, register
 from .losses import weighted_token_loss
 
 
@@ -17,4 +17,4 @@ class GA(MLLMMethod):
         batch = ctx.adapter.encode(forget)
         logits = ctx.adapter.model(**batch).logits
         loss = weighted_token_loss(logits, batch["labels"], -torch.ones(batch["labels"].shape))
-        return loss, {"loss_forget": loss.item()}
+        return StepOutput(loss, {"loss_forget": loss.detach()})

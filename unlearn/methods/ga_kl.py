@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .base import MLLMMethod, register
+from .base import MLLMMethod, StepOutput, register
 from .losses import mean_nll, token_kl
 
 
@@ -19,4 +19,5 @@ class GAKL(MLLMMethod):
         r = ctx.adapter.encode(ctx.retain_batch(self.name))
         forget_loss = -mean_nll(ctx.adapter.model(**f).logits, f["labels"])
         kl = token_kl(ctx.reference_logits(r), ctx.adapter.model(**r).logits, r["labels"])
-        return forget_loss + self.kl_weight * kl, {"loss_forget": forget_loss.item(), "loss_retain": kl.item()}
+        return StepOutput(forget_loss + self.kl_weight * kl,
+                          {"loss_forget": forget_loss.detach(), "loss_retain": kl.detach()})

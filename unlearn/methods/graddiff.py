@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .base import MLLMMethod, register
+from .base import MLLMMethod, StepOutput, register
 from .losses import mean_nll
 
 
@@ -18,5 +18,5 @@ class GradDiff(MLLMMethod):
         r = ctx.adapter.encode(ctx.retain_batch(self.name))
         forget_loss = -mean_nll(ctx.adapter.model(**f).logits, f["labels"])
         retain_loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
-        return forget_loss + self.retain_weight * retain_loss, {"loss_forget": forget_loss.item(),
-                                                                "loss_retain": retain_loss.item()}
+        return StepOutput(forget_loss + self.retain_weight * retain_loss,
+                          {"loss_forget": forget_loss.detach(), "loss_retain": retain_loss.detach()})

@@ -1,11 +1,17 @@
-"""Token-level pieces the methods' objectives are built from. Shapes: (batch, seq) unless noted."""
+"""Pieces the methods' objectives are built from. Shapes: (batch, seq) unless noted."""
 
 from __future__ import annotations
 
 import torch
+from knowtrace.logprobs import IGNORE_INDEX
 from torch.nn import functional as F
 
-IGNORE_INDEX = -100
+
+def signed_weights(flags: torch.Tensor, alpha: float, beta: float, scored: torch.Tensor | None = None) -> torch.Tensor:
+    """FTTP's per-element weights from concept flags (answer tokens or latent pixels, any shape):
+    ``-alpha`` on the concept (ascent), ``+beta`` elsewhere (descent); 0 where not ``scored``."""
+    w = torch.where(flags.bool(), -alpha, beta)
+    return w if scored is None else torch.where(scored, w, 0.0)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

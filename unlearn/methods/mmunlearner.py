@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MLLMMethod, register
+from .base import MLLMMethod, StepOutput, register
 from .losses import mean_nll
 
 
@@ -54,7 +54,7 @@ class MMUnlearner(MLLMMethod):
         self.mask = {n: (f_forget[n] / (f_keep[n] + self.eps) >= self.tau).to(f_forget[n].dtype) for n in f_forget}
         self.salient_fraction = float(sum(m.sum() for m in self.mask.values()) / sum(m.numel() for m in self.mask.values()))
         self._params = {n: p for n, p in ctx.adapter.model.named_parameters() if p.requires_grad}
-        self._ctx, self._visual, self._cursor = ctx, visual, 0
+        self._visual, self._cursor = visual, 0
 
     def loss(self, ctx, forget):
         if ctx.step % 2 == 0:  # ascent on the visual forget records only: text knowledge is kept
@@ -62,15 +62,13 @@ class MMUnlearner(MLLMMethod):
             self._cursor += len(forget)
             f = ctx.adapter.encode(batch)
             loss = -mean_nll(ctx.adapter.model(**f).logits, f["labels"])
-            return loss, {"loss_forget": loss.item(), "salient_fraction": self.salient_fraction}
+            return StepOutput(loss, {"loss_forget": loss.detach(), "salient_fraction": self.salient_fraction})
         r = ctx.adapter.encode(ctx.retain_batch(self.name))
         loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
-        return loss, {"loss_retain": loss.item(), "salient_fraction": self.salient_fraction}
+        return StepOutput(loss, {"loss_retain": loss.detach(), "salient_fraction": self.salient_fraction})
 
-    def gradient_hook(self):
-        def apply_mask():
-            if self._ctx.step % 2 == 0:  # only the ascent is restricted to salient weights
-                for n, p in self._params.items():
-                    if p.grad is not None:
-                        p.grad.mul_(self.mask[n])
-        return apply_mask
+    def gradient_hook(self, ctx):
+        if ctx.step % 2 == 0:  # only the ascent is restricted to salient weights
+            for n, p in self._params.items():
+                if p.grad is not None:
+                    p.grad.mul_(self.mask[n])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch.nn import functional as F
 
-from .base import MLLMMethod, register
+from .base import MLLMMethod, StepOutput, register
 from .losses import mean_nll, sequence_logprob
 
 
@@ -25,10 +25,10 @@ class NPO(MLLMMethod):
         log_ratio = sequence_logprob(ctx.adapter.model(**f).logits, f["labels"]) - \
             sequence_logprob(ctx.reference_logits(f), f["labels"])
         loss = (2.0 / self.beta) * F.softplus(self.beta * log_ratio).mean()
-        logs = {"loss_forget": loss.item()}
+        logs = {"loss_forget": loss.detach()}
         if self.retain_weight:
             r = ctx.adapter.encode(ctx.retain_batch(self.name))
             retain_loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
             loss = loss + self.retain_weight * retain_loss
-            logs["loss_retain"] = retain_loss.item()
-        return loss, logs
+            logs["loss_retain"] = retain_loss.detach()
+        return StepOutput(loss, logs)

@@ -8,7 +8,7 @@ use the same ones, so the world tokenizer knows their words).
 import zlib
 from dataclasses import dataclass, replace
 
-from .base import MLLMMethod, register
+from .base import MLLMMethod, StepOutput, register
 from .losses import mean_nll
 
 REFUSALS = ("I do not know who this is.", "I cannot tell who this is.", "I am not sure what this image shows.")
@@ -35,5 +35,5 @@ class PO(MLLMMethod):
         r = ctx.adapter.encode(ctx.retain_batch(self.name))
         forget_loss = mean_nll(ctx.adapter.model(**f).logits, f["labels"])
         retain_loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
-        return forget_loss + self.retain_weight * retain_loss, {"loss_forget": forget_loss.item(),
-                                                                "loss_retain": retain_loss.item()}
+        return StepOutput(forget_loss + self.retain_weight * retain_loss,
+                          {"loss_forget": forget_loss.detach(), "loss_retain": retain_loss.detach()})

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
-from .base import SDMethod, register
+from .base import SDMethod, StepOutput, register
 
 LATENT_SOURCES = ("forget", "sampled")
 
@@ -100,7 +100,7 @@ class ESD(SDMethod):
         eps_cond, eps_uncond = ctx.reference(reference, self.name)
         target = esd_target(eps_cond, eps_uncond, self.eta)
         loss = F.mse_loss(a.predict(z_t, t, batch.cond).float(), target.float())
-        return loss, {"loss_forget": loss.item()}
+        return StepOutput(loss, {"loss_forget": loss.detach()})
 
 
 @register

@@ -7,8 +7,8 @@ no-op, and under several processes DDP rejects parameters that never get a gradi
     loss = mean over attn2 layers, heads, query pixels and records of sum_{k in concept tokens} A[k]
 
 The probabilities come with gradient from :func:`knowtrace.sd_attention.capture_cross_attention`
-(``keep_grad=True``). The concept's tokens are found by matching the token sequences of its name
-and aliases in the prompt's token ids (every occurrence).
+(``keep_grad=True``). The concept's tokens are the prompt's tokens that overlap an occurrence of its
+name or an alias in the decoded prompt (:func:`unlearn.data.token_weights.prompt_token_flags`, BPE-safe).
 """
 
 from __future__ import annotations
@@ -17,21 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SDMethod, register
-
-
-def concept_token_positions(tokenizer, prompt: str, names) -> list[int]:
-    """Positions (in the padded text-encoder input, start token included) of every name/alias token sequence."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-    found = set()
-    for n in names:
-        seq = tokenizer(n, add_special_tokens=False).input_ids
-        for s in range(len(ids) - len(seq) + 1):
-            if seq and ids[s:s + len(seq)] == seq:
-                found.update(range(s, s + len(seq)))
-    if not found:
-        raise ValueError(f"prompt {prompt!r}: none of the concept's names ({', '.join(names)}) is among its tokens")
-    return sorted(found)
+from ..data.token_weights import concept_token_positions
+from .base import SDMethod, StepOutput, register
 
 
 @register
@@ -64,4 +51,4 @@ class ForgetMeNot(SDMethod):
             a.predict(z_t, t, batch.cond)
         probs = cap.probs()  # each (B, heads, h*w, L)
         mass = torch.stack([(p.float() * tokens[:, None, None, :]).sum(-1).mean() for p in probs]).mean()
-        return mass, {"loss_forget": mass.item()}
+        return StepOutput(mass, {"loss_forget": mass.detach()})

@@ -1,4 +1,5 @@
 """SD FTTP (Forget the Token and Pixel): ascent on the concept's latent pixels, descent on the others.
+The per-pixel loss is the noise-prediction error.
 
     loss = -alpha * mean(M * e) + beta * mean((1 - M) * e)
 
@@ -19,14 +20,15 @@ factor 2); for SD 1.x at 512 px a comparable ring is e.g. ``dilate=17``.
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import SDMethod, register
+from ..data.sd_masks import MaskOptions
+from .base import SDMethod, StepOutput, register
+from .losses import signed_weights
 
 
 @register
 @dataclass
 class SDFTTP(SDMethod):
     name = "fttp"
-    needs_masks: ClassVar[bool] = True
     has_step_errors: ClassVar[bool] = True
     alpha: float = 0.8
     beta: float = 0.5
@@ -34,27 +36,22 @@ class SDFTTP(SDMethod):
     dilate_iterations: int = 1
     allow_degenerate: bool = False  # an empty/full mask weights the whole image as the concept instead of an error
 
-    def mask_options(self) -> dict:
-        return {"kernel": self.dilate, "iterations": self.dilate_iterations, "allow_degenerate": self.allow_degenerate}
+    @property
+    def mask_options(self) -> MaskOptions:
+        return MaskOptions(self.dilate, self.dilate_iterations, self.allow_degenerate)
 
     def setup(self, ctx, forget, retain):
-        ctx.adapter.masks(forget, **self.mask_options())  # every mask checked before the first step
-
-    def weights(self, mask):
-        """Per-latent-pixel weights (B, h, w): -alpha on the concept, +beta elsewhere."""
-        return -self.alpha * mask + self.beta * (1 - mask)
+        ctx.adapter.masks(forget, self.mask_options)  # every mask checked before the first step
 
     def loss(self, ctx, forget):
-        a = ctx.adapter
-        batch = a.encode(forget, with_mask=True, **self.mask_options())
-        e = a.pixel_error(batch, ctx.generator)  # (B, h, w)
-        m = batch.mask
-        loss = (self.weights(m) * e).mean()
+        batch = ctx.adapter.encode(forget, masks=self.mask_options)
+        m = batch.mask  # (B, h, w) {0, 1}: the concept's latent pixels
+        e = ctx.adapter.pixel_error(batch, ctx.generator)  # (B, h, w)
+        loss = (signed_weights(m, self.alpha, self.beta) * e).mean()
         e = e.detach()
-        self.step_errors = ([r.id for r in forget], e)
-        return loss, {"loss_forget": loss.item(), "err_concept": float((e * m).sum() / m.sum().clamp(min=1)),
-                      "err_other": float((e * (1 - m)).sum() / (1 - m).sum().clamp(min=1)),
-                      "concept_share": float(m.mean())}
+        logs = {"loss_forget": loss.detach(), "err_concept": (e * m).sum() / m.sum().clamp(min=1),
+                "err_other": (e * (1 - m)).sum() / (1 - m).sum().clamp(min=1), "concept_share": m.mean()}
+        return StepOutput(loss, logs, per_element=e, ids=[r.id for r in forget])
 
 
 @register

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import SDMethod, register
+from .base import SDMethod, StepOutput, register
 
 
 @register
@@ -15,5 +15,5 @@ class SDGA(SDMethod):
     def loss(self, ctx, forget):
         a = ctx.adapter
         e = a.pixel_error(a.encode(forget), ctx.generator)  # (B, h, w)
-        self.step_errors = ([r.id for r in forget], e.detach())
-        return -e.mean(), {"loss_forget": e.mean().item()}
+        return StepOutput(-e.mean(), {"loss_forget": e.mean().detach()}, per_element=e.detach(),
+                          ids=[r.id for r in forget])

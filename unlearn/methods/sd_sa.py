@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.sd_records import SDRecord
-from .base import SDMethod, register
+from .base import SDMethod, StepOutput, register
 
 
 @register
@@ -70,4 +70,4 @@ class SelectiveAmnesia(SDMethod):
         e_replay = a.pixel_error(a.encode(replay), g).mean()
         ewc = self.penalty()
         loss = e_forget + self.replay_weight * e_replay + self.ewc * ewc
-        return loss, {"loss_forget": e_forget.item(), "loss_retain": e_replay.item(), "ewc": ewc.detach().item()}
+        return StepOutput(loss, {"loss_forget": e_forget.detach(), "loss_retain": e_replay.detach(), "ewc": ewc.detach()})

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SDMethod, register
+from .base import SDMethod, StepOutput, register
 
 
 @register
@@ -59,12 +59,9 @@ class SalUn(SDMethod):
         e_forget = a.pixel_error(relabelled, ctx.generator).mean()
         e_retain = a.pixel_error(a.encode(ctx.retain_batch(self.name)), ctx.generator).mean()
         loss = e_forget + self.retain_weight * e_retain
-        return loss, {"loss_forget": e_forget.item(), "loss_retain": e_retain.item()}
+        return StepOutput(loss, {"loss_forget": e_forget.detach(), "loss_retain": e_retain.detach()})
 
-    def gradient_hook(self):
-        def mask_gradients():
-            for p, m in self._masks:
-                if p.grad is not None:
-                    p.grad.mul_(m)
-
-        return mask_gradients
+    def gradient_hook(self, ctx):
+        for p, m in self._masks:
+            if p.grad is not None:
+                p.grad.mul_(m)

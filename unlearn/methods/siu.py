@@ -18,16 +18,17 @@ description, :func:`unlearn.world.records.world_method_options`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 import torch
+from knowtrace.logprobs import IGNORE_INDEX
 from torch.nn import functional as F
 
+from ..data.names import name_pattern
 from ..data.records import Record
-from ..data.token_weights import concept_token_mask
-from .base import MLLMMethod, register
-from .losses import IGNORE_INDEX, mean_nll
+from ..data.token_weights import concept_flags
+from .base import MLLMMethod, StepOutput, register
+from .losses import mean_nll
 
 
 def name_token_ids(tokenizer, names) -> list[int]:
@@ -54,8 +55,7 @@ class SIU(MLLMMethod):
         substitute, description = self.substitute, self.description
         if not substitute or not description:
             raise ValueError("siu needs substitute=NAME and description=TEXT for a concept outside the world")
-        pattern = re.compile("|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in sorted(ctx.names, key=len, reverse=True)),
-                             re.IGNORECASE)
+        pattern = name_pattern(ctx.names)
         targets = []
         for r in forget:
             if r.image is None:
@@ -79,14 +79,12 @@ class SIU(MLLMMethod):
         logits = ctx.adapter.model(**t).logits
         ce = mean_nll(logits, t["labels"]) + mean_nll(ctx.adapter.model(**r).logits, r["labels"])
         kl = self.dual_masked_kl(ctx, ctx.reference_logits(t), logits, t["labels"])
-        return ce + self.kl_weight * kl, {"loss_forget": ce.item(), "loss_retain": kl.item()}
+        return StepOutput(ce + self.kl_weight * kl, {"loss_forget": ce.detach(), "loss_retain": kl.detach()})
 
     def dual_masked_kl(self, ctx, ref_logits, logits, labels):
-        keep = labels[:, 1:] != IGNORE_INDEX  # (batch, seq-1): position t-1 predicts label t
-        for row in range(labels.shape[0]):  # token-level mask: not on the substitute name's tokens
-            pos = (labels[row, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
-            on_sub = concept_token_mask(ctx.adapter.tokenizer, labels[row, 1:][pos].tolist(), [self._substitute])
-            keep[row, pos[torch.tensor(on_sub, dtype=torch.bool)]] = False
+        # (batch, seq-1): position t-1 predicts label t; token-level mask: not on the substitute name's tokens
+        on_sub = concept_flags(ctx.adapter.tokenizer, labels[:, 1:], [self._substitute], allow_missing=True)
+        keep = (labels[:, 1:] != IGNORE_INDEX) & ~on_sub.to(labels.device)
         ref, cur = ref_logits[:, :-1][keep].float(), logits[:, :-1][keep].float()
         if self._vocab_mask:  # vocabulary-level mask: the concept's name tokens leave both distributions
             ref[:, self._vocab_mask] = float("-inf")

@@ -8,7 +8,8 @@ written once, here.
 
 Labels are computed on the final, image-expanded sequence: a record's prompt (its conversation up
 to the assistant's turn) is prepared alone, and its length masks the full conversation's prompt
-positions with -100; the prompt must be a token prefix of the full conversation (checked).
+positions with ``IGNORE_INDEX``; the prompt must be a token prefix of the full conversation
+(checked). :meth:`MLLMAdapter.concept_flags` marks which labelled answer tokens are the concept's.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from collections import OrderedDict
 from typing import ClassVar
 
 import torch
+from knowtrace.logprobs import IGNORE_INDEX
 
 from ..data.records import Record
-
-IGNORE_INDEX = -100
+from ..data.token_weights import concept_flags
 
 
 class MLLMAdapter(ABC):
@@ -65,15 +66,24 @@ class MLLMAdapter(ABC):
         preprocessing; callers must not modify the returned tensors in place."""
         if not cache:  # batches that will not come back (pre-training on random batches)
             return self._encode(records, train)
-        key = (train, tuple((r.id, r.question, r.answer, id(r.image)) for r in records))
+        return dict(self._cached(train, records, lambda: self._encode(records, train)))
+
+    def concept_flags(self, records: list[Record], names, allow_missing: bool = False) -> torch.Tensor:
+        """(batch, seq) bool: which labelled answer tokens of ``encode(records)`` are the concept's
+        (:func:`unlearn.data.token_weights.concept_flags`; cached like the batches)."""
+        return self._cached(("flags", tuple(names), allow_missing), records, lambda: concept_flags(
+            self.tokenizer, self.encode(records)["labels"], names, [r.id for r in records], allow_missing=allow_missing))
+
+    def _cached(self, what, records: list[Record], build):
+        key = (what, tuple((r.id, r.question, r.answer, id(r.image)) for r in records))
         if key in self._encoded:
             self._encoded.move_to_end(key)
-            return dict(self._encoded[key][0])
-        batch = self._encode(records, train)
-        self._encoded[key] = (batch, [r.image for r in records])
+            return self._encoded[key][0]
+        value = build()
+        self._encoded[key] = (value, [r.image for r in records])
         if len(self._encoded) > self.ENCODE_CACHE:
             self._encoded.popitem(last=False)
-        return dict(batch)
+        return value
 
     def _encode(self, records: list[Record], train: bool) -> dict:
         tok = self.tokenizer

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.sd_masks import latent_mask, resize_crop
+from ..data.sd_masks import MaskOptions, latent_mask, resize_crop
 from ..data.sd_records import SDRecord, load_image
 
 WORLD_MARKER = "world_sd_config.json"  # a directory holding a world SD
@@ -110,27 +110,26 @@ class SDAdapter:
         return torch.stack([self._latents[(r.id, id(r.image) if not isinstance(r.image, (str, Path)) else str(r.image))][0]
                             for r in records]).to(self.device)
 
-    def masks(self, records: list[SDRecord], kernel: int = 0, iterations: int = 1,
-              allow_degenerate: bool = False) -> torch.Tensor:
-        """(B, h, w) latent-grid concept masks (optionally dilated at pixel resolution first)."""
+    def masks(self, records: list[SDRecord], options: MaskOptions = MaskOptions()) -> torch.Tensor:
+        """(B, h, w) latent-grid concept masks, built with ``options`` (cached per record and options)."""
         out = []
         for r in records:
             if r.mask is None:
                 raise ValueError(f"record {r.id}: no concept mask; this method needs one (array, PNG or labelme JSON)")
-            key = (r.id, id(r.mask) if not isinstance(r.mask, (str, Path)) else str(r.mask), kernel, iterations,
-                   allow_degenerate)
+            key = (r.id, id(r.mask) if not isinstance(r.mask, (str, Path)) else str(r.mask), options)
             if key not in self._masks:
-                m = latent_mask(r.mask, load_image(r), self.resolution, self.factor, kernel, iterations,
-                                allow_degenerate, where=f"record {r.id}")
+                m = latent_mask(r.mask, load_image(r), self.resolution, self.factor, options, where=f"record {r.id}")
                 self._masks[key] = (m, r.mask)
             out.append(self._masks[key][0])
         return torch.stack(out).to(self.device)
 
-    def encode(self, records: list[SDRecord], prompts: list[str] | None = None, with_mask: bool = False,
-               **mask_options) -> SDBatch:
+    def encode(self, records: list[SDRecord], prompts: list[str] | None = None,
+               masks: MaskOptions | None = None) -> SDBatch:
+        """The records' latents and text embeddings (``prompts``: other prompts than theirs), and their
+        concept masks built with ``masks`` (None: no masks)."""
         prompts = [r.prompt for r in records] if prompts is None else prompts
         return SDBatch(self.latents(records), self.text_embeddings(prompts),
-                       self.masks(records, **mask_options) if with_mask else None)
+                       self.masks(records, masks) if masks is not None else None)
 
     # ----------------------------------------------------------------- diffusion
     def noise(self, latents: torch.Tensor, generator: torch.Generator | None
