@@ -99,6 +99,6 @@ def test_a_run_failing_in_training_leaves_no_run_files_whatever_its_kind(tmp_pat
             failing = FailsAtFirstStep(out)
             with pytest.raises(RuntimeError, match="callback failed"):
                 run(out, trace=True, callbacks=[failing], progress=False, overwrite=overwrite)
-            assert "trace.zarr" in failing.seen and "samples" in failing.seen, (kind, failing.seen)  # written, then removed
+            assert "samples" in failing.seen, (kind, failing.seen)  # the run had written files, removed since
         assert not new.exists(), kind  # the directory the run created is gone
         assert [p.name for p in old.iterdir()] == ["notes.txt"], kind  # only what is not a run's is left

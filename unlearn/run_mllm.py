@@ -19,7 +19,8 @@ from typing import ClassVar
 from .data.record_files import load_record_data
 from .data.records import world_records
 from .eval.mllm import MLLMEvalSet, evaluate, world_eval_set
-from .runs import Run, evaluate_run, register_kind, write_json  # noqa: F401  (evaluate_run: any kind of run)
+from .runs import Run, check_concept, register_kind, write_json
+from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
 
 WORLD_MARKER = "world_mllm_config.json"  # a directory holding a world MLLM
 
@@ -40,9 +41,7 @@ def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size:
 
 def _record_data(concept: str, data: Path):
     rd = load_record_data(data)
-    if concept.lower() not in {n.lower() for n in rd.names}:
-        raise ValueError(f"concept {concept!r} is not the concept of {data} ({rd.name}; aliases: "
-                         f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r}")
+    check_concept(concept, data, rd)
     return rd
 
 
@@ -86,6 +85,7 @@ class MLLMRun(Run):
     curve: object = dataclasses.field(default=None, init=False, repr=False)  # EvalEvery, with eval_every
 
     kind: ClassVar[str] = "mllm"
+    world_marker: ClassVar[str] = WORLD_MARKER
     weights_file: ClassVar[str] = "model.safetensors"
     only_trained: ClassVar[bool] = False  # full fine-tuning saves every parameter of the model
     summary: ClassVar[tuple[str, ...]] = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
@@ -93,7 +93,7 @@ class MLLMRun(Run):
     def validate(self) -> None:
         from .world.concepts import get_concept
 
-        if self.data is None and self.model != "world" and not (Path(self.model) / WORLD_MARKER).exists():
+        if self.data is None and not self.on_world(self.model):
             raise ValueError(f"{self.model}: a model other than the world MLLM needs its data as record files: give "
                              f"--data DIR (layout: python -c 'import unlearn.data.record_files as m; help(m)'; "
                              f"`unlearn world export --concept oskel --out DIR` writes an example)")
@@ -102,10 +102,11 @@ class MLLMRun(Run):
         else:
             _record_data(self.concept, self.data)  # bad records fail before anything is loaded or written
 
-    def load_model(self):
+    @staticmethod
+    def load_model(model: str, world_dir=None, world_config=None):
         from .models import load_mllm
 
-        return load_mllm(self.model, world_dir=self.world_dir, world_config=self.world_config)
+        return load_mllm(model, world_dir=world_dir, world_config=world_config)
 
     def load_data(self) -> None:
         rd = load_run_data(self.concept, self.data, _image_size(self.adapter), self.images)
@@ -150,10 +151,8 @@ class MLLMRun(Run):
 
 
 def run_mllm(concept: str, method: str, out: Path, **settings) -> dict:
-    """Run MLLM ``method`` on ``concept`` into run directory ``out``; returns the metrics written to
-    ``out/metrics.json``. ``settings``: the fields of :class:`MLLMRun` (steps=10, seed=0,
-    model="world", images=1, options, world_dir, world_config, progress, overwrite, callbacks,
-    trace, data, trace_attention, eval_every)."""
+    """Run MLLM ``method`` on ``concept`` into ``out`` (``settings``: :class:`MLLMRun`'s fields); returns
+    the metrics written to ``out/metrics.json``."""
     return MLLMRun(concept, method, out, **settings).run()
 
 

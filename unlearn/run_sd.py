@@ -27,7 +27,10 @@ from typing import ClassVar
 from .data.sd_records import SDRecord, check_forget_records, world_sd_data
 from .eval.sd import PROBE_BATCH
 from .loop import TrainConfig
-from .runs import Run, evaluate_run, register_kind, reload  # noqa: F401  (evaluate_run: any kind of run)
+from .models.sd import WORLD_MARKER
+from .runs import Run, check_concept, register_kind
+from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
+from .runs import reload as load_run  # noqa: F401  (a finished run's adapter with its trained parameters, manifest)
 from .runs import train_config as typed_train_config
 
 SD_DEFAULTS = {"lr": 1e-5, "batch_size": 2, "lora": False}  # the paper's SD setting (full UNet fine-tuning)
@@ -122,12 +125,6 @@ def save_samples(adapter, prompts: dict[str, str], out: Path, tag: str) -> None:
             Image.fromarray(img).save(out / f"{tag}_{label}_{i}.png")
 
 
-def is_world_sd(model: str) -> bool:
-    from .models.sd import WORLD_MARKER
-
-    return model == "world" or (Path(model) / WORLD_MARKER).exists()
-
-
 @register_kind
 @dataclasses.dataclass
 class SDRun(Run):
@@ -164,12 +161,13 @@ class SDRun(Run):
     target: EvalTarget | None = dataclasses.field(default=None, init=False, repr=False)
 
     kind: ClassVar[str] = "sd"
+    world_marker: ClassVar[str] = WORLD_MARKER
     weights_file: ClassVar[str] = "unet.safetensors"
     only_trained: ClassVar[bool] = True  # full fine-tuning saves only the trained UNet tensors
     summary: ClassVar[tuple[str, ...]] = ("ua", "fd", "fd_space", "K_C", "K_N")
 
     def train_defaults(self) -> dict:
-        return train_defaults(is_world_sd(self.model))
+        return train_defaults(self.on_world(self.model))
 
     def validate(self) -> None:
         from .eval.sd import check_classifier_spec
@@ -198,13 +196,11 @@ class SDRun(Run):
                 raise ValueError("give the records either as a data directory or as forget/retain lists, not both")
             # every record checked, nothing loaded yet
             rd = load_sd_record_data(self.data, need_masks=getattr(self.algo, "needs_masks", False))
-            if self.concept is not None and self.concept.lower() not in {n.lower() for n in rd.names}:
-                raise ValueError(f"concept {self.concept!r} is not the concept of {self.data} ({rd.name}; aliases: "
-                                 f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r} or leave it out")
+            check_concept(self.concept, self.data, rd)
             self.target = EvalTarget.from_data(rd, self.retained)
             self.forget, self.retain = rd.forget, rd.retain
         else:
-            if self.forget is None and not is_world_sd(self.model):
+            if self.forget is None and not self.on_world(self.model):
                 raise ValueError(f"{self.model}: runs on models other than the world SD need their data as an SD "
                                  f"record directory: give --data DIR (layout: python -c 'import "
                                  f"unlearn.data.sd_record_files as m; help(m)'; `unlearn world export-sd --concept "
@@ -212,19 +208,20 @@ class SDRun(Run):
             if self.concept is None:
                 raise ValueError("give the concept (a world concept key or name), or a data directory")
             self.target = EvalTarget.world(get_concept(self.concept).key, self.retained)
-        self.classifier = self.classifier or ("world" if self.data is None or is_world_sd(self.model) else None)
+        self.classifier = self.classifier or ("world" if self.data is None or self.on_world(self.model) else None)
         if self.classifier is None:
             raise ValueError(f"{self.model}: give the UA classifier off the world: --classifier clip:PATH (a local "
                              f"CLIP checkpoint), or --classifier world for a world SD")
         check_classifier_spec(self.classifier)
 
-    def load_model(self):
+    @staticmethod
+    def load_model(model: str, world_dir=None, world_config=None):
         import torch
         from accelerate import PartialState
 
         from .models.sd import load_sd_adapter
 
-        adapter = load_sd_adapter(self.model, world_dir=self.world_dir, world_config=self.world_config)
+        adapter = load_sd_adapter(model, world_dir=world_dir, world_config=world_config)
         # VAE and text encoder beside the UNet (the loop only moves the UNet)
         adapter.pipe.to(PartialState(cpu=not torch.cuda.is_available()).device)
         return adapter
@@ -287,34 +284,23 @@ class SDRun(Run):
                          "classifier": self.classifier}}
 
     @classmethod
-    def from_manifest(cls, run: Path, manifest: dict, world_dir=None, eval_seeds=None, fd_seeds=None) -> SDRun:
-        """The run's own evaluation settings unless ``eval_seeds`` / ``fd_seeds`` are given. The forget
-        records come from the world, or from the run's data directory, which must still hold the same
-        records; runs on records given only in Python to a model other than the world SD cannot be
-        re-evaluated (their records are not stored)."""
-        data, settings = manifest.get("data", "world"), manifest.get("eval", {})
+    def from_manifest(cls, run: Path, manifest: dict, world_dir=None, **settings) -> SDRun:
+        """The forget records come from the world, or from the run's data directory, which must still
+        hold the same records; runs on records given only in Python to a model other than the world SD
+        cannot be re-evaluated (their records are not stored)."""
+        data = manifest.get("data", "world")
         if data != "world" and not Path(data).is_dir():
             raise FileNotFoundError(f"{run}: the run's data directory {data} is gone; re-evaluating needs its records")
-        if data == "world" and not is_world_sd(manifest["model"]):
+        if data == "world" and not cls.on_world(manifest["model"]):
             raise ValueError(f"{run}: re-evaluating needs the run's forget records, which are stored only for world SD "
                              f"runs and runs from a data directory (--data); for {manifest['model']!r} call "
                              f"unlearn.eval.sd.evaluate_sd_run on load_run(run)[0].pipe with them")
-        return super().from_manifest(run, manifest, world_dir, eval_seeds=eval_seeds or settings.get("eval_seeds", 20),
-                                     fd_seeds=fd_seeds or settings.get("fd_seeds", 10),
-                                     retained=settings.get("retained"), classifier=settings.get("classifier", "world"),
-                                     recorded_forget=manifest.get("records", {}).get("forget"))
+        recorded = manifest.get("records", {}).get("forget")
+        return super().from_manifest(run, manifest, world_dir, recorded_forget=recorded, **settings)
 
 
 def run_sd(concept: str | None, method: str, out: Path, **settings) -> dict:
-    """Run SD ``method`` on ``concept`` into run directory ``out``; returns the metrics written to
-    ``out/metrics.json``. ``settings``: the fields of :class:`SDRun` (steps=20, seed=0,
-    model="world", images=5, options, world_dir, eval_seeds=20, fd_seeds=10, retained, forget,
-    retain, progress, overwrite, callbacks, trace, data, classifier, trace_every, trace_source,
-    trace_batch)."""
+    """Run SD ``method`` on ``concept`` into ``out`` (``settings``: :class:`SDRun`'s fields); returns the
+    metrics written to ``out/metrics.json``."""
     return SDRun(concept, method, out, **settings).run()
 
-
-def load_run(run: Path, world_dir=None):
-    """(the SD adapter of a finished run: the starting pipeline plus the run's trained parameters, its manifest)."""
-    again, manifest = reload(run, world_dir)
-    return again.adapter, manifest

@@ -15,14 +15,14 @@ itself if the run created it (other files stay). The same for every kind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import importlib
 import json
 import os
 import platform
 import shutil
 import subprocess
-import dataclasses
-import importlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -198,6 +198,13 @@ def load_trained(model, run: Path, lora: bool, file: str = "model.safetensors", 
     return model
 
 
+def check_concept(concept: str | None, data: Path, rd) -> None:
+    """``concept`` (None: any) must name the concept of record directory ``data`` (read as ``rd``)."""
+    if concept is not None and concept.lower() not in {n.lower() for n in rd.names}:
+        raise ValueError(f"concept {concept!r} is not the concept of {data} ({rd.name}; aliases: "
+                         f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r}")
+
+
 def read_manifest(run: Path) -> dict:
     path = Path(run) / "manifest.json"
     if not path.exists():
@@ -253,6 +260,7 @@ class Run:
     retain: list | None = field(default=None, init=False, repr=False)
 
     kind: ClassVar[str]  # the manifest's "kind"; also the methods' modality
+    world_marker: ClassVar[str]  # the file marking a directory that holds a world model of this kind
     weights_file: ClassVar[str]  # full fine-tuning: the trained parameters in weights/<weights_file>,
     only_trained: ClassVar[bool]  # only the trained tensors (True) or every parameter of the model
     summary: ClassVar[tuple[str, ...]]  # the metrics the CLI prints
@@ -265,6 +273,11 @@ class Run:
         self.algo = get_method(self.method, modality=self.kind, **options)
         self.validate()
 
+    @classmethod
+    def on_world(cls, model: str) -> bool:
+        """Whether ``model`` is a world model (the cached one, or a world model's directory)."""
+        return model == "world" or (Path(model) / cls.world_marker).exists()
+
     # what a kind supplies
     def train_defaults(self) -> dict:
         return {}
@@ -272,8 +285,9 @@ class Run:
     def validate(self) -> None:
         """Check the settings, loading nothing (an error here writes nothing)."""
 
-    def load_model(self):
-        """The adapter of ``self.model``."""
+    @staticmethod
+    def load_model(model: str, world_dir=None, world_config=None):
+        """The adapter of ``model`` (a run's ``model`` setting)."""
 
     def load_data(self) -> None:
         """Set key, names, forget, retain and what evaluating needs; check what needs the model."""
@@ -293,14 +307,15 @@ class Run:
 
     @classmethod
     def from_manifest(cls, run: Path, manifest: dict, world_dir=None, **settings) -> Run:
-        """The run of a manifest, to load and evaluate again (``settings``: the kind's overrides)."""
+        """The run of a manifest, to load and evaluate again: its evaluation settings (``manifest["eval"]``,
+        the kind's fields) unless ``settings`` override them."""
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls) if f.init})
         if unknown:
             raise ValueError(f"{run} is a {cls.kind} run, which takes no {', '.join(unknown)}")
         data = manifest.get("data", "world")
         return cls(manifest["concept"], manifest["method"], Path(run), steps=manifest["train"]["steps"],
                    seed=manifest["seed"], model=manifest["model"], images=manifest["images"], world_dir=world_dir,
-                   data=None if data == "world" else Path(data), **settings)
+                   data=None if data == "world" else Path(data), **{**manifest.get("eval", {}), **settings})
 
     # the skeleton
     def trace_attrs(self) -> dict:
@@ -319,7 +334,7 @@ class Run:
             created = check_run_dir(self.out, self.overwrite)  # an old run in the way: an error before loading
             t = time.perf_counter()
             with state.main_process_first():  # the main process builds the world first; the others reuse it
-                self.adapter = self.load_model()
+                self.adapter = self.load_model(self.model, self.world_dir, self.world_config)
                 self.load_data()
             timings = {"load": time.perf_counter() - t}
             if main:
@@ -363,23 +378,24 @@ class Run:
         return metrics
 
 
-def reload(run: Path, world_dir=None, **settings) -> tuple[Run, dict]:
-    """(the run in directory ``run``, its model loaded with the trained parameters back on; its manifest)."""
+def reload(run: Path, world_dir=None, world_config=None):
+    """(a finished run's adapter: its starting model with the run's trained parameters back on, its manifest)."""
     manifest = read_manifest(run)
     kind = run_kind(manifest.get("kind", "mllm"))  # runs from before "kind" existed were MLLM runs
-    again = kind.from_manifest(Path(run), manifest, world_dir, **{k: v for k, v in settings.items() if v is not None})
-    again.adapter = again.load_model()
-    again.adapter.model = load_trained(again.adapter.model, run, manifest["train"]["lora"], kind.weights_file,
-                                       kind.only_trained)
-    return again, manifest
+    adapter = kind.load_model(manifest["model"], world_dir, world_config)
+    adapter.model = load_trained(adapter.model, run, manifest["train"]["lora"], kind.weights_file, kind.only_trained)
+    return adapter, manifest
 
 
 def evaluate_run(run: Path, world_dir=None, **settings) -> dict:
     """Re-evaluate a finished run of any kind (``unlearn eval RUN``): its starting model plus its trained
     parameters, its data loaded as the run loaded it, the kind's evaluation; on the same machine this
     reproduces ``metrics.json`` (less ``original``). ``settings``: the kind's overrides (SD:
-    ``eval_seeds``, ``fd_seeds``; MLLM: ``world_config``)."""
-    again, manifest = reload(run, world_dir, **settings)
+    ``eval_seeds``, ``fd_seeds``; MLLM: ``world_config``); None: the run's own."""
+    manifest = read_manifest(run)
+    settings = {k: v for k, v in settings.items() if v is not None}
+    again = run_kind(manifest.get("kind", "mllm")).from_manifest(Path(run), manifest, world_dir, **settings)
+    again.adapter, _ = reload(run, world_dir, again.world_config)
     again.load_data()
     metrics = again.evaluate("unlearned")
     metrics.update(steps=manifest["train"]["steps"], images=manifest["images"], method=manifest["method"],
