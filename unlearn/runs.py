@@ -69,8 +69,8 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-# what a run writes into its directory; --overwrite removes these (and nothing else) first, so that
-# a new run never appends to or mixes with an old one's trace, weights or metrics
+# what a run writes into its directory; --overwrite removes these (and nothing else) first, and so
+# does a failed run
 RUN_ARTIFACTS = ("manifest.json", "metrics.json", "trace.zarr", "adapter", "weights", "samples", "plots",
                  "report.html", "summary.txt")
 RUN_ARTIFACT_PATTERNS = ("eval-*.json",)  # cached re-evaluations (figures/sd_common.py)
@@ -127,16 +127,6 @@ def remove_run_files(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-
-
-def prepare_run_dir(out: Path, overwrite: bool = False) -> Path:
-    """Create the run directory; an existing non-empty one is an error unless ``overwrite``, which
-    removes the previous run's files (only the names a run writes: other files are left alone)."""
-    out = Path(out)
-    if not check_run_dir(out, overwrite):
-        remove_run_files(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def split_options(method: str, pairs: dict[str, str], modality: str = "mllm") -> tuple[dict, dict]:
@@ -337,8 +327,9 @@ class Run:
                 self.adapter = self.load_model(self.model, self.world_dir, self.world_config)
                 self.load_data()
             timings = {"load": time.perf_counter() - t}
-            if main:
-                prepare_run_dir(self.out, self.overwrite)
+            if main:  # a new run never appends to or mixes with an old one's trace, weights or metrics
+                remove_run_files(self.out)
+                self.out.mkdir(parents=True, exist_ok=True)
             try:
                 return self._train_and_write(main, timings)
             except BaseException:
