@@ -116,15 +116,6 @@ def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, f
         train_steps=train_steps, train_images=len(forget), settings=settings, adapter=adapter)
 
 
-def save_samples(adapter, prompts: dict[str, str], out: Path, tag: str) -> None:
-    from PIL import Image
-
-    for label, prompt in prompts.items():
-        images = adapter.generate([prompt] * N_SAMPLES, list(range(N_SAMPLES)))
-        for i, img in enumerate(images):
-            Image.fromarray(img).save(out / f"{tag}_{label}_{i}.png")
-
-
 @register_kind
 @dataclasses.dataclass
 class SDRun(Run):
@@ -257,8 +248,13 @@ class SDRun(Run):
         return self.evaluator(0 if stage == "original" else self.cfg.steps)
 
     def save_samples(self, stage: str) -> None:
+        """samples/<stage>_<label>_<i>.png: N_SAMPLES seeds of the concept's prompt and of its neighbour's."""
+        from PIL import Image
+
         (self.out / "samples").mkdir(exist_ok=True)
-        save_samples(self.adapter, self.sample_prompts, self.out / "samples", stage)
+        for label, prompt in self.sample_prompts.items():
+            for i, img in enumerate(self.adapter.generate([prompt] * N_SAMPLES, list(range(N_SAMPLES)))):
+                Image.fromarray(img).save(self.out / "samples" / f"{stage}_{label}_{i}.png")
 
     def attach(self, main, closing) -> list:
         if not (self.trace and main):  # the main process probes the unwrapped UNet; others train only
