@@ -106,20 +106,23 @@ lora_alpha, lora_targets, train_params, max_grad_norm, mixed_precision) or the m
 (e.g. alpha=0.8 beta=0.5 dilate=5 dilate_iterations=1 for fttp)."""
 
 
-def _add_sd_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-seeds", type=int, default=20, help="generated images of the concept's prompt for UA")
-    parser.add_argument("--fd-seeds", type=int, default=10, help="generated images per retained concept for the FD")
+def _add_sd_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    parser.add_argument("--eval-seeds", type=int, default=defaults["eval_seeds"],
+                        help="generated images of the concept's prompt for UA")
+    parser.add_argument("--fd-seeds", type=int, default=defaults["fd_seeds"],
+                        help="generated images per retained concept for the FD")
     parser.add_argument("--retained", nargs="+", metavar="KEY", help="concepts kept, for the FD (default: every other "
                         "concept; with --data: the labels in eval.json)")
     parser.add_argument("--classifier", help="UA / FD classifier: world (default on the world SD) | clip:PATH "
                         "(zero-shot CLIP from a local checkpoint; FD on its image embeddings)")
-    parser.add_argument("--trace-every", type=int, default=1, metavar="K", help="probe after every K-th step and the "
-                        "last only (default 1: every step; one probe costs about 1.8 training steps on the world SD)")
+    parser.add_argument("--trace-every", type=int, default=defaults["trace_every"], metavar="K",
+                        help="probe after every K-th step and the last only (default 1: every step; one probe costs "
+                        "about 1.8 training steps on the world SD)")
     parser.add_argument("--trace-batch", type=int, metavar="N", help="(timestep, image) pairs per probe forward "
                         "(default unlearn.eval.sd.PROBE_BATCH = 16; lower it if the probe runs out of memory)")
-    parser.add_argument("--trace-source", choices=("probe", "step"), default="probe", help="probe: fixed-noise probe "
-                        "of the forget images (comparable across steps and methods); step: each step's own errors "
-                        "(nearly free; fttp, fttp_dilated, ga)")
+    parser.add_argument("--trace-source", choices=("probe", "step"), default=defaults["trace_source"],
+                        help="probe: fixed-noise probe of the forget images (comparable across steps and methods); "
+                        "step: each step's own errors (nearly free; fttp, fttp_dilated, ga)")
 
 
 # kind -> (its command's description, help of the shared flags that differ by kind, the kind's own flags)
@@ -166,7 +169,7 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--trace-attention", action="store_true", help=helps["trace_attention"])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     if add_own_flags is not None:
-        add_own_flags(parser)
+        add_own_flags(parser, defaults)
     parser.add_argument("settings", nargs="*", metavar="key=value")
 
 
