@@ -1,5 +1,6 @@
 """One process at a time writes a run directory: a second run into it is a clear error that leaves
-the directory alone, and figure scripts wait for the first and then reuse its run."""
+the directory alone, and figure scripts wait for the first and then reuse its run. A run that fails
+while training leaves no run files, whatever its kind."""
 
 import subprocess
 import sys
@@ -8,6 +9,9 @@ import time
 
 import pytest
 
+from tests.test_sd_run import tiny_world_sd  # noqa: F401  (fixture)
+from tests.test_unlearn_mllm import WORLD, world_dir  # noqa: F401  (fixture)
+from unlearn.run_mllm import run_mllm
 from unlearn.run_sd import run_sd
 from unlearn.runs import run_dir_lock
 
@@ -67,3 +71,34 @@ def test_a_second_run_into_a_directory_in_use_leaves_it_alone(default_world, tmp
     finally:
         release(proc)
     assert [p.name for p in out.iterdir()] == ["manifest.json"] and (out / "manifest.json").read_text() == "{}"
+
+
+class FailsAtFirstStep:
+    """A loop callback that raises after the first training step, noting the run's files by then."""
+
+    def __init__(self, out):
+        self.out, self.seen = out, []
+
+    def on_step_end(self, step, logs, state):
+        self.seen = sorted(p.name for p in self.out.iterdir())
+        raise RuntimeError("callback failed")
+
+
+def test_a_run_failing_in_training_leaves_no_run_files_whatever_its_kind(tmp_path, world_dir, tiny_world_sd):  # noqa: F811
+    runs = {
+        "mllm": lambda out, **kw: run_mllm("vorn", "ga", out, steps=2, world_dir=world_dir, world_config=WORLD, **kw),
+        "sd": lambda out, **kw: run_sd("vorn", "ga", out, steps=2, images=2, model=str(tiny_world_sd), eval_seeds=1,
+                                       fd_seeds=2, retained=["blip"], **kw),
+    }
+    for kind, run in runs.items():
+        new, old = tmp_path / f"{kind}-new", tmp_path / f"{kind}-old"
+        old.mkdir()
+        (old / "notes.txt").write_text("the user's, not a run's")
+        (old / "metrics.json").write_text("{}")  # an earlier run's, replaced with overwrite
+        for out, overwrite in ((new, False), (old, True)):
+            failing = FailsAtFirstStep(out)
+            with pytest.raises(RuntimeError, match="callback failed"):
+                run(out, trace=True, callbacks=[failing], progress=False, overwrite=overwrite)
+            assert "samples" in failing.seen, (kind, failing.seen)  # the run had written files, removed since
+        assert not new.exists(), kind  # the directory the run created is gone
+        assert [p.name for p in old.iterdir()] == ["notes.txt"], kind  # only what is not a run's is left

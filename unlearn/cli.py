@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from . import __version__
@@ -97,28 +98,78 @@ MLLM_HELP = """Unlearn a concept from a multimodal LLM (the world MLLM by defaul
 Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
 lora_alpha, lora_targets, max_grad_norm, mixed_precision) or the method's own options."""
 
+SD_HELP = """Unlearn a concept from a Stable Diffusion pipeline (the world SD by default).
+Defaults: full fine-tuning of the UNet, Adam, batch 2, lr 1e-5 (the paper's setting; 3e-5 on the
+world SD, whose UNet is ~1000x smaller: see docs/sd.md).
+Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
+lora_alpha, lora_targets, train_params, max_grad_norm, mixed_precision) or the method's own options
+(e.g. alpha=0.8 beta=0.5 dilate=5 dilate_iterations=1 for fttp)."""
 
-def _add_mllm(parser: argparse.ArgumentParser) -> None:
-    from .methods import METHODS, method_options
 
+def _add_sd_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    parser.add_argument("--eval-seeds", type=int, default=defaults["eval_seeds"],
+                        help="generated images of the concept's prompt for UA")
+    parser.add_argument("--fd-seeds", type=int, default=defaults["fd_seeds"],
+                        help="generated images per retained concept for the FD")
+    parser.add_argument("--retained", nargs="+", metavar="KEY", help="concepts kept, for the FD (default: every other "
+                        "concept; with --data: the labels in eval.json)")
+    parser.add_argument("--classifier", help="UA / FD classifier: world (default on the world SD) | clip:PATH "
+                        "(zero-shot CLIP from a local checkpoint; FD on its image embeddings)")
+    parser.add_argument("--trace-every", type=int, default=defaults["trace_every"], metavar="K",
+                        help="probe after every K-th step and the last only (default 1: every step; one probe costs "
+                        "about 1.8 training steps on the world SD)")
+    parser.add_argument("--trace-batch", type=int, metavar="N", help="(timestep, image) pairs per probe forward "
+                        "(default unlearn.eval.sd.PROBE_BATCH = 16; lower it if the probe runs out of memory)")
+    parser.add_argument("--trace-source", choices=("probe", "step"), default=defaults["trace_source"],
+                        help="probe: fixed-noise probe of the forget images (comparable across steps and methods); "
+                        "step: each step's own errors (nearly free; fttp, fttp_dilated, ga)")
+
+
+# kind -> (its command's description, help of the shared flags that differ by kind, the kind's own flags)
+RUN_COMMANDS = {
+    "mllm": (MLLM_HELP, {
+        "data": "record directory (concept.json, forget/test/specificity/retain .jsonl); required for models other "
+                "than the world's (example: unlearn world export)",
+        "trace": "record per-step token log-probs and K_C/K_N (trace.zarr)",
+        "trace_attention": "also trace the training image's questions as probes with cross-attention maps, before "
+                           "training and after every step"}, None),
+    "sd": (SD_HELP, {
+        "data": "SD record directory (concept.json, forget.jsonl, retain.jsonl, eval.json); required for models other "
+                "than the world SD (example: unlearn world export-sd)",
+        "trace": "record per-step eps_err and K_C/K_N of the forget images (fixed-noise probe before training and "
+                 "after every step, or see --trace-every) in RUN/trace.zarr",
+        "trace_attention": "also record the probe's cross-attention maps over the prompt tokens (xattn; knowtrace plot "
+                           "RUN --kind attention)"}, _add_sd_flags),
+}
+
+
+def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
+    """The flags every kind of run takes (defaults: the kind's Run fields), then the kind's own."""
+    import dataclasses
+
+    from .methods import method_options, methods_of
+    from .runs import run_kind
+
+    defaults = {f.name: f.default for f in dataclasses.fields(run_kind(kind))}
+    _, helps, add_own_flags = RUN_COMMANDS[kind]
     listing = "; ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in method_options(c).items()) or 'no options'})"
-                        for n, c in sorted(METHODS.items()))
+                        for n, c in sorted(methods_of(kind).items()))
     parser.add_argument("--concept", help="concept key or name (see: unlearn world concepts); with --data, "
                         "default: the name in DATA/concept.json")
     parser.add_argument("--method", required=True, metavar="METHOD", help=f"one of: {listing}")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=1, help="training images of the concept")
-    parser.add_argument("--model", default="world", help="world (default) | a local path | a hub id")
-    parser.add_argument("--data", type=Path, help="record directory (concept.json, forget/test/specificity/retain "
-                        ".jsonl); required for models other than the world's (example: unlearn world export)")
-    parser.add_argument("--out", type=Path, help="run directory (default runs/mllm-<concept>-<method>-s<seed>)")
+    parser.add_argument("--steps", type=int, default=defaults["steps"])
+    parser.add_argument("--seed", type=int, default=defaults["seed"])
+    parser.add_argument("--images", type=int, default=defaults["images"], help="training images of the concept")
+    parser.add_argument("--model", default=defaults["model"], help="world (default) | a local path | a hub id")
+    parser.add_argument("--data", type=Path, help=helps["data"])
+    parser.add_argument("--out", type=Path, help=f"run directory (default runs/{kind}-<concept>-<method>-s<seed>)")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
-    parser.add_argument("--trace", action="store_true", help="record per-step token log-probs and K_C/K_N (trace.zarr)")
-    parser.add_argument("--trace-attention", action="store_true", help="also trace the training image's questions "
-                        "as probes with cross-attention maps, before training and after every step")
+    parser.add_argument("--trace", action="store_true", help=helps["trace"])
+    parser.add_argument("--trace-attention", action="store_true", help=helps["trace_attention"])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if add_own_flags is not None:
+        add_own_flags(parser, defaults)
     parser.add_argument("settings", nargs="*", metavar="key=value")
 
 
@@ -132,93 +183,26 @@ def _settings(items: list[str]) -> dict[str, str]:
     return pairs
 
 
-def _run_mllm(args: argparse.Namespace) -> int:
-    from .run_mllm import run_mllm
+def _run(args: argparse.Namespace, kind: str) -> int:
+    """A run of ``kind`` from the parsed flags (those named like a Run field are passed as it); prints its metrics."""
+    import dataclasses
 
-    pairs = _settings(args.settings)
+    from .runs import run_kind
+
+    cls = run_kind(kind)
     if args.concept is None:
         if args.data is None:
             raise ValueError("give --concept NAME (see: unlearn world concepts), or --data DIR")
         from .data.record_files import read_concept
 
         args.concept = read_concept(args.data)[0]
-    out = args.out or Path("runs") / f"mllm-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
-    metrics = run_mllm(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
-                       images=args.images, options=pairs, world_dir=args.world_dir, progress=not args.quiet,
-                       overwrite=args.overwrite, trace=args.trace, data=args.data,
-                       trace_attention=args.trace_attention)
-    keys = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
-    print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys},
-                      "original": {k: metrics["original"][k] for k in keys}}, indent=1))
-    return 0
-
-
-SD_HELP = """Unlearn a concept from a Stable Diffusion pipeline (the world SD by default).
-Defaults: full fine-tuning of the UNet, Adam, batch 2, lr 1e-5 (the paper's setting; 3e-5 on the
-world SD, whose UNet is ~1000x smaller: see docs/sd.md).
-Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
-lora_alpha, lora_targets, train_params, max_grad_norm, mixed_precision) or the method's own options
-(e.g. alpha=0.8 beta=0.5 dilate=5 dilate_iterations=1 for fttp)."""
-
-
-def _add_sd(parser: argparse.ArgumentParser) -> None:
-    from .methods import SD_METHODS, method_options
-
-    listing = "; ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in method_options(c).items()) or 'no options'})"
-                        for n, c in sorted(SD_METHODS.items()))
-    parser.add_argument("--concept", help="concept key or name (see: unlearn world concepts); with --data, "
-                        "default: the name in DATA/concept.json")
-    parser.add_argument("--method", required=True, metavar="METHOD", help=f"one of: {listing}")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=5, help="training images of the concept (world)")
-    parser.add_argument("--eval-seeds", type=int, default=20, help="generated images of the concept's prompt for UA")
-    parser.add_argument("--fd-seeds", type=int, default=10, help="generated images per retained concept for the FD")
-    parser.add_argument("--retained", nargs="+", metavar="KEY", help="concepts kept, for the FD (default: every other "
-                        "concept; with --data: the labels in eval.json)")
-    parser.add_argument("--model", default="world", help="world (default) | a local path | a hub id")
-    parser.add_argument("--data", type=Path, help="SD record directory (concept.json, forget.jsonl, retain.jsonl, "
-                        "eval.json); required for models other than the world SD (example: unlearn world export-sd)")
-    parser.add_argument("--classifier", help="UA / FD classifier: world (default on the world SD) | clip:PATH "
-                        "(zero-shot CLIP from a local checkpoint; FD on its image embeddings)")
-    parser.add_argument("--out", type=Path, help="run directory (default runs/sd-<concept>-<method>-s<seed>)")
-    parser.add_argument("--world-dir", type=Path, help="world cache directory")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
-    parser.add_argument("--trace", action="store_true", help="record per-step eps_err and K_C/K_N of the forget images "
-                        "(fixed-noise probe before training and after every step, or see --trace-every) in RUN/trace.zarr")
-    parser.add_argument("--trace-attention", action="store_true", help="also record the probe's cross-attention maps "
-                        "over the prompt tokens (xattn; knowtrace plot RUN --kind attention)")
-    parser.add_argument("--trace-every", type=int, default=1, metavar="K", help="probe after every K-th step and the "
-                        "last only (default 1: every step; one probe costs about 1.8 training steps on the world SD)")
-    parser.add_argument("--trace-batch", type=int, metavar="N", help="(timestep, image) pairs per probe forward "
-                        "(default unlearn.eval.sd.PROBE_BATCH = 16; lower it if the probe runs out of memory)")
-    parser.add_argument("--trace-source", choices=("probe", "step"), default="probe", help="probe: fixed-noise probe "
-                        "of the forget images (comparable across steps and methods); step: each step's own errors "
-                        "(nearly free; fttp, fttp_dilated, ga)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("settings", nargs="*", metavar="key=value")
-
-
-def _run_sd(args: argparse.Namespace) -> int:
-    from .run_sd import run_sd
-
-    pairs = _settings(args.settings)
-    if args.concept is None and args.data is None:
-        raise ValueError("give --concept NAME (see: unlearn world concepts), or --data DIR")
-    if args.concept is None:
-        from .data.record_files import read_concept
-
-        name = read_concept(args.data)[0]
-    out = args.out or Path("runs") / f"sd-{args.concept or name}-{args.method}-s{args.seed}".replace(" ", "_")
-    metrics = run_sd(args.concept, args.method, out, steps=args.steps, seed=args.seed, model=args.model,
-                     images=args.images, options=pairs, world_dir=args.world_dir,
-                     eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds, retained=args.retained, progress=not args.quiet,
-                     overwrite=args.overwrite, trace="attention" if args.trace_attention else args.trace,
-                     data=args.data, classifier=args.classifier, trace_every=args.trace_every,
-                     trace_source=args.trace_source, trace_batch=args.trace_batch)
-    keys = [k for k in ("ua", "fd", "fd_space", "K_C", "K_N") if k in metrics]
-    print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
-                      "images": metrics["images"], "original": {k: metrics["original"].get(k) for k in keys}}, indent=1))
+    args.out = args.out or Path("runs") / f"{kind}-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    metrics = cls(**given, options=_settings(args.settings), progress=not args.quiet).run()
+    keys = [k for k in cls.summary if k in metrics]
+    original = {k: metrics["original"].get(k) for k in keys}
+    print(json.dumps({"run": str(args.out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
+                      "images": metrics["images"], "original": original}, indent=1))
     return 0
 
 
@@ -234,31 +218,11 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fd-seeds", type=int, help="SD runs: generated images per retained concept for the FD")
 
 
-def _eval_mllm(args: argparse.Namespace) -> dict:
-    from .run_mllm import evaluate_run
-
-    if args.eval_seeds is not None or args.fd_seeds is not None:
-        raise ValueError("--eval-seeds / --fd-seeds are for SD runs; this is an MLLM run")
-    return evaluate_run(args.run, world_dir=args.world_dir)
-
-
-def _eval_sd(args: argparse.Namespace) -> dict:
-    from .run_sd import evaluate_run
-
-    return evaluate_run(args.run, world_dir=args.world_dir, eval_seeds=args.eval_seeds, fd_seeds=args.fd_seeds)
-
-
-EVALUATORS = {"mllm": _eval_mllm, "sd": _eval_sd}  # manifest "kind" -> re-evaluation
-
-
 def _run_eval(args: argparse.Namespace) -> int:
-    manifest = args.run / "manifest.json"
-    if not manifest.exists():
-        raise FileNotFoundError(f"{args.run} is not a run directory (no manifest.json)")
-    kind = json.loads(manifest.read_text()).get("kind", "mllm")  # runs from before "kind" existed were MLLM runs
-    if kind not in EVALUATORS:
-        raise ValueError(f"{manifest}: unknown run kind {kind!r}; known: {', '.join(EVALUATORS)}")
-    print(json.dumps(EVALUATORS[kind](args), indent=1))
+    from .runs import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run, world_dir=args.world_dir, eval_seeds=args.eval_seeds,
+                                  fd_seeds=args.fd_seeds), indent=1))
     return 0
 
 
@@ -312,8 +276,10 @@ def _run_claims(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world), "mllm": (MLLM_HELP, _add_mllm, _run_mllm),
-            "sd": (SD_HELP, _add_sd, _run_sd), "eval": (EVAL_HELP, _add_eval, _run_eval),
+COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world),
+            **{kind: (help_text, partial(_add_run, kind=kind), partial(_run, kind=kind))
+               for kind, (help_text, _, _) in RUN_COMMANDS.items()},
+            "eval": (EVAL_HELP, _add_eval, _run_eval),
             "demo": (DEMO_HELP, _add_demo, _run_demo), "claims": (CLAIMS_HELP, _add_claims, _run_claims)}
 
 

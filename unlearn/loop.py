@@ -19,7 +19,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -224,15 +223,3 @@ def _restore(model, state: dict[str, torch.Tensor]) -> None:
             if n in state:
                 p.copy_(state[n])
 
-
-def save_trained(model, out: Path, lora: bool) -> Path:
-    """Only the trained parameters, as safetensors: the LoRA adapter, or the full model's weights."""
-    out = Path(out)
-    if lora:
-        model.save_pretrained(out / "adapter")
-        return out / "adapter"
-    from safetensors.torch import save_file
-
-    (out / "weights").mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, out / "weights" / "model.safetensors")
-    return out / "weights"

@@ -1,19 +1,39 @@
-"""A run on disk: ``manifest.json`` (resolved config, seed, versions, git commit, timings),
-``metrics.json``, the trained parameters (safetensors), ``samples/``.
+"""One run, start to finish, the same for every kind (MLLM, SD, ...), and its run directory:
+``manifest.json`` (resolved config, seed, versions, git commit, timings), ``metrics.json``, the
+trained parameters (safetensors), ``samples/``, ``trace.zarr``. Files are written to a temporary
+name and renamed, so a file is either complete or absent.
 
-Files are written to a temporary name and renamed, so a file is either complete or absent.
+:meth:`Run.run`: settings parsed and checked -> lock -> load model and data -> create the run
+directory -> evaluate -> attach the tracer -> train -> close the tracer (also after an exception)
+-> evaluate -> trained parameters, metrics, manifest. A kind is a :class:`Run` subclass in
+``unlearn/run_<kind>.py`` (:func:`register_kind`) supplying only what differs; :func:`evaluate_run`
+reloads any kind. A run that fails leaves no run files: bad input fails before the directory is
+touched; a later failure removes what the run wrote (:data:`RUN_ARTIFACTS`) and the directory
+itself if the run created it (other files stay). The same for every kind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import importlib
 import json
 import os
 import platform
+import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from .loop import TrainConfig, run_loop
+from .methods import get_method
+from .methods.base import _coerce
 
 
 def versions() -> dict[str, str]:
@@ -49,8 +69,8 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-# what a run writes into its directory; --overwrite removes these (and nothing else) first, so that
-# a new run never appends to or mixes with an old one's trace, weights or metrics
+# what a run writes into its directory; --overwrite removes these (and nothing else) first, and so
+# does a failed run
 RUN_ARTIFACTS = ("manifest.json", "metrics.json", "trace.zarr", "adapter", "weights", "samples", "plots",
                  "report.html", "summary.txt")
 RUN_ARTIFACT_PATTERNS = ("eval-*.json",)  # cached re-evaluations (figures/sd_common.py)
@@ -89,31 +109,29 @@ def run_dir_lock(out: Path, wait: bool = False, enabled: bool = True) -> Iterato
         os.close(fd)  # releases the lock
 
 
-def prepare_run_dir(out: Path, overwrite: bool = False) -> Path:
-    """Create the run directory; an existing non-empty one is an error unless ``overwrite``, which
-    removes the previous run's files (only the names a run writes: other files are left alone)."""
-    import shutil
-
+def check_run_dir(out: Path, overwrite: bool = False) -> bool:
+    """Whether a run into ``out`` creates it (absent or empty); a non-empty one is an error unless ``overwrite``."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"run directory {out} exists and is not empty; choose another --out or pass --overwrite")
-        old = [out / name for name in RUN_ARTIFACTS] + [p for pat in RUN_ARTIFACT_PATTERNS for p in out.glob(pat)]
-        for path in old:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+        return False
+    return True
+
+
+def remove_run_files(out: Path) -> None:
+    """Remove what a run writes into ``out`` (only those names: other files are left alone)."""
+    out = Path(out)
+    for path in [out / name for name in RUN_ARTIFACTS] + [p for pat in RUN_ARTIFACT_PATTERNS for p in out.glob(pat)]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def split_options(method: str, pairs: dict[str, str], modality: str = "mllm") -> tuple[dict, dict]:
     """key=value pairs -> (TrainConfig fields, the method's options); an unknown method or key is an
     error listing the valid ones (``steps`` and ``seed`` are arguments of a run, not settings)."""
-    import dataclasses
-
-    from .loop import TrainConfig
     from .methods.base import method_options, methods_of
 
     registry = methods_of(modality)
@@ -132,3 +150,250 @@ def split_options(method: str, pairs: dict[str, str], modality: str = "mllm") ->
             raise KeyError(f"unknown option {k!r}; training options: {', '.join(sorted(train_keys))}; "
                            f"options of {what} {method!r}: {', '.join(own) or 'none'}")
     return train, opts
+
+
+def train_config(values: dict) -> TrainConfig:
+    """A TrainConfig from values given as text (key=value) or typed: text takes its default's type."""
+    defaults = TrainConfig()
+    return dataclasses.replace(defaults, **{k: _coerce(getattr(defaults, k), v, k) for k, v in values.items()})
+
+
+def save_trained(model, out: Path, lora: bool, file: str = "model.safetensors", only_trained: bool = False) -> Path:
+    """The trained parameters as safetensors: the LoRA adapter (``adapter/``), or with full
+    fine-tuning ``weights/<file>`` holding every parameter, or only the trained ones (``only_trained``)."""
+    out = Path(out)
+    if lora:
+        model.save_pretrained(out / "adapter")
+        return out / "adapter"
+    from safetensors.torch import save_file
+
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    saved = {n: p for n, p in model.named_parameters() if p.requires_grad or not only_trained}
+    save_file({n: p.detach().contiguous().cpu() for n, p in saved.items()}, out / "weights" / file)
+    return out / "weights"
+
+
+def load_trained(model, run: Path, lora: bool, file: str = "model.safetensors", only_trained: bool = False):
+    """``model`` with a run's trained parameters (as :func:`save_trained` wrote them) back on."""
+    if lora:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, Path(run) / "adapter").eval()
+    from safetensors.torch import load_file
+
+    result = model.load_state_dict(load_file(Path(run) / "weights" / file), strict=False)
+    if result.unexpected_keys or (result.missing_keys and not only_trained):
+        raise ValueError(f"{run}: weights do not fit the model: unexpected {result.unexpected_keys[:5]}, "
+                         f"missing {result.missing_keys[:5]}")
+    return model
+
+
+def check_concept(concept: str | None, data: Path, rd) -> None:
+    """``concept`` (None: any) must name the concept of record directory ``data`` (read as ``rd``)."""
+    if concept is not None and concept.lower() not in {n.lower() for n in rd.names}:
+        raise ValueError(f"concept {concept!r} is not the concept of {data} ({rd.name}; aliases: "
+                         f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r}")
+
+
+def read_manifest(run: Path) -> dict:
+    path = Path(run) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run} is not a run directory (no manifest.json)")
+    return json.loads(path.read_text())
+
+
+KINDS: dict[str, type[Run]] = {}  # manifest "kind" -> its Run class
+
+
+def register_kind(cls: type[Run]) -> type[Run]:
+    KINDS[cls.kind] = cls
+    return cls
+
+
+def run_kind(kind: str) -> type[Run]:
+    """The Run class of ``kind``, registered by ``unlearn/run_<kind>.py`` (imported here on first use)."""
+    module = f"{__package__}.run_{kind}"
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+    if kind not in KINDS:
+        raise ValueError(f"unknown run kind {kind!r}; known: {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+@dataclass
+class Run:
+    """A run's settings (the keyword arguments of ``run_mllm`` / ``run_sd``), checked when it is made,
+    and the skeleton every kind runs through (:meth:`run`); a kind adds fields and the hooks."""
+    concept: str | None
+    method: str
+    out: Path
+    steps: int = 10
+    seed: int = 0
+    model: str = "world"
+    images: int = 1  # training images of the concept; after loading: the number trained on
+    options: dict | None = None  # key=value: training options (TrainConfig) and the method's options
+    world_dir: Path | None = None
+    world_config: object = None
+    data: Path | None = None  # a directory of the kind's record files; None: the world's data
+    trace: bool | str = False
+    progress: bool = True
+    overwrite: bool = False
+    callbacks: Sequence = ()
+    # set by load_model / load_data
+    adapter: object = field(default=None, init=False, repr=False)
+    key: str = field(default="", init=False)  # the concept's key (world) or name (record files)
+    names: tuple[str, ...] = field(default=(), init=False)
+    forget: list | None = field(default=None, init=False, repr=False)
+    retain: list | None = field(default=None, init=False, repr=False)
+    # options the data fills where the user gave none (e.g. SIU's substitute name on the world)
+    method_defaults: dict = field(default_factory=dict, init=False, repr=False)
+
+    kind: ClassVar[str]  # the manifest's "kind"; also the methods' modality
+    world_marker: ClassVar[str]  # the file marking a directory that holds a world model of this kind
+    weights_file: ClassVar[str]  # full fine-tuning: the trained parameters in weights/<weights_file>,
+    only_trained: ClassVar[bool]  # only the trained tensors (True) or every parameter of the model
+    summary: ClassVar[tuple[str, ...]]  # the metrics the CLI prints
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.data = None if self.data is None else Path(self.data).resolve()
+        train, options = split_options(self.method, dict(self.options or {}), self.kind)
+        self.cfg = train_config({**self.train_defaults(), **train, "steps": self.steps, "seed": self.seed})
+        self.algo = get_method(self.method, modality=self.kind, **options)
+        self.validate()
+
+    @classmethod
+    def on_world(cls, model: str) -> bool:
+        """Whether ``model`` is a world model (the cached one, or a world model's directory)."""
+        return model == "world" or (Path(model) / cls.world_marker).exists()
+
+    # what a kind supplies
+    def train_defaults(self) -> dict:
+        return {}
+
+    def validate(self) -> None:
+        """Check the settings, loading nothing (an error here writes nothing)."""
+
+    @staticmethod
+    def load_model(model: str, world_dir=None, world_config=None):
+        """The adapter of ``model`` (a run's ``model`` setting)."""
+
+    def load_data(self) -> None:
+        """Set key, names, forget, retain and what evaluating needs; check what needs the model."""
+
+    def evaluate(self, stage: str) -> dict:
+        """Metrics of the model as it is now; ``stage``: "original" (before training) or "unlearned"."""
+
+    def attach(self, main: bool, closing: contextlib.ExitStack) -> list:
+        """Loop callbacks: the tracer (main process only; its closing pushed on ``closing``) and others."""
+        return []
+
+    def save_samples(self, stage: str) -> None:
+        """Write the stage's samples under out/samples (main process)."""
+
+    def manifest_extras(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_manifest(cls, run: Path, manifest: dict, world_dir=None, **settings) -> Run:
+        """The run of a manifest, to load and evaluate again: its evaluation settings (``manifest["eval"]``,
+        the kind's fields) unless ``settings`` override them."""
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls) if f.init})
+        if unknown:
+            raise ValueError(f"{run} is a {cls.kind} run, which takes no {', '.join(unknown)}")
+        data = manifest.get("data", "world")
+        return cls(manifest["concept"], manifest["method"], Path(run), steps=manifest["train"]["steps"],
+                   seed=manifest["seed"], model=manifest["model"], images=manifest["images"], world_dir=world_dir,
+                   data=None if data == "world" else Path(data), **{**manifest.get("eval", {}), **settings})
+
+    # the skeleton
+    def trace_attrs(self) -> dict:
+        """The trace's attributes (knowtrace's schema): what was trained how."""
+        return {"model": self.model, "method": {"name": self.method, **dataclasses.asdict(self.algo)},
+                "seed": self.seed, "versions": versions(), "git_commit": git_commit()}
+
+    def run(self) -> dict:
+        """Run it; returns the metrics written to ``out/metrics.json``."""
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        main = state.is_main_process  # only the main process writes the run directory
+        # one process at a time writes a run directory (a second gets a clear error instead of a mixed run)
+        with run_dir_lock(self.out, enabled=main):
+            created = check_run_dir(self.out, self.overwrite)  # an old run in the way: an error before loading
+            t = time.perf_counter()
+            with state.main_process_first():  # the main process builds the world first; the others reuse it
+                self.adapter = self.load_model(self.model, self.world_dir, self.world_config)
+                self.load_data()
+            timings = {"load": time.perf_counter() - t}
+            if main:  # a new run never appends to or mixes with an old one's trace, weights or metrics
+                remove_run_files(self.out)
+                self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                return self._train_and_write(main, timings)
+            except BaseException:
+                if main:  # nothing half-written is left
+                    remove_run_files(self.out)
+                    if created:
+                        shutil.rmtree(self.out, ignore_errors=True)
+                raise
+
+    def _train_and_write(self, main: bool, timings: dict) -> dict:
+        t = time.perf_counter()
+        original = self.evaluate("original")
+        timings["eval_original"] = time.perf_counter() - t
+        if main:
+            self.save_samples("original")
+        with contextlib.ExitStack() as closing:
+            callbacks = [*self.callbacks, *self.attach(main, closing)]
+            # the manifest keeps the options as given; training sees the data's defaults for the empty ones
+            filled = {k: v for k, v in self.method_defaults.items() if getattr(self.algo, k, None) == ""}
+            algo = dataclasses.replace(self.algo, **filled) if filled else self.algo
+            result = run_loop(self.adapter, algo, self.forget, self.retain if self.algo.needs_retain else [],
+                              self.cfg, self.key, self.names, callbacks=callbacks, progress=self.progress)
+        timings["train"] = result["train_seconds"]
+        t = time.perf_counter()
+        metrics = self.evaluate("unlearned")
+        timings["eval"] = time.perf_counter() - t
+        metrics.update(steps=self.cfg.steps, images=self.images, method=self.method, concept=self.key,
+                       original=original)
+        if result["accelerator"].is_main_process:
+            save_trained(self.adapter.model, self.out, self.cfg.lora, self.weights_file, self.only_trained)
+            self.save_samples("unlearned")
+            write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "manifest.json", {
+                "kind": self.kind, "model": self.model, "concept": self.key, "names": list(self.names),
+                "method": self.method, "data": str(self.data) if self.data is not None else "world",
+                "method_options": dataclasses.asdict(self.algo), "train": dataclasses.asdict(self.cfg),
+                "seed": self.seed, "images": self.images, "versions": versions(), "git_commit": git_commit(),
+                "timings_seconds": timings, "world_size": result["world_size"],
+                "mixed_precision": result["mixed_precision"], "history": result["history"], **self.manifest_extras()})
+        return metrics
+
+
+def reload(run: Path, world_dir=None, world_config=None):
+    """(a finished run's adapter: its starting model with the run's trained parameters back on, its manifest)."""
+    manifest = read_manifest(run)
+    kind = run_kind(manifest.get("kind", "mllm"))  # runs from before "kind" existed were MLLM runs
+    adapter = kind.load_model(manifest["model"], world_dir, world_config)
+    adapter.model = load_trained(adapter.model, run, manifest["train"]["lora"], kind.weights_file, kind.only_trained)
+    return adapter, manifest
+
+
+def evaluate_run(run: Path, world_dir=None, **settings) -> dict:
+    """Re-evaluate a finished run of any kind (``unlearn eval RUN``): its starting model plus its trained
+    parameters, its data loaded as the run loaded it, the kind's evaluation; on the same machine this
+    reproduces ``metrics.json`` (less ``original``). ``settings``: the kind's overrides (SD:
+    ``eval_seeds``, ``fd_seeds``; MLLM: ``world_config``); None: the run's own."""
+    manifest = read_manifest(run)
+    settings = {k: v for k, v in settings.items() if v is not None}
+    again = run_kind(manifest.get("kind", "mllm")).from_manifest(Path(run), manifest, world_dir, **settings)
+    again.adapter, _ = reload(run, world_dir, again.world_config)
+    again.load_data()
+    metrics = again.evaluate("unlearned")
+    metrics.update(steps=manifest["train"]["steps"], images=manifest["images"], method=manifest["method"],
+                   concept=again.key)
+    return metrics
