@@ -37,13 +37,11 @@ def _add_world(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--json", type=Path, help="also write the report to this file")
     sub.add_parser("concepts", help="list the world's concepts")
     e = sub.add_parser("export", help="write a concept's MLLM records as a record directory (the --data layout)")
-    e.add_argument("--concept", required=True, help="concept key or name")
-    e.add_argument("--out", type=Path, required=True, help="directory to create")
-    e.add_argument("--images", type=int, default=1, help="training images of the concept")
     x = sub.add_parser("export-sd", help="write a concept's SD records as an SD record directory (the sd --data layout)")
-    x.add_argument("--concept", required=True, help="concept key or name")
-    x.add_argument("--out", type=Path, required=True, help="directory to create")
-    x.add_argument("--images", type=int, default=5, help="forget images of the concept")
+    for p, images in ((e, 1), (x, 5)):
+        p.add_argument("--concept", required=True, help="concept key or name")
+        p.add_argument("--out", type=Path, required=True, help="directory to create")
+        p.add_argument("--images", type=int, default=images, help="training (forget) images of the concept")
     x.add_argument("--references", type=int, default=10, help="FD reference images per retained concept")
     x.add_argument("--model", default="world", help="world SD whose resolution the images are rendered at "
                    "(world = the cached one, or a world SD directory)")
@@ -173,16 +171,6 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("settings", nargs="*", metavar="key=value")
 
 
-def _settings(items: list[str]) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"setting {item!r} is not key=value")
-        pairs[key] = value
-    return pairs
-
-
 def _run(args: argparse.Namespace, kind: str) -> int:
     """A run of ``kind`` from the parsed flags (those named like a Run field are passed as it); prints its metrics."""
     import dataclasses
@@ -197,8 +185,14 @@ def _run(args: argparse.Namespace, kind: str) -> int:
 
         args.concept = read_concept(args.data)[0]
     args.out = args.out or Path("runs") / f"{kind}-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
+    options = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"setting {item!r} is not key=value")
+        options[key] = value
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
-    metrics = cls(**given, options=_settings(args.settings), progress=not args.quiet).run()
+    metrics = cls(**given, options=options, progress=not args.quiet).run()
     keys = [k for k in cls.summary if k in metrics]
     original = {k: metrics["original"].get(k) for k in keys}
     print(json.dumps({"run": str(args.out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
@@ -284,17 +278,10 @@ COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world),
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="unlearn",
-        description="Concept unlearning for multimodal generative models (GA, FTTP and baselines), "
-        "on the built-in concept world or real Hugging Face checkpoints.",
-    )
-    parser.add_argument("--version", action="version", version=f"unlearn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text.splitlines()[0], description=help_text,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter))
-    return parser
+    from knowtrace.cli import command_parser
+
+    return command_parser("unlearn", "Concept unlearning for multimodal generative models (GA, FTTP and baselines), "
+                          "on the built-in concept world or real Hugging Face checkpoints.", __version__, COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

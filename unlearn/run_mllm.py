@@ -1,13 +1,11 @@
 """One MLLM unlearning run (the skeleton is :class:`unlearn.runs.Run`): what differs for an MLLM is
-loading the model and the concept's records, the evaluation (efficacy, EM, specificity,
-diversity, K_C / K_N; sample answers in ``samples/answers.json``), the knowtrace tracer, and the
-evaluation curve (``eval_every``).
+loading the model and the concept's records, the evaluation (efficacy, EM, specificity, diversity,
+K_C / K_N; sample answers in ``samples/answers.json``), the knowtrace tracer, and the evaluation
+curve (``eval_every``).
 
-On the world (the default) the concept's data comes from the world's splits: the forget set is
-every question about the concept on its unlearning image(s) plus its text facts; retain data (for
-the methods that use it) is the other concepts' records. Any other model (LLaVA-1.5, Qwen2-VL, a
-world MLLM directory) takes its data from a directory of record files
-(:mod:`unlearn.data.record_files`; ``unlearn world export`` writes a world concept that way).
+On the world (the default) the forget set is every question about the concept on its unlearning
+image(s) plus its text facts, the retain data the other concepts' records. Any other model takes its
+data from a directory of record files (:mod:`unlearn.data.record_files`).
 """
 
 from __future__ import annotations
@@ -39,12 +37,6 @@ def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size:
     return BY_KEY[concept_key], forget, retain
 
 
-def _record_data(concept: str, data: Path):
-    rd = load_record_data(data)
-    check_concept(concept, data, rd)
-    return rd
-
-
 @dataclasses.dataclass
 class RunData:
     key: str  # the concept's key (world) or name (record files)
@@ -64,7 +56,7 @@ def load_run_data(concept: str, data: Path | None, image_size: int | None, image
         c, forget, retain = world_data(get_concept(concept).key, images, image_size=image_size)
         return RunData(c.key, c.names, forget, retain, world_eval_set(c.key, image_size, n_images=images), images,
                        world_method_options(c.key))
-    rd = _record_data(concept, data)
+    rd = check_concept(concept, data, load_record_data(data))
     n_images = len({r.image.tobytes() for r in rd.forget if r.image is not None})
     return RunData(rd.name, rd.names, rd.forget, rd.retain,
                    MLLMEvalSet(rd.efficacy, rd.test, rd.specificity, rd.forget), n_images)
@@ -76,10 +68,7 @@ class MLLMRun(Run):
     """An MLLM run. ``trace``: per-step token log-probs and K_C / K_N of the forget answers in
     ``out/trace.zarr``; ``trace_attention``: also the training image's questions as probes with
     cross-attention maps (before training and after every step, the trace's ``probe`` group).
-    ``eval_every``: also evaluate after every that many steps (and the last), into ``metrics["curve"]``.
-    ``data``: a directory of record files (:mod:`unlearn.data.record_files`); required for models
-    other than the world's, optional for the world (default: the world's own splits, ``images``
-    training images)."""
+    ``eval_every``: also evaluate after every that many steps (and the last), into ``metrics["curve"]``."""
     trace_attention: bool = False
     eval_every: int = 0
     evalset: MLLMEvalSet | None = dataclasses.field(default=None, init=False, repr=False)  # loaded
@@ -88,21 +77,14 @@ class MLLMRun(Run):
 
     kind: ClassVar[str] = "mllm"
     world_marker: ClassVar[str] = WORLD_MARKER
+    data_help: ClassVar[str] = ("record files: give --data DIR (layout: python -c 'import unlearn.data.record_files "
+                                "as m; help(m)'; `unlearn world export --concept oskel --out DIR` writes an example)")
     weights_file: ClassVar[str] = "model.safetensors"
     only_trained: ClassVar[bool] = False  # full fine-tuning saves every parameter of the model
     summary: ClassVar[tuple[str, ...]] = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
 
-    def validate(self) -> None:
-        from .world.concepts import get_concept
-
-        if self.data is None and not self.on_world(self.model):
-            raise ValueError(f"{self.model}: a model other than the world MLLM needs its data as record files: give "
-                             f"--data DIR (layout: python -c 'import unlearn.data.record_files as m; help(m)'; "
-                             f"`unlearn world export --concept oskel --out DIR` writes an example)")
-        if self.data is None:
-            get_concept(self.concept)  # an unknown world concept fails before anything is loaded or written
-        else:
-            _record_data(self.concept, self.data)  # bad records fail before anything is loaded or written
+    def read_records(self):
+        return load_record_data(self.data)
 
     @staticmethod
     def load_model(model: str, world_dir=None, world_config=None):
@@ -111,7 +93,13 @@ class MLLMRun(Run):
         return load_mllm(resolve_model(model, "mllm", world_dir, world_config))
 
     def load_data(self) -> None:
-        rd = load_run_data(self.concept, self.data, _image_size(self.adapter), self.images)
+        # world images are rendered at the world MLLM's image side; None for other processors
+        crop = getattr(self.adapter.processor.image_processor, "crop_size", None)
+        try:
+            image_size = int(crop["height"])
+        except (TypeError, KeyError):
+            image_size = None
+        rd = load_run_data(self.concept, self.data, image_size, self.images)
         self.key, self.names, self.forget, self.retain, self.images = rd.key, rd.names, rd.forget, rd.retain, rd.images
         self.evalset, self.method_defaults = rd.evalset, rd.method_defaults
 
@@ -133,7 +121,12 @@ class MLLMRun(Run):
             tracer = start_tracer(self.adapter, self.out / "trace.zarr", self.forget, self.names, self.trace_attrs(),
                                   probe_records, self.trace_attention)
             closing.push(tracer)  # entered by start_tracer: exited after training
-            _save_sample_images(self.out, self.forget, probe_records)
+            # the traced images, for attention underlays: samples/sample-N.png (forget record N), probe-N.png
+            (self.out / "samples").mkdir(exist_ok=True)
+            for prefix, records in (("sample", self.forget), ("probe", probe_records)):
+                for n, r in enumerate(records):
+                    if r.image is not None:
+                        r.image.save(self.out / "samples" / f"{prefix}-{n}.png")
             callbacks.append(tracer)
         if self.eval_every:
             from .eval.curve import EvalEvery
@@ -156,22 +149,3 @@ def run_mllm(concept: str, method: str, out: Path, **settings) -> dict:
     """Run MLLM ``method`` on ``concept`` into ``out`` (``settings``: :class:`MLLMRun`'s fields); returns
     the metrics written to ``out/metrics.json``."""
     return MLLMRun(concept, method, out, **settings).run()
-
-
-def _image_size(adapter) -> int | None:
-    """The world MLLM's image side (world images are rendered at it); None for other processors."""
-    crop = getattr(adapter.processor.image_processor, "crop_size", None)
-    try:
-        return int(crop["height"])
-    except (TypeError, KeyError):
-        return None
-
-
-def _save_sample_images(out: Path, forget, probes) -> None:
-    """The traced samples' images, for attention underlays: samples/sample-N.png (forget record N)
-    and samples/probe-N.png (probe N)."""
-    (out / "samples").mkdir(exist_ok=True)
-    for prefix, records in (("sample", forget), ("probe", probes)):
-        for n, r in enumerate(records):
-            if r.image is not None:
-                r.image.save(out / "samples" / f"{prefix}-{n}.png")
