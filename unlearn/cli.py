@@ -1,17 +1,6 @@
-"""The ``unlearn`` command.
-
-    unlearn world build [--out DIR] [--only mllm classifier sd] [--quiet]
-    unlearn world check [--out DIR] [--sd-seeds N] [--json FILE]
-    unlearn world export --concept NAME --out DIR [--images N]
-    unlearn world export-sd --concept NAME --out DIR [--images N] [--references N]
-    unlearn eval RUN [--eval-seeds N] [--fd-seeds N]
-    unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--data DIR] [--out DIR] [key=value ...]
-    unlearn sd --concept NAME --method METHOD [--steps N] [--images N] [--seed S] [--model world|PATH] [--data DIR]
-               [--classifier world|clip:PATH] [--out DIR] [--trace] [key=value ...]
-    unlearn demo [--out DIR] [--concept NAME]
-    unlearn claims [--runs DIR] [--quick] [--only abcde] [--sd-results FILE] [--json FILE]
-
-Sub-commands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
+"""The ``unlearn`` command: ``unlearn world|mllm|sd|eval|demo|claims ...`` (``unlearn COMMAND --help``).
+Sub-commands register themselves in ``COMMANDS`` (name -> (help, add_arguments, run)); the run commands
+(``mllm``, ``sd``) share their flags, declared once in :func:`_add_run`.
 """
 
 from __future__ import annotations
@@ -92,16 +81,12 @@ def _run_world(args: argparse.Namespace) -> int:
     return 0
 
 
-MLLM_HELP = """Unlearn a concept from a multimodal LLM (the world MLLM by default).
-Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
-lora_alpha, lora_targets, max_grad_norm, mixed_precision) or the method's own options."""
+MLLM_HELP = "Unlearn a concept from a multimodal LLM (the world MLLM by default)."
 
 SD_HELP = """Unlearn a concept from a Stable Diffusion pipeline (the world SD by default).
 Defaults: full fine-tuning of the UNet, Adam, batch 2, lr 1e-5 (the paper's setting; 3e-5 on the
 world SD, whose UNet is ~1000x smaller: see docs/sd.md).
-Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
-lora_alpha, lora_targets, train_params, max_grad_norm, mixed_precision) or the method's own options
-(e.g. alpha=0.8 beta=0.5 dilate=5 dilate_iterations=1 for fttp)."""
+FTTP's options, for example: alpha=0.8 beta=0.5 dilate=5 dilate_iterations=1."""
 
 
 def _add_sd_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
@@ -123,21 +108,15 @@ def _add_sd_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
                         "step: each step's own errors (nearly free; fttp, fttp_dilated, ga)")
 
 
-# kind -> (its command's description, help of the shared flags that differ by kind, the kind's own flags)
+# kind -> (its command's description, help of --trace and --trace-attention, the kind's own flags)
 RUN_COMMANDS = {
-    "mllm": (MLLM_HELP, {
-        "data": "record directory (concept.json, forget/test/specificity/retain .jsonl); required for models other "
-                "than the world's (example: unlearn world export)",
-        "trace": "record per-step token log-probs and K_C/K_N (trace.zarr)",
-        "trace_attention": "also trace the training image's questions as probes with cross-attention maps, before "
-                           "training and after every step"}, None),
-    "sd": (SD_HELP, {
-        "data": "SD record directory (concept.json, forget.jsonl, retain.jsonl, eval.json); required for models other "
-                "than the world SD (example: unlearn world export-sd)",
-        "trace": "record per-step eps_err and K_C/K_N of the forget images (fixed-noise probe before training and "
-                 "after every step, or see --trace-every) in RUN/trace.zarr",
-        "trace_attention": "also record the probe's cross-attention maps over the prompt tokens (xattn; knowtrace plot "
-                           "RUN --kind attention)"}, _add_sd_flags),
+    "mllm": (MLLM_HELP, ("record per-step token log-probs and K_C/K_N (trace.zarr)",
+                         "also trace the training image's questions as probes with cross-attention maps, before "
+                         "training and after every step"), None),
+    "sd": (SD_HELP, ("record per-step eps_err and K_C/K_N of the forget images (fixed-noise probe before training "
+                     "and after every step, or see --trace-every) in RUN/trace.zarr",
+                     "also record the probe's cross-attention maps over the prompt tokens (xattn; knowtrace plot RUN "
+                     "--kind attention)"), _add_sd_flags),
 }
 
 
@@ -146,10 +125,11 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
     import dataclasses
 
     from .methods import method_options, methods_of
-    from .runs import run_kind
+    from .runs import TRAIN_OPTIONS, run_kind
 
-    defaults = {f.name: f.default for f in dataclasses.fields(run_kind(kind))}
-    _, helps, add_own_flags = RUN_COMMANDS[kind]
+    cls = run_kind(kind)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    _, (trace_help, trace_attention_help), add_own_flags = RUN_COMMANDS[kind]
     listing = "; ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in method_options(c).items()) or 'no options'})"
                         for n, c in sorted(methods_of(kind).items()))
     parser.add_argument("--concept", help="concept key or name (see: unlearn world concepts); with --data, "
@@ -159,16 +139,18 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--seed", type=int, default=defaults["seed"])
     parser.add_argument("--images", type=int, default=defaults["images"], help="training images of the concept")
     parser.add_argument("--model", default=defaults["model"], help="world (default) | a local path | a hub id")
-    parser.add_argument("--data", type=Path, help=helps["data"])
+    what, layout = cls.data_help
+    parser.add_argument("--data", type=Path, help=f"{what}, required for models other than the world's ({layout})")
     parser.add_argument("--out", type=Path, help=f"run directory (default runs/{kind}-<concept>-<method>-s<seed>)")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
-    parser.add_argument("--trace", action="store_true", help=helps["trace"])
-    parser.add_argument("--trace-attention", action="store_true", help=helps["trace_attention"])
+    parser.add_argument("--trace", action="store_true", help=trace_help)
+    parser.add_argument("--trace-attention", action="store_true", help=trace_attention_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     if add_own_flags is not None:
         add_own_flags(parser, defaults)
-    parser.add_argument("settings", nargs="*", metavar="key=value")
+    parser.add_argument("settings", nargs="*", metavar="key=value", help="training options "
+                        f"({', '.join(TRAIN_OPTIONS)}) or the method's own options (listed under --method)")
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:
@@ -178,9 +160,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     from .runs import run_kind
 
     cls = run_kind(kind)
-    if args.concept is None:
-        if args.data is None:
-            raise ValueError("give --concept NAME (see: unlearn world concepts), or --data DIR")
+    if args.concept is None and args.data is not None:  # the default --out names the data's concept
         from .data.record_files import read_concept
 
         args.concept = read_concept(args.data)[0]

@@ -16,13 +16,10 @@ from typing import ClassVar
 
 from .data.record_files import load_record_data
 from .eval.mllm import MLLMEvalSet, evaluate
-from .runs import Run, check_concept, register_kind, write_json
+from .runs import Run, write_json
 from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
 from .world.records import ImageBank, world_eval_set, world_method_options, world_records
 from .world.source import resolve_model
-
-WORLD_MARKER = "world_mllm_config.json"  # a directory holding a world MLLM
-
 
 def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size: int = 48):
     from .world.concepts import BY_KEY, CONCEPTS
@@ -38,32 +35,6 @@ def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size:
 
 
 @dataclasses.dataclass
-class RunData:
-    key: str  # the concept's key (world) or name (record files)
-    names: tuple[str, ...]
-    forget: list
-    retain: list
-    evalset: MLLMEvalSet
-    images: int  # distinct training images
-    method_defaults: dict = dataclasses.field(default_factory=dict)  # options the data fills where the user gave none
-
-
-def load_run_data(concept: str, data: Path | None, image_size: int | None, images: int = 1) -> RunData:
-    """The concept's training and evaluation records: from the world, or from a record directory."""
-    if data is None:
-        from .world.concepts import get_concept
-
-        c, forget, retain = world_data(get_concept(concept).key, images, image_size=image_size)
-        return RunData(c.key, c.names, forget, retain, world_eval_set(c.key, image_size, n_images=images), images,
-                       world_method_options(c.key))
-    rd = check_concept(concept, data, load_record_data(data))
-    n_images = len({r.image.tobytes() for r in rd.forget if r.image is not None})
-    return RunData(rd.name, rd.names, rd.forget, rd.retain,
-                   MLLMEvalSet(rd.efficacy, rd.test, rd.specificity, rd.forget), n_images)
-
-
-@register_kind
-@dataclasses.dataclass
 class MLLMRun(Run):
     """An MLLM run. ``trace``: per-step token log-probs and K_C / K_N of the forget answers in
     ``out/trace.zarr``; ``trace_attention``: also the training image's questions as probes with
@@ -76,9 +47,9 @@ class MLLMRun(Run):
     curve: object = dataclasses.field(default=None, init=False, repr=False)  # EvalEvery, with eval_every
 
     kind: ClassVar[str] = "mllm"
-    world_marker: ClassVar[str] = WORLD_MARKER
-    data_help: ClassVar[str] = ("record files: give --data DIR (layout: python -c 'import unlearn.data.record_files "
-                                "as m; help(m)'; `unlearn world export --concept oskel --out DIR` writes an example)")
+    world_marker: ClassVar[str] = "world_mllm_config.json"  # a directory holding a world MLLM
+    data_help: ClassVar[tuple[str, str]] = ("record files", "layout: python -c 'import unlearn.data.record_files as m; "
+                                            "help(m)'; `unlearn world export --concept oskel --out DIR` writes one")
     weights_file: ClassVar[str] = "model.safetensors"
     only_trained: ClassVar[bool] = False  # full fine-tuning saves every parameter of the model
     summary: ClassVar[tuple[str, ...]] = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
@@ -99,9 +70,15 @@ class MLLMRun(Run):
             image_size = int(crop["height"])
         except (TypeError, KeyError):
             image_size = None
-        rd = load_run_data(self.concept, self.data, image_size, self.images)
-        self.key, self.names, self.forget, self.retain, self.images = rd.key, rd.names, rd.forget, rd.retain, rd.images
-        self.evalset, self.method_defaults = rd.evalset, rd.method_defaults
+        if self.data is None:
+            c, self.forget, self.retain = world_data(self.key, self.images, image_size=image_size)
+            self.names, self.method_defaults = c.names, world_method_options(self.key)
+            self.evalset = world_eval_set(self.key, image_size, n_images=self.images)
+        else:
+            rd = self.records
+            self.key, self.names, self.forget, self.retain = rd.name, rd.names, rd.forget, rd.retain
+            self.evalset = MLLMEvalSet(rd.efficacy, rd.test, rd.specificity, rd.forget)
+            self.images = len({r.image.tobytes() for r in rd.forget if r.image is not None})  # distinct images
 
     def evaluate(self, stage: str) -> dict:
         metrics = evaluate(self.adapter, self.evalset, self.names)

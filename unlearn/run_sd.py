@@ -20,7 +20,7 @@ from .data.sd_records import SDRecord, check_forget_records
 from .eval.sd import PROBE_BATCH
 from .loop import TrainConfig
 from .models.sd import WORLD_MARKER
-from .runs import Run, register_kind
+from .runs import Run
 from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
 from .runs import reload as load_run  # noqa: F401  (a finished run's adapter with its trained parameters, manifest)
 from .runs import train_config as typed_train_config
@@ -110,7 +110,6 @@ def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, f
         train_steps=train_steps, train_images=len(forget), settings=settings, adapter=adapter)
 
 
-@register_kind
 @dataclasses.dataclass
 class SDRun(Run):
     """An SD run. ``trace``: per-step ``eps_err``, K_C / K_N of the forget images (a fixed-noise probe
@@ -139,9 +138,9 @@ class SDRun(Run):
 
     kind: ClassVar[str] = "sd"
     world_marker: ClassVar[str] = WORLD_MARKER
-    data_help: ClassVar[str] = ("an SD record directory: give --data DIR (layout: python -c 'import "
-                                "unlearn.data.sd_record_files as m; help(m)'; `unlearn world export-sd --concept vorn "
-                                "--out DIR` writes an example)")
+    data_help: ClassVar[tuple[str, str]] = ("an SD record directory", "layout: python -c 'import "
+                                            "unlearn.data.sd_record_files as m; help(m)'; `unlearn world export-sd "
+                                            "--concept vorn --out DIR` writes one")
     weights_file: ClassVar[str] = "unet.safetensors"
     only_trained: ClassVar[bool] = True  # full fine-tuning saves only the trained UNet tensors
     summary: ClassVar[tuple[str, ...]] = ("ua", "fd", "fd_space", "K_C", "K_N")

@@ -2,7 +2,7 @@
 ``manifest.json`` (resolved config, seed, versions, git commit, timings), ``metrics.json``, the
 trained parameters (safetensors), ``samples/``, ``trace.zarr``; each file complete or absent.
 
-A kind is a :class:`Run` subclass in ``unlearn/run_<kind>.py`` (:func:`register_kind`) supplying only
+A kind is a :class:`Run` subclass in ``unlearn/run_<kind>.py`` (:func:`run_kind`) supplying only
 what differs; :func:`evaluate_run` reloads any kind. A failed run leaves no run files: bad input fails
 before the directory is touched; a later failure removes what the run wrote (:data:`RUN_ARTIFACTS`)
 and the directory itself if the run created it (other files stay).
@@ -105,17 +105,20 @@ def remove_run_files(out: Path) -> None:
             path.unlink()
 
 
+# the TrainConfig fields a run takes as key=value (steps and seed are arguments of a run)
+TRAIN_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("options", "steps", "seed"))
+
+
 def split_options(method: str, pairs: dict[str, str], modality: str = "mllm") -> tuple[dict, dict]:
     """key=value pairs -> (TrainConfig fields, the method's options); an unknown method or key is an
     error listing the valid ones (``steps`` and ``seed`` are arguments of a run, not settings)."""
     from .methods.base import method_options, methods_of
 
-    registry = methods_of(modality)
+    registry, train_keys = methods_of(modality), set(TRAIN_OPTIONS)
     what = "method" if modality == "mllm" else f"{modality} method"
     if method not in registry:
         raise KeyError(f"unknown {what} {method!r}; {what}s: {', '.join(sorted(registry))}")
     own = method_options(registry[method])
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "steps", "seed"}
     train, opts = {}, {}
     for k, v in pairs.items():
         if k in own:
@@ -134,22 +137,20 @@ def train_config(values: dict) -> TrainConfig:
     return dataclasses.replace(defaults, **{k: _coerce(getattr(defaults, k), v, k) for k, v in values.items()})
 
 
-def save_trained(model, out: Path, lora: bool, file: str = "model.safetensors", only_trained: bool = False) -> Path:
+def save_trained(model, out: Path, lora: bool, file: str, only_trained: bool) -> None:
     """The trained parameters as safetensors: the LoRA adapter (``adapter/``), or with full
     fine-tuning ``weights/<file>`` holding every parameter, or only the trained ones (``only_trained``)."""
-    out = Path(out)
     if lora:
         model.save_pretrained(out / "adapter")
-        return out / "adapter"
+        return
     from safetensors.torch import save_file
 
     (out / "weights").mkdir(parents=True, exist_ok=True)
     saved = {n: p for n, p in model.named_parameters() if p.requires_grad or not only_trained}
     save_file({n: p.detach().contiguous().cpu() for n, p in saved.items()}, out / "weights" / file)
-    return out / "weights"
 
 
-def load_trained(model, run: Path, lora: bool, file: str = "model.safetensors", only_trained: bool = False):
+def load_trained(model, run: Path, lora: bool, file: str, only_trained: bool):
     """``model`` with a run's trained parameters (as :func:`save_trained` wrote them) back on."""
     if lora:
         from peft import PeftModel
@@ -164,14 +165,6 @@ def load_trained(model, run: Path, lora: bool, file: str = "model.safetensors", 
     return model
 
 
-def check_concept(concept: str | None, data: Path, rd):
-    """``rd``, the records read from directory ``data``, whose concept ``concept`` (None: any) must name."""
-    if concept is not None and concept.lower() not in {n.lower() for n in rd.names}:
-        raise ValueError(f"concept {concept!r} is not the concept of {data} ({rd.name}; aliases: "
-                         f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r}")
-    return rd
-
-
 def read_manifest(run: Path) -> dict:
     path = Path(run) / "manifest.json"
     if not path.exists():
@@ -179,25 +172,19 @@ def read_manifest(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-KINDS: dict[str, type[Run]] = {}  # manifest "kind" -> its Run class
-
-
-def register_kind(cls: type[Run]) -> type[Run]:
-    KINDS[cls.kind] = cls
-    return cls
-
-
 def run_kind(kind: str) -> type[Run]:
-    """The Run class of ``kind``, registered by ``unlearn/run_<kind>.py`` (imported here on first use)."""
+    """The Run subclass of ``kind`` (the manifest's "kind"), defined in ``unlearn/run_<kind>.py`` (imported
+    here on first use)."""
     module = f"{__package__}.run_{kind}"
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name != module:
             raise
-    if kind not in KINDS:
-        raise ValueError(f"unknown run kind {kind!r}; known: {', '.join(KINDS)}")
-    return KINDS[kind]
+    kinds = {cls.kind: cls for cls in Run.__subclasses__()}
+    if kind not in kinds:
+        raise ValueError(f"unknown run kind {kind!r}; known: {', '.join(kinds)}")
+    return kinds[kind]
 
 
 @dataclass
@@ -220,6 +207,7 @@ class Run:
     progress: bool = True
     overwrite: bool = False
     callbacks: Sequence = ()
+    records: object = field(default=None, init=False, repr=False)  # the data directory's, read when the run is made
     # set by load_model / load_data
     adapter: object = field(default=None, init=False, repr=False)
     key: str = field(default="", init=False)  # the concept's key (world) or name (record files)
@@ -231,7 +219,7 @@ class Run:
 
     kind: ClassVar[str]  # the manifest's "kind"; also the methods' modality
     world_marker: ClassVar[str]  # the file marking a directory that holds a world model of this kind
-    data_help: ClassVar[str]  # what --data holds, for the error when a model other than the world's has none
+    data_help: ClassVar[tuple[str, str]]  # what --data holds and where its layout is documented
     weights_file: ClassVar[str]  # full fine-tuning: the trained parameters in weights/<weights_file>,
     only_trained: ClassVar[bool]  # only the trained tensors (True) or every parameter of the model
     summary: ClassVar[tuple[str, ...]]  # the metrics the CLI prints
@@ -245,11 +233,16 @@ class Run:
         self.cfg = train_config({**self.train_defaults(), **train, "steps": self.steps, "seed": self.seed})
         self.algo = get_method(self.method, modality=self.kind, **options)
         if self.data is not None:  # every record checked, nothing loaded yet
-            self.records = check_concept(self.concept, self.data, self.read_records())
+            self.records = rd = self.read_records()
+            if self.concept is not None and self.concept.lower() not in {n.lower() for n in rd.names}:
+                raise ValueError(f"concept {self.concept!r} is not the concept of {self.data} ({rd.name}; aliases: "
+                                 f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r}")
         elif self.forget is None and not self.on_world(self.model):
-            raise ValueError(f"{self.model}: a model other than the world's needs its data as {self.data_help}")
+            raise ValueError(f"{self.model}: a model other than the world's needs its data as {self.data_help[0]}: "
+                             f"give --data DIR ({self.data_help[1]})")
         elif self.concept is None:
-            raise ValueError("give the concept (a world concept key or name), or a data directory")
+            raise ValueError("give the concept (--concept: a world concept key or name; see: unlearn world "
+                             "concepts), or its data (--data DIR)")
         else:
             self.key = get_concept(self.concept).key  # an unknown concept fails before anything is written
         self.validate()
