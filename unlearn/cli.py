@@ -98,11 +98,10 @@ def _add_sd_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
                         "concept; with --data: the labels in eval.json)")
     parser.add_argument("--classifier", help="UA / FD classifier: world (default on the world SD) | clip:PATH "
                         "(zero-shot CLIP from a local checkpoint; FD on its image embeddings)")
-    parser.add_argument("--trace-every", type=int, default=defaults["trace_every"], metavar="K",
-                        help="probe after every K-th step and the last only (default 1: every step; one probe costs "
-                        "about 1.8 training steps on the world SD)")
+    parser.add_argument("--trace-every", type=int, default=defaults["trace_every"], metavar="K", help="probe after "
+                        "every K-th step and the last only (one probe costs about 1.8 training steps on the world SD)")
     parser.add_argument("--trace-batch", type=int, metavar="N", help="(timestep, image) pairs per probe forward "
-                        "(default unlearn.eval.sd.PROBE_BATCH = 16; lower it if the probe runs out of memory)")
+                        "(lower it if the probe runs out of memory)")
     parser.add_argument("--trace-source", choices=("probe", "step"), default=defaults["trace_source"],
                         help="probe: fixed-noise probe of the forget images (comparable across steps and methods); "
                         "step: each step's own errors (nearly free; fttp, fttp_dilated, ga)")

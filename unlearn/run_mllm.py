@@ -1,11 +1,7 @@
 """One MLLM unlearning run (the skeleton is :class:`unlearn.runs.Run`): what differs for an MLLM is
-loading the model and the concept's records, the evaluation (efficacy, EM, specificity, diversity,
-K_C / K_N; sample answers in ``samples/answers.json``), the knowtrace tracer, and the evaluation
-curve (``eval_every``).
-
-On the world (the default) the forget set is every question about the concept on its unlearning
-image(s) plus its text facts, the retain data the other concepts' records. Any other model takes its
-data from a directory of record files (:mod:`unlearn.data.record_files`).
+loading the model and the concept's records (on the world: every question about the concept on its
+unlearning image(s) plus its text facts; the other concepts' records to retain), the evaluation
+(efficacy, EM, specificity, diversity, K_C / K_N), the knowtrace tracer and the evaluation curve.
 """
 
 from __future__ import annotations
