@@ -107,7 +107,7 @@ def main() -> None:
             budget = (args.baseline_steps, args.baseline_images) if method in BASELINES else (args.steps, args.images)
             a = load_sd_adapter(resolve_model("world", "sd"))
             forget, retain = world_sd_data(key, budget[1], a.resolution)
-            evaluate = evaluator(a, key, forget[:FAST["images"]], args.eval_seeds, args.fd_seeds, budget[0],
+            evaluate = evaluator(a, key, forget[:FAST["images"]], args.eval_seeds, args.fd_seeds,
                                  retained=retained)
             if "original" not in row:
                 row["original"] = {k: v for k, v in evaluate(0).items() if k in ("ua", "fd", "K_C", "K_N", "retained_mean")}

@@ -286,17 +286,22 @@ COMMANDS = {"summary": (SUMMARY_HELP, _add_summary, _run_summary), "plot": (PLOT
             "export": (EXPORT_HELP, _add_export, _run_export)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="knowtrace", description="Look at knowtrace traces: summaries, "
-                                     "Plotly views (HTML / PNG), NetCDF export.")
-    parser.add_argument("--version", action="version", version=f"knowtrace {__version__}")
+def command_parser(prog: str, description: str, version: str, commands: dict) -> argparse.ArgumentParser:
+    """A parser with a sub-command per ``commands`` entry (name -> (help, add_arguments, run)); unlearn's too."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, add_arguments, _) in COMMANDS.items():
+    for name, (help_text, add_arguments, _) in commands.items():
         add_arguments(sub.add_parser(name, help=help_text.splitlines()[0], description=help_text,
                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    return command_parser("knowtrace", "Look at knowtrace traces: summaries, Plotly views (HTML / PNG), NetCDF "
+                          "export.", __version__, COMMANDS)
 
 
 # user mistakes: a message and exit code 2, no traceback (argparse's own errors exit 2 as well)

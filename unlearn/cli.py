@@ -1,17 +1,6 @@
-"""The ``unlearn`` command.
-
-    unlearn world build [--out DIR] [--only mllm classifier sd] [--quiet]
-    unlearn world check [--out DIR] [--sd-seeds N] [--json FILE]
-    unlearn world export --concept NAME --out DIR [--images N]
-    unlearn world export-sd --concept NAME --out DIR [--images N] [--references N]
-    unlearn eval RUN [--eval-seeds N] [--fd-seeds N]
-    unlearn mllm --concept NAME --method METHOD [--steps N] [--seed S] [--model world|PATH] [--data DIR] [--out DIR] [key=value ...]
-    unlearn sd --concept NAME --method METHOD [--steps N] [--images N] [--seed S] [--model world|PATH] [--data DIR]
-               [--classifier world|clip:PATH] [--out DIR] [--trace] [key=value ...]
-    unlearn demo [--out DIR] [--concept NAME]
-    unlearn claims [--runs DIR] [--quick] [--only abcde] [--sd-results FILE] [--json FILE]
-
-Sub-commands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
+"""The ``unlearn`` command: ``unlearn world|mllm|sd|eval|demo|claims ...`` (``unlearn COMMAND --help``).
+Sub-commands register themselves in ``COMMANDS`` (name -> (help, add_arguments, run)); the run commands
+(``mllm``, ``sd``) share their flags, declared once in :func:`_add_run`.
 """
 
 from __future__ import annotations
@@ -37,13 +26,11 @@ def _add_world(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--json", type=Path, help="also write the report to this file")
     sub.add_parser("concepts", help="list the world's concepts")
     e = sub.add_parser("export", help="write a concept's MLLM records as a record directory (the --data layout)")
-    e.add_argument("--concept", required=True, help="concept key or name")
-    e.add_argument("--out", type=Path, required=True, help="directory to create")
-    e.add_argument("--images", type=int, default=1, help="training images of the concept")
     x = sub.add_parser("export-sd", help="write a concept's SD records as an SD record directory (the sd --data layout)")
-    x.add_argument("--concept", required=True, help="concept key or name")
-    x.add_argument("--out", type=Path, required=True, help="directory to create")
-    x.add_argument("--images", type=int, default=5, help="forget images of the concept")
+    for p, images in ((e, 1), (x, 5)):
+        p.add_argument("--concept", required=True, help="concept key or name")
+        p.add_argument("--out", type=Path, required=True, help="directory to create")
+        p.add_argument("--images", type=int, default=images, help="training (forget) images of the concept")
     x.add_argument("--references", type=int, default=10, help="FD reference images per retained concept")
     x.add_argument("--model", default="world", help="world SD whose resolution the images are rendered at "
                    "(world = the cached one, or a world SD directory)")
@@ -94,16 +81,12 @@ def _run_world(args: argparse.Namespace) -> int:
     return 0
 
 
-MLLM_HELP = """Unlearn a concept from a multimodal LLM (the world MLLM by default).
-Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
-lora_alpha, lora_targets, max_grad_norm, mixed_precision) or the method's own options."""
+MLLM_HELP = "Unlearn a concept from a multimodal LLM (the world MLLM by default)."
 
 SD_HELP = """Unlearn a concept from a Stable Diffusion pipeline (the world SD by default).
 Defaults: full fine-tuning of the UNet, Adam, batch 2, lr 1e-5 (the paper's setting; 3e-5 on the
 world SD, whose UNet is ~1000x smaller: see docs/sd.md).
-Extra settings as key=value: training options (lr, batch_size, grad_accum, lora, lora_rank,
-lora_alpha, lora_targets, train_params, max_grad_norm, mixed_precision) or the method's own options
-(e.g. alpha=0.8 beta=0.5 dilate=5 dilate_iterations=1 for fttp)."""
+FTTP's options, for example: alpha=0.8 beta=0.5 dilate=5 dilate_iterations=1."""
 
 
 def _add_sd_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
@@ -115,31 +98,24 @@ def _add_sd_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
                         "concept; with --data: the labels in eval.json)")
     parser.add_argument("--classifier", help="UA / FD classifier: world (default on the world SD) | clip:PATH "
                         "(zero-shot CLIP from a local checkpoint; FD on its image embeddings)")
-    parser.add_argument("--trace-every", type=int, default=defaults["trace_every"], metavar="K",
-                        help="probe after every K-th step and the last only (default 1: every step; one probe costs "
-                        "about 1.8 training steps on the world SD)")
+    parser.add_argument("--trace-every", type=int, default=defaults["trace_every"], metavar="K", help="probe after "
+                        "every K-th step and the last only (one probe costs about 1.8 training steps on the world SD)")
     parser.add_argument("--trace-batch", type=int, metavar="N", help="(timestep, image) pairs per probe forward "
-                        "(default unlearn.eval.sd.PROBE_BATCH = 16; lower it if the probe runs out of memory)")
+                        "(lower it if the probe runs out of memory)")
     parser.add_argument("--trace-source", choices=("probe", "step"), default=defaults["trace_source"],
                         help="probe: fixed-noise probe of the forget images (comparable across steps and methods); "
                         "step: each step's own errors (nearly free; fttp, fttp_dilated, ga)")
 
 
-# kind -> (its command's description, help of the shared flags that differ by kind, the kind's own flags)
+# kind -> (its command's description, help of --trace and --trace-attention, the kind's own flags)
 RUN_COMMANDS = {
-    "mllm": (MLLM_HELP, {
-        "data": "record directory (concept.json, forget/test/specificity/retain .jsonl); required for models other "
-                "than the world's (example: unlearn world export)",
-        "trace": "record per-step token log-probs and K_C/K_N (trace.zarr)",
-        "trace_attention": "also trace the training image's questions as probes with cross-attention maps, before "
-                           "training and after every step"}, None),
-    "sd": (SD_HELP, {
-        "data": "SD record directory (concept.json, forget.jsonl, retain.jsonl, eval.json); required for models other "
-                "than the world SD (example: unlearn world export-sd)",
-        "trace": "record per-step eps_err and K_C/K_N of the forget images (fixed-noise probe before training and "
-                 "after every step, or see --trace-every) in RUN/trace.zarr",
-        "trace_attention": "also record the probe's cross-attention maps over the prompt tokens (xattn; knowtrace plot "
-                           "RUN --kind attention)"}, _add_sd_flags),
+    "mllm": (MLLM_HELP, ("record per-step token log-probs and K_C/K_N (trace.zarr)",
+                         "also trace the training image's questions as probes with cross-attention maps, before "
+                         "training and after every step"), None),
+    "sd": (SD_HELP, ("record per-step eps_err and K_C/K_N of the forget images (fixed-noise probe before training "
+                     "and after every step, or see --trace-every) in RUN/trace.zarr",
+                     "also record the probe's cross-attention maps over the prompt tokens (xattn; knowtrace plot RUN "
+                     "--kind attention)"), _add_sd_flags),
 }
 
 
@@ -148,10 +124,11 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
     import dataclasses
 
     from .methods import method_options, methods_of
-    from .runs import run_kind
+    from .runs import TRAIN_OPTIONS, run_kind
 
-    defaults = {f.name: f.default for f in dataclasses.fields(run_kind(kind))}
-    _, helps, add_own_flags = RUN_COMMANDS[kind]
+    cls = run_kind(kind)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    _, (trace_help, trace_attention_help), add_own_flags = RUN_COMMANDS[kind]
     listing = "; ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in method_options(c).items()) or 'no options'})"
                         for n, c in sorted(methods_of(kind).items()))
     parser.add_argument("--concept", help="concept key or name (see: unlearn world concepts); with --data, "
@@ -161,26 +138,18 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--seed", type=int, default=defaults["seed"])
     parser.add_argument("--images", type=int, default=defaults["images"], help="training images of the concept")
     parser.add_argument("--model", default=defaults["model"], help="world (default) | a local path | a hub id")
-    parser.add_argument("--data", type=Path, help=helps["data"])
+    what, layout = cls.data_help
+    parser.add_argument("--data", type=Path, help=f"{what}, required for models other than the world's ({layout})")
     parser.add_argument("--out", type=Path, help=f"run directory (default runs/{kind}-<concept>-<method>-s<seed>)")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
-    parser.add_argument("--trace", action="store_true", help=helps["trace"])
-    parser.add_argument("--trace-attention", action="store_true", help=helps["trace_attention"])
+    parser.add_argument("--trace", action="store_true", help=trace_help)
+    parser.add_argument("--trace-attention", action="store_true", help=trace_attention_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     if add_own_flags is not None:
         add_own_flags(parser, defaults)
-    parser.add_argument("settings", nargs="*", metavar="key=value")
-
-
-def _settings(items: list[str]) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"setting {item!r} is not key=value")
-        pairs[key] = value
-    return pairs
+    parser.add_argument("settings", nargs="*", metavar="key=value", help="training options "
+                        f"({', '.join(TRAIN_OPTIONS)}) or the method's own options (listed under --method)")
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:
@@ -190,15 +159,19 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     from .runs import run_kind
 
     cls = run_kind(kind)
-    if args.concept is None:
-        if args.data is None:
-            raise ValueError("give --concept NAME (see: unlearn world concepts), or --data DIR")
+    if args.concept is None and args.data is not None:  # the default --out names the data's concept
         from .data.record_files import read_concept
 
         args.concept = read_concept(args.data)[0]
     args.out = args.out or Path("runs") / f"{kind}-{args.concept}-{args.method}-s{args.seed}".replace(" ", "_")
+    options = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"setting {item!r} is not key=value")
+        options[key] = value
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
-    metrics = cls(**given, options=_settings(args.settings), progress=not args.quiet).run()
+    metrics = cls(**given, options=options, progress=not args.quiet).run()
     keys = [k for k in cls.summary if k in metrics]
     original = {k: metrics["original"].get(k) for k in keys}
     print(json.dumps({"run": str(args.out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
@@ -284,17 +257,10 @@ COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world),
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="unlearn",
-        description="Concept unlearning for multimodal generative models (GA, FTTP and baselines), "
-        "on the built-in concept world or real Hugging Face checkpoints.",
-    )
-    parser.add_argument("--version", action="version", version=f"unlearn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text.splitlines()[0], description=help_text,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter))
-    return parser
+    from knowtrace.cli import command_parser
+
+    return command_parser("unlearn", "Concept unlearning for multimodal generative models (GA, FTTP and baselines), "
+                          "on the built-in concept world or real Hugging Face checkpoints.", __version__, COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

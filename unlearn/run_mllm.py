@@ -1,13 +1,7 @@
 """One MLLM unlearning run (the skeleton is :class:`unlearn.runs.Run`): what differs for an MLLM is
-loading the model and the concept's records, the evaluation (efficacy, EM, specificity,
-diversity, K_C / K_N; sample answers in ``samples/answers.json``), the knowtrace tracer, and the
-evaluation curve (``eval_every``).
-
-On the world (the default) the concept's data comes from the world's splits: the forget set is
-every question about the concept on its unlearning image(s) plus its text facts; retain data (for
-the methods that use it) is the other concepts' records. Any other model (LLaVA-1.5, Qwen2-VL, a
-world MLLM directory) takes its data from a directory of record files
-(:mod:`unlearn.data.record_files`; ``unlearn world export`` writes a world concept that way).
+loading the model and the concept's records (on the world: every question about the concept on its
+unlearning image(s) plus its text facts; the other concepts' records to retain), the evaluation
+(efficacy, EM, specificity, diversity, K_C / K_N), the knowtrace tracer and the evaluation curve.
 """
 
 from __future__ import annotations
@@ -18,13 +12,10 @@ from typing import ClassVar
 
 from .data.record_files import load_record_data
 from .eval.mllm import MLLMEvalSet, evaluate
-from .runs import Run, check_concept, register_kind, write_json
+from .runs import Run, write_json
 from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
 from .world.records import ImageBank, world_eval_set, world_method_options, world_records
 from .world.source import resolve_model
-
-WORLD_MARKER = "world_mllm_config.json"  # a directory holding a world MLLM
-
 
 def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size: int = 48):
     from .world.concepts import BY_KEY, CONCEPTS
@@ -39,47 +30,12 @@ def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size:
     return BY_KEY[concept_key], forget, retain
 
 
-def _record_data(concept: str, data: Path):
-    rd = load_record_data(data)
-    check_concept(concept, data, rd)
-    return rd
-
-
-@dataclasses.dataclass
-class RunData:
-    key: str  # the concept's key (world) or name (record files)
-    names: tuple[str, ...]
-    forget: list
-    retain: list
-    evalset: MLLMEvalSet
-    images: int  # distinct training images
-    method_defaults: dict = dataclasses.field(default_factory=dict)  # options the data fills where the user gave none
-
-
-def load_run_data(concept: str, data: Path | None, image_size: int | None, images: int = 1) -> RunData:
-    """The concept's training and evaluation records: from the world, or from a record directory."""
-    if data is None:
-        from .world.concepts import get_concept
-
-        c, forget, retain = world_data(get_concept(concept).key, images, image_size=image_size)
-        return RunData(c.key, c.names, forget, retain, world_eval_set(c.key, image_size, n_images=images), images,
-                       world_method_options(c.key))
-    rd = _record_data(concept, data)
-    n_images = len({r.image.tobytes() for r in rd.forget if r.image is not None})
-    return RunData(rd.name, rd.names, rd.forget, rd.retain,
-                   MLLMEvalSet(rd.efficacy, rd.test, rd.specificity, rd.forget), n_images)
-
-
-@register_kind
 @dataclasses.dataclass
 class MLLMRun(Run):
     """An MLLM run. ``trace``: per-step token log-probs and K_C / K_N of the forget answers in
     ``out/trace.zarr``; ``trace_attention``: also the training image's questions as probes with
     cross-attention maps (before training and after every step, the trace's ``probe`` group).
-    ``eval_every``: also evaluate after every that many steps (and the last), into ``metrics["curve"]``.
-    ``data``: a directory of record files (:mod:`unlearn.data.record_files`); required for models
-    other than the world's, optional for the world (default: the world's own splits, ``images``
-    training images)."""
+    ``eval_every``: also evaluate after every that many steps (and the last), into ``metrics["curve"]``."""
     trace_attention: bool = False
     eval_every: int = 0
     evalset: MLLMEvalSet | None = dataclasses.field(default=None, init=False, repr=False)  # loaded
@@ -87,22 +43,15 @@ class MLLMRun(Run):
     curve: object = dataclasses.field(default=None, init=False, repr=False)  # EvalEvery, with eval_every
 
     kind: ClassVar[str] = "mllm"
-    world_marker: ClassVar[str] = WORLD_MARKER
+    world_marker: ClassVar[str] = "world_mllm_config.json"  # a directory holding a world MLLM
+    data_help: ClassVar[tuple[str, str]] = ("record files", "layout: python -c 'import unlearn.data.record_files as m; "
+                                            "help(m)'; `unlearn world export --concept oskel --out DIR` writes one")
     weights_file: ClassVar[str] = "model.safetensors"
     only_trained: ClassVar[bool] = False  # full fine-tuning saves every parameter of the model
     summary: ClassVar[tuple[str, ...]] = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
 
-    def validate(self) -> None:
-        from .world.concepts import get_concept
-
-        if self.data is None and not self.on_world(self.model):
-            raise ValueError(f"{self.model}: a model other than the world MLLM needs its data as record files: give "
-                             f"--data DIR (layout: python -c 'import unlearn.data.record_files as m; help(m)'; "
-                             f"`unlearn world export --concept oskel --out DIR` writes an example)")
-        if self.data is None:
-            get_concept(self.concept)  # an unknown world concept fails before anything is loaded or written
-        else:
-            _record_data(self.concept, self.data)  # bad records fail before anything is loaded or written
+    def read_records(self):
+        return load_record_data(self.data)
 
     @staticmethod
     def load_model(model: str, world_dir=None, world_config=None):
@@ -111,9 +60,21 @@ class MLLMRun(Run):
         return load_mllm(resolve_model(model, "mllm", world_dir, world_config))
 
     def load_data(self) -> None:
-        rd = load_run_data(self.concept, self.data, _image_size(self.adapter), self.images)
-        self.key, self.names, self.forget, self.retain, self.images = rd.key, rd.names, rd.forget, rd.retain, rd.images
-        self.evalset, self.method_defaults = rd.evalset, rd.method_defaults
+        # world images are rendered at the world MLLM's image side; None for other processors
+        crop = getattr(self.adapter.processor.image_processor, "crop_size", None)
+        try:
+            image_size = int(crop["height"])
+        except (TypeError, KeyError):
+            image_size = None
+        if self.data is None:
+            c, self.forget, self.retain = world_data(self.key, self.images, image_size=image_size)
+            self.names, self.method_defaults = c.names, world_method_options(self.key)
+            self.evalset = world_eval_set(self.key, image_size, n_images=self.images)
+        else:
+            rd = self.records
+            self.key, self.names, self.forget, self.retain = rd.name, rd.names, rd.forget, rd.retain
+            self.evalset = MLLMEvalSet(rd.efficacy, rd.test, rd.specificity, rd.forget)
+            self.images = len({r.image.tobytes() for r in rd.forget if r.image is not None})  # distinct images
 
     def evaluate(self, stage: str) -> dict:
         metrics = evaluate(self.adapter, self.evalset, self.names)
@@ -133,7 +94,12 @@ class MLLMRun(Run):
             tracer = start_tracer(self.adapter, self.out / "trace.zarr", self.forget, self.names, self.trace_attrs(),
                                   probe_records, self.trace_attention)
             closing.push(tracer)  # entered by start_tracer: exited after training
-            _save_sample_images(self.out, self.forget, probe_records)
+            # the traced images, for attention underlays: samples/sample-N.png (forget record N), probe-N.png
+            (self.out / "samples").mkdir(exist_ok=True)
+            for prefix, records in (("sample", self.forget), ("probe", probe_records)):
+                for n, r in enumerate(records):
+                    if r.image is not None:
+                        r.image.save(self.out / "samples" / f"{prefix}-{n}.png")
             callbacks.append(tracer)
         if self.eval_every:
             from .eval.curve import EvalEvery
@@ -156,22 +122,3 @@ def run_mllm(concept: str, method: str, out: Path, **settings) -> dict:
     """Run MLLM ``method`` on ``concept`` into ``out`` (``settings``: :class:`MLLMRun`'s fields); returns
     the metrics written to ``out/metrics.json``."""
     return MLLMRun(concept, method, out, **settings).run()
-
-
-def _image_size(adapter) -> int | None:
-    """The world MLLM's image side (world images are rendered at it); None for other processors."""
-    crop = getattr(adapter.processor.image_processor, "crop_size", None)
-    try:
-        return int(crop["height"])
-    except (TypeError, KeyError):
-        return None
-
-
-def _save_sample_images(out: Path, forget, probes) -> None:
-    """The traced samples' images, for attention underlays: samples/sample-N.png (forget record N)
-    and samples/probe-N.png (probe N)."""
-    (out / "samples").mkdir(exist_ok=True)
-    for prefix, records in (("sample", forget), ("probe", probes)):
-        for n, r in enumerate(records):
-            if r.image is not None:
-                r.image.save(out / "samples" / f"{prefix}-{n}.png")

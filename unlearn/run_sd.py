@@ -1,21 +1,13 @@
 """One Stable Diffusion unlearning run (the skeleton is :class:`unlearn.runs.Run`): what differs for
-SD is loading the pipeline and the forget records (with masks), the evaluation (UA, FD, K_C /
-K_N), sample images and the tracer (:mod:`unlearn.sd_tracing`).
-
-Same layout as the MLLM side (:mod:`unlearn.run_mllm`): ``manifest.json``, ``metrics.json``,
-``adapter/`` (LoRA) or ``weights/unet.safetensors`` (full fine-tuning: only the trained UNet
-tensors), ``samples/*.png``. ``metrics.json`` holds ``ua``, ``fd`` (and ``fd_space``, the feature
-space it is computed in), ``steps``, ``images``, ``K_C``, ``K_N``, and the same for the starting
-model under ``original``.
+SD is loading the pipeline and the forget records (with masks), the evaluation (UA, FD in the
+classifier's feature space ``fd_space``, K_C / K_N), sample images and the tracer
+(:mod:`unlearn.sd_tracing`). Full fine-tuning saves only the trained UNet tensors
+(``weights/unet.safetensors``).
 
 Defaults follow the paper's SD setting: full fine-tuning of the UNet with Adam, lr 1e-5, batch 2;
 FTTP about 20 steps from 5 images. On the world SD the default lr is 3e-5 (``WORLD_LR``, measured),
 and the forget records are rendered images with exact masks
 (:func:`unlearn.world.records.world_sd_data`); other models take user records.
-
-Bad input stops the run before the run directory is touched (unknown concept/method/option,
-missing image, prompt that does not name the concept, mask of the wrong size, empty/full mask);
-if training or evaluation fails later, the run's files are removed again (:mod:`unlearn.runs`).
 """
 
 from __future__ import annotations
@@ -28,7 +20,7 @@ from .data.sd_records import SDRecord, check_forget_records
 from .eval.sd import PROBE_BATCH
 from .loop import TrainConfig
 from .models.sd import WORLD_MARKER
-from .runs import Run, check_concept, register_kind
+from .runs import Run
 from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
 from .runs import reload as load_run  # noqa: F401  (a finished run's adapter with its trained parameters, manifest)
 from .runs import train_config as typed_train_config
@@ -48,7 +40,7 @@ def train_defaults(world: bool = False) -> dict:
 
 
 def train_config(values: dict, world: bool = False) -> TrainConfig:
-    """The TrainConfig of an SD run (its defaults, then ``values``) for code that trains without a run."""
+    """The TrainConfig of an SD run (its defaults, then ``values``), for code that trains without a run."""
     return typed_train_config({**train_defaults(world), **values})
 
 
@@ -97,12 +89,11 @@ class EvalTarget:
         return clf
 
 
-def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, fd_seeds: int, steps: int,
+def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, fd_seeds: int,
               world_dir=None, retained=None, *, target: EvalTarget | None = None, classifier=None):
-    """fn(train_steps) -> metrics of the pipeline as it is now, by :func:`unlearn.eval.sd.evaluate_sd_run`:
-    UA with ``classifier`` (default: the world classifier), FD in the classifier's feature space
-    (named in ``fd_space``) against the world's test renders or the data directory's reference
-    images, K_C / K_N on the forget records at fixed noise."""
+    """fn(train_steps) -> metrics of the pipeline as it is now (:func:`unlearn.eval.sd.evaluate_sd_run`):
+    UA with ``classifier`` (default: the world's), FD in its feature space against the world's test
+    renders or the data directory's reference images, K_C / K_N on the forget records at fixed noise."""
     from .eval.sd import SDEvalSettings, evaluate_sd_run
 
     target = target or EvalTarget.world(concept_key, retained)
@@ -119,26 +110,17 @@ def evaluator(adapter, concept_key: str, forget: list[SDRecord], n_seeds: int, f
         train_steps=train_steps, train_images=len(forget), settings=settings, adapter=adapter)
 
 
-@register_kind
 @dataclasses.dataclass
 class SDRun(Run):
     """An SD run. ``trace``: per-step ``eps_err``, K_C / K_N of the forget images (a fixed-noise probe
-    before training, step -1, and after every step; :mod:`unlearn.sd_tracing`) in ``out/trace.zarr``;
-    ``trace="attention"`` (or ``trace_attention``): also the probe's cross-attention maps over the
-    prompt tokens (``xattn``). ``trace_every``: probe after every k-th step (and the last) only; one
-    probe costs about 1.8 training steps on the world SD. ``trace_batch``: (timestep, image) pairs
-    per probe forward (default :data:`unlearn.eval.sd.PROBE_BATCH`; lower it if the probe runs out
-    of memory on a large model). ``trace_source="step"``: record each step's own per-pixel errors
-    instead of probing (nearly free; FTTP, FwD and GA only; :class:`unlearn.sd_tracing.SDStepErrorCallback`).
-
-    ``data``: an SD record directory (:mod:`unlearn.data.sd_record_files`: forget/retain records,
-    UA prompts, retained concepts with FD reference images); the way to run on a real checkpoint.
-    ``concept`` may then be None (the name in ``concept.json``). ``classifier``: ``"world"`` (the
-    default on the world SD) or ``"clip:PATH"`` (zero-shot CLIP from a local checkpoint; needed off
-    the world). ``retained``: a subset of the retained concepts to evaluate (world keys, or labels of
-    eval.json). ``forget``/``retain``: records given in Python, for a world concept; on the world they
-    default to :func:`world_sd_data` with ``images`` forget images.
-    """
+    before training, step -1, and after every step) in ``out/trace.zarr``; ``trace="attention"`` (or
+    ``trace_attention``): also the probe's cross-attention maps (``xattn``). ``trace_every``: probe
+    after every k-th step (and the last) only. ``trace_batch``: (timestep, image) pairs per probe
+    forward. ``trace_source="step"``: each step's own per-pixel errors instead of a probe (nearly free).
+    ``classifier``: ``"world"`` (default on the world SD) or ``"clip:PATH"`` (needed off the world).
+    ``retained``: the retained concepts to evaluate (world keys, or labels of eval.json).
+    ``forget``/``retain``: records given in Python, for a world concept; on the world they default to
+    :func:`world_sd_data` with ``images`` forget images."""
     steps: int = 20
     images: int = 5
     eval_seeds: int = 20
@@ -156,6 +138,9 @@ class SDRun(Run):
 
     kind: ClassVar[str] = "sd"
     world_marker: ClassVar[str] = WORLD_MARKER
+    data_help: ClassVar[tuple[str, str]] = ("an SD record directory", "layout: python -c 'import "
+                                            "unlearn.data.sd_record_files as m; help(m)'; `unlearn world export-sd "
+                                            "--concept vorn --out DIR` writes one")
     weights_file: ClassVar[str] = "unet.safetensors"
     only_trained: ClassVar[bool] = True  # full fine-tuning saves only the trained UNet tensors
     summary: ClassVar[tuple[str, ...]] = ("ua", "fd", "fd_space", "K_C", "K_N")
@@ -163,9 +148,15 @@ class SDRun(Run):
     def train_defaults(self) -> dict:
         return train_defaults(self.on_world(self.model))
 
+    def read_records(self):
+        from .data.sd_record_files import load_sd_record_data
+
+        if self.forget is not None or self.retain is not None:
+            raise ValueError("give the records either as a data directory or as forget/retain lists, not both")
+        return load_sd_record_data(self.data, need_masks=self.algo.needs_masks)
+
     def validate(self) -> None:
         from .eval.sd import check_classifier_spec
-        from .world.concepts import get_concept
 
         self.trace = "attention" if self.trace_attention else self.trace
         if int(self.trace_every) < 1 or (int(self.trace_every) != 1 and not self.trace):
@@ -184,24 +175,10 @@ class SDRun(Run):
                              f"--trace-every) and a method that computes them (fttp, fttp_dilated, ga; got "
                              f"{self.method!r})")
         if self.data is not None:
-            from .data.sd_record_files import load_sd_record_data
-
-            if self.forget is not None or self.retain is not None:
-                raise ValueError("give the records either as a data directory or as forget/retain lists, not both")
-            # every record checked, nothing loaded yet
-            rd = load_sd_record_data(self.data, need_masks=self.algo.needs_masks)
-            check_concept(self.concept, self.data, rd)
-            self.target = EvalTarget.from_data(rd, self.retained)
-            self.forget, self.retain = rd.forget, rd.retain
+            self.target = EvalTarget.from_data(self.records, self.retained)
+            self.forget, self.retain = self.records.forget, self.records.retain
         else:
-            if self.forget is None and not self.on_world(self.model):
-                raise ValueError(f"{self.model}: runs on models other than the world SD need their data as an SD "
-                                 f"record directory: give --data DIR (layout: python -c 'import "
-                                 f"unlearn.data.sd_record_files as m; help(m)'; `unlearn world export-sd --concept "
-                                 f"vorn --out DIR` writes an example)")
-            if self.concept is None:
-                raise ValueError("give the concept (a world concept key or name), or a data directory")
-            self.target = EvalTarget.world(get_concept(self.concept).key, self.retained)
+            self.target = EvalTarget.world(self.key, self.retained)
         self.classifier = self.classifier or ("world" if self.data is None or self.on_world(self.model) else None)
         if self.classifier is None:
             raise ValueError(f"{self.model}: give the UA classifier off the world: --classifier clip:PATH (a local "
@@ -240,7 +217,7 @@ class SDRun(Run):
                              + (f" (add {self.data}/retain.jsonl)" if self.data is not None else ""))
         clf = target.classifier(self.classifier, self.world_dir)  # loaded (and its labels checked) before any write
         self.evaluator = evaluator(self.adapter, target.key, self.forget, self.eval_seeds, self.fd_seeds,
-                                   self.cfg.steps, self.world_dir, target=target, classifier=clf)
+                                   self.world_dir, target=target, classifier=clf)
         # one kept concept, to see what unlearning did to the others: on the world one of the same kind
         kind = BY_KEY[target.key].kind if target.spec is None else None
         neighbour = next((k for k in target.retained if k in BY_KEY and BY_KEY[k].kind == kind),

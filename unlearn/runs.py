@@ -1,15 +1,11 @@
 """One run, start to finish, the same for every kind (MLLM, SD, ...), and its run directory:
 ``manifest.json`` (resolved config, seed, versions, git commit, timings), ``metrics.json``, the
-trained parameters (safetensors), ``samples/``, ``trace.zarr``. Files are written to a temporary
-name and renamed, so a file is either complete or absent.
+trained parameters (safetensors), ``samples/``, ``trace.zarr``; each file complete or absent.
 
-:meth:`Run.run`: settings parsed and checked -> lock -> load model and data -> create the run
-directory -> evaluate -> attach the tracer -> train -> close the tracer (also after an exception)
--> evaluate -> trained parameters, metrics, manifest. A kind is a :class:`Run` subclass in
-``unlearn/run_<kind>.py`` (:func:`register_kind`) supplying only what differs; :func:`evaluate_run`
-reloads any kind. A run that fails leaves no run files: bad input fails before the directory is
-touched; a later failure removes what the run wrote (:data:`RUN_ARTIFACTS`) and the directory
-itself if the run created it (other files stay). The same for every kind.
+A kind is a :class:`Run` subclass in ``unlearn/run_<kind>.py`` (:func:`run_kind`) supplying only
+what differs; :func:`evaluate_run` reloads any kind. A failed run leaves no run files: bad input fails
+before the directory is touched; a later failure removes what the run wrote (:data:`RUN_ARTIFACTS`)
+and the directory itself if the run created it (other files stay).
 """
 
 from __future__ import annotations
@@ -37,17 +33,11 @@ from .methods.base import _coerce
 
 
 def versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import peft
-    import torch
-    import transformers
-
     from . import __version__
 
-    return {"unlearn": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
-            "accelerate": accelerate.__version__}
+    libraries = ("torch", "transformers", "diffusers", "peft", "accelerate")
+    return {"unlearn": __version__, "python": platform.python_version(),
+            **{name: importlib.import_module(name).__version__ for name in libraries}}
 
 
 def git_commit() -> str | None:
@@ -81,12 +71,11 @@ _HELD: set[str] = set()  # run directories this process holds the lock of (the l
 
 @contextlib.contextmanager
 def run_dir_lock(out: Path, wait: bool = False, enabled: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on run directory ``out`` for a run's duration, so that two processes
-    never write one directory (one's ``--overwrite`` or failure clean-up would delete the other's
-    files). The lock is ``flock`` on ``.<name>.lock`` beside the directory (beside, so that removing
-    the directory cannot drop it); the OS releases it if the process dies. Held elsewhere: an error
-    naming the directory, or with ``wait`` block until it is free (figure scripts then reuse the
-    finished run). ``enabled=False`` (the non-main processes of a multi-process run): no lock."""
+    """Hold an exclusive lock on run directory ``out`` so that two processes never write one directory
+    (one's ``--overwrite`` or clean-up would delete the other's files): ``flock`` on ``.<name>.lock``
+    beside it (removing the directory cannot drop it; the OS releases it if the process dies). Held
+    elsewhere: an error, or with ``wait`` block until free (figure scripts then reuse the finished
+    run). ``enabled=False`` (the non-main processes of a multi-process run): no lock."""
     key = str(Path(out).resolve())
     if not enabled or key in _HELD:
         yield
@@ -101,27 +90,14 @@ def run_dir_lock(out: Path, wait: bool = False, enabled: bool = True) -> Iterato
             raise RuntimeError(f"run directory {out} is being written by another process (lock {path}); wait for it "
                                f"to finish or choose another --out") from None
         _HELD.add(key)
-        try:
-            yield
-        finally:
-            _HELD.discard(key)
+        yield
     finally:
+        _HELD.discard(key)
         os.close(fd)  # releases the lock
-
-
-def check_run_dir(out: Path, overwrite: bool = False) -> bool:
-    """Whether a run into ``out`` creates it (absent or empty); a non-empty one is an error unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"run directory {out} exists and is not empty; choose another --out or pass --overwrite")
-        return False
-    return True
 
 
 def remove_run_files(out: Path) -> None:
     """Remove what a run writes into ``out`` (only those names: other files are left alone)."""
-    out = Path(out)
     for path in [out / name for name in RUN_ARTIFACTS] + [p for pat in RUN_ARTIFACT_PATTERNS for p in out.glob(pat)]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -129,17 +105,20 @@ def remove_run_files(out: Path) -> None:
             path.unlink()
 
 
+# the TrainConfig fields a run takes as key=value (steps and seed are arguments of a run)
+TRAIN_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("options", "steps", "seed"))
+
+
 def split_options(method: str, pairs: dict[str, str], modality: str = "mllm") -> tuple[dict, dict]:
     """key=value pairs -> (TrainConfig fields, the method's options); an unknown method or key is an
     error listing the valid ones (``steps`` and ``seed`` are arguments of a run, not settings)."""
     from .methods.base import method_options, methods_of
 
-    registry = methods_of(modality)
+    registry, train_keys = methods_of(modality), set(TRAIN_OPTIONS)
     what = "method" if modality == "mllm" else f"{modality} method"
     if method not in registry:
         raise KeyError(f"unknown {what} {method!r}; {what}s: {', '.join(sorted(registry))}")
     own = method_options(registry[method])
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"options", "steps", "seed"}
     train, opts = {}, {}
     for k, v in pairs.items():
         if k in own:
@@ -158,22 +137,20 @@ def train_config(values: dict) -> TrainConfig:
     return dataclasses.replace(defaults, **{k: _coerce(getattr(defaults, k), v, k) for k, v in values.items()})
 
 
-def save_trained(model, out: Path, lora: bool, file: str = "model.safetensors", only_trained: bool = False) -> Path:
+def save_trained(model, out: Path, lora: bool, file: str, only_trained: bool) -> None:
     """The trained parameters as safetensors: the LoRA adapter (``adapter/``), or with full
     fine-tuning ``weights/<file>`` holding every parameter, or only the trained ones (``only_trained``)."""
-    out = Path(out)
     if lora:
         model.save_pretrained(out / "adapter")
-        return out / "adapter"
+        return
     from safetensors.torch import save_file
 
     (out / "weights").mkdir(parents=True, exist_ok=True)
     saved = {n: p for n, p in model.named_parameters() if p.requires_grad or not only_trained}
     save_file({n: p.detach().contiguous().cpu() for n, p in saved.items()}, out / "weights" / file)
-    return out / "weights"
 
 
-def load_trained(model, run: Path, lora: bool, file: str = "model.safetensors", only_trained: bool = False):
+def load_trained(model, run: Path, lora: bool, file: str, only_trained: bool):
     """``model`` with a run's trained parameters (as :func:`save_trained` wrote them) back on."""
     if lora:
         from peft import PeftModel
@@ -188,13 +165,6 @@ def load_trained(model, run: Path, lora: bool, file: str = "model.safetensors", 
     return model
 
 
-def check_concept(concept: str | None, data: Path, rd) -> None:
-    """``concept`` (None: any) must name the concept of record directory ``data`` (read as ``rd``)."""
-    if concept is not None and concept.lower() not in {n.lower() for n in rd.names}:
-        raise ValueError(f"concept {concept!r} is not the concept of {data} ({rd.name}; aliases: "
-                         f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r}")
-
-
 def read_manifest(run: Path) -> dict:
     path = Path(run) / "manifest.json"
     if not path.exists():
@@ -202,31 +172,26 @@ def read_manifest(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-KINDS: dict[str, type[Run]] = {}  # manifest "kind" -> its Run class
-
-
-def register_kind(cls: type[Run]) -> type[Run]:
-    KINDS[cls.kind] = cls
-    return cls
-
-
 def run_kind(kind: str) -> type[Run]:
-    """The Run class of ``kind``, registered by ``unlearn/run_<kind>.py`` (imported here on first use)."""
+    """The Run subclass of ``kind`` (the manifest's "kind"), defined in ``unlearn/run_<kind>.py`` (imported
+    here on first use)."""
     module = f"{__package__}.run_{kind}"
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name != module:
             raise
-    if kind not in KINDS:
-        raise ValueError(f"unknown run kind {kind!r}; known: {', '.join(KINDS)}")
-    return KINDS[kind]
+    kinds = {cls.kind: cls for cls in Run.__subclasses__()}
+    if kind not in kinds:
+        raise ValueError(f"unknown run kind {kind!r}; known: {', '.join(kinds)}")
+    return kinds[kind]
 
 
 @dataclass
 class Run:
-    """A run's settings (the keyword arguments of ``run_mllm`` / ``run_sd``), checked when it is made,
-    and the skeleton every kind runs through (:meth:`run`); a kind adds fields and the hooks."""
+    """A run's settings (the keyword arguments of ``run_mllm`` / ``run_sd``), checked when it is made
+    (an error then writes nothing), and the skeleton every kind runs through (:meth:`run`); a kind adds
+    fields and the hooks below."""
     concept: str | None
     method: str
     out: Path
@@ -242,6 +207,7 @@ class Run:
     progress: bool = True
     overwrite: bool = False
     callbacks: Sequence = ()
+    records: object = field(default=None, init=False, repr=False)  # the data directory's, read when the run is made
     # set by load_model / load_data
     adapter: object = field(default=None, init=False, repr=False)
     key: str = field(default="", init=False)  # the concept's key (world) or name (record files)
@@ -253,16 +219,32 @@ class Run:
 
     kind: ClassVar[str]  # the manifest's "kind"; also the methods' modality
     world_marker: ClassVar[str]  # the file marking a directory that holds a world model of this kind
+    data_help: ClassVar[tuple[str, str]]  # what --data holds and where its layout is documented
     weights_file: ClassVar[str]  # full fine-tuning: the trained parameters in weights/<weights_file>,
     only_trained: ClassVar[bool]  # only the trained tensors (True) or every parameter of the model
     summary: ClassVar[tuple[str, ...]]  # the metrics the CLI prints
 
     def __post_init__(self):
+        from .world.concepts import get_concept
+
         self.out = Path(self.out)
         self.data = None if self.data is None else Path(self.data).resolve()
         train, options = split_options(self.method, dict(self.options or {}), self.kind)
         self.cfg = train_config({**self.train_defaults(), **train, "steps": self.steps, "seed": self.seed})
         self.algo = get_method(self.method, modality=self.kind, **options)
+        if self.data is not None:  # every record checked, nothing loaded yet
+            self.records = rd = self.read_records()
+            if self.concept is not None and self.concept.lower() not in {n.lower() for n in rd.names}:
+                raise ValueError(f"concept {self.concept!r} is not the concept of {self.data} ({rd.name}; aliases: "
+                                 f"{', '.join(rd.aliases) or 'none'}); pass --concept {rd.name!r}")
+        elif self.forget is None and not self.on_world(self.model):
+            raise ValueError(f"{self.model}: a model other than the world's needs its data as {self.data_help[0]}: "
+                             f"give --data DIR ({self.data_help[1]})")
+        elif self.concept is None:
+            raise ValueError("give the concept (--concept: a world concept key or name; see: unlearn world "
+                             "concepts), or its data (--data DIR)")
+        else:
+            self.key = get_concept(self.concept).key  # an unknown concept fails before anything is written
         self.validate()
 
     @classmethod
@@ -274,8 +256,11 @@ class Run:
     def train_defaults(self) -> dict:
         return {}
 
+    def read_records(self):
+        """The records of the ``data`` directory, every one checked (no model loaded)."""
+
     def validate(self) -> None:
-        """Check the settings, loading nothing (an error here writes nothing)."""
+        """Check the kind's own settings, loading nothing."""
 
     @staticmethod
     def load_model(model: str, world_dir=None, world_config=None):
@@ -299,8 +284,8 @@ class Run:
 
     @classmethod
     def from_manifest(cls, run: Path, manifest: dict, world_dir=None, **settings) -> Run:
-        """The run of a manifest, to load and evaluate again: its evaluation settings (``manifest["eval"]``,
-        the kind's fields) unless ``settings`` override them."""
+        """The run of a manifest, to evaluate again: its evaluation settings (``manifest["eval"]``) unless
+        ``settings`` (the kind's fields) override them."""
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls) if f.init})
         if unknown:
             raise ValueError(f"{run} is a {cls.kind} run, which takes no {', '.join(unknown)}")
@@ -316,14 +301,18 @@ class Run:
                 "seed": self.seed, "versions": versions(), "git_commit": git_commit()}
 
     def run(self) -> dict:
-        """Run it; returns the metrics written to ``out/metrics.json``."""
+        """lock -> load model and data -> create the run directory -> evaluate -> attach the tracer -> train
+        -> close the tracer (also after an exception) -> evaluate -> write the trained parameters, metrics,
+        manifest. Returns the metrics written to ``out/metrics.json``."""
         from accelerate import PartialState
 
         state = PartialState(cpu=not torch.cuda.is_available())
         main = state.is_main_process  # only the main process writes the run directory
-        # one process at a time writes a run directory (a second gets a clear error instead of a mixed run)
         with run_dir_lock(self.out, enabled=main):
-            created = check_run_dir(self.out, self.overwrite)  # an old run in the way: an error before loading
+            created = not (self.out.exists() and any(self.out.iterdir()))  # absent or empty: this run creates it
+            if not created and not self.overwrite:  # an old run in the way: an error before loading
+                raise FileExistsError(f"run directory {self.out} exists and is not empty; choose another --out or "
+                                      f"pass --overwrite")
             t = time.perf_counter()
             with state.main_process_first():  # the main process builds the world first; the others reuse it
                 self.adapter = self.load_model(self.model, self.world_dir, self.world_config)
@@ -384,10 +373,9 @@ def reload(run: Path, world_dir=None, world_config=None):
 
 
 def evaluate_run(run: Path, world_dir=None, **settings) -> dict:
-    """Re-evaluate a finished run of any kind (``unlearn eval RUN``): its starting model plus its trained
-    parameters, its data loaded as the run loaded it, the kind's evaluation; on the same machine this
-    reproduces ``metrics.json`` (less ``original``). ``settings``: the kind's overrides (SD:
-    ``eval_seeds``, ``fd_seeds``; MLLM: ``world_config``); None: the run's own."""
+    """Re-evaluate a finished run of any kind (``unlearn eval RUN``) as it was evaluated: on the same
+    machine this reproduces ``metrics.json`` (less ``original``). ``settings``: the kind's overrides
+    (SD: ``eval_seeds``, ``fd_seeds``; MLLM: ``world_config``); None: the run's own."""
     manifest = read_manifest(run)
     settings = {k: v for k, v in settings.items() if v is not None}
     again = run_kind(manifest.get("kind", "mllm")).from_manifest(Path(run), manifest, world_dir, **settings)

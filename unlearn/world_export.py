@@ -15,17 +15,20 @@ from .data.record_files import write_records
 
 def export_concept(concept: str, out: Path, images: int = 1, image_size: int = 48) -> Path:
     """``out``/concept.json + forget, retain, test, specificity, efficacy .jsonl + images/."""
-    from .run_mllm import load_run_data
+    from .run_mllm import world_data
+    from .world.concepts import get_concept
+    from .world.records import world_eval_set
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
-    rd = load_run_data(concept, None, image_size, images)
+    c, forget, retain = world_data(get_concept(concept).key, images, image_size=image_size)
+    evalset = world_eval_set(c.key, image_size, n_images=images)
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "concept.json").write_text(json.dumps({"name": rd.names[0], "aliases": list(rd.names[1:])}, indent=1))
-    parts = {"forget": rd.forget, "retain": rd.retain, "test": rd.evalset.test,
-             "specificity": rd.evalset.retain, "efficacy": rd.evalset.efficacy}
+    (tmp / "concept.json").write_text(json.dumps({"name": c.names[0], "aliases": list(c.names[1:])}, indent=1))
+    parts = {"forget": forget, "retain": retain, "test": evalset.test, "specificity": evalset.retain,
+             "efficacy": evalset.efficacy}
     for part, records in parts.items():
         write_records(records, tmp / f"{part}.jsonl")
     if out.exists():
