@@ -88,52 +88,30 @@ def layer_violations(edges: list[Edge], package: str, order: dict[str, int]) -> 
 
 
 def cycles(edges: list[Edge], within: str) -> list[list[Edge]]:
-    """One cycle of edges per strongly connected component (more than one module) of the import
-    graph of the modules under ``within`` (Tarjan)."""
+    """Import cycles among the modules under ``within``: a closed path of edges for every back edge a
+    depth-first search meets (none: the import graph is acyclic)."""
     graph: dict[str, list[Edge]] = {}
     for e in edges:
-        if e.source.split(".")[0] == within and e.target.split(".")[0] == within and e.source != e.target:
+        if e.source.split(".")[0] == within == e.target.split(".")[0] and e.source != e.target:
             graph.setdefault(e.source, []).append(e)
-    index, low, stack, on_stack, comps = {}, {}, [], set(), []
+    found, done, stack, trail = [], set(), [], []  # trail[i]: the edge from stack[i] to stack[i + 1]
 
     def visit(v):
-        index[v] = low[v] = len(index)
         stack.append(v)
-        on_stack.add(v)
         for e in graph.get(v, []):
-            if e.target not in index:
+            if e.target in stack:  # a back edge closes a cycle
+                found.append(trail[stack.index(e.target):] + [e])
+            elif e.target not in done:
+                trail.append(e)
                 visit(e.target)
-                low[v] = min(low[v], low[e.target])
-            elif e.target in on_stack:
-                low[v] = min(low[v], index[e.target])
-        if low[v] == index[v]:
-            comp = set()
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                comp.add(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                comps.append(comp)
+                trail.pop()
+        stack.pop()
+        done.add(v)
 
     for v in sorted(graph):
-        if v not in index:
+        if v not in done:
             visit(v)
-    return [_cycle_in(graph, comp) for comp in comps]
-
-
-def _cycle_in(graph: dict[str, list[Edge]], comp: set[str]) -> list[Edge]:
-    """A closed path of edges inside one strongly connected component."""
-    start = min(comp)
-    path, seen, v = [], {start: 0}, start
-    while True:
-        e = next(e for e in graph[v] if e.target in comp)
-        path.append(e)
-        v = e.target
-        if v in seen:
-            return path[seen[v]:]
-        seen[v] = len(path)
+    return found
 
 
 def _report(cycle: list[Edge]) -> str:
