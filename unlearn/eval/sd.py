@@ -1,21 +1,14 @@
 """Evaluation of an unlearned Stable Diffusion: UA, a Fréchet distance on the kept concepts, K_C / K_N
 on the forget images, TS / TI. Definitions and choices are in docs/sd-eval.md; in short:
 
-* **UA** (unlearning accuracy, percent): of the images generated from the forgotten concept's
-  prompt(s) with seeds ``0 .. n_seeds-1`` (default 100), the share a classifier does NOT label as
-  the concept. Classifiers follow :class:`ConceptClassifier`: the world classifier
-  (:class:`unlearn.world.source.WorldConceptClassifier`) on the world; on real SD a classifier the
-  user gives, e.g. :class:`ClipZeroShotClassifier` (a CLIP model, prompts "a photo of {name}").
-* **FD** (Fréchet distance) between features of images the model generates for the *retained*
-  concepts and reference images of them: on the world, features are the world classifier's
-  penultimate layer and the result is named ``"world-classifier-features"`` (it is not an Inception
-  FID and not comparable with one). Standard Inception FID needs torchvision through every
-  maintained library (pytorch-fid, torch-fidelity, torchmetrics[image]), which cannot be installed
-  here; :func:`feature_fd` computes the same formula over the features of any extractor the user
-  gives (e.g. an Inception-v3 pool3 network loaded on their machine), named by the caller.
-* **K_C / K_N** (Eq. 4, 6) on the forget images through :func:`knowtrace.knowledge.sd_knowledge`:
-  per-latent-pixel noise errors at fixed timesteps with fixed noise (see :func:`forget_knowledge`),
-  so an original and an unlearned model are scored on identical inputs.
+* **UA** (percent): of the images generated from the forgotten concept's prompt(s) with seeds
+  ``0 .. n_seeds-1``, the share a :class:`ConceptClassifier` does NOT label as the concept (the world
+  classifier on the world; on real SD one the user gives, e.g. :class:`ClipZeroShotClassifier`).
+* **FD** between features of images generated for the *retained* concepts and reference images: on
+  the world, the world classifier's penultimate layer (``"world-classifier-features"``, not an
+  Inception FID: that needs torchvision); :func:`feature_fd` takes any extractor the user gives.
+* **K_C / K_N** (Eq. 4, 6) on the forget images with fixed timesteps and noise
+  (:func:`forget_knowledge`), so an original and an unlearned model are scored on identical inputs.
 * **TS / TI**: training steps and training images, given by the run.
 """
 
