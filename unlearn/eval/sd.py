@@ -43,15 +43,10 @@ class ConceptClassifier(Protocol):
 
 
 class ClipZeroShotClassifier:
-    """Zero-shot CLIP: each label is a text prompt ``template.format(name=...)``; an image gets the
-    label whose text embedding has the highest cosine similarity with its image embedding.
-
-    labels: the labels to choose among (the concept and what it might be confused with or replaced
-    by, e.g. ``["Elon Musk", "a man", "a woman", ...]``); names: label -> name put in the template
-    (default: the label itself). The image processor defaults to ``CLIPImageProcessorPil`` (no
-    torchvision). ``features`` are CLIP's projected image embeddings (an FD on them is a "CLIP-FD",
-    named ``"clip-image-embeddings"``).
-    """
+    """Zero-shot CLIP: an image gets the label whose prompt ``template.format(name=names.get(label, label))``
+    has the highest cosine similarity with it. ``labels``: the concept and what it might be confused with
+    (e.g. ``["Elon Musk", "a man", "a woman"]``). The image processor defaults to ``CLIPImageProcessorPil``
+    (no torchvision); ``features`` are CLIP's projected image embeddings ("clip-image-embeddings")."""
 
     feature_space = "clip-image-embeddings"
 
@@ -238,10 +233,9 @@ def fixed_noise_errors(unet, scheduler, latents: torch.Tensor, cond: torch.Tenso
     """Per-latent-pixel noise errors of fixed inputs, averaged over timesteps: (N, h, w) float32, CPU.
 
     latents (N, C, h, w), cond (N, L, D), noise (T, N, C, h, w) for the T ``timesteps``:
-    ``e_x = mean over channels of (eps - eps_theta(z_t, cond, t))^2`` per (timestep, image) pair, then
-    the mean over the timesteps. The T x N pairs go through the UNet ``batch_size`` at a time
-    (timestep-major), in eval mode (each module's flag restored after): one forward per timestep
-    paid the UNet's per-call cost T times, which on a small UNet is most of the probe."""
+    ``e_x = mean over channels of (eps - eps_theta(z_t, cond, t))^2`` per (timestep, image) pair, then the
+    mean over timesteps. The T x N pairs go through the UNet ``batch_size`` at a time (one forward per
+    timestep would pay a small UNet's per-call cost T times), in eval mode."""
     from knowtrace.modes import eval_mode
 
     if int(batch_size) < 1:
@@ -267,15 +261,10 @@ def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS
                      lam: float = 1.0, reduce: str = "mean", adapter=None) -> dict:
     """K_C, K_N (Eq. 4, 6) of each forget record (image + concept mask + prompt).
 
-    Per record: the image's latents z (VAE posterior mean, scaled) and its latent-grid mask, both
-    from the SD adapter (same resize/crop for image and mask); for each timestep t in ``timesteps``
-    a noise eps drawn once from ``torch.Generator().manual_seed(noise_seed)`` (one draw of shape
-    (T, N, C, h, w), so it is the same for every model given the same records), z_t = q(z_t | z, eps),
-    ``e_x = mean over channels of (eps - eps_theta(z_t, prompt, t))^2``; e_x is averaged over the
-    timesteps (:func:`fixed_noise_errors`), then ``K_C = exp(-lam * agg(e_x over concept pixels))``
-    and K_N over the others, with ``agg`` the mean (default; comparable across image sizes and mask
-    areas) or the sum (the paper's literal form), by :func:`knowtrace.knowledge.sd_knowledge`.
-    """
+    The adapter gives each record's latents (VAE posterior mean, scaled) and latent-grid mask; the noise
+    (T, N, C, h, w) is drawn once from ``manual_seed(noise_seed)``, so every model given the same records
+    is scored on the same inputs. The errors (:func:`fixed_noise_errors`) become K by
+    :func:`knowtrace.knowledge.sd_knowledge` (``reduce``: "mean" over the group's pixels, or the paper's "sum")."""
     from knowtrace.knowledge import sd_knowledge
 
     from ..data.sd_masks import MaskOptions
@@ -326,16 +315,12 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
                     settings: SDEvalSettings = SDEvalSettings(), adapter=None) -> dict:
     """UA, FD, K_C / K_N, TS / TI of a (possibly unlearned) pipeline for the forgotten ``concept_key``.
 
-    prompts: the forget prompt(s) for UA, each with seeds 0..n_seeds-1; the concept's label for the
-    classifier is ``concept_key``. retained: the kept concepts, label -> prompt; each is generated
-    with seeds 0..fd_seeds-1. reference_images: what the FD compares those images with, in the same
-    order, described by ``reference_name`` (on the world, :func:`unlearn.world.records.world_fd_reference`:
-    the rendered ``test`` images of the same concepts, so the FD is "generated vs real" as in FID;
-    pass the original model's images to measure drift instead). fd_features / fd_space: the FD's
-    extractor and its name (default: ``classifier.features`` and ``classifier.feature_space``).
-    forget_records: SD records with masks for K_C / K_N (none: no K_C / K_N); train_steps /
-    train_images: TS / TI, reported as given (TI defaults to the number of forget records).
-    The world's prompts and records: :mod:`unlearn.world.records`.
+    prompts: the forget prompt(s) for UA, each with seeds 0..n_seeds-1. retained: the kept concepts,
+    label -> prompt, each generated with seeds 0..fd_seeds-1 and compared with ``reference_images`` (same
+    order; on the world :func:`unlearn.world.records.world_fd_reference`, the rendered ``test`` images, so
+    the FD is "generated vs real"; the original model's images measure drift instead). fd_features /
+    fd_space: the FD's extractor and its name (default: the classifier's). forget_records: SD records with
+    masks for K_C / K_N (none: no K); TS / TI are reported as given (TI defaults to len(forget_records)).
     """
     s = settings
     if n_seeds < 1:
