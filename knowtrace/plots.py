@@ -1,15 +1,10 @@
-"""Plotly views of a trace: they take DataArrays / Datasets of :mod:`knowtrace.schema` and return
-``plotly.graph_objects.Figure`` objects (show them in a notebook, or save them with :func:`save`).
+"""Plotly views of a trace (:mod:`knowtrace.schema`) as ``plotly.graph_objects.Figure`` objects (show them
+in a notebook, or write them with :func:`save`): token log-probs over steps (FTTP paper Fig. 2), K_C and
+K_N over steps (Fig. 3) and against each other (Fig. 5), answer tokens' attention over the image (Fig. 8)
+and the SD per-latent-pixel noise error, one frame per step.
 
-* :func:`token_trajectories`  log p of every answer token over steps (FTTP paper Fig. 2);
-* :func:`knowledge_over_steps` K_C and K_N over steps, per sample or mean with a band (Fig. 3);
-* :func:`knowledge_scatter`   K_C vs K_N, one trace per run / method (Fig. 5);
-* :func:`attention_slider`    answer tokens' cross-attention over the image, one frame per step (Fig. 8);
-* :func:`eps_err_slider`      the SD per-latent-pixel noise error over the image, one frame per step.
-
-Values are plotted as they are stored (float16 traces are shown as float16 values cast to float64):
-no smoothing, no rescaling. Steps where a sample was not in the step's batch are NaN in the trace;
-lines bridge them (``connectgaps``) and markers show the steps that were recorded.
+Values are plotted as stored: no smoothing, no rescaling. Steps where a sample was not in the batch are
+NaN; lines bridge them (``connectgaps``) and markers show the recorded steps.
 """
 
 from __future__ import annotations
@@ -31,9 +26,7 @@ CONCEPT_COLOR = "#d62728"
 OTHER_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#7f7f7f", "#bcbd22", "#e377c2")
 # what to do to record each variable, for the "this trace has no X" errors
 HOW_TO_RECORD = {
-    "logprob": "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)",
-    "K_C": "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)",
-    "K_N": "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)",
+    **dict.fromkeys(("logprob", "K_C", "K_N"), "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)"),
     "xattn": "run with attention capture enabled (the tracer's cross-attention capture of answer tokens "
              "to image patches)",
     "eps_err": "record an SD trace (per-latent-pixel noise error, eps_err)",

@@ -154,8 +154,8 @@ class MLLMTracer:
         else:
             rows = self._match_rows(forwards)
         self.trace.write(step, rows, losses)
-        if self.probe is not None:
-            self.probe.maybe_run(step)
+        if self.probe is not None and step % self.probe.probes.every == 0:
+            self.probe.run(step)
         return bool(rows)
 
     def clear(self) -> None:
