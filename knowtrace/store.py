@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .schema import JSON_ATTRS, MAP_VARIABLES, PROBE_GROUP, STATIC_COORDS, STEP, STEP_VARIABLES, check_variable
+from .schema import JSON_ATTRS, MAP_VARIABLES, PROBE_GROUP, STATIC_COORDS, STEP, STEP_VARIABLES
 
 
 def index_samples(samples: Sequence) -> dict[str, int]:
@@ -122,7 +122,7 @@ class TraceStore:
         for name, value in variables.items():
             dims = STEP_VARIABLES.get(name)
             if dims is None:
-                check_variable(name, ())  # raises with the list of known names
+                raise KeyError(f"{name!r} is not a per-step variable of the trace schema; known: {sorted(STEP_VARIABLES)}")
             arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
             if arr.ndim != len(dims) - 1:
                 raise ValueError(f"{name!r} needs dims {dims[1:]} per step, got shape {arr.shape}")
