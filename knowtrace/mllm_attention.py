@@ -175,7 +175,6 @@ class AttentionCapture(Capture):
         self.recording = False
         self._targets: list[Target | None] = []
         self.maps: list[dict[int, torch.Tensor]] = []  # per batch row: layer -> (heads, n_answer, gy, gx)
-        self._eager = {}
 
     # ----------------------------------------------------------------- attach / restore
     def _install(self) -> None:
@@ -199,15 +198,12 @@ class AttentionCapture(Capture):
         self.maps, self._targets = [], []
 
     def original_function(self, module):
-        if self.original == "eager":  # the model's own eager function lives in its modeling module
-            fn = self._eager.get(type(module))
-            if fn is None:
-                fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-                if fn is None:
-                    raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward; use 'sdpa'")
-                self._eager[type(module)] = fn
-            return fn
-        return ALL_ATTENTION_FUNCTIONS[self.original]
+        if self.original != "eager":
+            return ALL_ATTENTION_FUNCTIONS[self.original]
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)  # the model's own
+        if fn is None:
+            raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward; use 'sdpa'")
+        return fn
 
     # ----------------------------------------------------------------- one forward
     def begin(self, input_ids: torch.Tensor, labels: torch.Tensor, image_grid_thw: torch.Tensor | None = None):

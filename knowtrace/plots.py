@@ -169,12 +169,10 @@ def _nan_stats(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | None = None,
                          samples: str | int | Sequence[int | str] = "mean", band: str | None = "range",
                          log_y: bool = False) -> go.Figure:
-    """K_C (top) and K_N (bottom) over steps.
+    """K_C (top) and K_N (bottom) over steps, from a trace or the K_C DataArray (then ``k_n`` is K_N).
 
-    ``data``: a trace (with K_C and K_N) or the K_C DataArray, then ``k_n`` is K_N.
-    ``samples``: "mean" (the mean over the samples recorded at each step, with a ``band``: "range" =
-    min..max over samples, "std" = mean +- one standard deviation, None = no band), "all", an index
-    or id, or a list of them (one line per sample).
+    ``samples``: "mean" (over the samples recorded at each step, with a ``band``: "range" = min..max,
+    "std" = mean +- one standard deviation, None), "all", or an index / id / list of them (a line each).
     """
     if band not in ("range", "std", None):
         raise ValueError(f"band must be 'range', 'std' or None, got {band!r}")
@@ -226,12 +224,9 @@ def last_finite(da: xr.DataArray) -> np.ndarray:
 
 
 def knowledge_scatter(runs: Mapping[str, xr.Dataset], mode: str = "final", log: bool = False) -> go.Figure:
-    """K_C (x) against K_N (y), one trace per run (e.g. per method).
-
-    ``mode="final"``: one point per run, the mean over samples of each sample's last recorded value
-    (what unlearning ended with). ``mode="trajectory"``: the per-step mean over samples, as a path
-    from the first step (open marker) to the last.
-    """
+    """K_C (x) against K_N (y), one trace per run (e.g. per method). ``mode="final"``: one point per run,
+    the mean over samples of each sample's last recorded value; ``"trajectory"``: the per-step mean over
+    samples as a path from the first step (open marker) to the last."""
     if mode not in ("final", "trajectory"):
         raise ValueError(f"mode must be 'final' or 'trajectory', got {mode!r}")
     if not runs:
@@ -293,13 +288,10 @@ def mask_outline(mask: np.ndarray, x0: float, dx: float, y0: float, dy: float) -
 
 def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = "", opacity: float = 0.55,
                contour: np.ndarray | None = None, panels: int | None = None) -> go.Figure:
-    """A heatmap per step with a step slider. ``maps``: (step, y, x); ``image`` (H, W, 3) is drawn
-    under the map, each map cell stretched over its H/y x W/x pixels; ``contour`` (y, x) bool is
-    outlined on top (cell edges). Colours share one range over all steps, so frames compare.
-
-    ``panels=n``: instead of a slider, a static grid of the maps at n evenly spaced steps (the first
-    and the last included), one colour scale: what a PNG can show (a slider's static image is its
-    first frame only)."""
+    """A heatmap per step with a step slider; one colour range over all steps, so frames compare.
+    ``maps``: (step, y, x); ``image`` (H, W, 3) is drawn under it, each map cell stretched over its pixels;
+    ``contour`` (y, x) bool is outlined on top (cell edges). ``panels=n``: a static grid of n evenly spaced
+    steps instead (first and last included): what a PNG can show (a slider's image is its first frame)."""
     maps = maps.transpose(STEP, "y", "x")
     z = _values(maps)  # (step, y, x)
     steps = maps[STEP].values.tolist()
@@ -404,14 +396,10 @@ def _select_tokens(da: xr.DataArray, tokens) -> list[int]:
 def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0,
                      tokens: int | Sequence[int] | None = None, image=None, layer: int | str = "mean",
                      opacity: float = 0.55, panels: int | None = None) -> go.Figure:
-    """Cross-attention of answer tokens to the image patches, one frame per step (slider).
-
-    The map is the mean over the chosen ``tokens`` (answer positions; default: the concept's tokens,
-    else all answer tokens) and over the recorded layers (``layer="mean"``) or one decoder layer (its
-    number in the ``layer`` coord; an index into the recorded layers when there is no such coord).
-    ``image``: the sample's image (array or PIL), drawn under the map; without it, the map alone.
-    ``panels=n``: a static grid of n evenly spaced steps instead of the slider (for PNG).
-    """
+    """Cross-attention of answer tokens to the image patches, one frame per step (slider; ``panels=n``: a
+    static grid of n steps, for PNG). The map is the mean over ``tokens`` (answer positions; default: the
+    concept's tokens, else all) and over the recorded layers (``layer="mean"``) or one decoder layer (its
+    number in the ``layer`` coord, else an index). ``image``: the sample's image, drawn under the map."""
     full = variable(xattn, "xattn")
     sample = sample_index(full, sample)
     da = _pick_sample(full, sample).astype(np.float64)  # (step, layer, token, y, x); means in float64

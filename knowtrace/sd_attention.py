@@ -118,15 +118,13 @@ def _attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask,
 
 
 class CrossAttentionCapture(Capture):
-    """A :class:`~knowtrace.capture.Capture` recording ``attn2`` attention probabilities; see the module
-    docs. ``read()`` returns (and forgets) the records; :meth:`probs` / :meth:`maps` reduce them in place.
+    """A :class:`~knowtrace.capture.Capture` of ``attn2`` attention probabilities (see the module docs);
+    ``read()`` returns and forgets the records, :meth:`probs` / :meth:`maps` reduce them in place.
 
-    layers: None for every ``attn2`` layer, a sequence of layer names (with or without the
-    ``.processor`` suffix, as in ``unet.attn_processors``), or a predicate on the layer name
-    (without the suffix). keep_grad: keep the probabilities in the autograd graph (for a loss);
-    otherwise they are computed without gradient. cfg: keep only the second (conditional) half of
-    each batch. mean_heads: keep the mean over heads (heads dimension of size 1). tokens: keep only
-    these text-token columns. to_cpu: move kept (detached) records to the CPU.
+    layers: None (every ``attn2`` layer), layer names (``.processor`` suffix optional) or a predicate on
+    the name. keep_grad: keep the probabilities in the graph (for a loss). cfg: keep the conditional half
+    of each batch. mean_heads: keep the head mean. tokens: keep these text-token columns. to_cpu: move
+    kept (detached) records to the CPU.
     """
 
     def __init__(self, unet, layers: Sequence[str] | Callable[[str], bool] | None = None, *, keep_grad: bool = False,
