@@ -58,12 +58,9 @@ def token_coords(samples: Sequence) -> dict[str, np.ndarray]:
 
 
 class TraceStore:
-    """Append-only Zarr trace following :mod:`knowtrace.schema`.
-
-    ``static``: the static coords (name -> array with the schema's dims), written once;
-    ``attrs``: run metadata, stored as JSON strings; ``map_dtype``: storage type of the map variables
-    (:data:`~knowtrace.schema.MAP_VARIABLES`); every other float variable is float32.
-    """
+    """Append-only Zarr trace following :mod:`knowtrace.schema`: ``static`` coords (name -> array with the
+    schema's dims) written once, ``attrs`` stored as JSON strings, the map variables stored as ``map_dtype``
+    and every other float variable as float32."""
 
     def __init__(self, path: str | os.PathLike, static: dict | None = None, attrs: dict | None = None,
                  map_dtype: str = "float32", flush_seconds: float = 0.0):

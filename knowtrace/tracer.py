@@ -37,11 +37,9 @@ __all__ = ["MLLMTracer", "TracedSample", "trace"]
 class MLLMTracer:
     """Per-step token log-probs, K_C / K_N and (optionally) cross-attention of ``samples``.
 
-    ``attention``: :class:`~knowtrace.mllm_attention.AttentionOptions` (None: no attention);
-    ``probes``: a :class:`~knowtrace.probe.ProbeSet` run every ``probes.every`` steps;
-    ``map_dtype``: storage type of the attention maps ("float16" halves them; log-probs, K and losses
-    are always float32); ``flush_seconds``: steps are buffered and written at most this often (and on
-    exit, also after an exception; see :class:`~knowtrace.store.TraceStore`); 0 writes every step at once.
+    ``attention``: :class:`~knowtrace.mllm_attention.AttentionOptions` (None: none); ``probes``: a
+    :class:`~knowtrace.probe.ProbeSet`; ``map_dtype``: storage type of the attention maps; steps are
+    buffered and written at most every ``flush_seconds`` (0: at once; always on exit).
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample],

@@ -179,12 +179,9 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)``.
-
-    Why this form: ``tr((S1 S2)^1/2)`` (pytorch-fid's ``sqrtm(S1 @ S2)``) equals the trace of the
-    square root of the symmetric PSD matrix ``S1^1/2 S2 S1^1/2``, whose eigenvalues come from
-    ``eigh`` without the complex round-off that ``sqrtm`` of a non-symmetric product produces.
-    Tiny negative eigenvalues (round-off) are clipped to 0."""
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)``: ``tr((S1 S2)^1/2)`` (pytorch-fid's
+    ``sqrtm(S1 @ S2)``) computed from the symmetric PSD ``S1^1/2 S2 S1^1/2`` with ``eigh``, without the
+    complex round-off of ``sqrtm`` of a non-symmetric product; tiny negative eigenvalues are clipped to 0."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):

@@ -1,8 +1,6 @@
-"""The world as a source of records, through the same record types as a user's record directory:
-MLLM records (:class:`~unlearn.data.records.Record`) with their images rendered, the MLLM
-evaluation set, SD records with the renderer's exact masks, and the SD evaluation's reference images.
-
-The run layer calls these for a world concept where it reads record files for any other concept.
+"""The world as a source of records, in the record types of a user's record directory: MLLM records
+with their images rendered, the MLLM evaluation set, SD records with the renderer's exact masks, and
+the SD evaluation's reference images (the run layer calls these where it reads record files otherwise).
 """
 
 from __future__ import annotations
