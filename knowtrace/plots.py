@@ -74,12 +74,13 @@ def sample_index(data: xr.Dataset | xr.DataArray, sample: int | str) -> int:
     return sample
 
 
-def _pick_sample(da: xr.DataArray, sample: int | str) -> xr.DataArray:
+def _pick_sample(da: xr.DataArray, sample: int | str) -> tuple[int, xr.DataArray]:
+    """The sample's index (from an index or id, range-checked) and its selection."""
     sample = sample_index(da, sample)
     n = da.sizes[SAMPLE]
     if not isinstance(sample, (int, np.integer)) or not -n <= sample < n:
         raise IndexError(f"sample {sample!r} is out of range: this trace has {n} samples (0..{n - 1})")
-    return da.isel({SAMPLE: int(sample)})
+    return sample, da.isel({SAMPLE: int(sample)})
 
 
 def _sample_text(da: xr.DataArray, sample) -> str:
@@ -120,8 +121,7 @@ def token_trajectories(logprob: xr.DataArray | xr.Dataset, sample: int | str = 0
     and thick, the others thin (coords ``token_str`` / ``is_concept`` when present).
     """
     full = variable(logprob, "logprob")
-    sample = sample_index(full, sample)
-    da = _pick_sample(full, sample)  # (step, token)
+    sample, da = _pick_sample(full, sample)  # da: (step, token)
     steps = da[STEP].values.tolist()
     # object: a StringDType coord (how Zarr v3 strings read back) does not cast to fixed-width str
     strs = da.coords["token_str"].values.astype(object) if "token_str" in da.coords else None
@@ -198,9 +198,8 @@ def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | No
             chosen = range(v.shape[1])
         else:  # an index or id, or a list of them
             chosen = [samples] if isinstance(samples, (int, np.integer, str)) else list(samples)
-        chosen = [sample_index(da, s) for s in chosen]
+        chosen = [_pick_sample(da, s)[0] for s in chosen]  # indices, range-checked
         for s in chosen:
-            _pick_sample(da, s)  # range check with a clear error
             fig.add_trace(go.Scatter(x=steps, y=v[:, s], name=f"{name} sample {s}", mode="lines+markers",
                                      connectgaps=True, legendgroup=name,
                                      line=dict(color=colors[name] if len(chosen) == 1 else None)), row=row, col=1)
@@ -401,8 +400,8 @@ def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0,
     concept's tokens, else all) and over the recorded layers (``layer="mean"``) or one decoder layer (its
     number in the ``layer`` coord, else an index). ``image``: the sample's image, drawn under the map."""
     full = variable(xattn, "xattn")
-    sample = sample_index(full, sample)
-    da = _pick_sample(full, sample).astype(np.float64)  # (step, layer, token, y, x); means in float64
+    sample, da = _pick_sample(full, sample)
+    da = da.astype(np.float64)  # (step, layer, token, y, x); means in float64
     positions = _select_tokens(da, tokens)
     if isinstance(layer, str):
         if layer != "mean":
@@ -432,8 +431,7 @@ def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, im
     evenly spaced steps in a static grid); the concept's mask (coord ``mask``) is outlined when the
     trace has it."""
     full = variable(eps_err, "eps_err")
-    sample = sample_index(full, sample)
-    da = _pick_sample(full, sample)  # (step, y, x)
+    sample, da = _pick_sample(full, sample)  # da: (step, y, x)
     contour = np.asarray(da.coords["mask"].values, dtype=bool) if "mask" in da.coords else None
     title = f"Noise-prediction error over the latent grid<br><sub>{_sample_text(da, sample)}</sub>"
     return map_slider(da, image=image, opacity=opacity, colorbar="error", contour=contour, title=_title(eps_err, title),
