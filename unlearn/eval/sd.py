@@ -154,15 +154,21 @@ def ua_from_labels(labels: Sequence[str], concept: str) -> float:
     return 100.0 * sum(label != concept for label in labels) / len(labels)
 
 
+def _ua_labels(pipe, prompts, seeds, classifier: ConceptClassifier, concept: str, guidance_scale: float,
+               num_inference_steps: int) -> tuple[list[str], list[str]]:
+    """The prompt of every (prompt, seed) pair and the classifier's label of its generated image."""
+    if concept not in classifier.labels:
+        raise ValueError(f"concept {concept!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
+    p, s = _pairs(prompts, seeds)
+    return p, classifier.predict(generate_images(pipe, p, s, guidance_scale, num_inference_steps))
+
+
 def unlearning_accuracy(pipe, prompts: str | Sequence[str], seeds: Sequence[int], classifier: ConceptClassifier,
                         concept: str, guidance_scale: float = 4.0, num_inference_steps: int = 25) -> float:
     """UA (0-100): share of the images generated for every (prompt, seed) pair that ``classifier``
     does not label ``concept``."""
-    if concept not in classifier.labels:
-        raise ValueError(f"concept {concept!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
-    p, s = _pairs(prompts, seeds)
-    images = generate_images(pipe, p, s, guidance_scale, num_inference_steps)
-    return ua_from_labels(classifier.predict(images), concept)
+    return ua_from_labels(_ua_labels(pipe, prompts, seeds, classifier, concept, guidance_scale,
+                                     num_inference_steps)[1], concept)
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -322,8 +328,6 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
     s = settings
     if n_seeds < 1:
         raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
-    if concept_key not in classifier.labels:
-        raise ValueError(f"concept {concept_key!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
     if retained is not None and concept_key in retained:
         raise ValueError(f"the forgotten concept {concept_key!r} cannot also be retained")
     if prompts is None:
@@ -333,9 +337,8 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
         raise ValueError("give the retained concepts (label -> prompt) and their reference_images for the FD "
                          "(world concepts: unlearn.world.records.world_prompts and world_fd_reference)")
 
-    # UA
-    p, sd = _pairs(prompts, range(n_seeds))
-    ua_labels = classifier.predict(generate_images(pipe, p, sd, s.guidance_scale, s.num_inference_steps))
+    p, ua_labels = _ua_labels(pipe, prompts, range(n_seeds), classifier, concept_key, s.guidance_scale,
+                              s.num_inference_steps)
     ua = ua_from_labels(ua_labels, concept_key)
 
     # retained concepts: recognition and FD
