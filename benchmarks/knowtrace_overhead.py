@@ -41,9 +41,8 @@ from pathlib import Path
 import torch
 
 from knowtrace import AttentionOptions, ProbeSet, trace
-from knowtrace.logprobs import IGNORE_INDEX
+from mllm_step_speed import bare_fttp_step
 from unlearn.loop import apply_lora
-from unlearn.methods.losses import signed_weights, weighted_token_loss
 from unlearn.models import load_mllm
 from unlearn.run_mllm import world_data
 from unlearn.tracing import traced_samples
@@ -132,22 +131,12 @@ def mllm(args, tmp: Path) -> None:
     records = forget[:2]
     model = apply_lora(adapter.model, 8, 16, adapter.lora_targets)
     base = adapter.model  # peft injects LoRA in place: hooks on the base model see the trained model
-    model.train()
-    batch = adapter.encode(records)
-    weights = signed_weights(adapter.concept_flags(records, concept.names), 1.0, 1.0, batch["labels"] != IGNORE_INDEX)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    step = bare_fttp_step(model, adapter, records, concept.names, 1.0, 1.0, lr=1e-5)
     samples = traced_samples(adapter, forget, concept.names)
     ids = [r.id for r in records]
     probe_records = forget[2:4]  # a probe set the size of a training batch
     probes = ProbeSet([adapter.encode(probe_records)], traced_samples(adapter, probe_records, concept.names), every=10)
     n_layers = base.config.get_text_config().num_hidden_layers
-
-    def step():
-        loss = weighted_token_loss(model(**batch).logits, batch["labels"], weights)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
 
     for _ in range(3):  # warm-up
         step()

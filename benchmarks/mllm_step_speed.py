@@ -52,18 +52,24 @@ def bare_step_on_copy(adapter, batch_records, concept, full: bool):
         model.requires_grad_(True)
     else:
         model = apply_lora(model, 8, 16, adapter.lora_targets)
-    model.train()
-    enc = adapter.encode(batch_records)
     fttp = get_method("fttp")
-    weights = signed_weights(adapter.concept_flags(batch_records, concept.names), fttp.alpha, fttp.beta,
-                             enc["labels"] != IGNORE_INDEX)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    return bare_fttp_step(model, adapter, batch_records, concept.names, fttp.alpha, fttp.beta, lr=3e-4)
+
+
+def bare_fttp_step(model, adapter, records, names, alpha: float, beta: float, lr: float):
+    """A bare PyTorch FTTP step on ``model`` (forward, signed-weight token loss, backward, Adam) over the
+    fixed batch of ``records``, inputs and weights prepared once; the step returns its loss."""
+    model.train()
+    enc = adapter.encode(records)
+    weights = signed_weights(adapter.concept_flags(records, names), alpha, beta, enc["labels"] != IGNORE_INDEX)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
 
     def step():
         loss = weighted_token_loss(model(**enc).logits, enc["labels"], weights)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
 
     return step
 

@@ -46,6 +46,14 @@ def mllm_run(runs: Path, concept: str, method: str, steps: int = 10, lr: float =
     return run
 
 
+def probe_args(doc: str) -> argparse.Namespace:
+    """The arguments of a figure drawn from the probe traces of world MLLM runs (Figs. 2, 3, 8)."""
+    ap = parser(doc)
+    ap.add_argument("--concept", default="grom")
+    ap.add_argument("--steps", type=int, default=10)
+    return ap.parse_args()
+
+
 def probe_trace(args, method: str):
     """The probe trace (the training image's questions, step -1 = before training) of the world MLLM
     run of ``args.concept`` x ``method`` x ``args.steps``, run now if not saved."""

@@ -6,15 +6,12 @@ MLLM (the training image's questions, step -1 = before training).
 
 from __future__ import annotations
 
-from common import parser, probe_trace, save
+from common import probe_args, probe_trace, save
 from panels import side_by_side
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--concept", default="grom")
-    ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
+    args = probe_args(__doc__)
     from knowtrace.plots import knowledge_over_steps
 
     figs, numbers = {}, {}

@@ -7,7 +7,7 @@ concept's patches (the renderer's exact mask, pooled to the patch grid).
 
 from __future__ import annotations
 
-from common import parser, probe_trace, save
+from common import probe_args, probe_trace, save
 
 
 def concept_patches(concept: str, grid: tuple[int, int], size: int = 48):
@@ -27,10 +27,7 @@ def token_map(ds, step_index: int):
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--concept", default="grom")
-    ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
+    args = probe_args(__doc__)
     import numpy as np
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots

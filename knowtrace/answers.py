@@ -1,7 +1,6 @@
-"""Traced answers: :class:`TracedSample`, and :class:`SampleTrace`, which writes one step of a set of
-them (per-token log-probs, K_C / K_N, cross-attention) from rows of captured forwards
-(:class:`~knowtrace.logprobs.Forward`) to its store. The tracer's samples and a probe set are each one
-``SampleTrace``.
+"""Traced answers (:class:`TracedSample`) and :class:`SampleTrace`, which writes one step of a set of them
+(per-token log-probs, K_C / K_N, cross-attention) from rows of captured forwards to its store. The
+tracer's samples and a probe set are each one ``SampleTrace``.
 """
 
 from __future__ import annotations

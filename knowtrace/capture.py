@@ -1,16 +1,10 @@
 """The one contract of every knowtrace hook: attach, record, read, detach.
 
-A capture is built on its model (it finds what to hook there once: a bad option fails early) and
-
-* ``attach()`` installs its hooks; one capture of a kind per model at a time (a second is an error,
-  the first stays intact); if installing fails halfway, what was installed is removed;
-* records while attached; ``read()`` returns what it recorded since the last read and forgets it;
-* ``detach()`` removes every hook and restores what ``attach`` changed (idempotent; the records stay
-  readable). ``with capture:`` detaches also after an exception.
-
-Captures: the log-prob hook (:mod:`.logprobs`), MLLM attention (:mod:`.mllm_attention`), SD attention
-(:mod:`.sd_attention`), the SD prediction hook (:mod:`.sd_tracer`). Tracers and the probe runner only
-attach, read and detach them.
+A capture is built on its model (finding what to hook there once, so a bad option fails early);
+``attach()`` installs its hooks (one capture of a kind per model; a failed install is undone), it
+records while attached, ``read()`` returns and forgets what it recorded, ``detach()`` restores what
+``attach`` changed (idempotent; ``with capture:`` detaches after an exception too). Captures: the
+log-prob hook (:mod:`.logprobs`), MLLM and SD attention, the SD prediction hook (:mod:`.sd_tracer`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """knowtrace as a Hugging Face ``TrainerCallback``.
 
-The tracer's forward hook captures the log-probs (and attention maps) of every forward the Trainer
-makes with labels; at ``on_step_end`` they are written as one trace step, ``step = state.global_step``
-(1-based, HF's count of optimizer steps; with gradient accumulation all micro-batches of the step
-count). The Trainer does not say which dataset items a batch holds, so rows are matched to traced
-samples by their tokens: give ``TracedSample.input_ids`` (the item's unpadded input ids) when two
-samples share an answer. Probes (``trace(..., probes=ProbeSet(...))``) run after the due steps.
-
-Enter the tracer around training, so that hooks are removed even if training fails::
+The tracer's forward hook captures every forward the Trainer makes with labels; ``on_step_end`` writes
+them as one step, ``step = state.global_step`` (with gradient accumulation, all micro-batches of the
+step). The Trainer does not say which items a batch holds, so rows are matched to traced samples by
+their tokens (give ``TracedSample.input_ids`` when two samples share an answer). Enter the tracer
+around training, so that hooks are removed even if it fails::
 
     with knowtrace.trace(model, "trace.zarr", samples) as tracer:
         Trainer(model=model, ..., callbacks=[KnowtraceCallback(tracer)]).train()

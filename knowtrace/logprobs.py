@@ -1,12 +1,9 @@
 """Per-token log-probabilities from logits a forward pass already produced.
 
-``log p(y_t) = logits[t-1, y_t] - logsumexp(logits[t-1, :])``, computed in chunks of rows so that
-no full-vocabulary log-softmax is ever materialised, detached, in float32. Labels are those of the
-final model input (for MLLMs: after the image token was expanded into its patch positions), with
-``ignore_index`` on positions that are not scored (prompt, image, padding).
-
-:class:`LogProbCapture` is the forward hook that computes them for every forward a training step
-already makes with labels (no extra forward pass), and keeps the log-probs only, not the logits.
+``log p(y_t) = logits[t-1, y_t] - logsumexp(logits[t-1, :])`` in float32, detached, in chunks of rows
+(no full-vocabulary log-softmax is materialised). Labels are those of the final model input (MLLMs:
+after image-token expansion), ``ignore_index`` where unscored. :class:`LogProbCapture` is the forward
+hook that keeps them (not the logits) for every forward a training step already makes with labels.
 """
 
 from __future__ import annotations

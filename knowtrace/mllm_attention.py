@@ -1,33 +1,20 @@
 """Cross-attention of answer tokens to image patches in a Hugging Face MLLM's language model.
 
 The seam is transformers' ``AttentionInterface``: while a capture is attached, the language model's
-``config._attn_implementation`` is switched from its original (``"sdpa"`` or ``"eager"``) to
-``"knowtrace_<original>"``, a registered function that
+``config._attn_implementation`` is switched from ``"sdpa"`` / ``"eager"`` to ``"knowtrace_<original>"``,
+a registered function that calls the original for the output (outputs and gradients are exactly the
+untraced model's) and, for the chosen layers of a recorded forward, recomputes
+``softmax(Q K^T * scale + mask)`` in float32 without gradient for the recorded rows over all key
+columns (the normaliser needs them all), then keeps the image-patch columns. The mask is the
+original's (its mask function is registered under the new name too); grouped-query key heads are
+repeated as ``repeat_kv`` does.
 
-1. calls the original implementation for the output (so outputs and gradients are exactly those of
-   the untraced model: SDPA stays SDPA), and
-2. only for the chosen decoder layers and only while a forward is being recorded, recomputes
-   ``softmax(Q K^T * scale + mask)`` without gradient for the recorded rows over all key columns
-   (the normaliser needs every column), then keeps only the image-patch columns.
-
-The mask is built exactly as for the original implementation (the original's mask function is
-registered under the new name too), so causal and padding masks are respected: a boolean mask
-(SDPA) is applied with ``-inf``, a float mask (eager) is added, no mask means causal (SDPA's
-``is_causal`` path). Grouped-query attention: key heads are repeated as ``repeat_kv`` does (query
-head h reads key head ``h // n_rep``). Softmax is computed in float32.
-
-Rows and columns of one recorded forward (:func:`targets`):
-
-* rows: answer tokens, shifted like the log-probs (:mod:`knowtrace.logprobs`): row ``t`` is the query
-  position ``p_t - 1`` that *predicts* answer token ``t`` (``p_t`` its position in the labels), so the
-  map of row t is the attention that produced ``logprob[t]``;
-* columns: positions of the image token id in ``input_ids`` (LLaVA ``image_token_index`` /
-  ``image_token_id``, Qwen2-VL ``image_token_id``), reshaped row-major to the patch grid ``(y, x)``:
-  LLaVA: ``sqrt(number of image positions)`` (the default feature strategy drops CLS, so the count
-  is a square); Qwen2-VL: ``(h / merge, w / merge)`` from ``image_grid_thw``. One image per sample.
-
-The layer index comes from the attention module (``module.layer_idx``). Several models can be
-captured at once: the function finds its capture by the identity of the module's config.
+Rows and columns of one recorded forward (:func:`targets`): row ``t`` is the query position
+``p_t - 1`` that *predicts* answer token ``t`` (shifted like the log-probs, so row t's map is the
+attention that produced ``logprob[t]``); columns are the image-token positions in ``input_ids``,
+reshaped row-major to the patch grid ``(y, x)``: LLaVA ``sqrt(n)`` (its default feature strategy drops
+CLS), Qwen2-VL ``(h / merge, w / merge)`` from ``image_grid_thw``. One image per sample. Several models
+can be captured at once: the function finds its capture by the identity of the module's config.
 """
 
 from __future__ import annotations
@@ -188,7 +175,6 @@ class AttentionCapture(Capture):
         self.recording = False
         self._targets: list[Target | None] = []
         self.maps: list[dict[int, torch.Tensor]] = []  # per batch row: layer -> (heads, n_answer, gy, gx)
-        self._eager = {}
 
     # ----------------------------------------------------------------- attach / restore
     def _install(self) -> None:
@@ -212,15 +198,12 @@ class AttentionCapture(Capture):
         self.maps, self._targets = [], []
 
     def original_function(self, module):
-        if self.original == "eager":  # the model's own eager function lives in its modeling module
-            fn = self._eager.get(type(module))
-            if fn is None:
-                fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-                if fn is None:
-                    raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward; use 'sdpa'")
-                self._eager[type(module)] = fn
-            return fn
-        return ALL_ATTENTION_FUNCTIONS[self.original]
+        if self.original != "eager":
+            return ALL_ATTENTION_FUNCTIONS[self.original]
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)  # the model's own
+        if fn is None:
+            raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward; use 'sdpa'")
+        return fn
 
     # ----------------------------------------------------------------- one forward
     def begin(self, input_ids: torch.Tensor, labels: torch.Tensor, image_grid_thw: torch.Tensor | None = None):

@@ -1,15 +1,10 @@
-"""Plotly views of a trace: they take DataArrays / Datasets of :mod:`knowtrace.schema` and return
-``plotly.graph_objects.Figure`` objects (show them in a notebook, or save them with :func:`save`).
+"""Plotly views of a trace (:mod:`knowtrace.schema`) as ``plotly.graph_objects.Figure`` objects (show them
+in a notebook, or write them with :func:`save`): token log-probs over steps (FTTP paper Fig. 2), K_C and
+K_N over steps (Fig. 3) and against each other (Fig. 5), answer tokens' attention over the image (Fig. 8)
+and the SD per-latent-pixel noise error, one frame per step.
 
-* :func:`token_trajectories`  log p of every answer token over steps (FTTP paper Fig. 2);
-* :func:`knowledge_over_steps` K_C and K_N over steps, per sample or mean with a band (Fig. 3);
-* :func:`knowledge_scatter`   K_C vs K_N, one trace per run / method (Fig. 5);
-* :func:`attention_slider`    answer tokens' cross-attention over the image, one frame per step (Fig. 8);
-* :func:`eps_err_slider`      the SD per-latent-pixel noise error over the image, one frame per step.
-
-Values are plotted as they are stored (float16 traces are shown as float16 values cast to float64):
-no smoothing, no rescaling. Steps where a sample was not in the step's batch are NaN in the trace;
-lines bridge them (``connectgaps``) and markers show the steps that were recorded.
+Values are plotted as stored: no smoothing, no rescaling. Steps where a sample was not in the batch are
+NaN; lines bridge them (``connectgaps``) and markers show the recorded steps.
 """
 
 from __future__ import annotations
@@ -31,9 +26,7 @@ CONCEPT_COLOR = "#d62728"
 OTHER_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#7f7f7f", "#bcbd22", "#e377c2")
 # what to do to record each variable, for the "this trace has no X" errors
 HOW_TO_RECORD = {
-    "logprob": "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)",
-    "K_C": "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)",
-    "K_N": "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)",
+    **dict.fromkeys(("logprob", "K_C", "K_N"), "record a trace with knowtrace's MLLMTracer (or `unlearn mllm ... --trace`)"),
     "xattn": "run with attention capture enabled (the tracer's cross-attention capture of answer tokens "
              "to image patches)",
     "eps_err": "record an SD trace (per-latent-pixel noise error, eps_err)",
@@ -81,12 +74,13 @@ def sample_index(data: xr.Dataset | xr.DataArray, sample: int | str) -> int:
     return sample
 
 
-def _pick_sample(da: xr.DataArray, sample: int | str) -> xr.DataArray:
+def _pick_sample(da: xr.DataArray, sample: int | str) -> tuple[int, xr.DataArray]:
+    """The sample's index (from an index or id, range-checked) and its selection."""
     sample = sample_index(da, sample)
     n = da.sizes[SAMPLE]
     if not isinstance(sample, (int, np.integer)) or not -n <= sample < n:
         raise IndexError(f"sample {sample!r} is out of range: this trace has {n} samples (0..{n - 1})")
-    return da.isel({SAMPLE: int(sample)})
+    return sample, da.isel({SAMPLE: int(sample)})
 
 
 def _sample_text(da: xr.DataArray, sample) -> str:
@@ -127,8 +121,7 @@ def token_trajectories(logprob: xr.DataArray | xr.Dataset, sample: int | str = 0
     and thick, the others thin (coords ``token_str`` / ``is_concept`` when present).
     """
     full = variable(logprob, "logprob")
-    sample = sample_index(full, sample)
-    da = _pick_sample(full, sample)  # (step, token)
+    sample, da = _pick_sample(full, sample)  # da: (step, token)
     steps = da[STEP].values.tolist()
     # object: a StringDType coord (how Zarr v3 strings read back) does not cast to fixed-width str
     strs = da.coords["token_str"].values.astype(object) if "token_str" in da.coords else None
@@ -176,12 +169,10 @@ def _nan_stats(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | None = None,
                          samples: str | int | Sequence[int | str] = "mean", band: str | None = "range",
                          log_y: bool = False) -> go.Figure:
-    """K_C (top) and K_N (bottom) over steps.
+    """K_C (top) and K_N (bottom) over steps, from a trace or the K_C DataArray (then ``k_n`` is K_N).
 
-    ``data``: a trace (with K_C and K_N) or the K_C DataArray, then ``k_n`` is K_N.
-    ``samples``: "mean" (the mean over the samples recorded at each step, with a ``band``: "range" =
-    min..max over samples, "std" = mean +- one standard deviation, None = no band), "all", an index
-    or id, or a list of them (one line per sample).
+    ``samples``: "mean" (over the samples recorded at each step, with a ``band``: "range" = min..max,
+    "std" = mean +- one standard deviation, None), "all", or an index / id / list of them (a line each).
     """
     if band not in ("range", "std", None):
         raise ValueError(f"band must be 'range', 'std' or None, got {band!r}")
@@ -207,9 +198,8 @@ def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | No
             chosen = range(v.shape[1])
         else:  # an index or id, or a list of them
             chosen = [samples] if isinstance(samples, (int, np.integer, str)) else list(samples)
-        chosen = [sample_index(da, s) for s in chosen]
+        chosen = [_pick_sample(da, s)[0] for s in chosen]  # indices, range-checked
         for s in chosen:
-            _pick_sample(da, s)  # range check with a clear error
             fig.add_trace(go.Scatter(x=steps, y=v[:, s], name=f"{name} sample {s}", mode="lines+markers",
                                      connectgaps=True, legendgroup=name,
                                      line=dict(color=colors[name] if len(chosen) == 1 else None)), row=row, col=1)
@@ -233,12 +223,9 @@ def last_finite(da: xr.DataArray) -> np.ndarray:
 
 
 def knowledge_scatter(runs: Mapping[str, xr.Dataset], mode: str = "final", log: bool = False) -> go.Figure:
-    """K_C (x) against K_N (y), one trace per run (e.g. per method).
-
-    ``mode="final"``: one point per run, the mean over samples of each sample's last recorded value
-    (what unlearning ended with). ``mode="trajectory"``: the per-step mean over samples, as a path
-    from the first step (open marker) to the last.
-    """
+    """K_C (x) against K_N (y), one trace per run (e.g. per method). ``mode="final"``: one point per run,
+    the mean over samples of each sample's last recorded value; ``"trajectory"``: the per-step mean over
+    samples as a path from the first step (open marker) to the last."""
     if mode not in ("final", "trajectory"):
         raise ValueError(f"mode must be 'final' or 'trajectory', got {mode!r}")
     if not runs:
@@ -300,13 +287,10 @@ def mask_outline(mask: np.ndarray, x0: float, dx: float, y0: float, dy: float) -
 
 def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = "", opacity: float = 0.55,
                contour: np.ndarray | None = None, panels: int | None = None) -> go.Figure:
-    """A heatmap per step with a step slider. ``maps``: (step, y, x); ``image`` (H, W, 3) is drawn
-    under the map, each map cell stretched over its H/y x W/x pixels; ``contour`` (y, x) bool is
-    outlined on top (cell edges). Colours share one range over all steps, so frames compare.
-
-    ``panels=n``: instead of a slider, a static grid of the maps at n evenly spaced steps (the first
-    and the last included), one colour scale: what a PNG can show (a slider's static image is its
-    first frame only)."""
+    """A heatmap per step with a step slider; one colour range over all steps, so frames compare.
+    ``maps``: (step, y, x); ``image`` (H, W, 3) is drawn under it, each map cell stretched over its pixels;
+    ``contour`` (y, x) bool is outlined on top (cell edges). ``panels=n``: a static grid of n evenly spaced
+    steps instead (first and last included): what a PNG can show (a slider's image is its first frame)."""
     maps = maps.transpose(STEP, "y", "x")
     z = _values(maps)  # (step, y, x)
     steps = maps[STEP].values.tolist()
@@ -411,17 +395,13 @@ def _select_tokens(da: xr.DataArray, tokens) -> list[int]:
 def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0,
                      tokens: int | Sequence[int] | None = None, image=None, layer: int | str = "mean",
                      opacity: float = 0.55, panels: int | None = None) -> go.Figure:
-    """Cross-attention of answer tokens to the image patches, one frame per step (slider).
-
-    The map is the mean over the chosen ``tokens`` (answer positions; default: the concept's tokens,
-    else all answer tokens) and over the recorded layers (``layer="mean"``) or one decoder layer (its
-    number in the ``layer`` coord; an index into the recorded layers when there is no such coord).
-    ``image``: the sample's image (array or PIL), drawn under the map; without it, the map alone.
-    ``panels=n``: a static grid of n evenly spaced steps instead of the slider (for PNG).
-    """
+    """Cross-attention of answer tokens to the image patches, one frame per step (slider; ``panels=n``: a
+    static grid of n steps, for PNG). The map is the mean over ``tokens`` (answer positions; default: the
+    concept's tokens, else all) and over the recorded layers (``layer="mean"``) or one decoder layer (its
+    number in the ``layer`` coord, else an index). ``image``: the sample's image, drawn under the map."""
     full = variable(xattn, "xattn")
-    sample = sample_index(full, sample)
-    da = _pick_sample(full, sample).astype(np.float64)  # (step, layer, token, y, x); means in float64
+    sample, da = _pick_sample(full, sample)
+    da = da.astype(np.float64)  # (step, layer, token, y, x); means in float64
     positions = _select_tokens(da, tokens)
     if isinstance(layer, str):
         if layer != "mean":
@@ -451,8 +431,7 @@ def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, im
     evenly spaced steps in a static grid); the concept's mask (coord ``mask``) is outlined when the
     trace has it."""
     full = variable(eps_err, "eps_err")
-    sample = sample_index(full, sample)
-    da = _pick_sample(full, sample)  # (step, y, x)
+    sample, da = _pick_sample(full, sample)  # da: (step, y, x)
     contour = np.asarray(da.coords["mask"].values, dtype=bool) if "mask" in da.coords else None
     title = f"Noise-prediction error over the latent grid<br><sub>{_sample_text(da, sample)}</sub>"
     return map_slider(da, image=image, opacity=opacity, colorbar="error", contour=contour, title=_title(eps_err, title),

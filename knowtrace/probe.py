@@ -1,13 +1,8 @@
-"""Probe mode: every k training steps, a fixed probe set runs through the model being trained under
-``torch.inference_mode()`` and ``eval()`` (dropout off; the previous train/eval flag of every module is
-restored afterwards), and its log-probs, K_C / K_N and, when the tracer traces attention, its
-cross-attention maps are written to the ``probe`` group of the same trace (:mod:`knowtrace.schema`):
-the directory ``<trace>/probe``, a Zarr group of the store with the trace schema, ``step`` = the
-training step after which the probes ran.
-
-Unlike the training-step trace, which sees only the samples of each step's batch, every probe sample
-is measured at every probe step, on the same inputs: a clean trajectory at a k-fold lower cost.
-Probe forwards are kept apart from the training step's captured forwards.
+"""Probe mode: every k training steps a fixed probe set runs through the model being trained under
+``torch.inference_mode()`` and ``eval()`` (each module's flag restored after), into the ``probe`` group
+of the same trace (``<trace>/probe``, same schema; ``step`` = the training step after which it ran).
+Unlike the step trace, which sees only each step's batch, every probe sample is measured at every probe
+step on the same inputs: a clean trajectory at a k-fold lower cost.
 """
 
 from __future__ import annotations
@@ -61,12 +56,6 @@ class ProbeRunner:
 
     def __init__(self, probes: ProbeSet, trace: SampleTrace, forwards: LogProbCapture):
         self.probes, self.trace, self.forwards = probes, trace, forwards
-
-    def maybe_run(self, step: int) -> bool:
-        if step % self.probes.every:
-            return False
-        self.run(step)
-        return True
 
     def run(self, step: int) -> None:
         model, attention = self.forwards.model, self.forwards.attention

@@ -80,12 +80,3 @@ MAP_VARIABLES = frozenset({"xattn", "xattn_head", "eps_err"})  # large: float16 
 PROBE_GROUP = "probe"
 
 JSON_ATTRS = ("model", "method", "seed", "versions", "git_commit", "capture")
-
-
-def check_variable(name: str, dims: tuple[str, ...]) -> None:
-    """Raise if ``name`` is not in the schema or has other dims than the schema says."""
-    known = {**STATIC_COORDS, **STEP_VARIABLES}
-    if name not in known:
-        raise KeyError(f"{name!r} is not in the trace schema; known names: {sorted(known)}")
-    if tuple(dims) != known[name]:
-        raise ValueError(f"{name!r} must have dims {known[name]}, got {tuple(dims)}")

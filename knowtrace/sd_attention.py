@@ -11,31 +11,20 @@ Usage::
         unet(z_t, t, encoder_hidden_states=cond)
         loss = sum(p[..., concept_tokens].sum(-1).mean() for p in cap.probs())
 
-How: the context manager sets a :class:`RecordingProcessor` on every chosen ``attn2`` layer with the
-layer's own ``set_processor`` (what ``unet.set_attn_processor`` calls per layer; the layers are found
-once, when the capture is built, so entering and leaving a capture per probe does not walk the UNet)
-and sets the original processors back on exit, also after an exception. The recording processor wraps the layer's original processor:
-the layer's output is the original processor's own output (bit-identical, whatever the original is:
-SDPA, classic, sliced...), and the probabilities are computed beside it from the same query/key
-projections: ``softmax(Q K^T * attn.scale [+ mask])`` per head, in float32 when the layer upcasts.
-This costs one extra ``to_q``/``to_k`` and one softmax per recorded layer; with ``keep_grad=True``
-the probabilities stay in the graph, so a loss on them reaches ``to_q``/``to_k`` (and everything
-upstream), which is what Forget-Me-Not's attention loss trains.
+How: attaching sets a :class:`RecordingProcessor` on every chosen ``attn2`` layer (found once, when the
+capture is built) and detaching sets the original processors back. The layer's output stays the
+original processor's own output (bit-identical: SDPA, classic, sliced...); the probabilities are
+computed beside it from the same projections, ``softmax(Q K^T * attn.scale [+ mask])`` per head (float32
+when the layer upcasts). With ``keep_grad=True`` they stay in the graph, so a loss on them reaches
+``to_q``/``to_k``: what Forget-Me-Not's attention loss trains.
 
-Shapes: a record is ``(batch, heads, h*w, text_tokens)`` with ``(h, w)`` the layer's spatial grid,
-found from the latent size the UNet was called with (a forward pre-hook on the UNet) and the
-number of query positions (the grid halves per UNet level, rounding up as diffusers' strided
-convolutions do). ``cfg=True`` keeps the conditional half of a classifier-free-guidance batch (the
-SD pipeline concatenates ``[uncond, cond]``). ``mean_heads`` and ``tokens`` shrink what is kept
-(real SD 1.x at 64x64 latents: 4096 x 77 x 8 heads x 4 bytes = 10 MB per layer, call and image).
+Shapes: a record is ``(batch, heads, h*w, text_tokens)``, ``(h, w)`` the layer's grid, found from the
+latent size of the UNet call (a forward pre-hook) halved per UNet level, rounding up as diffusers'
+strided convolutions do. ``cfg=True`` keeps the conditional half of a ``[uncond, cond]`` batch;
+``mean_heads`` and ``tokens`` shrink what is kept (SD 1.x at 64x64 latents: 10 MB per layer, call, image).
 
-Caveats: the probabilities use ``attn.scale`` (``head_dim ** -0.5`` unless a model sets
-``scale_qk=False``; ``AttnProcessor2_0`` always uses ``head_dim ** -0.5``, so they agree for SD). A
-processor that is itself an ``nn.Module`` (trained processors, e.g. IP-Adapter) leaves the module
-tree while wrapped (diffusers' ``set_processor`` pops it) and is put back on exit.
-
-knowtrace imports nothing from ``unlearn``; this module needs only torch (and a diffusers UNet at
-run time, duck-typed: ``attn_processors`` / ``set_attn_processor``).
+Caveat: ``attn.scale`` is ``head_dim ** -0.5`` unless a model sets ``scale_qk=False`` (SDPA always
+uses ``head_dim ** -0.5``; they agree for SD).
 """
 
 from __future__ import annotations
@@ -88,13 +77,11 @@ class RecordingProcessor:
     def __call__(self, attn, hidden_states, *args, **kwargs):
         # the original gets exactly the call we got; we read the same arguments it reads
         out = self.original(attn, hidden_states, *args, **kwargs)
-        named = dict(zip(("encoder_hidden_states", "attention_mask", "temb"), args))
-        encoder_hidden_states = kwargs.get("encoder_hidden_states", named.get("encoder_hidden_states"))
-        attention_mask = kwargs.get("attention_mask", named.get("attention_mask"))
-        temb = kwargs.get("temb", named.get("temb"))
-        if encoder_hidden_states is not None:  # attn2 is always called with the text states
+        named = {**dict(zip(("encoder_hidden_states", "attention_mask", "temb"), args)), **kwargs}
+        if named.get("encoder_hidden_states") is not None:  # attn2 is always called with the text states
             with torch.set_grad_enabled(self.capture.keep_grad and torch.is_grad_enabled()):
-                probs = _attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+                probs = _attention_probs(attn, hidden_states, named["encoder_hidden_states"],
+                                         named.get("attention_mask"), named.get("temb"))
             self.capture._record(self.name, probs)
         return out
 
@@ -130,21 +117,14 @@ def _attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask,
     return scores.softmax(dim=-1).to(dtype)
 
 
-def _cross_attention_names(unet) -> list[str]:
-    """Processor names of the UNet's cross-attention layers (``...attn2.processor``)."""
-    return [n for n in unet.attn_processors if n.endswith("attn2.processor")]
-
-
 class CrossAttentionCapture(Capture):
-    """A :class:`~knowtrace.capture.Capture` recording ``attn2`` attention probabilities; see the module
-    docs. ``read()`` returns (and forgets) the records; :meth:`probs` / :meth:`maps` reduce them in place.
+    """A :class:`~knowtrace.capture.Capture` of ``attn2`` attention probabilities (see the module docs);
+    ``read()`` returns and forgets the records, :meth:`probs` / :meth:`maps` reduce them in place.
 
-    layers: None for every ``attn2`` layer, a sequence of layer names (with or without the
-    ``.processor`` suffix, as in ``unet.attn_processors``), or a predicate on the layer name
-    (without the suffix). keep_grad: keep the probabilities in the autograd graph (for a loss);
-    otherwise they are computed without gradient. cfg: keep only the second (conditional) half of
-    each batch. mean_heads: keep the mean over heads (heads dimension of size 1). tokens: keep only
-    these text-token columns. to_cpu: move kept (detached) records to the CPU.
+    layers: None (every ``attn2`` layer), layer names (``.processor`` suffix optional) or a predicate on
+    the name. keep_grad: keep the probabilities in the graph (for a loss). cfg: keep the conditional half
+    of each batch. mean_heads: keep the head mean. tokens: keep these text-token columns. to_cpu: move
+    kept (detached) records to the CPU.
     """
 
     def __init__(self, unet, layers: Sequence[str] | Callable[[str], bool] | None = None, *, keep_grad: bool = False,
@@ -162,7 +142,7 @@ class CrossAttentionCapture(Capture):
         self.mean_heads = mean_heads
         self.tokens = None if tokens is None else list(tokens)
         self.to_cpu = to_cpu
-        available = _cross_attention_names(unet)
+        available = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
         if not available:
             raise ValueError("this UNet has no cross-attention (attn2) layers to capture")
         bare = [n.removesuffix(".processor") for n in available]
@@ -258,12 +238,7 @@ class CrossAttentionCapture(Capture):
         return mean_maps([r for r in self.all() if r.layer in names], resolutions, calls, size)
 
 
-def capture_cross_attention(unet, layers: Sequence[str] | Callable[[str], bool] | None = None, *,
-                            keep_grad: bool = False, cfg: bool = False, mean_heads: bool = False,
-                            tokens: Sequence[int] | None = None, to_cpu: bool = False) -> CrossAttentionCapture:
-    """``with capture_cross_attention(unet, ...) as cap:`` -- see :class:`CrossAttentionCapture`."""
-    return CrossAttentionCapture(unet, layers, keep_grad=keep_grad, cfg=cfg, mean_heads=mean_heads, tokens=tokens,
-                                 to_cpu=to_cpu)
+capture_cross_attention = CrossAttentionCapture  # ``with capture_cross_attention(unet, ...) as cap:``
 
 
 # ---------------------------------------------------------------------- reductions

@@ -1,22 +1,14 @@
 """Tracing a Stable Diffusion unlearning run: per-latent-pixel noise errors, K_C / K_N, concept masks.
 
-An SD training step already computes ``e_x = mean over channels of (eps_theta(z_t, c, t) - eps)^2``
-at every latent pixel (FTTP weights it by the concept mask). The tracer records those errors as they
-are, no extra forward:
+An SD training step already computes ``e_x = mean over channels of (eps_theta(z_t, c, t) - eps)^2``;
+the tracer records it, no extra forward: ``record_errors(step, err, sample_ids)`` with ``err`` (batch,
+h, w), or ``record_target(step, target, sample_ids)`` with the noise ``eps`` (batch, C, h, w) when the
+tracer was given the UNet (a forward hook kept the prediction of its last forward in the step).
 
-* ``tracer.record_errors(step, err, sample_ids)`` with ``err`` (batch, h, w) from the step; or
-* ``tracer.record_target(step, target, sample_ids)`` with the target noise ``eps`` (batch, C, h, w),
-  when the tracer was given the UNet: a forward hook kept (detached) the prediction of the UNet's last
-  forward in the step, and the error is computed from it.
-
-Per step it writes ``eps_err(step, sample, y, x)`` (NaN for samples not in the step's batch) and
-``K_C``, ``K_N`` (:func:`knowtrace.knowledge.sd_knowledge`, Eq. 4, 6: by default the *mean* error over
-the concept's / the other pixels and lambda = 1; see that module), with the static
-``mask(sample, y, x)`` on the latent grid. SD cross-attention capture is a separate module.
-
-Steps are buffered and written every ``flush_seconds`` (default 5 s; an xarray append costs tens of
-ms): use the tracer as a context manager (``with SDTracer(...) as tr:``), which flushes on exit, also
-after an exception, or call :meth:`SDTracer.flush` at the end.
+Per step it writes ``eps_err(step, sample, y, x)`` (NaN for samples not in the batch) and ``K_C``,
+``K_N`` (:func:`knowtrace.knowledge.sd_knowledge`), with the static ``mask(sample, y, x)``. Steps are
+buffered and written every ``flush_seconds`` (default 5 s); ``with SDTracer(...) as tr:`` flushes on
+exit, also after an exception.
 """
 
 from __future__ import annotations

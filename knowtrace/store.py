@@ -1,22 +1,16 @@
 """Streaming a trace to Zarr, one step at a time; opening it lazily; exporting it to NetCDF.
 
-With ``flush_seconds=0`` (the default) every :meth:`TraceStore.append` writes its step to disk before
-returning, so a crash keeps every finished step. An xarray append costs tens of milliseconds whatever
-its size (it reopens the store's metadata), which is most of a small model's step: with
-``flush_seconds=s > 0`` steps are buffered and written together once the oldest buffered step is
-``s`` seconds old, by a background thread (one write at a time, in order; training goes on
-meanwhile), and on :meth:`TraceStore.flush`, which waits for everything and which tracers call on
-exit, also after an exception. A write that failed in the background raises at the next append or
-flush. The first write (it creates the store) is always made before ``append`` returns. A hard kill
-loses at most the last ``s`` seconds. Opening an existing store resumes it (later steps are appended
-after the last one).
+With ``flush_seconds=0`` (the default) every :meth:`TraceStore.append` writes its step before returning,
+so a crash keeps every finished step. An xarray append costs tens of milliseconds (it reopens the
+metadata): with ``flush_seconds=s > 0`` steps are buffered and written in order by a background thread
+once the oldest is ``s`` seconds old, and on :meth:`TraceStore.flush` (tracers call it on exit). A
+failed background write raises at the next append or flush; the first write is always synchronous.
+Opening an existing store resumes it.
 
-Storage types. Log-probs, K_C / K_N and losses are float32 (float16 overflows at 65504: a confident
-model's K_N is 1e4 per token at p = 0.9999). The large maps (``xattn``, ``xattn_head``, ``eps_err``)
-are float32 too unless ``map_dtype="float16"`` asks to halve them. String coords are written as
-variable-length UTF-8 (Zarr v3 ``string``; numpy's fixed-width UTF-32 has no Zarr v3 specification)
-and read back as ``str``. After every write the Zarr metadata is consolidated, so ``xr.open_zarr``
-opens a trace in one read, without a warning, also one whose run crashed after a flush.
+Storage types: log-probs, K_C / K_N and losses are float32 (float16 overflows at 65504: a confident
+model's K_N is 1e4 per token). The large maps (``xattn``, ``xattn_head``, ``eps_err``) are float16 only
+with ``map_dtype="float16"``. String coords are variable-length UTF-8 (Zarr v3 ``string``). Metadata is
+consolidated after every write, so ``xr.open_zarr`` opens a trace without a warning, also after a crash.
 """
 
 from __future__ import annotations
@@ -33,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .schema import JSON_ATTRS, MAP_VARIABLES, PROBE_GROUP, STATIC_COORDS, STEP, STEP_VARIABLES, check_variable
+from .schema import JSON_ATTRS, MAP_VARIABLES, PROBE_GROUP, STATIC_COORDS, STEP, STEP_VARIABLES
 
 
 def index_samples(samples: Sequence) -> dict[str, int]:
@@ -64,12 +58,9 @@ def token_coords(samples: Sequence) -> dict[str, np.ndarray]:
 
 
 class TraceStore:
-    """Append-only Zarr trace following :mod:`knowtrace.schema`.
-
-    ``static``: the static coords (name -> array with the schema's dims), written once;
-    ``attrs``: run metadata, stored as JSON strings; ``map_dtype``: storage type of the map variables
-    (:data:`~knowtrace.schema.MAP_VARIABLES`); every other float variable is float32.
-    """
+    """Append-only Zarr trace following :mod:`knowtrace.schema`: ``static`` coords (name -> array with the
+    schema's dims) written once, ``attrs`` stored as JSON strings, the map variables stored as ``map_dtype``
+    and every other float variable as float32."""
 
     def __init__(self, path: str | os.PathLike, static: dict | None = None, attrs: dict | None = None,
                  map_dtype: str = "float32", flush_seconds: float = 0.0):
@@ -128,7 +119,7 @@ class TraceStore:
         for name, value in variables.items():
             dims = STEP_VARIABLES.get(name)
             if dims is None:
-                check_variable(name, ())  # raises with the list of known names
+                raise KeyError(f"{name!r} is not a per-step variable of the trace schema; known: {sorted(STEP_VARIABLES)}")
             arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
             if arr.ndim != len(dims) - 1:
                 raise ValueError(f"{name!r} needs dims {dims[1:]} per step, got shape {arr.shape}")

@@ -1,25 +1,18 @@
 """Tracing per-token log-probs, K_C / K_N and cross-attention of a training run, from the forwards its
-steps already make.
+steps already make (no extra forward pass).
 
-A forward hook on the model keeps, for every forward call made with labels during a step, the
-per-token log-probs (gather - logsumexp, chunked, detached; no extra forward pass), the labels and
-input ids, and, when attention is traced, the maps :mod:`knowtrace.mllm_attention` recorded during
-that very forward. At the end of the step the rows that are traced samples are written to the Zarr
-trace (:mod:`knowtrace.schema`) with K_C / K_N.
+A forward hook (:class:`~knowtrace.logprobs.LogProbCapture`) keeps, for every forward with labels
+during a step, the detached per-token log-probs, labels, input ids and, when attention is traced, the
+maps :mod:`knowtrace.mllm_attention` recorded in that forward. At the end of the step the rows of
+traced samples are written to the Zarr trace (:mod:`knowtrace.schema`) with K_C / K_N. Drive it as
 
-Three ways to drive it, one tracer:
+* a context manager: ``with knowtrace.trace(model, path, samples) as tr:`` then ``tr.record(step,
+  sample_ids)`` after each step (hooks removed on exit, also after an exception);
+* a callback of the unlearn loop (``on_step_end(step, logs, state)``, ``state.batch`` the records);
+* an HF ``Trainer`` callback: :class:`knowtrace.hf.KnowtraceCallback`.
 
-* context manager: ``with knowtrace.trace(model, path, samples) as tr:`` then ``tr.record(step,
-  sample_ids)`` after each step. Hooks are removed and the original attention implementation is
-  restored on exit, also after an exception; attaching two tracers to one model is an error;
-* callback of the unlearn loop: ``run_loop(..., callbacks=[tr])`` (``on_step_end(step, logs, state)``
-  with ``state.batch`` the step's records, ``logs`` its losses);
-* HF ``Trainer``: :class:`knowtrace.hf.KnowtraceCallback` (rows matched to samples by their tokens).
-
-Probe mode (:mod:`knowtrace.probe`): every k steps a fixed probe set runs under inference mode into
-the trace's ``probe`` group. The tracer builds and runs its probe (``trace(..., probes=)``); the probe
-module knows nothing of the tracer: it runs through the tracer's :class:`~knowtrace.logprobs.LogProbCapture`
-and writes its own :class:`~knowtrace.answers.SampleTrace`, so the import goes one way, tracer -> probe.
+Probes (:mod:`knowtrace.probe`, ``trace(..., probes=)``) run every k steps into the ``probe`` group;
+the probe knows nothing of the tracer (the import goes one way, tracer -> probe).
 """
 
 from __future__ import annotations
@@ -44,11 +37,9 @@ __all__ = ["MLLMTracer", "TracedSample", "trace"]
 class MLLMTracer:
     """Per-step token log-probs, K_C / K_N and (optionally) cross-attention of ``samples``.
 
-    ``attention``: :class:`~knowtrace.mllm_attention.AttentionOptions` (None: no attention);
-    ``probes``: a :class:`~knowtrace.probe.ProbeSet` run every ``probes.every`` steps;
-    ``map_dtype``: storage type of the attention maps ("float16" halves them; log-probs, K and losses
-    are always float32); ``flush_seconds``: steps are buffered and written at most this often (and on
-    exit, also after an exception; see :class:`~knowtrace.store.TraceStore`); 0 writes every step at once.
+    ``attention``: :class:`~knowtrace.mllm_attention.AttentionOptions` (None: none); ``probes``: a
+    :class:`~knowtrace.probe.ProbeSet`; ``map_dtype``: storage type of the attention maps; steps are
+    buffered and written at most every ``flush_seconds`` (0: at once; always on exit).
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample],
@@ -161,8 +152,8 @@ class MLLMTracer:
         else:
             rows = self._match_rows(forwards)
         self.trace.write(step, rows, losses)
-        if self.probe is not None:
-            self.probe.maybe_run(step)
+        if self.probe is not None and step % self.probe.probes.every == 0:
+            self.probe.run(step)
         return bool(rows)
 
     def clear(self) -> None:

@@ -1,15 +1,11 @@
 """Which tokens belong to the concept: the per-token concept flags of answers and SD prompts.
 
-Names are found in *text* (:mod:`unlearn.data.names`), then mapped back to tokens, which is what
-BPE needs: a name can be split into several tokens, carry a leading space or not, change case, and
-sit inside a longer token sequence. Decoding single tokens and testing substring membership (the
-public FTTP code) is wrong for BPE; matching the name's ids tokenized alone misses in-context merges.
-
-1. decode the ids cumulatively, so every token gets its character span in the decoded text;
-2. find every occurrence of every name and alias in it (:func:`unlearn.data.names.name_spans`);
-3. a token is a concept token if its span overlaps an occurrence.
-
-FTTP's signed weights come from these flags (:func:`unlearn.methods.losses.signed_weights`).
+Names are found in *text* (:mod:`unlearn.data.names`), then mapped back to tokens, as BPE needs: a
+name can be split into several tokens, carry a leading space or not, and merge with its context, so
+decoding single tokens (the public FTTP code) or matching the name's ids tokenized alone is wrong.
+Each token gets its character span in the cumulatively decoded text; a token is a concept token if
+its span overlaps an occurrence of a name or alias. FTTP's signed weights come from these flags
+(:func:`unlearn.methods.losses.signed_weights`).
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
 """Evaluation of an unlearned Stable Diffusion: UA, a Fréchet distance on the kept concepts, K_C / K_N
 on the forget images, TS / TI. Definitions and choices are in docs/sd-eval.md; in short:
 
-* **UA** (unlearning accuracy, percent): of the images generated from the forgotten concept's
-  prompt(s) with seeds ``0 .. n_seeds-1`` (default 100), the share a classifier does NOT label as
-  the concept. Classifiers follow :class:`ConceptClassifier`: the world classifier
-  (:class:`unlearn.world.source.WorldConceptClassifier`) on the world; on real SD a classifier the
-  user gives, e.g. :class:`ClipZeroShotClassifier` (a CLIP model, prompts "a photo of {name}").
-* **FD** (Fréchet distance) between features of images the model generates for the *retained*
-  concepts and reference images of them: on the world, features are the world classifier's
-  penultimate layer and the result is named ``"world-classifier-features"`` (it is not an Inception
-  FID and not comparable with one). Standard Inception FID needs torchvision through every
-  maintained library (pytorch-fid, torch-fidelity, torchmetrics[image]), which cannot be installed
-  here; :func:`feature_fd` computes the same formula over the features of any extractor the user
-  gives (e.g. an Inception-v3 pool3 network loaded on their machine), named by the caller.
-* **K_C / K_N** (Eq. 4, 6) on the forget images through :func:`knowtrace.knowledge.sd_knowledge`:
-  per-latent-pixel noise errors at fixed timesteps with fixed noise (see :func:`forget_knowledge`),
-  so an original and an unlearned model are scored on identical inputs.
+* **UA** (percent): of the images generated from the forgotten concept's prompt(s) with seeds
+  ``0 .. n_seeds-1``, the share a :class:`ConceptClassifier` does NOT label as the concept (the world
+  classifier on the world; on real SD one the user gives, e.g. :class:`ClipZeroShotClassifier`).
+* **FD** between features of images generated for the *retained* concepts and reference images: on
+  the world, the world classifier's penultimate layer (``"world-classifier-features"``, not an
+  Inception FID: that needs torchvision); :func:`feature_fd` takes any extractor the user gives.
+* **K_C / K_N** (Eq. 4, 6) on the forget images with fixed timesteps and noise
+  (:func:`forget_knowledge`), so an original and an unlearned model are scored on identical inputs.
 * **TS / TI**: training steps and training images, given by the run.
 """
 
@@ -50,15 +43,10 @@ class ConceptClassifier(Protocol):
 
 
 class ClipZeroShotClassifier:
-    """Zero-shot CLIP: each label is a text prompt ``template.format(name=...)``; an image gets the
-    label whose text embedding has the highest cosine similarity with its image embedding.
-
-    labels: the labels to choose among (the concept and what it might be confused with or replaced
-    by, e.g. ``["Elon Musk", "a man", "a woman", ...]``); names: label -> name put in the template
-    (default: the label itself). The image processor defaults to ``CLIPImageProcessorPil`` (no
-    torchvision). ``features`` are CLIP's projected image embeddings (an FD on them is a "CLIP-FD",
-    named ``"clip-image-embeddings"``).
-    """
+    """Zero-shot CLIP: an image gets the label whose prompt ``template.format(name=names.get(label, label))``
+    has the highest cosine similarity with it. ``labels``: the concept and what it might be confused with
+    (e.g. ``["Elon Musk", "a man", "a woman"]``). The image processor defaults to ``CLIPImageProcessorPil``
+    (no torchvision); ``features`` are CLIP's projected image embeddings ("clip-image-embeddings")."""
 
     feature_space = "clip-image-embeddings"
 
@@ -166,15 +154,21 @@ def ua_from_labels(labels: Sequence[str], concept: str) -> float:
     return 100.0 * sum(label != concept for label in labels) / len(labels)
 
 
+def _ua_labels(pipe, prompts, seeds, classifier: ConceptClassifier, concept: str, guidance_scale: float,
+               num_inference_steps: int) -> tuple[list[str], list[str]]:
+    """The prompt of every (prompt, seed) pair and the classifier's label of its generated image."""
+    if concept not in classifier.labels:
+        raise ValueError(f"concept {concept!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
+    p, s = _pairs(prompts, seeds)
+    return p, classifier.predict(generate_images(pipe, p, s, guidance_scale, num_inference_steps))
+
+
 def unlearning_accuracy(pipe, prompts: str | Sequence[str], seeds: Sequence[int], classifier: ConceptClassifier,
                         concept: str, guidance_scale: float = 4.0, num_inference_steps: int = 25) -> float:
     """UA (0-100): share of the images generated for every (prompt, seed) pair that ``classifier``
     does not label ``concept``."""
-    if concept not in classifier.labels:
-        raise ValueError(f"concept {concept!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
-    p, s = _pairs(prompts, seeds)
-    images = generate_images(pipe, p, s, guidance_scale, num_inference_steps)
-    return ua_from_labels(classifier.predict(images), concept)
+    return ua_from_labels(_ua_labels(pipe, prompts, seeds, classifier, concept, guidance_scale,
+                                     num_inference_steps)[1], concept)
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -191,12 +185,9 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)``.
-
-    Why this form: ``tr((S1 S2)^1/2)`` (pytorch-fid's ``sqrtm(S1 @ S2)``) equals the trace of the
-    square root of the symmetric PSD matrix ``S1^1/2 S2 S1^1/2``, whose eigenvalues come from
-    ``eigh`` without the complex round-off that ``sqrtm`` of a non-symmetric product produces.
-    Tiny negative eigenvalues (round-off) are clipped to 0."""
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)``: ``tr((S1 S2)^1/2)`` (pytorch-fid's
+    ``sqrtm(S1 @ S2)``) computed from the symmetric PSD ``S1^1/2 S2 S1^1/2`` with ``eigh``, without the
+    complex round-off of ``sqrtm`` of a non-symmetric product; tiny negative eigenvalues are clipped to 0."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
@@ -245,10 +236,9 @@ def fixed_noise_errors(unet, scheduler, latents: torch.Tensor, cond: torch.Tenso
     """Per-latent-pixel noise errors of fixed inputs, averaged over timesteps: (N, h, w) float32, CPU.
 
     latents (N, C, h, w), cond (N, L, D), noise (T, N, C, h, w) for the T ``timesteps``:
-    ``e_x = mean over channels of (eps - eps_theta(z_t, cond, t))^2`` per (timestep, image) pair, then
-    the mean over the timesteps. The T x N pairs go through the UNet ``batch_size`` at a time
-    (timestep-major), in eval mode (each module's flag restored after): one forward per timestep
-    paid the UNet's per-call cost T times, which on a small UNet is most of the probe."""
+    ``e_x = mean over channels of (eps - eps_theta(z_t, cond, t))^2`` per (timestep, image) pair, then the
+    mean over timesteps. The T x N pairs go through the UNet ``batch_size`` at a time (one forward per
+    timestep would pay a small UNet's per-call cost T times), in eval mode."""
     from knowtrace.modes import eval_mode
 
     if int(batch_size) < 1:
@@ -274,15 +264,10 @@ def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS
                      lam: float = 1.0, reduce: str = "mean", adapter=None) -> dict:
     """K_C, K_N (Eq. 4, 6) of each forget record (image + concept mask + prompt).
 
-    Per record: the image's latents z (VAE posterior mean, scaled) and its latent-grid mask, both
-    from the SD adapter (same resize/crop for image and mask); for each timestep t in ``timesteps``
-    a noise eps drawn once from ``torch.Generator().manual_seed(noise_seed)`` (one draw of shape
-    (T, N, C, h, w), so it is the same for every model given the same records), z_t = q(z_t | z, eps),
-    ``e_x = mean over channels of (eps - eps_theta(z_t, prompt, t))^2``; e_x is averaged over the
-    timesteps (:func:`fixed_noise_errors`), then ``K_C = exp(-lam * agg(e_x over concept pixels))``
-    and K_N over the others, with ``agg`` the mean (default; comparable across image sizes and mask
-    areas) or the sum (the paper's literal form), by :func:`knowtrace.knowledge.sd_knowledge`.
-    """
+    The adapter gives each record's latents (VAE posterior mean, scaled) and latent-grid mask; the noise
+    (T, N, C, h, w) is drawn once from ``manual_seed(noise_seed)``, so every model given the same records
+    is scored on the same inputs. The errors (:func:`fixed_noise_errors`) become K by
+    :func:`knowtrace.knowledge.sd_knowledge` (``reduce``: "mean" over the group's pixels, or the paper's "sum")."""
     from knowtrace.knowledge import sd_knowledge
 
     from ..data.sd_masks import MaskOptions
@@ -333,22 +318,16 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
                     settings: SDEvalSettings = SDEvalSettings(), adapter=None) -> dict:
     """UA, FD, K_C / K_N, TS / TI of a (possibly unlearned) pipeline for the forgotten ``concept_key``.
 
-    prompts: the forget prompt(s) for UA, each with seeds 0..n_seeds-1; the concept's label for the
-    classifier is ``concept_key``. retained: the kept concepts, label -> prompt; each is generated
-    with seeds 0..fd_seeds-1. reference_images: what the FD compares those images with, in the same
-    order, described by ``reference_name`` (on the world, :func:`unlearn.world.records.world_fd_reference`:
-    the rendered ``test`` images of the same concepts, so the FD is "generated vs real" as in FID;
-    pass the original model's images to measure drift instead). fd_features / fd_space: the FD's
-    extractor and its name (default: ``classifier.features`` and ``classifier.feature_space``).
-    forget_records: SD records with masks for K_C / K_N (none: no K_C / K_N); train_steps /
-    train_images: TS / TI, reported as given (TI defaults to the number of forget records).
-    The world's prompts and records: :mod:`unlearn.world.records`.
+    prompts: the forget prompt(s) for UA, each with seeds 0..n_seeds-1. retained: the kept concepts,
+    label -> prompt, each generated with seeds 0..fd_seeds-1 and compared with ``reference_images`` (same
+    order; on the world :func:`unlearn.world.records.world_fd_reference`, the rendered ``test`` images, so
+    the FD is "generated vs real"; the original model's images measure drift instead). fd_features /
+    fd_space: the FD's extractor and its name (default: the classifier's). forget_records: SD records with
+    masks for K_C / K_N (none: no K); TS / TI are reported as given (TI defaults to len(forget_records)).
     """
     s = settings
     if n_seeds < 1:
         raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
-    if concept_key not in classifier.labels:
-        raise ValueError(f"concept {concept_key!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
     if retained is not None and concept_key in retained:
         raise ValueError(f"the forgotten concept {concept_key!r} cannot also be retained")
     if prompts is None:
@@ -358,9 +337,8 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
         raise ValueError("give the retained concepts (label -> prompt) and their reference_images for the FD "
                          "(world concepts: unlearn.world.records.world_prompts and world_fd_reference)")
 
-    # UA
-    p, sd = _pairs(prompts, range(n_seeds))
-    ua_labels = classifier.predict(generate_images(pipe, p, sd, s.guidance_scale, s.num_inference_steps))
+    p, ua_labels = _ua_labels(pipe, prompts, range(n_seeds), classifier, concept_key, s.guidance_scale,
+                              s.num_inference_steps)
     ua = ua_from_labels(ua_labels, concept_key)
 
     # retained concepts: recognition and FD

@@ -1,15 +1,10 @@
 """What every MLLM family adapter provides, and the parts that are the same for all of them.
 
-An adapter wraps a Hugging Face model and the way its family turns (image, question, answer)
-records into model inputs. Only two things differ between families: the chat text of a record
-(:meth:`MLLMAdapter.chat`) and how texts and images become tensors (:meth:`MLLMAdapter.prepare`,
-which expands the image placeholder into patch positions). Labels, batching and generation are
-written once, here.
-
-Labels are computed on the final, image-expanded sequence: a record's prompt (its conversation up
-to the assistant's turn) is prepared alone, and its length masks the full conversation's prompt
-positions with ``IGNORE_INDEX``; the prompt must be a token prefix of the full conversation
-(checked). :meth:`MLLMAdapter.concept_flags` marks which labelled answer tokens are the concept's.
+Only two things differ between families: the chat text of a record (:meth:`MLLMAdapter.chat`) and how
+texts and images become tensors (:meth:`MLLMAdapter.prepare`, which expands the image placeholder into
+patch positions). Labels are computed on the final, image-expanded sequence: the record's prompt alone
+is prepared too, and its length masks the conversation's prompt positions with ``IGNORE_INDEX`` (the
+prompt must be a token prefix of the full conversation; checked).
 """
 
 from __future__ import annotations

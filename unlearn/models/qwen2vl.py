@@ -1,11 +1,9 @@
 """Qwen2-VL and Qwen2.5-VL.
 
-Their `Qwen2VLProcessor` needs torchvision (its video processor), which cannot be installed on CPU
-machines here, so inputs are built from the parts that do not: the PIL image processor
-(`Qwen2VLImageProcessorPil`, the same resizing and patching) and the tokenizer, expanding each
-``<|image_pad|>`` into ``t * h * w / merge_size**2`` positions exactly as the processor does, and
-adding the ``mm_token_type_ids`` (1 = image position) the model needs for its M-RoPE. The same path
-runs on a GPU machine; torchvision is never needed.
+Their `Qwen2VLProcessor` needs torchvision (its video processor), which cannot be installed here, so
+inputs are built from the PIL image processor (`Qwen2VLImageProcessorPil`, the same resizing and
+patching) and the tokenizer, expanding each ``<|image_pad|>`` into ``t * h * w / merge_size**2``
+positions as the processor does, plus the ``mm_token_type_ids`` (1 = image) the model's M-RoPE needs.
 """
 
 from __future__ import annotations

@@ -1,20 +1,15 @@
 """Stable Diffusion adapter: a `diffusers.StableDiffusionPipeline` (SD 1.x layout, or the world SD)
 and the way (image, prompt, mask) records become latent-space training inputs.
 
-``model`` is the UNet, the part that is trained (the loop wraps it in LoRA or selects parameters);
-the VAE and the text encoder stay frozen. Per record, computed once and cached (unlearning revisits
-the same few records every step): the image's latents (the VAE posterior *mean* times the
-``scaling_factor``: deterministic, where SD training samples the posterior; the difference is the
-VAE's small posterior std), the prompt's text embedding, the concept mask on the latent grid.
+``model`` is the UNet, the part that is trained; the VAE and the text encoder stay frozen. Per record,
+cached (unlearning revisits the same few records every step): the latents (the VAE posterior *mean*
+times ``scaling_factor``: deterministic, where SD training samples the posterior), the prompt's text
+embedding, the concept mask on the latent grid. A step compares the UNet's prediction with the noise
+per latent pixel: ``e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2``, shape (B, h, w).
 
-A step draws noise and timesteps (uniform over the training schedule) from ``ctx.generator`` and
-compares the UNet's prediction with the noise per latent pixel:
-``e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2``, shape (B, h, w).
-
-Parts (regexes over module/parameter names), for methods that train only some of them:
-``xattn`` = cross-attention (``attn2``), ``xattn_qk`` = its query/key projections (FMN),
-``non_xattn`` = every other UNet part (ESD-u), ``attn`` = self- and cross-attention projections
-(the LoRA default).
+Parts (regexes over module/parameter names) for methods that train only some of them: ``xattn`` =
+cross-attention (``attn2``), ``xattn_qk`` = its query/key projections (FMN), ``non_xattn`` = every
+other UNet part (ESD-u), ``attn`` = self- and cross-attention projections (the LoRA default).
 """
 
 from __future__ import annotations
@@ -40,6 +35,11 @@ LORA_PARTS = {
 }
 PARAM_PARTS = {"attn": r"\.attn[12]\.", "xattn": r"\.attn2\.", "xattn_qk": r"\.attn2\.to_[qk]\.",
                "non_xattn": r"^(?!.*\.attn2\.)"}
+
+
+def _source_key(source) -> int | str:
+    """A cache key of an image or mask: its path, or the identity of the in-memory object (kept alive)."""
+    return str(source) if isinstance(source, (str, Path)) else id(source)
 
 
 @dataclass
@@ -102,13 +102,12 @@ class SDAdapter:
         """(B, C, h, w) scaled posterior means (cached per record id and image object)."""
         vae = self.pipe.vae
         for r in records:
-            key = (r.id, id(r.image) if not isinstance(r.image, (str, Path)) else str(r.image))
+            key = (r.id, _source_key(r.image))
             if key not in self._latents:
                 x = torch.from_numpy(self.image(r)).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, R, R)
                 z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
                 self._latents[key] = (z[0], r.image)  # the image object is kept alive: its id stays unique
-        return torch.stack([self._latents[(r.id, id(r.image) if not isinstance(r.image, (str, Path)) else str(r.image))][0]
-                            for r in records]).to(self.device)
+        return torch.stack([self._latents[(r.id, _source_key(r.image))][0] for r in records]).to(self.device)
 
     def masks(self, records: list[SDRecord], options: MaskOptions = MaskOptions()) -> torch.Tensor:
         """(B, h, w) latent-grid concept masks, built with ``options`` (cached per record and options)."""
@@ -116,7 +115,7 @@ class SDAdapter:
         for r in records:
             if r.mask is None:
                 raise ValueError(f"record {r.id}: no concept mask; this method needs one (array, PNG or labelme JSON)")
-            key = (r.id, id(r.mask) if not isinstance(r.mask, (str, Path)) else str(r.mask), options)
+            key = (r.id, _source_key(r.mask), options)
             if key not in self._masks:
                 m = latent_mask(r.mask, load_image(r), self.resolution, self.factor, options, where=f"record {r.id}")
                 self._masks[key] = (m, r.mask)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .concepts import CONCEPTS
 from .render import SPLITS, render_background, world_image
+from .schedule import optimizer_step
 
 CLASSES: tuple[str, ...] = tuple(c.key for c in CONCEPTS) + ("none",)
 NONE = len(CONCEPTS)  # index of the "none" class
@@ -154,12 +155,7 @@ def train_classifier(cfg: ClassifierConfig, out_dir: Path, progress: bool = True
             next_index[y] += 1
         x = _soften(as_input(np.stack(images)), rng, cfg.blur_share)  # (B, 3, H, W)
         loss = F.cross_entropy(model(x), torch.from_numpy(labels))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"world classifier training diverged at step {step} (loss {loss.item()})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, "world classifier", step)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()

@@ -24,7 +24,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from ..models.llava import LlavaAdapter
 from .concepts import BY_KEY, CONCEPTS, KINDS
 from .records import ImageBank, world_records
-from .schedule import warmup_cosine
+from .schedule import optimizer_step, warmup_cosine
 from .texts import QA, ImageRef, fact_records, identify_qa, image_records, same_kind_others, yesno_qa
 from .tokenizer import IMAGE, build_processor
 
@@ -107,13 +107,7 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
         idx = order.choice(len(records), size=cfg.batch_size, replace=False)
         batch = adapter.encode([records[i] for i in idx], train=True, cache=False)
         loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"world MLLM training diverged at step {step} (loss {loss.item()})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, "world MLLM", step, model.parameters())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()

@@ -1,8 +1,6 @@
-"""The world as a source of records, through the same record types as a user's record directory:
-MLLM records (:class:`~unlearn.data.records.Record`) with their images rendered, the MLLM
-evaluation set, SD records with the renderer's exact masks, and the SD evaluation's reference images.
-
-The run layer calls these for a world concept where it reads record files for any other concept.
+"""The world as a source of records, in the record types of a user's record directory: MLLM records
+with their images rendered, the MLLM evaluation set, SD records with the renderer's exact masks, and
+the SD evaluation's reference images (the run layer calls these where it reads record files otherwise).
 """
 
 from __future__ import annotations
@@ -59,14 +57,11 @@ def world_method_options(concept_key: str) -> dict:
 
 def world_sd_data(concept_key: str, n_images: int, size: int, world_seed: int = 0, n_retain: int = 2,
                   n_surrogate: int = 8) -> tuple[list[SDRecord], list[SDRecord]]:
-    """(forget, retain) on the world: ``n_images`` rendered unlearning images of the concept with
-    their exact masks and canonical prompt; retain = ``n_retain`` images of every other concept with
-    their own prompts, plus ``n_surrogate`` background images (concept None, prompt "a picture")
-    that Selective Amnesia uses as the surrogate for the forgotten concept.
-
-    The paper instead segments the model's own generated images; that path stays open through
-    records (give generated images and masks from a segmenter), but on the world the renderer needs
-    no segmenter and its masks are exact, so a run's result does not depend on segmentation quality."""
+    """(forget, retain) on the world: ``n_images`` rendered unlearning images of the concept with their
+    exact masks and canonical prompt; retain = ``n_retain`` images of every other concept, plus
+    ``n_surrogate`` background images (concept None, prompt "a picture": Selective Amnesia's surrogate).
+    The paper segments the model's own generations instead; on the world the renderer's masks are exact,
+    so a result does not depend on segmentation quality."""
     from .classifier import background_image
     from .sd import concept_prompt  # local: the SD module loads diffusers, which MLLM runs do not need
 

@@ -50,7 +50,7 @@ from ..models.sd import generate_images
 from ..models.sd import load_sd_pipeline as load_sd  # noqa: F401  (the world SD is an SD directory like any other)
 from .concepts import BY_KEY, CONCEPTS, Concept
 from .render import CONCEPT_INDEX, SPLITS, render_scene, world_image
-from .schedule import warmup_cosine
+from .schedule import optimizer_step, warmup_cosine
 
 # percent of generated images the classifier labels as the prompted concept, pooled over the
 # non-style concepts (the gate); every concept's own figure is reported next to it
@@ -289,12 +289,6 @@ def sample_prompt(keys: tuple[str, ...], rng: np.random.Generator, cfg: SDConfig
     return scene_prompt(cs[order[0]], cs[order[1]], names[order[0]], names[order[1]])
 
 
-def _check(loss: torch.Tensor, what: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"world SD {what} training diverged at step {step} (loss {loss.item()}); "
-                                 "lower the learning rate or check the inputs")
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -312,12 +306,7 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: SDConfig, progress: b
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
-        _check(loss, "VAE", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, "world SD VAE", step, vae.parameters())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
@@ -382,12 +371,7 @@ def train_unet(pipe: StableDiffusionPipeline, pool: Pool, mean: torch.Tensor, st
         if cfg.snr_gamma > 0:  # Min-SNR-gamma (Hang et al. 2023), epsilon form: min(snr, gamma) / snr
             per_sample = per_sample * torch.clamp(snr[t], max=cfg.snr_gamma) / snr[t]
         loss = per_sample.mean()
-        _check(loss, "UNet", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, "world SD UNet", step, params)
         with torch.no_grad():  # EMA with a warm-up: early weights are forgotten fast
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             for p, e in zip(params, ema):

@@ -1,9 +1,8 @@
 """The world as a source of models: the spec ``"world"`` resolved to what a user would give instead.
 
-The run layer resolves a model spec here before the models' loaders, which take only local
-directories and hub ids: ``resolve_model("world", "mllm")`` is the cached world MLLM's directory
-(built if missing). The UA classifier spec ``"world"`` is the world classifier; ``"clip:PATH"`` a
-zero-shot CLIP (:mod:`unlearn.eval.sd`).
+The run layer resolves a model spec here before the loaders, which take only local directories and hub
+ids: ``resolve_model("world", "mllm")`` is the cached world MLLM's directory (built if missing). The UA
+classifier spec ``"world"`` is the world classifier; ``"clip:PATH"`` a zero-shot CLIP.
 """
 
 from __future__ import annotations
