@@ -164,7 +164,7 @@ def generate_with_attention(pipe, prompt: str, names: Sequence[str], seed: int =
                             ) -> tuple[np.ndarray, np.ndarray, list[int], int]:
     """(image (H, W, 3) uint8, attention (H, W) float32, token positions, side of the coarsest
     attention grid used): one image generated with
-    ``torch.Generator().manual_seed(seed)`` (as :func:`unlearn.world.sd.generate_images`), and the
+    ``torch.Generator().manual_seed(seed)`` (as :func:`unlearn.models.sd.generate_images`), and the
     attention mass on the concept's tokens, mean over heads, layers (at ``resolutions``, default all)
     and denoising steps (``calls``, default all), upsampled bilinearly to the image size."""
     from knowtrace.sd_attention import capture_cross_attention, token_map
