@@ -269,6 +269,7 @@ group becomes the NetCDF group "probe" of the same file (`summary` / `plot` read
 def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="run directory or trace.zarr")
     parser.add_argument("--netcdf", type=Path, required=True, metavar="FILE", help="the .nc file to write")
+    parser.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -277,6 +278,8 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"{trace} is already a NetCDF file; export takes a run directory or a Zarr trace")
     if not args.netcdf.parent.is_dir():
         raise FileNotFoundError(f"--netcdf {args.netcdf}: directory {args.netcdf.parent} does not exist")
+    if args.netcdf.exists() and not args.force:
+        raise FileExistsError(f"--netcdf {args.netcdf} exists; choose another file or pass --force to replace it")
     out = export_netcdf(trace, args.netcdf)
     print(f"{out} ({out.stat().st_size} bytes)")
     return 0

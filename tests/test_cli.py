@@ -41,3 +41,18 @@ def test_unknown_command_is_rejected(capsys):
     with pytest.raises(SystemExit) as e:
         main(["unlearnify"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-3"], "steps=-3 (must be >= 1)"),
+    (["--images", "0"], "images=0"),
+    (["batch_size=0"], "batch_size=0 (must be >= 1)"),
+    (["lr=-1e-3"], "lr=-0.001 (must be > 0)"),
+    (["lora=maybe"], "must be true or false"),
+])
+def test_bad_run_settings_fail_before_anything_is_loaded(argv, message, capsys, tmp_path):
+    for kind in ("mllm", "sd"):
+        assert main([kind, "--concept", "vorn", "--method", "fttp", "--out", str(tmp_path / kind), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing was written

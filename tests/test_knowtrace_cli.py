@@ -168,6 +168,13 @@ def test_export_round_trips_and_the_nc_file_reads_back(runs, tmp_path, capsys):
     assert "already a NetCDF file" in capsys.readouterr().err
     assert main(["summary", str(nc), "--probe"]) == 2  # exported without a probe group: none in the file
     assert "has no probe group" in capsys.readouterr().err
+    # an existing file is kept unless --force
+    before = nc.read_bytes()
+    assert main(["export", str(runs / "ga"), "--netcdf", str(nc)]) == 2
+    assert "exists" in capsys.readouterr().err and nc.read_bytes() == before
+    assert main(["export", str(runs / "ga"), "--netcdf", str(nc), "--force"]) == 0
+    replaced = xr.open_dataset(nc, engine="h5netcdf").attrs["method"]
+    assert replaced != xr.open_zarr(runs / "fttp" / "trace.zarr").attrs["method"]
 
 
 def test_plot_png_and_html_in_one_call(runs, tmp_path):

@@ -102,3 +102,16 @@ def test_a_run_failing_in_training_leaves_no_run_files_whatever_its_kind(tmp_pat
             assert "samples" in failing.seen, (kind, failing.seen)  # the run had written files, removed since
         assert not new.exists(), kind  # the directory the run created is gone
         assert [p.name for p in old.iterdir()] == ["notes.txt"], kind  # only what is not a run's is left
+
+
+def test_the_lock_is_the_real_directorys_also_through_a_symlink(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    proc = hold_lock(real)
+    try:
+        with pytest.raises(RuntimeError, match="being written by another process"):
+            with run_dir_lock(tmp_path / "link"):
+                pass
+    finally:
+        release(proc)

@@ -51,6 +51,15 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
     options: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # checked when the settings are made, before anything is loaded or written
+        at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "lora_rank": 1}
+        bad = [f"{k}={getattr(self, k)} (must be >= {m})" for k, m in at_least.items() if getattr(self, k) < m]
+        bad += [f"{k}={getattr(self, k)} (must be > 0)" for k in ("lr",) if not getattr(self, k) > 0]
+        bad += [f"max_grad_norm={self.max_grad_norm} (must be >= 0; 0 = no clipping)"] if self.max_grad_norm < 0 else []
+        if bad:
+            raise ValueError(f"invalid training settings: {', '.join(bad)}")
+
 
 class Callback(Protocol):
     def on_step_end(self, step: int, logs: dict, state: "LoopState") -> None: ...

@@ -76,11 +76,12 @@ def run_dir_lock(out: Path, wait: bool = False, enabled: bool = True) -> Iterato
     beside it (removing the directory cannot drop it; the OS releases it if the process dies). Held
     elsewhere: an error, or with ``wait`` block until free (figure scripts then reuse the finished
     run). ``enabled=False`` (the non-main processes of a multi-process run): no lock."""
-    key = str(Path(out).resolve())
+    resolved = Path(out).resolve()  # keyed on the real directory: a symlinked --out finds the same lock
+    key = str(resolved)
     if not enabled or key in _HELD:
         yield
         return
-    path = Path(out).parent / f".{Path(out).name}.lock"
+    path = resolved.parent / f".{resolved.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -227,6 +228,8 @@ class Run:
     def __post_init__(self):
         from .world.concepts import get_concept
 
+        if self.images < 1:
+            raise ValueError(f"images={self.images}: a run trains on at least 1 image of the concept (--images N)")
         self.out = Path(self.out)
         self.data = None if self.data is None else Path(self.data).resolve()
         train, options = split_options(self.method, dict(self.options or {}), self.kind)
