@@ -29,16 +29,19 @@ class ForgetMeNot(SDMethod):
     def train_targets(self, adapter, lora):
         return adapter.part("xattn_qk", lora)
 
-    def token_mask(self, ctx, forget) -> torch.Tensor:
-        """(B, L) 1 on each record's concept tokens."""
-        tok = ctx.adapter.pipe.tokenizer
-        m = torch.zeros(len(forget), tok.model_max_length)
-        for i, r in enumerate(forget):
-            m[i, concept_token_positions(tok, r.prompt, ctx.names)] = 1
-        return m
+    def token_rows(self, ctx, forget) -> torch.Tensor:
+        """(B, L) 1 on each record's concept tokens. Found once per prompt (a step would repeat the same
+        decoding) and kept on the instance, not in a field: the manifest records options only."""
+        tok, rows = ctx.adapter.pipe.tokenizer, self.__dict__.setdefault("_token_rows", {})
+        keys = [(r.prompt, tuple(ctx.names)) for r in forget]
+        for key in keys:
+            if key not in rows:
+                rows[key] = row = torch.zeros(tok.model_max_length)
+                row[concept_token_positions(tok, key[0], key[1])] = 1
+        return torch.stack([rows[k] for k in keys])
 
     def setup(self, ctx, forget, retain):
-        self.token_mask(ctx, forget)  # every prompt checked before the first step
+        self.token_rows(ctx, forget)  # every prompt checked before the first step
 
     def loss(self, ctx, forget):
         from knowtrace.sd_attention import capture_cross_attention
@@ -46,7 +49,7 @@ class ForgetMeNot(SDMethod):
         a = ctx.adapter
         batch = a.encode(forget)
         _, t, z_t = a.noise(batch.latents, ctx.generator)
-        tokens = self.token_mask(ctx, forget).to(z_t.device)  # (B, L)
+        tokens = self.token_rows(ctx, forget).to(z_t.device)  # (B, L)
         with capture_cross_attention(a.pipe.unet, keep_grad=True) as cap:
             a.predict(z_t, t, batch.cond)
         probs = cap.probs()  # each (B, heads, h*w, L)
