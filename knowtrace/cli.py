@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -307,23 +310,57 @@ def build_parser() -> argparse.ArgumentParser:
                           "export.", __version__, COMMANDS)
 
 
-# user mistakes: a message and exit code 2, no traceback (argparse's own errors exit 2 as well)
-USER_ERRORS = (KeyError, ValueError, IndexError, FileNotFoundError, FileExistsError, plots.ExportUnavailable)
+# user mistakes: a message and exit code 2, no traceback (argparse's own errors exit 2 as well); an
+# OSError names its file (a read-only --out, a folder given as a file, a full disk)
+USER_ERRORS = (KeyError, ValueError, IndexError, OSError, plots.ExportUnavailable)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt), so that a run ends the
+    same way for both: trace flushed, state recorded, lock released."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def run_command(prog: str, parser: argparse.ArgumentParser, commands: dict, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run its command (``commands[name][2]``) with the exit codes of both CLIs: 0 done,
+    2 a user mistake (one message, no traceback), 130 / 143 interrupted by SIGINT / SIGTERM, 1 a bug
+    (the traceback and a line saying it is one)."""
+    args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
-        code = COMMANDS[args.command][2](args)
+        code = commands[args.command][2](args)
         sys.stdout.flush()  # a closed pipe shows here (stdout to a pipe is block-buffered), not at exit
         return code
     except BrokenPipeError:  # the reader stopped early (`knowtrace summary RUN | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 0
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"{prog}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"knowtrace: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print(f"{prog}: this is a bug in {prog}, not a mistake in your input; please report it with the traceback "
+              f"above", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("knowtrace", build_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":

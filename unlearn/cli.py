@@ -264,13 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command][2](args)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"unlearn: error: {message}", file=sys.stderr)
-        return 2
+    from knowtrace.cli import run_command
+
+    return run_command("unlearn", build_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":
