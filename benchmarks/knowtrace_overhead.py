@@ -236,9 +236,9 @@ def sd(args, tmp: Path) -> None:
             cfg = TrainConfig(steps=len(traced), lr=1e-6, lora=False, batch_size=2)
             run_loop(adapter, method, forget, [], cfg, c.key, c.names, callbacks=[callback], progress=False)
         finally:
-            step_cb.close()
+            step_cb.flush()
             if probe_cb is not None:
-                probe_cb.close()
+                probe_cb.flush()
         return callback.timings, callback.probe_seconds
 
     one, _ = run("sd-steps", False, 1)

@@ -241,6 +241,27 @@ def consolidate(path: Path) -> None:
             zarr.consolidate_metadata(path.parent, zarr_format=3)
 
 
+def truncate_steps(path: str | os.PathLike, last_step: int) -> None:
+    """Drop the steps after ``last_step`` from the trace at ``path`` and its groups (a run resumed from
+    a checkpoint records them again). The step coordinate shrinks first: a reader never sees a step
+    without its values."""
+    import zarr
+
+    root = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
+    for group in (root, *(g for _, g in root.groups())):
+        if STEP not in group:
+            continue
+        steps = group[STEP][:]
+        keep = int(np.searchsorted(steps, last_step, side="right"))  # steps increase
+        if keep == len(steps):
+            continue
+        group[STEP].resize((keep,))
+        for name, array in group.arrays():
+            if name != STEP and (array.metadata.dimension_names or (None,))[0] == STEP:
+                array.resize((keep, *array.shape[1:]))
+    consolidate(Path(path))
+
+
 def open_trace(path: str | os.PathLike) -> xr.Dataset:
     """The trace, lazily (dask-backed: traces bigger than memory are fine); attrs decoded from JSON."""
     ds = xr.open_zarr(path)

@@ -1,7 +1,8 @@
 """One process at a time writes a run directory: a second run into it is a clear error that leaves
 the directory alone, and figure scripts wait for the first and then reuse its run. A run that fails
-while training leaves no run files, whatever its kind."""
+while training is marked failed with its error, whatever its kind."""
 
+import json
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from tests.test_sd_run import tiny_world_sd  # noqa: F401  (fixture)
 from tests.test_unlearn_mllm import WORLD, world_dir  # noqa: F401  (fixture)
 from unlearn.run_mllm import run_mllm
 from unlearn.run_sd import run_sd
-from unlearn.runs import run_dir_lock
+from unlearn.runs import evaluate_run, run_dir_lock, run_state
 
 HOLD = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
         "print('locked', flush=True); sys.stdin.read()")
@@ -84,7 +85,7 @@ class FailsAtFirstStep:
         raise RuntimeError("callback failed")
 
 
-def test_a_run_failing_in_training_leaves_no_run_files_whatever_its_kind(tmp_path, world_dir, tiny_world_sd):  # noqa: F811
+def test_a_run_failing_in_training_is_recorded_as_failed_whatever_its_kind(tmp_path, world_dir, tiny_world_sd):  # noqa: F811
     runs = {
         "mllm": lambda out, **kw: run_mllm("vorn", "ga", out, steps=2, world_dir=world_dir, world_config=WORLD, **kw),
         "sd": lambda out, **kw: run_sd("vorn", "ga", out, steps=2, images=2, model=str(tiny_world_sd), eval_seeds=1,
@@ -99,9 +100,17 @@ def test_a_run_failing_in_training_leaves_no_run_files_whatever_its_kind(tmp_pat
             failing = FailsAtFirstStep(out)
             with pytest.raises(RuntimeError, match="callback failed"):
                 run(out, trace=True, callbacks=[failing], progress=False, overwrite=overwrite)
-            assert "samples" in failing.seen, (kind, failing.seen)  # the run had written files, removed since
-        assert not new.exists(), kind  # the directory the run created is gone
-        assert [p.name for p in old.iterdir()] == ["notes.txt"], kind  # only what is not a run's is left
+            assert "samples" in failing.seen, (kind, failing.seen)
+            manifest = json.loads((out / "manifest.json").read_text())
+            assert manifest["state"] == "failed" and manifest["error"] == "RuntimeError: callback failed", kind
+            assert run_state(out) == "failed"
+            # no result of the failed run, nor of the old one: its state says what happened
+            assert not any((out / name).exists() for name in ("metrics.json", "adapter", "weights")), kind
+            with pytest.raises(ValueError, match="not complete: failed"):
+                evaluate_run(out)
+            with pytest.raises(FileExistsError, match="--overwrite"):  # a new run into it must say so
+                run(out, progress=False)
+        assert (old / "notes.txt").read_text() == "the user's, not a run's", kind  # what is not a run's stays
 
 
 def test_the_lock_is_the_real_directorys_also_through_a_symlink(tmp_path):

@@ -87,7 +87,7 @@ def test_method_without_pixel_error_is_traced_and_trains_the_same(tmp_path):
                      callbacks=[cb] if cb else [], progress=False)
         finally:
             if cb:
-                cb.close()
+                cb.flush()
         weights[traced] = {n: p.detach().clone() for n, p in a.model.named_parameters() if ".attn2." in n}
     for n, w in weights[False].items():
         torch.testing.assert_close(weights[True][n], w, rtol=0, atol=0)
@@ -115,7 +115,7 @@ def test_trace_attention_records_the_probe_maps_over_prompt_tokens(tmp_path):
     names = BY_KEY["vorn"].names
     with_maps = SDTraceCallback(a, forget, tmp_path / "a.zarr", attention=True, names=names)
     without = SDTraceCallback(a, forget, tmp_path / "b.zarr")
-    with_maps.close(), without.close()
+    with_maps.flush(), without.flush()
     ds, plain = open_trace(tmp_path / "a.zarr"), open_trace(tmp_path / "b.zarr")
     assert ds.xattn.dims == ("step", "sample", "layer", "token", "y", "x") and "xattn" not in plain
     strs = [str(t) for t in ds.token_str.values[0]]
@@ -172,7 +172,7 @@ def test_trace_every_k_steps_probes_those_steps_and_the_last(tmp_path):
             run_loop(a, get_method("fttp", modality="sd"), forget, [], cfg, c.key, c.names, callbacks=[cb],
                      progress=False)
         finally:
-            cb.close()
+            cb.flush()
         traces[every] = open_trace(tmp_path / f"every{every}.zarr")
     sparse, full = traces[3], traces[1]
     assert sparse.step.values.tolist() == [-1, 2, 5, 6] and full.step.values.tolist() == list(range(-1, 7))
@@ -198,7 +198,7 @@ def test_trace_batch_sets_the_probe_batch_and_a_bad_one_is_a_clear_error(tmp_pat
     forget, _ = world_sd_data("vorn", 2, a.resolution)
     small, default = (SDTraceCallback(a, forget, tmp_path / f"{n}.zarr", **kw) for n, kw in
                       (("small", {"batch_size": 3}), ("default", {})))
-    small.close(), default.close()
+    small.flush(), default.flush()
     assert small.probe.batch_size == 3 and default.probe.batch_size == 16
     np.testing.assert_allclose(open_trace(tmp_path / "small.zarr").K_C.values,
                                open_trace(tmp_path / "default.zarr").K_C.values, rtol=1e-3)
@@ -228,7 +228,7 @@ def test_step_source_records_each_steps_own_errors_and_trains_the_same(tmp_path)
                      progress=False)
         finally:
             if cb:
-                cb.close()
+                cb.flush()
         weights[traced] = {n: p.detach().clone() for n, p in a.model.named_parameters()}
     for n, w in weights[False].items():
         torch.testing.assert_close(weights[True][n], w, rtol=0, atol=0)

@@ -133,7 +133,7 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
                         for n, c in sorted(methods_of(kind).items()))
     parser.add_argument("--concept", help="concept key or name (see: unlearn world concepts); with --data, "
                         "default: the name in DATA/concept.json")
-    parser.add_argument("--method", required=True, metavar="METHOD", help=f"one of: {listing}")
+    parser.add_argument("--method", metavar="METHOD", help=f"one of: {listing}")
     parser.add_argument("--steps", type=int, default=defaults["steps"])
     parser.add_argument("--seed", type=int, default=defaults["seed"])
     parser.add_argument("--images", type=int, default=defaults["images"], help="training images of the concept")
@@ -146,6 +146,10 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--trace", action="store_true", help=trace_help)
     parser.add_argument("--trace-attention", action="store_true", help=trace_attention_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="save a checkpoint (trained "
+                        "parameters, optimizer, random states) after every K steps, to --resume from")
+    parser.add_argument("--resume", type=Path, metavar="RUN", dest="resume_run", help="go on with the interrupted "
+                        "run in RUN from its last checkpoint, with its own settings (give no other run flags)")
     if add_own_flags is not None:
         add_own_flags(parser, defaults)
     parser.add_argument("settings", nargs="*", metavar="key=value", help="training options "
@@ -159,6 +163,16 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     from .runs import run_kind
 
     cls = run_kind(kind)
+    if args.resume_run is not None:
+        changed = sorted(f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
+                         if f.init and f.name != "world_dir" and getattr(args, f.name, f.default) not in (f.default, None))
+        if changed or args.settings:
+            raise ValueError(f"--resume {args.resume_run} goes on with the run's own settings; drop "
+                             f"{', '.join(changed + args.settings)}")
+        return _print_metrics(cls.resumed(args.resume_run, args.world_dir, progress=not args.quiet).run(),
+                              args.resume_run, cls)
+    if args.method is None:
+        raise ValueError("give --method METHOD (see --help for the methods), or --resume RUN")
     if args.concept is None and args.data is not None:  # the default --out names the data's concept
         from .data.record_files import read_concept
 
@@ -171,12 +185,16 @@ def _run(args: argparse.Namespace, kind: str) -> int:
             raise ValueError(f"setting {item!r} is not key=value")
         options[key] = value
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
-    metrics = cls(**given, options=options, progress=not args.quiet).run()
+    return _print_metrics(cls(**given, options=options, progress=not args.quiet).run(), args.out, cls)
+
+
+def _print_metrics(metrics: dict, out: Path, cls) -> int:
     keys = [k for k in cls.summary if k in metrics]
     original = {k: metrics["original"].get(k) for k in keys}
-    print(json.dumps({"run": str(args.out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
-                      "images": metrics["images"], "original": original}, indent=1))
-    return 0
+    invalid = {"invalid": metrics["invalid"]} if metrics.get("invalid") else {}
+    print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
+                      "images": metrics["images"], "original": original, **invalid}, indent=1))
+    return 1 if invalid else 0
 
 
 EVAL_HELP = """Evaluate a finished run again (from its directory) and print its metrics as JSON.

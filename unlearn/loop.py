@@ -11,7 +11,9 @@ has it (bf16 on CUDA), several processes through accelerate (``accelerate launch
 takes its own slice of each step's records and gradients are averaged), callbacks after every step
 (the tracer attaches there; they get the step's logs as numbers and its :class:`StepOutput`). A
 method's logs stay tensors until the loop reads them once per step. A non-finite loss or parameter
-stops the run with a clear message, keeping the last good parameters.
+stops the run with a clear message, keeping the last good parameters. With ``checkpoint_every`` the
+main process writes a checkpoint (:mod:`unlearn.checkpoints`) after every that many steps; ``resume``
+goes on from one, and the rest of the run is the same, bit for bit, as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from .checkpoints import Checkpoint, random_states, save_checkpoint, set_random_states
 from .data.records import Record
 from .methods.base import Method, StepContext, StepOutput, retain_iterator
 
@@ -107,10 +111,13 @@ def select_parameters(model, pattern: str | None) -> int:
 
 
 def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConfig,
-             concept: str, names: tuple[str, ...], callbacks=(), progress: bool = True) -> dict:
+             concept: str, names: tuple[str, ...], callbacks=(), progress: bool = True, checkpoint_every: int = 0,
+             checkpoint_dir: Path | None = None, resume: Checkpoint | None = None, on_checkpoint=None) -> dict:
     """Train ``adapter.model`` in place with ``method``; return logs and timings.
 
-    With LoRA the adapter's model becomes a peft model (its base weights untouched).
+    With LoRA the adapter's model becomes a peft model (its base weights untouched). Callbacks with
+    ``state_dict`` / ``load_state_dict`` are checkpointed too; those with ``flush`` are flushed first.
+    ``on_checkpoint(step)``: after each checkpoint is written.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -152,13 +159,23 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
         return run_reference(lambda m: m(**batch).logits)
 
     retain_batches = retain_iterator(retain, cfg.batch_size, cfg.seed) if retain else None
+    drawn = 0  # retain batches drawn so far: the retain data's position, for checkpoints
+
+    def next_retain() -> list:
+        nonlocal drawn
+        drawn += 1
+        return next(retain_batches)
+
     # per-process stream: processes draw different noise for their different records
     generator = torch.Generator().manual_seed(cfg.seed * 1009 + accelerator.process_index)
-    ctx = StepContext(adapter, concept, tuple(names), next_retain=(lambda: next(retain_batches)) if retain else None,
+    ctx = StepContext(adapter, concept, tuple(names), next_retain=next_retain if retain else None,
                       reference_logits=reference_logits, run_reference=run_reference if method.needs_reference else None,
                       generator=generator)
     method.setup(ctx, forget, retain)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1 and (checkpoint_every or resume is not None):
+        raise ValueError("checkpoints and --resume are for single-process runs; run without accelerate launch, or "
+                         "without --checkpoint-every")
     # a copy of the trained parameters after every step, to restore if the next one breaks them; for
     # large full fine-tuning the gradient check before each update is the guard instead (no copy)
     keep_snapshots = sum(p.numel() for p in params) <= SNAPSHOT_LIMIT
@@ -169,9 +186,41 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in trained} if keep_snapshots else {}
 
-    history, last_good = [], snapshot()
+    stateful = [cb for cb in callbacks if hasattr(cb, "state_dict")]
+    history, first = [], 0
+    if resume is not None:  # after setup, which runs on the starting model as in the first run
+        with torch.no_grad():
+            for n, p in trained:
+                p.copy_(resume.trained[n])
+        optimizer.load_state_dict(resume.optimizer)
+        generator.set_state(resume.generator)
+        torch.set_rng_state(resume.torch_rng)
+        if resume.cuda_rng:
+            torch.cuda.set_rng_state_all(resume.cuda_rng)
+        set_random_states(resume.progress)
+        for name, value in resume.progress["method"].items():
+            setattr(method, name, value)
+        for cb, state in zip(stateful, resume.progress["callbacks"]):
+            cb.load_state_dict(state)
+        while drawn < resume.progress["retain_drawn"]:
+            next_retain()
+        history, first = resume.progress["history"], resume.step + 1
+
+    def save(step: int) -> None:
+        for cb in callbacks:  # the trace holds every step up to the checkpoint's
+            if hasattr(cb, "flush"):
+                cb.flush()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        progress_state = {"history": history, "retain_drawn": drawn, **random_states(),
+                          "method": {name: getattr(method, name) for name in method.resume_state},
+                          "callbacks": [cb.state_dict() for cb in stateful]}
+        save_checkpoint(checkpoint_dir, Checkpoint(step, dict(trained), optimizer.state_dict(), generator.get_state(),
+                                                   torch.get_rng_state(), cuda_rng, progress_state))
+
+    last_good = snapshot()
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=f"{method.name}", disable=not progress or not accelerator.is_main_process)
+    bar = tqdm(range(first, cfg.steps), desc=f"{method.name}", initial=first, total=cfg.steps,
+               disable=not progress or not accelerator.is_main_process)
     for step in bar:
         ctx.step = step
         for micro in range(cfg.grad_accum):
@@ -207,6 +256,11 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
         bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")})
         for cb in callbacks:
             cb.on_step_end(step, logs, LoopState(unwrapped, batch, accelerator, out))
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps \
+                and accelerator.is_main_process:
+            save(step)
+            if on_checkpoint is not None:
+                on_checkpoint(step)
     model.eval()
     adapter.model = unwrapped
     return {"history": history, "train_seconds": round(time.perf_counter() - start, 3),

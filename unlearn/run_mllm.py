@@ -7,6 +7,7 @@ unlearning image(s) plus its text facts; the other concepts' records to retain),
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -110,9 +111,11 @@ class MLLMRun(Run):
         return callbacks
 
     def save_samples(self, stage: str) -> None:
-        if stage == "unlearned":
-            (self.out / "samples").mkdir(exist_ok=True)
-            write_json(self.out / "samples" / "answers.json", self.answers)
+        path = self.out / "samples" / "answers.json"
+        path.parent.mkdir(exist_ok=True)
+        if "original" not in self.answers and path.exists():  # a resumed run: the first part wrote them
+            self.answers = {**json.loads(path.read_text()), **self.answers}
+        write_json(path, self.answers)
 
     def manifest_extras(self) -> dict:
         return {"records": {"forget": len(self.forget), "retain": len(self.retain)}}

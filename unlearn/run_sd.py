@@ -248,7 +248,7 @@ class SDRun(Run):
             tracer = SDTraceCallback(self.adapter, self.forget, path, attrs,
                                      attention=self.trace == "attention", names=self.names, every=self.trace_every,
                                      steps=self.cfg.steps, batch_size=self.trace_batch)
-        closing.callback(tracer.close)
+        closing.callback(tracer.flush)
         return [tracer]
 
     def manifest_extras(self) -> dict:

@@ -3,9 +3,14 @@
 trained parameters (safetensors), ``samples/``, ``trace.zarr``; each file complete or absent.
 
 A kind is a :class:`Run` subclass in ``unlearn/run_<kind>.py`` (:func:`run_kind`) supplying only
-what differs; :func:`evaluate_run` reloads any kind. A failed run leaves no run files: bad input fails
-before the directory is touched; a later failure removes what the run wrote (:data:`RUN_ARTIFACTS`)
-and the directory itself if the run created it (other files stay).
+what differs; :func:`evaluate_run` reloads any kind.
+
+A run's state is on disk from its first moment: bad input fails before the directory is touched; then
+the manifest says ``running``, ``trained`` (parameters saved, final evaluation under way), ``complete``,
+``failed`` (with the error) or ``interrupted`` (Ctrl-C, SIGTERM; a run whose process died without
+saying so reads as interrupted, its lock being free: :func:`run_state`). What an unfinished run wrote
+stays (its trace up to the last step, its checkpoint): ``--resume`` goes on from the checkpoint
+(``checkpoint_every``), ``unlearn eval`` finishes a ``trained`` run, ``--overwrite`` starts again.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import dataclasses
 import fcntl
 import importlib
 import json
+import math
 import os
 import platform
+import signal
 import shutil
 import subprocess
 import time
@@ -53,16 +60,25 @@ def git_commit() -> str | None:
 
 
 def write_json(path: Path, data) -> None:
+    """``data`` as JSON, atomically; a NaN or inf is an error (not valid JSON, and never a result)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str, allow_nan=False))
     os.replace(tmp, path)
+
+
+def mark_non_finite(metrics: dict) -> dict:
+    """A metric that came out NaN or inf is no score: it becomes None and is named in ``invalid``."""
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return metrics
+    return {**metrics, **dict.fromkeys(bad), "invalid": bad}
 
 
 # what a run writes into its directory; --overwrite removes these (and nothing else) first, and so
 # does a failed run
 RUN_ARTIFACTS = ("manifest.json", "metrics.json", "trace.zarr", "adapter", "weights", "samples", "plots",
-                 "report.html", "summary.txt")
+                 "report.html", "summary.txt", "checkpoint", ".checkpoint.old", ".checkpoint.partial")
 RUN_ARTIFACT_PATTERNS = ("eval-*.json",)  # cached re-evaluations (figures/sd_common.py)
 
 
@@ -168,9 +184,53 @@ def load_trained(model, run: Path, lora: bool, file: str, only_trained: bool):
 
 def read_manifest(run: Path) -> dict:
     path = Path(run) / "manifest.json"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no manifest.json)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); the run cannot be read") from None
+
+
+def lock_held(run: Path) -> bool:
+    """Whether a process holds the run directory's lock now (is writing it)."""
+    resolved = Path(run).resolve()
+    if str(resolved) in _HELD:
+        return True
+    path = resolved.parent / f".{resolved.name}.lock"
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def run_state(run: Path, manifest: dict | None = None) -> str:
+    """running, trained (training saved, final evaluation not done), complete, failed or interrupted (a
+    "running" run nobody holds the lock of was killed); runs from before states were recorded are complete."""
+    manifest = read_manifest(run) if manifest is None else manifest
+    state = manifest.get("state", "complete")
+    if state in ("running", "trained"):  # by the lock: still at work, or killed without a word
+        return "running" if lock_held(run) else "interrupted" if state == "running" else state
+    return state
+
+
+def describe_state(run: Path, manifest: dict) -> str:
+    """One line on an unfinished run: its state, how far it got, what to do."""
+    state, done = run_state(run, manifest), manifest.get("checkpoint_step")
+    where = f"; checkpoint after step {done + 1} of {manifest['train']['steps']}" if done is not None else ""
+    why = f" ({manifest['error']})" if manifest.get("error") else ""
+    todo = {"running": "it is being written now; wait for it",
+            "trained": f"its training is saved: finish its evaluation with `unlearn eval {run}`",
+            "interrupted": f"`unlearn {manifest.get('kind', 'mllm')} --resume {run}` goes on from its checkpoint"
+                           if done is not None else "it has no checkpoint: run it again (--overwrite)",
+            "failed": "run it again (--overwrite) once the cause is fixed"}.get(state, "")
+    return f"run {run} is not complete: {state}{why}{where}; {todo}"
 
 
 def run_kind(kind: str) -> type[Run]:
@@ -207,6 +267,8 @@ class Run:
     trace: bool | str = False
     progress: bool = True
     overwrite: bool = False
+    checkpoint_every: int = 0  # write a checkpoint after every that many steps (0: none)
+    resume: bool = False  # go on from the checkpoint in ``out`` (see :meth:`resumed`)
     callbacks: Sequence = ()
     records: object = field(default=None, init=False, repr=False)  # the data directory's, read when the run is made
     # set by load_model / load_data
@@ -230,6 +292,8 @@ class Run:
 
         if self.images < 1:
             raise ValueError(f"images={self.images}: a run trains on at least 1 image of the concept (--images N)")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every}: give a number of steps >= 1, or 0 for none")
         self.out = Path(self.out)
         self.data = None if self.data is None else Path(self.data).resolve()
         train, options = split_options(self.method, dict(self.options or {}), self.kind)
@@ -249,6 +313,36 @@ class Run:
         else:
             self.key = get_concept(self.concept).key  # an unknown concept fails before anything is written
         self.validate()
+        self.settings = self.own_settings()
+
+    # init fields a resumed run takes from the caller, not from the manifest
+    NOT_SETTINGS: ClassVar[frozenset] = frozenset({"out", "world_dir", "world_config", "progress", "overwrite",
+                                                   "resume", "callbacks"})
+
+    def own_settings(self) -> dict | str:
+        """The run's settings (its init fields) as JSON, to resume it; a reason when one is not JSON
+        (records given in Python)."""
+        settings = {}
+        for f in dataclasses.fields(self):
+            if f.init and f.name not in self.NOT_SETTINGS:
+                value = getattr(self, f.name)
+                settings[f.name] = str(value) if isinstance(value, Path) else value
+                try:
+                    json.dumps(settings[f.name], allow_nan=False)
+                except (TypeError, ValueError):
+                    return f"its {f.name} were given in Python"
+        return settings
+
+    @classmethod
+    def resumed(cls, run: Path, world_dir=None, progress: bool = True, callbacks: Sequence = (),
+                world_config=None) -> Run:
+        """The interrupted (or failed) run in ``run``, to go on from its checkpoint with :meth:`run`."""
+        manifest = read_manifest(run)
+        settings = manifest.get("settings")
+        if not isinstance(settings, dict):
+            raise ValueError(f"{run} cannot be resumed: " + (settings or "it was made before runs were resumable"))
+        return run_kind(manifest["kind"])(**settings, out=Path(run), world_dir=world_dir, progress=progress,
+                                          callbacks=callbacks, world_config=world_config, resume=True)
 
     @classmethod
     def on_world(cls, model: str) -> bool:
@@ -304,66 +398,149 @@ class Run:
                 "seed": self.seed, "versions": versions(), "git_commit": git_commit()}
 
     def run(self) -> dict:
-        """lock -> load model and data -> create the run directory -> evaluate -> attach the tracer -> train
-        -> close the tracer (also after an exception) -> evaluate -> write the trained parameters, metrics,
-        manifest. Returns the metrics written to ``out/metrics.json``."""
+        """lock -> load model and data -> create the run directory (manifest: running) -> evaluate ->
+        attach the tracer -> train (checkpoints) -> close the tracer (also after an exception) -> write
+        the trained parameters (trained) -> evaluate -> metrics (complete). Returns the metrics written to
+        ``out/metrics.json``; an exception or signal on the way is recorded as the state (failed,
+        interrupted) and raised."""
         from accelerate import PartialState
 
         state = PartialState(cpu=not torch.cuda.is_available())
-        main = state.is_main_process  # only the main process writes the run directory
+        self.main = main = state.is_main_process  # only the main process writes the run directory
+        check_out_dir(self.out)
         with run_dir_lock(self.out, enabled=main):
             created = not (self.out.exists() and any(self.out.iterdir()))  # absent or empty: this run creates it
-            if not created and not self.overwrite:  # an old run in the way: an error before loading
-                raise FileExistsError(f"run directory {self.out} exists and is not empty; choose another --out or "
-                                      f"pass --overwrite")
+            checkpoint = self.checkpoint_to_resume() if self.resume else None
+            if not created and not (self.overwrite or self.resume):  # an old run in the way: an error before loading
+                raise FileExistsError(f"run directory {self.out} exists and is not empty; choose another --out, pass "
+                                      f"--overwrite, or --resume it if it was interrupted")
             t = time.perf_counter()
             with state.main_process_first():  # the main process builds the world first; the others reuse it
                 self.adapter = self.load_model(self.model, self.world_dir, self.world_config)
                 self.load_data()
             timings = {"load": time.perf_counter() - t}
-            if main:  # a new run never appends to or mixes with an old one's trace, weights or metrics
+            if main and checkpoint is None:  # a new run never appends to or mixes with an old one's files
                 remove_run_files(self.out)
                 self.out.mkdir(parents=True, exist_ok=True)
+            self.manifest = self.start_manifest() if checkpoint is None else self.previous
+            if checkpoint is not None:
+                self.manifest.setdefault("resumed_after_steps", []).append(checkpoint.step + 1)
+            self.record("running", error=None)
+            signals = self.signals_as_interrupts()
             try:
-                return self._train_and_write(main, timings)
-            except BaseException:
-                if main:  # nothing half-written is left
-                    remove_run_files(self.out)
-                    if created:
-                        shutil.rmtree(self.out, ignore_errors=True)
+                return self._train_and_write(main, timings, checkpoint)
+            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (raised as one by signals_as_interrupts)
+                self.record("interrupted", error=signal.Signals(getattr(e, "signum", signal.SIGINT)).name)
                 raise
+            except BaseException as e:
+                self.record("failed", error=f"{type(e).__name__}: {e}")
+                raise
+            finally:
+                for signum, handler in signals.items():
+                    signal.signal(signum, handler)
 
-    def _train_and_write(self, main: bool, timings: dict) -> dict:
-        t = time.perf_counter()
-        original = self.evaluate("original")
-        timings["eval_original"] = time.perf_counter() - t
-        if main:
-            self.save_samples("original")
+    def signals_as_interrupts(self) -> dict:
+        """SIGTERM raises KeyboardInterrupt (with its ``signum``) while the run trains, so that it ends as
+        Ctrl-C does (trace flushed, state recorded, lock released); returns the handlers to put back."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):  # the caller's (e.g. the CLI's) stays
+            return {}
+
+        def interrupt(signum, frame):
+            error = KeyboardInterrupt(signal.Signals(signum).name)
+            error.signum = signum
+            raise error
+
+        return {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+
+    def checkpoint_to_resume(self):
+        """The checkpoint of the interrupted run in ``out`` (and its manifest in ``self.previous``)."""
+        from .checkpoints import find_checkpoint, load_checkpoint
+
+        self.previous = manifest = read_manifest(self.out)
+        state = manifest.get("state", "complete")
+        state = "interrupted" if state == "running" else state  # this process holds the lock: the writer is gone
+        path = find_checkpoint(self.out)
+        if state not in ("interrupted", "failed") or path is None:
+            raise ValueError(f"{describe_state(self.out, manifest)}" if state != "complete" else
+                             f"run {self.out} is complete: there is nothing to resume")
+        return load_checkpoint(path, "cpu")
+
+    def start_manifest(self) -> dict:
+        return {"kind": self.kind, "model": self.model, "concept": self.key, "names": list(self.names),
+                "method": self.method, "data": str(self.data) if self.data is not None else "world",
+                "method_options": dataclasses.asdict(self.algo), "train": dataclasses.asdict(self.cfg),
+                "seed": self.seed, "images": self.images, "versions": versions(), "git_commit": git_commit(),
+                "settings": self.settings, "checkpoint_every": self.checkpoint_every, **self.manifest_extras()}
+
+    def record(self, state: str, **fields) -> None:
+        """The run's state (and ``fields``) into its manifest, now (main process)."""
+        if getattr(self, "manifest", None) is None or not self.main:
+            return
+        self.manifest.update(state=state, **fields)
+        write_json(self.out / "manifest.json", self.manifest)
+
+    def _train_and_write(self, main: bool, timings: dict, checkpoint) -> dict:
+        if checkpoint is None:
+            t = time.perf_counter()
+            original = self.evaluate("original")
+            timings["eval_original"] = time.perf_counter() - t
+            if main:
+                self.save_samples("original")
+            self.record("running", original=original)
+        else:  # the first part of the run evaluated the starting model; its trace goes up to the checkpoint
+            original = self.manifest["original"]
+            if main and (self.out / "trace.zarr").exists():
+                from knowtrace.store import truncate_steps
+
+                truncate_steps(self.out / "trace.zarr", checkpoint.step)
         with contextlib.ExitStack() as closing:
             callbacks = [*self.callbacks, *self.attach(main, closing)]
             # the manifest keeps the options as given; training sees the data's defaults for the empty ones
             filled = {k: v for k, v in self.method_defaults.items() if getattr(self.algo, k, None) == ""}
             algo = dataclasses.replace(self.algo, **filled) if filled else self.algo
             result = run_loop(self.adapter, algo, self.forget, self.retain if self.algo.needs_retain else [],
-                              self.cfg, self.key, self.names, callbacks=callbacks, progress=self.progress)
+                              self.cfg, self.key, self.names, callbacks=callbacks, progress=self.progress,
+                              checkpoint_every=self.checkpoint_every, checkpoint_dir=self.out, resume=checkpoint,
+                              on_checkpoint=lambda step: self.record("running", checkpoint_step=step))
         timings["train"] = result["train_seconds"]
+        if main:  # saved before the final evaluation: an evaluation that fails can be done again (unlearn eval)
+            save_trained(self.adapter.model, self.out, self.cfg.lora, self.weights_file, self.only_trained)
+            self.record("trained", history=result["history"], world_size=result["world_size"],
+                        mixed_precision=result["mixed_precision"], timings_seconds=timings)
         t = time.perf_counter()
         metrics = self.evaluate("unlearned")
         timings["eval"] = time.perf_counter() - t
-        metrics.update(steps=self.cfg.steps, images=self.images, method=self.method, concept=self.key,
-                       original=original)
-        if result["accelerator"].is_main_process:
-            save_trained(self.adapter.model, self.out, self.cfg.lora, self.weights_file, self.only_trained)
+        metrics = mark_non_finite({**metrics, "steps": self.cfg.steps, "images": self.images, "method": self.method,
+                                   "concept": self.key, "original": original})
+        if main:
             self.save_samples("unlearned")
-            write_json(self.out / "metrics.json", metrics)
-            write_json(self.out / "manifest.json", {
-                "kind": self.kind, "model": self.model, "concept": self.key, "names": list(self.names),
-                "method": self.method, "data": str(self.data) if self.data is not None else "world",
-                "method_options": dataclasses.asdict(self.algo), "train": dataclasses.asdict(self.cfg),
-                "seed": self.seed, "images": self.images, "versions": versions(), "git_commit": git_commit(),
-                "timings_seconds": timings, "world_size": result["world_size"],
-                "mixed_precision": result["mixed_precision"], "history": result["history"], **self.manifest_extras()})
+            finish_run(self.out, self.manifest, metrics, timings_seconds=timings)
         return metrics
+
+
+def finish_run(run: Path, manifest: dict, metrics: dict, **fields) -> None:
+    """Write a trained run's metrics and mark it complete (its checkpoint is no longer needed)."""
+    write_json(Path(run) / "metrics.json", metrics)
+    manifest.update(state="complete", **fields)
+    if metrics.get("invalid"):
+        manifest["invalid"] = metrics["invalid"]
+    write_json(Path(run) / "manifest.json", manifest)
+    for name in ("checkpoint", ".checkpoint.old"):
+        shutil.rmtree(Path(run) / name, ignore_errors=True)
+
+
+def check_out_dir(out: Path) -> None:
+    """A run directory that can be made and written, checked before anything is loaded."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a directory; choose another --out")
+    existing = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {existing} is not a writable directory; choose a writable --out")
 
 
 def reload(run: Path, world_dir=None, world_config=None):
@@ -377,14 +554,21 @@ def reload(run: Path, world_dir=None, world_config=None):
 
 def evaluate_run(run: Path, world_dir=None, **settings) -> dict:
     """Re-evaluate a finished run of any kind (``unlearn eval RUN``) as it was evaluated: on the same
-    machine this reproduces ``metrics.json`` (less ``original``). ``settings``: the kind's overrides
-    (SD: ``eval_seeds``, ``fd_seeds``; MLLM: ``world_config``); None: the run's own."""
+    machine this reproduces ``metrics.json`` (less ``original``). A run whose final evaluation did not
+    finish (state ``trained``) is finished: its metrics written, its state complete. ``settings``: the
+    kind's overrides (SD: ``eval_seeds``, ``fd_seeds``; MLLM: ``world_config``); None: the run's own."""
     manifest = read_manifest(run)
+    state = run_state(run, manifest)
+    if state not in ("complete", "trained"):
+        raise ValueError(describe_state(run, manifest))
     settings = {k: v for k, v in settings.items() if v is not None}
     again = run_kind(manifest.get("kind", "mllm")).from_manifest(Path(run), manifest, world_dir, **settings)
     again.adapter, _ = reload(run, world_dir, again.world_config)
     again.load_data()
     metrics = again.evaluate("unlearned")
-    metrics.update(steps=manifest["train"]["steps"], images=manifest["images"], method=manifest["method"],
-                   concept=again.key)
+    metrics = mark_non_finite({**metrics, "steps": manifest["train"]["steps"], "images": manifest["images"],
+                               "method": manifest["method"], "concept": again.key})
+    if state == "trained" and not settings:
+        with run_dir_lock(run):
+            finish_run(run, manifest, {**metrics, "original": manifest["original"]})
     return metrics

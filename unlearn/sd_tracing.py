@@ -128,7 +128,7 @@ class SDTraceCallback:
     """A loop callback writing ``eps_err``, ``K_C``, ``K_N`` (probe) and the step's losses to a trace.
 
     Use: ``cb = SDTraceCallback(adapter, forget, path, attrs)`` (records step -1 now, on the starting
-    model), pass ``cb`` in the loop's callbacks, then ``cb.close()`` (also after an exception).
+    model), pass ``cb`` in the loop's callbacks, then ``cb.flush()`` (also after an exception).
     Only the main process should build one (the loop's callbacks run on every process).
 
     ``every``: probe after every ``every``-th step only (steps every-1, 2*every-1, ...) and after the
@@ -159,7 +159,8 @@ class SDTraceCallback:
                                 "timesteps, upsampled to the latent grid (layer dim of size 1); tokens: the prompt's")
         self.tracer = SDTracer(path, samples, lam=lam, reduce=reduce, attrs={**(attrs or {}), "capture": capture},
                                flush_seconds=flush_seconds)
-        self.record(-1, adapter.model)
+        if self.tracer.store.last_step is None:  # (a resumed run's trace has it)
+            self.record(-1, adapter.model)
 
     def record(self, step: int, unet, logs: dict | None = None) -> None:
         err = self.probe.errors(unet)
@@ -169,7 +170,7 @@ class SDTraceCallback:
         if (step + 1) % self.every == 0 or (self.steps is not None and step == self.steps - 1):
             self.record(step, state.model, logs)  # state.model: the unwrapped UNet (no DDP sync for a probe)
 
-    def close(self) -> None:
+    def flush(self) -> None:
         self.tracer.flush()
 
 
@@ -201,5 +202,5 @@ class SDStepErrorCallback:
         out = state.output  # the step's (last micro-batch's) StepOutput
         self.tracer.record_errors(step, out.per_element, out.ids, logs)
 
-    def close(self) -> None:
+    def flush(self) -> None:
         self.tracer.flush()

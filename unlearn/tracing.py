@@ -42,6 +42,6 @@ def start_tracer(adapter, path, forget, names, attrs: dict, probe_records=(), at
         capture["probe"] = "probe records before training (step -1) and after every step: logprob, xattn (last layer, head mean)"
     tracer = knowtrace.trace(adapter.model, path, traced_samples(adapter, forget, names), attention=opts,
                              probes=probes, attrs={**attrs, "capture": capture}).__enter__()
-    if tracer.probe is not None:
+    if tracer.probe is not None and tracer.probe.trace.store.last_step is None:  # (a resumed run's trace has it)
         tracer.probe.run(-1)  # the starting model, before the first update
     return tracer

@@ -28,3 +28,9 @@ class EvalEvery:
             metrics = evaluate(self.adapter, self.evalset, self.names)
         metrics.pop("samples")
         self.rows.append({"step": done, **metrics})
+
+    def state_dict(self) -> dict:  # checkpointed with the run
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])

@@ -122,6 +122,9 @@ class Method:
     needs_reference: ClassVar[bool] = False
     # True for methods whose StepOutput carries per_element values (a step-source trace records them)
     has_step_errors: ClassVar[bool] = False
+    # attributes (plain numbers) that change as training goes on, e.g. a cursor through constructed
+    # targets: a checkpoint stores them so that a resumed run goes on where it stopped
+    resume_state: ClassVar[tuple[str, ...]] = ()
 
     def train_targets(self, adapter, lora: bool) -> str | None:
         """Which parts this method trains: a peft target-module regex (``lora``) or a regex searched in

@@ -24,6 +24,7 @@ from .losses import mean_nll
 @dataclass
 class MMUnlearner(MLLMMethod):
     name = "mmunlearner"
+    resume_state = ("_cursor",)
     needs_retain = True
     tau: float = 1.0
     eps: float = 1e-12

@@ -45,6 +45,7 @@ def name_token_ids(tokenizer, names) -> list[int]:
 @dataclass
 class SIU(MLLMMethod):
     name = "siu"
+    resume_state = ("_cursor",)
     needs_retain = True
     needs_reference = True
     substitute: str = ""
