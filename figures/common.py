@@ -32,12 +32,12 @@ def mllm_run(runs: Path, concept: str, method: str, steps: int = 10, lr: float =
              attention: bool = False, world_dir=None, progress: bool = True) -> Path:
     """The run directory of a traced world MLLM run, run now if it is not saved with these settings."""
     from unlearn.run_mllm import run_mllm
-    from unlearn.runs import run_dir_lock
+    from unlearn.runs import run_dir_lock, run_state
 
     run = Path(runs) / f"mllm-{concept}-{method}-{steps}steps-lr{lr:g}-s{seed}{'-attn' if attention else ''}"
     manifest = run / "manifest.json"
     with run_dir_lock(run, wait=True):  # another figure script making this run: wait for it, then reuse it
-        if manifest.exists() and (run / "trace.zarr").exists():
+        if manifest.exists() and (run / "trace.zarr").exists() and run_state(run) == "complete":
             m = json.loads(manifest.read_text())
             if m["train"]["steps"] == steps and m["train"]["lr"] == lr and m["seed"] == seed:
                 return run

@@ -36,9 +36,11 @@ def sd_run(runs: Path, concept: str, method: str, steps: int = 20, images: int =
 
 def _sd_run(run, concept, method, steps, images, lr, seed, eval_seeds, fd_seeds, trace, world_dir, progress):
     from unlearn.run_sd import evaluate_run, run_sd
+    from unlearn.runs import run_state
 
     manifest, metrics_path = run / "manifest.json", run / "metrics.json"
-    done = manifest.exists() and metrics_path.exists() and (not trace or (run / "trace.zarr").exists())
+    done = manifest.exists() and metrics_path.exists() and (not trace or (run / "trace.zarr").exists()) \
+        and run_state(run) == "complete"
     if done:
         m = json.loads(manifest.read_text())
         done = (m["train"]["steps"] == steps and m["train"]["lr"] == lr and m["seed"] == seed and m["images"] == images

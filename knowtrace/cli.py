@@ -118,7 +118,9 @@ def summarize(ds: xr.Dataset, trace: Path, run_dir: Path | None, probe: bool = F
     if run_dir is not None:
         manifest = _read_json(run_dir / "manifest.json")
         metrics = _read_json(run_dir / "metrics.json")
-        out["run"] = {"dir": str(run_dir),
+        # the state unlearn records: running, trained, complete, failed, interrupted (older runs: none)
+        out["run"] = {"dir": str(run_dir), "state": manifest.get("state", "complete"),
+                      **({"error": manifest["error"]} if manifest.get("error") else {}),
                       **{k: manifest[k] for k in ("concept", "method", "seed", "images") if k in manifest},
                       **{k: metrics[k] for k in ("steps", "efficacy", "em", "specificity", "diversity") if k in metrics}}
     return out
@@ -148,6 +150,10 @@ def _add_summary(parser: argparse.ArgumentParser) -> None:
 
 def _run_summary(args: argparse.Namespace) -> int:
     info = summarize(*load(args.run, args.probe), probe=args.probe)
+    state = info.get("run", {}).get("state", "complete")
+    if state != "complete":  # (a "running" run whose process died shows as running: its writer recorded no end)
+        print(f"knowtrace: note: the run is not complete ({state}): its trace holds the steps it reached",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -311,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # user mistakes: a message and exit code 2, no traceback (argparse's own errors exit 2 as well); an
-# OSError names its file (a read-only --out, a folder given as a file, a full disk)
-USER_ERRORS = (KeyError, ValueError, IndexError, OSError, plots.ExportUnavailable)
+# OSError names its file (a read-only --out, a folder given as a file, a full disk); FloatingPointError: a
+# run whose settings made it diverge (non-finite loss, parameters or images)
+USER_ERRORS = (KeyError, ValueError, IndexError, OSError, FloatingPointError, plots.ExportUnavailable)
 
 
 class Terminated(KeyboardInterrupt):

@@ -12,9 +12,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 from safetensors.numpy import load_file
 
+from knowtrace.cli import main as knowtrace_main
 from tests.test_sd_run import tiny_world_sd  # noqa: F401  (fixture)
 from tests.test_unlearn_mllm import WORLD, world_dir  # noqa: F401  (fixture)
 from unlearn.cli import main
@@ -52,7 +54,7 @@ def assert_same_run(a, b):
             assert np.array_equal(ta[name].values, tb[name].values, equal_nan=True), (group, name)
 
 
-def test_an_interrupted_mllm_run_resumes_to_the_same_result(tmp_path, world_dir):  # noqa: F811
+def test_an_interrupted_mllm_run_resumes_to_the_same_result(tmp_path, world_dir, capsys):  # noqa: F811
     # siu: retain batches and a cursor through its targets; eval_every: a curve kept across the break
     kw = dict(steps=5, world_dir=world_dir, world_config=WORLD, progress=False, trace=True, trace_attention=True,
               eval_every=2, checkpoint_every=2)
@@ -66,6 +68,8 @@ def test_an_interrupted_mllm_run_resumes_to_the_same_result(tmp_path, world_dir)
     assert list(xr.open_zarr(out / "trace.zarr").step.values) == [0, 1, 2]  # more than the checkpoint holds
     with pytest.raises(ValueError, match="not complete: interrupted.*--resume"):
         evaluate_run(out, world_dir=world_dir, world_config=WORLD)
+    assert knowtrace_main(["summary", str(out)]) == 0
+    assert "the run is not complete (interrupted)" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="--resume"):
         run_mllm("vorn", "siu", out, **kw)
     Run.resumed(out, world_dir, progress=False, world_config=WORLD).run()
@@ -144,3 +148,45 @@ def test_sigterm_ends_a_cli_run_cleanly_and_resume_finishes_it(tmp_path, world_d
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 400 and run_state(out) == "complete"
     assert list(xr.open_zarr(out / "trace.zarr").step.values) == list(range(400))
+
+
+def test_a_run_stopped_in_its_final_evaluation_keeps_its_training_and_unlearn_eval_finishes_it(
+        tmp_path, world_dir, monkeypatch):  # noqa: F811
+    kw = dict(steps=2, world_dir=world_dir, world_config=WORLD, progress=False)
+    whole = run_mllm("vorn", "ga", tmp_path / "whole", **kw)
+    evaluate = MLLMRun.evaluate
+
+    def fails_after_training(self, stage):
+        if stage == "unlearned":
+            raise RuntimeError("evaluation died")
+        return evaluate(self, stage)
+
+    monkeypatch.setattr(MLLMRun, "evaluate", fails_after_training)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation died"):
+        run_mllm("vorn", "ga", out, **kw)
+    monkeypatch.undo()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["state"] == "trained" and "evaluation died" in manifest["error"]
+    assert (out / "adapter").is_dir() and not (out / "metrics.json").exists()
+    again = evaluate_run(out, world_dir=world_dir, world_config=WORLD)
+    assert run_state(out) == "complete"
+    assert json.loads((out / "metrics.json").read_text()) == whole == {**again, "original": whole["original"]}
+
+
+class BreakTheUNet:
+    """A loop callback that makes the model non-finite after the last step (past the loop's own checks)."""
+
+    def on_step_end(self, step, logs, state):
+        with torch.no_grad():
+            next(p for p in state.model.parameters() if p.ndim > 1).fill_(float("nan"))
+
+
+def test_a_model_that_generates_nan_images_gets_no_score(tmp_path, tiny_world_sd):  # noqa: F811
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="non-finite images"):
+        run_sd("vorn", "ga", out, steps=1, images=2, model=str(tiny_world_sd), eval_seeds=2, fd_seeds=2,
+               retained=["blip"], progress=False, callbacks=[BreakTheUNet()])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["state"] == "trained" and "non-finite images" in manifest["error"]
+    assert not (out / "metrics.json").exists()

@@ -17,10 +17,11 @@ METRICS = ("efficacy", "em", "em_identify", "em_yesno", "specificity", "diversit
 
 
 def _load(run: Path) -> tuple[dict, dict]:
+    from .runs import describe_state, read_manifest, run_state
+
     run = Path(run)
-    for name in ("metrics.json", "manifest.json"):
-        if not (run / name).exists():
-            raise FileNotFoundError(f"{run} is not a finished run directory (no {name})")
+    if run_state(run) != "complete":
+        raise ValueError(describe_state(run, read_manifest(run)))
     return json.loads((run / "metrics.json").read_text()), json.loads((run / "manifest.json").read_text())
 
 

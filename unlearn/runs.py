@@ -430,10 +430,10 @@ class Run:
             try:
                 return self._train_and_write(main, timings, checkpoint)
             except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (raised as one by signals_as_interrupts)
-                self.record("interrupted", error=signal.Signals(getattr(e, "signum", signal.SIGINT)).name)
+                self.stopped("interrupted", signal.Signals(getattr(e, "signum", signal.SIGINT)).name)
                 raise
             except BaseException as e:
-                self.record("failed", error=f"{type(e).__name__}: {e}")
+                self.stopped("failed", f"{type(e).__name__}: {e}")
                 raise
             finally:
                 for signum, handler in signals.items():
@@ -475,6 +475,11 @@ class Run:
                 "method_options": dataclasses.asdict(self.algo), "train": dataclasses.asdict(self.cfg),
                 "seed": self.seed, "images": self.images, "versions": versions(), "git_commit": git_commit(),
                 "settings": self.settings, "checkpoint_every": self.checkpoint_every, **self.manifest_extras()}
+
+    def stopped(self, state: str, error: str) -> None:
+        # once its parameters are saved a run stays "trained": its evaluation is what is missing (unlearn eval)
+        trained = getattr(self, "manifest", None) is not None and self.manifest.get("state") == "trained"
+        self.record("trained" if trained else state, error=error)
 
     def record(self, state: str, **fields) -> None:
         """The run's state (and ``fields``) into its manifest, now (main process)."""
@@ -568,7 +573,8 @@ def evaluate_run(run: Path, world_dir=None, **settings) -> dict:
     metrics = again.evaluate("unlearned")
     metrics = mark_non_finite({**metrics, "steps": manifest["train"]["steps"], "images": manifest["images"],
                                "method": manifest["method"], "concept": again.key})
-    if state == "trained" and not settings:
+    own = all(manifest.get("eval", {}).get(k) == v for k, v in settings.items() if k != "world_config")
+    if state == "trained" and own:  # evaluated as the run itself would have been
         with run_dir_lock(run):
             finish_run(run, manifest, {**metrics, "original": manifest["original"]})
     return metrics

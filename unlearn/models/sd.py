@@ -173,6 +173,9 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: 
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + batch_size]]
         images = pipe(prompts[s:s + batch_size], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       generator=gens, output_type="np").images  # (B, H, W, 3) float in [0, 1]
+        if not np.isfinite(images).all():  # a broken model: scoring its NaN-made images would be a lie
+            raise FloatingPointError(f"the model generates non-finite images (prompt {prompts[s]!r}): its parameters "
+                                     f"or its lr are broken; no metric is computed from them")
         out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)
 
