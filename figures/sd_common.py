@@ -36,7 +36,7 @@ def sd_run(runs: Path, concept: str, method: str, steps: int = 20, images: int =
 
 def _sd_run(run, concept, method, steps, images, lr, seed, eval_seeds, fd_seeds, trace, world_dir, progress):
     from unlearn.run_sd import evaluate_run, run_sd
-    from unlearn.runs import run_state
+    from unlearn.runs import run_state, write_json
 
     manifest, metrics_path = run / "manifest.json", run / "metrics.json"
     done = manifest.exists() and metrics_path.exists() and (not trace or (run / "trace.zarr").exists()) \
@@ -57,7 +57,5 @@ def _sd_run(run, concept, method, steps, images, lr, seed, eval_seeds, fd_seeds,
     if cached.exists():
         return run, json.loads(cached.read_text())
     metrics = evaluate_run(run, world_dir=world_dir, eval_seeds=eval_seeds, fd_seeds=fd_seeds)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=1, default=float))
-    tmp.replace(cached)  # no half-written cache file
+    write_json(cached, metrics)  # atomic: no half-written cache file
     return run, metrics

@@ -193,7 +193,7 @@ def _print_metrics(metrics: dict, out: Path, cls) -> int:
     original = {k: metrics["original"].get(k) for k in keys}
     invalid = {"invalid": metrics["invalid"]} if metrics.get("invalid") else {}
     print(json.dumps({"run": str(out), **{k: metrics[k] for k in keys}, "steps": metrics["steps"],
-                      "images": metrics["images"], "original": original, **invalid}, indent=1))
+                      "images": metrics["images"], "original": original, **invalid}, indent=1, allow_nan=False))
     return 1 if invalid else 0
 
 
@@ -213,7 +213,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .runs import evaluate_run
 
     print(json.dumps(evaluate_run(args.run, world_dir=args.world_dir, eval_seeds=args.eval_seeds,
-                                  fd_seeds=args.fd_seeds), indent=1))
+                                  fd_seeds=args.fd_seeds), indent=1, allow_nan=False))
     return 0
 
 

@@ -49,7 +49,7 @@ def run_sweep(sweep: Sweep) -> list[dict]:
             row = {"name": name, "concept": concept, "method": method, "seed": seed, "steps": sweep.steps,
                    "settings": settings, **{k: m[k] for k in KEYS}, "original": {k: m["original"][k] for k in KEYS}}
             with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, allow_nan=False) + "\n")
             print(f"{name}: " + "  ".join(f"{k} {m[k]:.1f}" for k in ("em", "specificity", "diversity")), flush=True)
     return [json.loads(line) for line in results.read_text().splitlines()]
 

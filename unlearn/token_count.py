@@ -51,6 +51,7 @@ def run_study(out: Path, concepts=None, settings: StudySettings = StudySettings(
               progress: bool = True) -> list[dict]:
     """One run per concept under ``out`` (kept: a finished concept is read back, not run again)."""
     from .run_mllm import run_mllm
+    from .runs import write_json
     from .world.concepts import CONCEPTS, get_concept
     from .world.tokenizer import build_tokenizer, count_tokens
 
@@ -67,7 +68,7 @@ def run_study(out: Path, concepts=None, settings: StudySettings = StudySettings(
                                images=settings.images, options={"lr": settings.lr}, world_dir=world_dir,
                                progress=progress, overwrite=True, eval_every=settings.every)
             manifest = json.loads((run / "manifest.json").read_text())
-            (run / "manifest.json").write_text(json.dumps({**manifest, "study": vars(settings)}, indent=1))
+            write_json(run / "manifest.json", {**manifest, "study": vars(settings)})
         step, score = steps_to_best_tradeoff(metrics["curve"])
         at = next((r for r in metrics["curve"] if r["step"] == step), None)
         rows.append({"concept": c.key, "kind": c.kind, "name": c.name, "tokens": count_tokens(tok, c.name),
