@@ -252,6 +252,52 @@ def test_methods_train_only_their_parts(method, lora, data):
         assert all(".attn2.to_q." in n or ".attn2.to_k." in n for n in changed)
 
 
+def compvis_noxattn_keeps(name: str) -> bool:
+    """ESD's ``noxattn`` filter (CompVis train-esd.py) on a diffusers UNet name: the three diffusers
+    names that differ from CompVis' at the top level are renamed first, then their test is applied."""
+    for ours, theirs in (("time_embedding.", "time_embed."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")):
+        if name.startswith(ours):
+            name = theirs + name[len(ours):]
+    return not (name.startswith("out.") or "attn2" in name or "time_embed" in name)
+
+
+def test_esd_u_parts_are_the_authors_on_the_sd1_layout():
+    """SD 1.x's UNet layout (no weights: meta device): full fine-tuning trains the parameters ESD's
+    noxattn filter keeps; LoRA adapts the Linear / Conv2d modules among them (215 of 282)."""
+    import re
+
+    from diffusers import UNet2DConditionModel
+
+    from unlearn.models.sd import LORA_PARTS, PARAM_PARTS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768)
+    params = {n for n, _ in unet.named_parameters()}
+    assert {n for n in params if re.search(PARAM_PARTS["non_xattn"], n)} == {n for n in params if compvis_noxattn_keeps(n)}
+    assert "time_embedding.linear_1.weight" in params and not compvis_noxattn_keeps("time_embedding.linear_1.weight")
+    linear_conv = [n for n, m in unet.named_modules() if type(m).__name__ in ("Linear", "Conv2d")]
+    theirs = {n for n in linear_conv if compvis_noxattn_keeps(n + ".")}
+    ours = {n for n, _ in unet.named_modules() if re.fullmatch(LORA_PARTS["non_xattn"], n)}  # peft's test
+    assert len(linear_conv) == 282 and len(theirs) == 215 and ours == theirs
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_esd_u_trains_the_authors_parameters(lora, data):
+    forget, _ = data
+    a = tiny_adapter()
+    unet = a.pipe.unet
+    modules = {n for n, m in unet.named_modules() if type(m).__name__ in ("Linear", "Conv2d") and compvis_noxattn_keeps(n + ".")}
+    params = {n for n, _ in unet.named_parameters() if compvis_noxattn_keeps(n)}
+    run_loop(a, get_method("esd_u", modality="sd"), forget, [], TrainConfig(steps=1, lr=1e-2, lora=lora, batch_size=2),
+             VORN.key, VORN.names, progress=False)
+    if lora:  # the modules that got LoRA weights (injected into the base UNet in place)
+        assert {n.split(".lora_A.")[0] for n, _ in unet.named_parameters() if ".lora_A." in n} == modules
+        assert {"conv_in", "down_blocks.0.downsamplers.0.conv"} <= modules and any(".conv_shortcut" in n for n in modules)
+    else:
+        assert {n for n, p in unet.named_parameters() if p.requires_grad} == params
+        assert "conv_norm_out.weight" not in params and "down_blocks.1.attentions.0.norm.weight" in params
+
+
 def test_salun_updates_salient_weights_only(data):
     forget, retain = data
     a = tiny_adapter()

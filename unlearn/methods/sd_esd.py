@@ -3,7 +3,15 @@ starting model's negatively guided prediction
 
     target = eps_ref(z_t, "", t) - eta * (eps_ref(z_t, c, t) - eps_ref(z_t, "", t))
 
-ESD-x trains the cross-attention (``attn2``) only, ESD-u every other UNet part.
+ESD-x trains the cross-attention (``attn2``) only. ESD-u trains the parameters of the authors'
+``noxattn`` (rohitgandikota/erasing, the paper's CompVis code, ``train-scripts/train-esd.py``,
+``train_esd``'s parameter choice): every UNet parameter except cross-attention (``attn2``), the time
+embedding (their ``time_embed``, diffusers' ``time_embedding``) and the output layers (their
+``out.``: ``conv_norm_out``, ``conv_out``); norms and biases included. Under LoRA: the Linear /
+Conv2d modules of that set (peft adapts those, not norms). The authors' later diffusers rewrite
+(``esd_sd.py``, ``get_esd_trainable_parameters``, ``esd-u``) trains every Linear / Conv2d module
+outside ``attn2``: the time embedding and ``conv_out`` too, no norms; not followed here (see
+docs/sd.md). The parts are ``SDAdapter.part("non_xattn")`` (unlearn/models/sd.py).
 
 Where ``z_t`` comes from (option ``latents``):
 
