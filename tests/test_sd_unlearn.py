@@ -318,7 +318,8 @@ def test_selective_amnesia_penalty_and_replay(data):
     forget, retain = data
     a = tiny_adapter()
     a.model.train()
-    sa = get_method("sa", modality="sd", replay_per_prompt=1, replay_inference_steps=2, fisher_samples=3)
+    sa = get_method("sa", modality="sd", replay_per_prompt=1, replay_inference_steps=2, fisher_samples=3,
+                    fisher_timesteps=10)
     ctx = ctx_for(a, 0, retain=retain)
     sa.setup(ctx, forget, retain)
     assert len(sa._replay) == len({r.prompt for r in retain if r.concept is not None})
@@ -333,6 +334,67 @@ def test_selective_amnesia_penalty_and_replay(data):
     assert torch.isfinite(loss) and logs["ewc"] > 0
     with pytest.raises(ValueError, match="surrogate"):
         sa.setup(ctx, forget, [r for r in retain if r.concept is not None])
+
+
+def test_selective_amnesia_fisher_and_penalty_are_the_authors(data):
+    """The Fisher of selective-amnesia's ddpm_fim.py, computed here independently on the records that
+    setup chose: per image, the gradient of the diffusion loss summed over all 1000 timesteps (each its
+    own noise; the documented draw order: one (T, C, h, w) draw per image from the seed the method
+    documents), squared, averaged over images; then lambda * sum F (theta - theta*)^2, value and gradient,
+    with the authors' lambda 50."""
+    forget, retain = data
+    a = tiny_adapter()
+    sa = get_method("sa", modality="sd", replay_per_prompt=1, replay_inference_steps=2, fisher_samples=2)
+    assert sa.ewc == 50.0 and sa.fisher_timesteps == 0
+    ctx = ctx_for(a, 4, retain=retain)
+    sa.setup(ctx, forget, retain)
+    params = list(a.model.parameters())
+    assert len(sa._params) == len(params)
+    records = [sa._replay[0], sa._replay[len(sa._replay) // 2]]
+    gen = torch.Generator().manual_seed(4 + 2)
+    ac = a.noise_scheduler.alphas_cumprod  # (1000,)
+    expected = [torch.zeros_like(p) for p in params]
+    for r in records:
+        z = a.latents([r])  # (1, C, h, w)
+        c = a.text_embeddings([r.prompt])
+        eps = torch.randn((1000, *z.shape[1:]), generator=gen)
+        grad = [torch.zeros_like(p) for p in params]
+        for t in torch.arange(1000).split(200):
+            z_t = ac[t].sqrt()[:, None, None, None] * z + (1 - ac[t]).sqrt()[:, None, None, None] * eps[t]
+            pred = a.model(z_t, t, encoder_hidden_states=c.expand(len(t), -1, -1)).sample
+            summed = sum(((eps[t][i] - pred[i]) ** 2).mean() for i in range(len(t)))  # sum over these t
+            grad = [g + d for g, d in zip(grad, torch.autograd.grad(summed, params, allow_unused=True))]
+        expected = [e + g ** 2 / 2 for e, g in zip(expected, grad)]
+    # atol: parameters whose gradients cancel to float noise (biases right before a norm: ~1e-14)
+    top = max(float(e.max()) for e in expected)
+    for f, e in zip(sa._fisher, expected):
+        torch.testing.assert_close(f, e, rtol=1e-3, atol=1e-7 * top)
+    assert sum(float(f.sum()) for f in sa._fisher) > 0
+    # the penalty: value and gradient after moving every parameter
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    a.model.zero_grad(set_to_none=True)
+    penalty = sa.penalty()
+    penalty.backward()
+    delta = [p.detach() - s for p, s in zip(params, sa._star)]
+    torch.testing.assert_close(penalty, sum((f * d ** 2).sum() for f, d in zip(expected, delta)), rtol=1e-3, atol=0)
+    for p, f, d in zip(params, expected, delta):
+        torch.testing.assert_close(p.grad, 2 * f * d, rtol=1e-3, atol=1e-9 * top)
+    out = sa.loss(ctx, forget)
+    torch.testing.assert_close(out.loss - out.logs["loss_forget"] - out.logs["loss_retain"], 50 * out.logs["ewc"])
+
+
+def test_selective_amnesia_cheaper_fisher_estimates_the_sum():
+    from unlearn.methods.sd_sa import fisher_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(fisher_timesteps(1000, 0, g), torch.arange(1000))
+    ts = fisher_timesteps(1000, 4, g)  # one in each quarter
+    assert [int(t) // 250 for t in ts] == [0, 1, 2, 3]
+    assert torch.equal(fisher_timesteps(10, 20, g), torch.arange(10))
+    with pytest.raises(ValueError, match="fisher_timesteps"):
+        get_method("sa", modality="sd", fisher_timesteps=-1)
 
 
 def test_fmn_finds_the_concept_tokens_and_lowers_their_attention(data):
