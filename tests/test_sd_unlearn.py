@@ -246,10 +246,25 @@ def test_methods_train_only_their_parts(method, lora, data):
     xattn = {n for n in before if ".attn2." in n}
     if method == "esd_u":
         assert not changed & xattn
+    elif method == "fmn":  # the whole UNet, as its authors train it; nothing past the last attn2 moves
+        assert changed - xattn and {"conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"} <= changed
+        assert not {n for n in changed if n.startswith(("conv_out.", "conv_norm_out."))}
     else:
         assert changed <= xattn
-    if method == "fmn":  # the attention probabilities depend on the query/key projections only
-        assert all(".attn2.to_q." in n or ".attn2.to_k." in n for n in changed)
+
+
+def test_fmn_only_xattn_trains_all_of_attn2(data):
+    """Cross-attention only (their only_optimize_ca): every attn2 parameter is trained, and the value /
+    output projections do move: later layers' queries depend on earlier layers' values."""
+    forget, _ = data
+    a = tiny_adapter()
+    before = trained(a.model)
+    run_loop(a, get_method("fmn", modality="sd", only_xattn=True), forget, [],
+             TrainConfig(steps=2, lr=1e-2, lora=False, batch_size=2), VORN.key, VORN.names, progress=False)
+    assert {n for n, p in a.model.named_parameters() if p.requires_grad} == {n for n in before if ".attn2." in n}
+    changed = {n for n, p in a.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed <= {n for n in before if ".attn2." in n}
+    assert any(".attn2.to_v." in n for n in changed) and any(".attn2.to_out." in n for n in changed)
 
 
 def compvis_noxattn_keeps(name: str) -> bool:
@@ -412,6 +427,65 @@ def test_fmn_finds_the_concept_tokens_and_lowers_their_attention(data):
     after = fmn.loss(ctx_for(a, 1), forget).loss
     assert after.item() < first.item()
     assert all(type(p).__name__ != "RecordingProcessor" for p in a.pipe.unet.attn_processors.values())
+
+
+class AuthorsAttention:
+    """Forget-Me-Not's cross-attention processor and controller (train_attn.py), transcribed for one
+    record: attend as diffusers' classic processor does, keep the probabilities at ``positions``."""
+
+    def __init__(self, kept: list, positions: list[int]):
+        self.kept, self.positions = kept, positions
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (heads, hw, d)
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)  # (heads, hw, L)
+        self.kept.append(probs[:, :, self.positions].reshape(-1))
+        return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v))))
+
+
+@pytest.mark.parametrize("eot", ["pooler", "all", "none"])
+def test_fmn_loss_is_the_authors_attention_norm(eot, data):
+    """The norm of every attn2 layer's concept-token (and end-token) probabilities concatenated, per
+    record (their batch of one), averaged over records: value and gradient on every UNet parameter."""
+    forget, _ = data
+    a = tiny_adapter()
+    fmn = get_method("fmn", modality="sd", eot=eot)
+    assert get_method("fmn", modality="sd").eot == "pooler" and not fmn.only_xattn  # their defaults
+    loss = fmn.loss(ctx_for(a, 3), forget).loss
+    mine = torch.autograd.grad(loss, list(a.model.parameters()), allow_unused=True)
+
+    theirs = copy.deepcopy(a.model)
+    b = a.encode(forget)
+    _, t, z = a.noise(b.latents, torch.Generator().manual_seed(3))
+    tok = a.pipe.tokenizer
+    norms = []
+    for i, r in enumerate(forget):
+        ids = tok(r.prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+        positions = set()
+        for name in VORN.names:  # the name's token ids wherever they occur in the prompt's ids
+            c = tok(name, add_special_tokens=False).input_ids
+            positions |= {j + m for j in range(len(ids)) if ids[j:j + len(c)] == c for m in range(len(c))}
+        ends = [j for j, x in enumerate(ids) if x == tok.eos_token_id]
+        positions |= set({"pooler": ends[:1], "all": ends, "none": []}[eot])
+        assert len(positions) >= {"none": 1, "pooler": 2, "all": 12}[eot]
+        kept = []
+        for n, m in theirs.named_modules():
+            if n.endswith("attn2"):
+                m.set_processor(AuthorsAttention(kept, sorted(positions)))
+        theirs(z[i:i + 1], t[i:i + 1], encoder_hidden_states=b.cond[i:i + 1])
+        assert len(kept) == 4  # the tiny UNet's attn2 layers
+        norms.append(torch.cat(kept).norm())
+    expected = torch.stack(norms).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    grads = torch.autograd.grad(expected, list(theirs.parameters()), allow_unused=True)
+    top = max(float(g.abs().max()) for g in grads if g is not None)
+    for p, g, h in zip(theirs.parameters(), mine, grads):
+        g, h = (torch.zeros_like(p) if x is None else x for x in (g, h))
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6 * top)
+    assert any(g is not None and ".attn2.to_v" not in n and g.abs().max() > 0
+               for (n, _), g in zip(theirs.named_parameters(), mine))
 
 
 def test_step_output_reaches_the_callbacks(data):

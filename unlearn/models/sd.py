@@ -8,7 +8,7 @@ embedding, the concept mask on the latent grid. A step compares the UNet's predi
 per latent pixel: ``e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2``, shape (B, h, w).
 
 Parts (regexes over module/parameter names) for methods that train only some of them: ``xattn`` =
-cross-attention (``attn2``), ``xattn_qk`` = its query/key projections, ``non_xattn`` = ESD-u's parts
+cross-attention (``attn2``), ``non_xattn`` = ESD-u's parts
 (every UNet part but cross-attention, the time embedding and the output layers, as ESD's authors
 train it; under LoRA the Linear / Conv2d modules among them), ``attn`` = self- and cross-attention
 projections (the LoRA default).
@@ -31,14 +31,13 @@ WORLD_MARKER = "world_sd_config.json"  # a directory holding a world SD
 LORA_PARTS = {
     "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
-    "xattn_qk": r".*attn2\.(to_q|to_k)",  # what cross-attention probabilities depend on
     # ESD-u: every Linear / Conv2d module of ``non_xattn`` below (the norms take no LoRA): conv_in,
     # resnets (convolutions, time-embedding projections, shortcuts), down/upsamplers, self-attention,
     # feed-forward and the transformers' projections
     "non_xattn": r"conv_in|.*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out"
                  r"|resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.\d+\.conv)",
 }
-PARAM_PARTS = {"attn": r"\.attn[12]\.", "xattn": r"\.attn2\.", "xattn_qk": r"\.attn2\.to_[qk]\.",
+PARAM_PARTS = {"attn": r"\.attn[12]\.", "xattn": r"\.attn2\.",
                # ESD's ``noxattn`` (CompVis code): all but cross-attention, the time embedding and the
                # output layers (their ``out.`` = diffusers' conv_norm_out, conv_out)
                "non_xattn": r"^(?!time_embedding\.|conv_norm_out\.|conv_out\.)(?!.*\.attn2\.)"}
