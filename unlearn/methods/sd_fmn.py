@@ -35,6 +35,7 @@ the prompt's tokens that overlap an occurrence of its name or an alias in the de
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from ..data.token_weights import concept_token_positions
