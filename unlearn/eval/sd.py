@@ -139,14 +139,6 @@ def check_images(images) -> np.ndarray:
 # ----------------------------------------------------------------------------- UA
 
 
-def _pairs(prompts: str | Sequence[str], seeds: Sequence[int]) -> tuple[list[str], list[int]]:
-    """Every prompt with every seed (prompt-major)."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not len(seeds):
-        raise ValueError("UA needs at least one prompt and one seed")
-    return [p for p in prompts for _ in seeds], [int(s) for _ in prompts for s in seeds]
-
-
 def ua_from_labels(labels: Sequence[str], concept: str) -> float:
     """Percent of ``labels`` that are not ``concept``."""
     if not len(labels):
@@ -156,10 +148,13 @@ def ua_from_labels(labels: Sequence[str], concept: str) -> float:
 
 def _ua_labels(pipe, prompts, seeds, classifier: ConceptClassifier, concept: str, guidance_scale: float,
                num_inference_steps: int) -> tuple[list[str], list[str]]:
-    """The prompt of every (prompt, seed) pair and the classifier's label of its generated image."""
+    """The prompt of every (prompt, seed) pair (prompt-major) and the classifier's label of its generated image."""
     if concept not in classifier.labels:
         raise ValueError(f"concept {concept!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
-    p, s = _pairs(prompts, seeds)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not len(seeds):
+        raise ValueError("UA needs at least one prompt and one seed")
+    p, s = [p for p in prompts for _ in seeds], [int(s) for _ in prompts for s in seeds]
     return p, classifier.predict(generate_images(pipe, p, s, guidance_scale, num_inference_steps))
 
 
@@ -216,12 +211,6 @@ def feature_fd(images_a: np.ndarray, images_b: np.ndarray, extract: Callable[[np
         raise ValueError("name the feature space (e.g. 'inception-v3-pool3'): FDs in different spaces are not comparable")
     fa, fb = extract(check_images(images_a)), extract(check_images(images_b))
     return {"fd": frechet_distance(fa, fb), "fd_space": space, "n": [len(fa), len(fb)]}
-
-
-def fd_world(images_a: np.ndarray, images_b: np.ndarray, classifier) -> dict:
-    """FD in the world classifier's (:class:`unlearn.world.source.WorldConceptClassifier`) feature space,
-    named ``"world-classifier-features"``."""
-    return feature_fd(images_a, images_b, classifier.features, WORLD_FD_SPACE)
 
 
 # ----------------------------------------------------------------------------- K_C / K_N

@@ -28,7 +28,7 @@ from ..data.names import name_pattern
 from ..data.records import Record
 from ..data.token_weights import concept_flags
 from .base import MLLMMethod, StepOutput, register
-from .losses import mean_nll
+from .losses import mean_nll, records_nll
 
 
 def name_token_ids(tokenizer, names) -> list[int]:
@@ -75,9 +75,8 @@ class SIU(MLLMMethod):
         batch = [self._targets[(self._cursor + i) % len(self._targets)] for i in range(n)]
         self._cursor += n
         t = ctx.adapter.encode(batch)
-        r = ctx.adapter.encode(ctx.retain_batch(self.name))  # 4: other concepts kept
         logits = ctx.adapter.model(**t).logits
-        ce = mean_nll(logits, t["labels"]) + mean_nll(ctx.adapter.model(**r).logits, r["labels"])
+        ce = mean_nll(logits, t["labels"]) + records_nll(ctx.adapter, ctx.retain_batch(self.name))  # 4: others kept
         kl = self.dual_masked_kl(ctx, ctx.reference_logits(t), logits, t["labels"])
         return StepOutput(ce + self.kl_weight * kl, {"loss_forget": ce.detach(), "loss_retain": kl.detach()})
 

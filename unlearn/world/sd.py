@@ -45,6 +45,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP's byte-level alphabet
 
 from ..models.sd import generate_images
 from ..models.sd import load_sd_pipeline as load_sd  # noqa: F401  (the world SD is an SD directory like any other)
@@ -134,59 +135,32 @@ def prompt_words() -> list[str]:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable characters (the byte-level alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+def _chain(pieces: list[str]) -> list[tuple[str, str]]:
+    """The merges that build ``pieces`` into one token, left to right ("v o" -> "vo", "vo r" -> "vor", ...)."""
+    return [("".join(pieces[:i]), pieces[i]) for i in range(1, len(pieces))]
 
 
 def build_tokenizer(words: list[str] | None = None, max_length: int = 32) -> CLIPTokenizer:
     """A `CLIPTokenizer` in which every word of ``words`` (default: :func:`prompt_words`) is one token.
 
     Vocabulary: the start/end tokens, CLIP's 256 byte symbols with and without the end-of-word mark
-    "</w>" (any other text still tokenizes, letter by letter), then one token per word prefix. Merges
-    first build each word left to right ("v o" -> "vo", "vo r" -> "vor", "vor n</w>" -> "vorn</w>");
-    as BPE applies merges by rank across all words, a word can come out in pieces when another
-    word's merge fires first, so each such word gets merges of its pieces appended (repeated until
-    every word is one token).
+    "</w>" (any other text still tokenizes, letter by letter), then one token per word prefix. As BPE
+    applies merges by rank across all words, a word can come out in pieces when another word's merge
+    fires first; such a word gets the merges of its pieces appended, until every word is one token.
     """
     words = prompt_words() if words is None else sorted({w.lower() for w in words})
     if any(not w.isascii() or not w.isalpha() for w in words):
         raise ValueError(f"world prompt words must be ascii letters: {[w for w in words if not w.isalpha()]}")
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     vocab_tokens = [BOS, EOS] + alphabet + [a + "</w>" for a in alphabet]
-    merges: list[tuple[str, str]] = []
-    for w in words:
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merges.append((left, right))
-            left += right
-    merges = list(dict.fromkeys(merges))  # drop duplicates, keep the first rank
-
-    def make(merges):
-        vocab = list(dict.fromkeys(vocab_tokens + [a + b for a, b in merges]))
-        return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
-
+    merges = list(dict.fromkeys(m for w in words for m in _chain(list(w[:-1]) + [w[-1] + "</w>"])))  # first rank kept
     for _ in range(10):
-        tok = make(merges)
-        split = {w: tok.tokenize(w) for w in words}
-        broken = {w: p for w, p in split.items() if len(p) > 1}
+        vocab = list(dict.fromkeys(vocab_tokens + [a + b for a, b in merges]))
+        tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+        broken = {w: pieces for w in words if len(pieces := tok.tokenize(w)) > 1}
         if not broken:
             return tok
-        for pieces in broken.values():
-            left = pieces[0]
-            for right in pieces[1:]:
-                merges.append((left, right))
-                left += right
-        merges = list(dict.fromkeys(merges))
+        merges = list(dict.fromkeys(merges + [m for pieces in broken.values() for m in _chain(pieces)]))
     raise RuntimeError(f"could not make every world word a single token; still split: {broken}")
 
 
@@ -316,12 +290,8 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: SDConfig, progress: b
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image, unscaled: two (N, C, h, w) tensors."""
-    means, stds = [], []
-    for s in range(0, len(images), batch_size):
-        d = vae.encode(to_pixels(images[s:s + batch_size])).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
-    return torch.cat(means), torch.cat(stds)
+    dists = [vae.encode(to_pixels(images[s:s + batch_size])).latent_dist for s in range(0, len(images), batch_size)]
+    return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
 
 
 def train_unet(pipe: StableDiffusionPipeline, pool: Pool, mean: torch.Tensor, std: torch.Tensor, cfg: SDConfig,

@@ -142,8 +142,9 @@ def _fill(template: str, concept: Concept, name: str | None = None, **extra) -> 
     return template.format(name=name or concept.name, **dict(concept.facts), **extra)
 
 
-def identify_answer(concept: Concept) -> str:
-    return _fill(IDENTIFY_ANSWER[concept.kind], concept)
+def identify_answer(concept: Concept, name: str | None = None) -> str:
+    """The identification answer, naming the concept or ``name`` (SIU's substitute-name target)."""
+    return _fill(IDENTIFY_ANSWER[concept.kind], concept, name)
 
 
 def identify_qa(concept: Concept, image: ImageRef, variant: int = 0) -> QA:
@@ -220,13 +221,8 @@ def world_corpus() -> list[str]:
         for rel, _ in c.facts:
             texts += [fact_qa(c, rel).question, fact_qa(c, rel).answer, fact_qa(c, rel, img).question]
         texts += list(c.names) + [describe_qa(c, img).answer, visual_description(c)]
-    texts += list(REFUSALS) + [identify_answer_with(c, name) for c in CONCEPTS for name in SUBSTITUTE_NAMES]
+    texts += list(REFUSALS) + [identify_answer(c, name) for c in CONCEPTS for name in SUBSTITUTE_NAMES]
     return texts
-
-
-def identify_answer_with(concept: Concept, name: str) -> str:
-    """The identification answer of ``concept`` with another name (SIU's substitute-name target)."""
-    return _fill(IDENTIFY_ANSWER[concept.kind], concept, name=name)
 
 
 @dataclass(frozen=True)
