@@ -186,10 +186,8 @@ def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | No
         v = _values(da.transpose(STEP, SAMPLE))  # (step, sample)
         if isinstance(samples, str) and samples == "mean":
             mean, std, lo, hi = _nan_stats(v)
-            if band == "range":
-                _band(fig, steps, lo, hi, colors[name], name, row)
-            elif band == "std":
-                _band(fig, steps, mean - std, mean + std, colors[name], name, row)
+            if band is not None:
+                _band(fig, steps, *((lo, hi) if band == "range" else (mean - std, mean + std)), colors[name], name, row)
             fig.add_trace(go.Scatter(x=steps, y=mean, name=f"{name} (mean of {v.shape[1]} samples)", mode="lines+markers",
                                      line=dict(color=colors[name], width=3), connectgaps=True, legendgroup=name),
                           row=row, col=1)

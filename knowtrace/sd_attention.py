@@ -283,12 +283,8 @@ def mean_maps(records: Sequence[AttentionRecord], resolutions: Iterable[tuple[in
                          f"recorded grids: {have}, {len(records)} records (was anything run inside the capture?)")
     if size is None:
         size = max((r.hw for r in chosen), key=lambda hw: hw[0] * hw[1])
-    total = None
-    for r in chosen:
-        m = spatial(r.probs, r.hw)
-        m = m if tuple(m.shape[-2:]) == tuple(size) else upsample(m, size)
-        total = m if total is None else total + m
-    return total / len(chosen)
+    maps = (spatial(r.probs, r.hw) for r in chosen)
+    return sum(m if tuple(m.shape[-2:]) == tuple(size) else upsample(m, size) for m in maps) / len(chosen)
 
 
 def token_map(maps: torch.Tensor, token_indices: Sequence[int], size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -23,7 +23,6 @@ import numpy as np
 
 WORLD_LR = "3e-3"  # the world's calibrated MLLM lr (docs/methods.md)
 MLLM_CONCEPTS = ["oskel", "grom", "korvex"]
-SD_CONCEPTS = ["oskel", "grom", "korvex"]
 QUICK_TOKEN_CONCEPTS = ["vorn", "quilla", "grom", "lumo", "moko", "teodric"]  # 1, 2, 3, 4, 5, 6 tokens
 
 RULES = {
@@ -93,14 +92,13 @@ def verdict_c(stats: dict) -> Verdict:
 
 def verdict_d(sd: dict) -> Verdict:
     rows = sd["concepts"]
-    van = [rows[c]["fttp"]["shape_iou"] for c in rows if "fttp" in rows[c] and "fttp_dilated" in rows[c]]
-    dil = [rows[c]["fttp_dilated"]["shape_iou"] for c in rows if "fttp" in rows[c] and "fttp_dilated" in rows[c]]
-    if not van:
+    iou = {c: [rows[c][m]["shape_iou"] for m in ("fttp", "fttp_dilated")] for c in rows
+           if "fttp" in rows[c] and "fttp_dilated" in rows[c]}  # concept -> [vanilla, dilated]
+    if not iou:
         raise ValueError("the SD results hold no fttp and fttp_dilated runs of one concept")
-    numbers = {"shape_iou_vanilla": float(np.mean(van)), "shape_iou_dilated": float(np.mean(dil)),
-               "per_concept": {c: [rows[c]["fttp"]["shape_iou"], rows[c]["fttp_dilated"]["shape_iou"]] for c in rows
-                               if "fttp" in rows[c] and "fttp_dilated" in rows[c]}}
-    return Verdict("d", "supported" if np.mean(van) > np.mean(dil) else "contradicted", numbers)
+    van, dil = (float(np.mean([pair[i] for pair in iou.values()])) for i in (0, 1))
+    numbers = {"shape_iou_vanilla": van, "shape_iou_dilated": dil, "per_concept": iou}
+    return Verdict("d", "supported" if van > dil else "contradicted", numbers)
 
 
 def verdict_e(sd: dict) -> Verdict:

@@ -51,7 +51,7 @@ def diversity(answers: list[str]) -> float:
     return 100.0 * len(set(words)) / len(words) if words else 0.0
 
 
-def _pct(flags) -> float:
+def pct(flags) -> float:
     return round(100.0 * float(np.mean(flags)), 2) if len(flags) else float("nan")
 
 
@@ -81,11 +81,11 @@ def evaluate(adapter, evalset: MLLMEvalSet, names, max_new_tokens: int = 32, sam
     f_test = [forgotten(a, r, names) for a, r in zip(test, evalset.test)]
     k_c, k_n = knowledge(adapter, evalset.forget, names)
     metrics = {
-        "efficacy": _pct([forgotten(a, r, names) for a, r in zip(eff, evalset.efficacy)]),
-        "em": _pct(f_test),
-        "em_identify": _pct([f for f, r in zip(f_test, evalset.test) if r.qtype != "yesno"]),
-        "em_yesno": _pct([f for f, r in zip(f_test, evalset.test) if r.qtype == "yesno"]),
-        "specificity": _pct([answers_match(a, r.answer) for a, r in zip(ret, evalset.retain)]),
+        "efficacy": pct([forgotten(a, r, names) for a, r in zip(eff, evalset.efficacy)]),
+        "em": pct(f_test),
+        "em_identify": pct([f for f, r in zip(f_test, evalset.test) if r.qtype != "yesno"]),
+        "em_yesno": pct([f for f, r in zip(f_test, evalset.test) if r.qtype == "yesno"]),
+        "specificity": pct([answers_match(a, r.answer) for a, r in zip(ret, evalset.retain)]),
         "diversity": round(diversity(test + ret), 2),
         "K_C": k_c,
         "K_N": k_n,

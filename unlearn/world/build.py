@@ -74,12 +74,9 @@ def build_world(root: Path | None = None, cfg: WorldConfig | None = None, progre
     unknown = set(only) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown world component(s) {sorted(unknown)}; components are {list(COMPONENTS)}")
-    paths = {}
-    for name in COMPONENTS:
-        if name in only:
-            part = getattr(cfg, name)
-            paths[name] = cache.ensure_component(root, name, component_key(name, cfg), _timed_builder(name, part, progress))
-    return paths
+    return {name: cache.ensure_component(root, name, component_key(name, cfg),
+                                         _timed_builder(name, getattr(cfg, name), progress))
+            for name in COMPONENTS if name in only}
 
 
 def build_info(path: Path) -> dict:

@@ -93,7 +93,3 @@ def ensure_component(root: Path, name: str, config: dict, build: Callable[[Path]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def read_record(path: Path) -> dict:
-    return json.loads((Path(path) / RECORD).read_text())

@@ -16,6 +16,7 @@ pooling), but the classifier is only trained, and gated, at ``image_size``.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,12 +68,10 @@ def as_input(images) -> torch.Tensor:
     """Classifier input (N, 3, H, W) float in [0, 1] from uint8 (N, H, W, 3) / (H, W, 3) or a float tensor."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
-    if images.dtype == torch.uint8:
-        if images.ndim == 3:
-            images = images[None]
-        return images.permute(0, 3, 1, 2).float() / 255.0
     if images.ndim == 3:
         images = images[None]
+    if images.dtype == torch.uint8:
+        return images.permute(0, 3, 1, 2).float() / 255.0
     if images.shape[1] != 3:
         raise ValueError(f"float images must be (N, 3, H, W) in [0, 1]; got shape {tuple(images.shape)}")
     return images.float()
@@ -180,24 +179,16 @@ def load_classifier(path: Path) -> WorldClassifier:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def held_out_images(n_per_class: int, size: int, world_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Unseen ``test`` images: uint8 (25 * n, H, W, 3) and labels (25 * n,)."""
-    labels = np.repeat(np.arange(len(CLASSES)), n_per_class)
-    images = np.stack([class_image(int(y), "test", i % n_per_class, size, world_seed) for i, y in enumerate(labels)])
-    return images, labels
-
-
 def evaluate_classifier(model: WorldClassifier, world_seed: int = 0, n_test: int = 50) -> dict:
     """Accuracy (percent) on ``n_test`` unseen test images per class, overall and per class."""
-    images, labels = held_out_images(n_test, model.image_size, world_seed)
+    labels = np.repeat(np.arange(len(CLASSES)), n_test)
+    images = np.stack([class_image(int(y), "test", i % n_test, model.image_size, world_seed)
+                       for i, y in enumerate(labels)])
     pred = model.predict(images)
     ok = pred == labels
     per_class = {k: round(100.0 * float(ok[labels == i].mean()), 2) for i, k in enumerate(CLASSES)}
     accuracy = round(100.0 * float(ok.mean()), 2)
-    confusions = {}  # "true->predicted": count, for the mistakes
-    for y, p in zip(labels[~ok], pred[~ok]):
-        name = f"{CLASSES[y]}->{CLASSES[p]}"
-        confusions[name] = confusions.get(name, 0) + 1
+    confusions = dict(Counter(f"{CLASSES[y]}->{CLASSES[p]}" for y, p in zip(labels[~ok], pred[~ok])))  # true->predicted
     gates = {"accuracy": accuracy >= GATES["accuracy"]}
     return {"accuracy": accuracy, "per_class": per_class, "min_class": min(per_class.values()),
             "confusions": confusions, "thresholds": GATES, "gates": gates, "pass": all(gates.values()),

@@ -12,7 +12,6 @@ not the names.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from ..data.names import names_in
+from ..eval.mllm import pct
 from ..models.llava import LlavaAdapter
 from .concepts import BY_KEY, CONCEPTS, KINDS
 from .records import ImageBank, world_records
@@ -117,16 +118,10 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
 
 
 def load_mllm(path: Path):
-    model = LlavaForConditionalGeneration.from_pretrained(path)
-    model.eval()
-    return model, LlavaProcessor.from_pretrained(path)
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), LlavaProcessor.from_pretrained(path)
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def names_in(text: str, concept) -> bool:
-    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text) for n in concept.names)
 
 
 def evaluate_mllm(model, processor, world_seed: int = 0, n_test: int = 20, progress: bool = False) -> dict:
@@ -145,10 +140,7 @@ def evaluate_mllm(model, processor, world_seed: int = 0, n_test: int = 20, progr
     answers = LlavaAdapter(model, processor).generate(world_records(ident + yesno + facts, bank), max_new_tokens=24)
     a_ident, a_yesno, a_fact = answers[:len(ident)], answers[len(ident):len(ident) + len(yesno)], answers[-len(facts):]
 
-    def pct(flags):
-        return round(100.0 * float(np.mean(flags)), 2) if len(flags) else float("nan")
-
-    ident_ok = [names_in(a, BY_KEY[r.concept]) for r, a in zip(ident, a_ident)]
+    ident_ok = [names_in(a, BY_KEY[r.concept].names) for r, a in zip(ident, a_ident)]
     per_kind = {k: pct([ok for r, ok in zip(ident, ident_ok) if BY_KEY[r.concept].kind == k]) for k in KINDS}
     per_concept = {c.key: pct([ok for r, ok in zip(ident, ident_ok) if r.concept == c.key]) for c in CONCEPTS}
     fluent = pct([a == r.answer for r, a in zip(ident, a_ident)])
