@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from knowtrace import mllm_knowledge, token_logprobs
+from knowtrace.modes import eval_mode
 
 from ..data.names import names_in
 from ..data.records import Record
@@ -73,13 +74,11 @@ def knowledge(adapter, records: list[Record], names, batch_size: int = 8) -> tup
 
 def evaluate(adapter, evalset: MLLMEvalSet, names, max_new_tokens: int = 32, samples: int = 8) -> dict:
     """All MLLM metrics (percentages 0-100), plus a few generated samples."""
-    was_training = adapter.model.training
-    adapter.model.eval()
-    eff = adapter.generate(evalset.efficacy, max_new_tokens)
-    test = adapter.generate(evalset.test, max_new_tokens)
-    ret = adapter.generate(evalset.retain, max_new_tokens)
+    with eval_mode(adapter.model):
+        eff, test, ret = (adapter.generate(records, max_new_tokens)
+                          for records in (evalset.efficacy, evalset.test, evalset.retain))
+        k_c, k_n = knowledge(adapter, evalset.forget, names)
     f_test = [forgotten(a, r, names) for a, r in zip(test, evalset.test)]
-    k_c, k_n = knowledge(adapter, evalset.forget, names)
     metrics = {
         "efficacy": pct([forgotten(a, r, names) for a, r in zip(eff, evalset.efficacy)]),
         "em": pct(f_test),
@@ -93,5 +92,4 @@ def evaluate(adapter, evalset: MLLMEvalSet, names, max_new_tokens: int = 32, sam
     pick = np.linspace(0, len(test) - 1, num=min(samples, len(test))).astype(int) if test else []
     metrics["samples"] = [{"id": evalset.test[i].id, "question": evalset.test[i].question, "answer": test[i]}
                           for i in pick]
-    adapter.model.train(was_training)
     return metrics

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from knowtrace.modes import eval_mode
 
 from ..data.sd_masks import MaskOptions, latent_mask, resize_crop
 from ..data.sd_records import SDRecord, load_image
@@ -84,13 +85,10 @@ class SDAdapter:
         """(B, L, D) text embeddings as the pipeline computes them (cached per prompt)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond]
         if missing:
-            tok = self.pipe.tokenizer
+            tok, enc = self.pipe.tokenizer, self.pipe.text_encoder
             ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
-            enc = self.pipe.text_encoder
-            emb = enc(ids.to(enc.device))[0]
-            for p, e in zip(missing, emb):
-                self._cond[p] = e
+            self._cond.update(zip(missing, enc(ids.to(enc.device))[0]))
         return torch.stack([self._cond[p] for p in prompts]).to(self.device)
 
     def image(self, record: SDRecord) -> np.ndarray:
@@ -151,13 +149,9 @@ class SDAdapter:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 25,
                  guidance_scale: float = 4.0) -> np.ndarray:
-        """uint8 images (N, R, R, 3) from the pipeline (with the UNet as trained so far)."""
-        was = self.model.training
-        self.model.eval()
-        try:
+        """uint8 images (N, R, R, 3) from the pipeline (with the UNet as trained so far, in eval mode)."""
+        with eval_mode(self.model):
             return generate_images(self.pipe, prompts, seeds, guidance_scale, num_inference_steps)
-        finally:
-            self.model.train(was)
 
 
 @torch.no_grad()

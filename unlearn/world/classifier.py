@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from knowtrace.modes import eval_mode
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -114,12 +115,9 @@ class WorldClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images, batch_size: int = 256) -> np.ndarray:
         """Class indices (N,) into ``CLASSES``; the model is used in eval mode."""
-        was_training = self.training
-        self.eval()
         x = as_input(images)
-        out = [self(x[i:i + batch_size]).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-        self.train(was_training)
-        return torch.cat(out).numpy()
+        with eval_mode(self):
+            return torch.cat([self(x[i:i + batch_size]).argmax(1).cpu() for i in range(0, len(x), batch_size)]).numpy()
 
     def predict_keys(self, images) -> list[str]:
         return [CLASSES[i] for i in self.predict(images)]
