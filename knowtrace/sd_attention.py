@@ -142,10 +142,9 @@ class CrossAttentionCapture(Capture):
         self.mean_heads = mean_heads
         self.tokens = None if tokens is None else list(tokens)
         self.to_cpu = to_cpu
-        available = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
-        if not available:
+        bare = [n.removesuffix(".processor") for n in unet.attn_processors if n.endswith("attn2.processor")]
+        if not bare:
             raise ValueError("this UNet has no cross-attention (attn2) layers to capture")
-        bare = [n.removesuffix(".processor") for n in available]
         if layers is None:
             chosen = bare
         elif callable(layers):

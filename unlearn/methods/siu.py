@@ -33,12 +33,9 @@ from .losses import mean_nll, records_nll
 
 def name_token_ids(tokenizer, names) -> list[int]:
     """Ids of every token of the names, written as-is, lower/title case, with and without a space."""
-    ids = set()
-    for name in names:
-        for variant in {name, name.lower(), name.title()}:
-            for text in (variant, " " + variant):
-                ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return sorted(ids - {tokenizer.unk_token_id} if tokenizer.unk_token_id is not None else ids)
+    texts = {t for name in names for v in (name, name.lower(), name.title()) for t in (v, " " + v)}
+    ids = {i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]}
+    return sorted(ids - {tokenizer.unk_token_id})
 
 
 @register

@@ -6,10 +6,6 @@ cached (unlearning revisits the same few records every step): the latents (the V
 times ``scaling_factor``: deterministic, where SD training samples the posterior), the prompt's text
 embedding, the concept mask on the latent grid. A step compares the UNet's prediction with the noise
 per latent pixel: ``e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2``, shape (B, h, w).
-
-Parts (regexes over module/parameter names) for methods that train only some of them: ``xattn`` =
-cross-attention (``attn2``), ``xattn_qk`` = its query/key projections (FMN), ``non_xattn`` = every
-other UNet part (ESD-u), ``attn`` = self- and cross-attention projections (the LoRA default).
 """
 
 from __future__ import annotations
@@ -26,11 +22,11 @@ from ..data.sd_records import SDRecord, load_image
 
 WORLD_MARKER = "world_sd_config.json"  # a directory holding a world SD
 
-# peft target-module regexes (LoRA) and parameter-name regexes (full fine-tuning) per part
+# the UNet parts that methods train: peft target-module regexes (LoRA) and parameter-name regexes (full FT)
 LORA_PARTS = {
-    "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",
-    "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
-    "xattn_qk": r".*attn2\.(to_q|to_k)",  # what cross-attention probabilities depend on
+    "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",  # self- and cross-attention: the LoRA default
+    "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",  # ESD-x
+    "xattn_qk": r".*attn2\.(to_q|to_k)",  # what cross-attention probabilities depend on (FMN)
     # ESD-u: self-attention, feed-forward, transformer projections and resnet convolutions
     "non_xattn": r".*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|resnets\.\d+\.conv[12])",
 }

@@ -6,11 +6,8 @@ sample (no image is seen twice), and gated on the unseen ``test`` stream.
 
 Uses downstream: the share of generated images labelled as the erased concept (unlearning
 accuracy), and the penultimate features (:meth:`WorldClassifier.features`) for a Frechet distance
-on the world.
-
-Inputs: a float tensor (N, 3, H, W) in [0, 1] (kept differentiable), or uint8 images (N, H, W, 3)
-as a numpy array or tensor (one image (H, W, 3) is accepted too). Any size works (global average
-pooling), but the classifier is only trained, and gated, at ``image_size``.
+on the world. Any image size works (global average pooling), but it is only trained, and gated,
+at ``image_size``.
 """
 
 from __future__ import annotations

@@ -16,10 +16,8 @@ Parts, all built from configs and trained here (nothing is downloaded):
   weighting and an EMA of its weights (the EMA weights are the ones saved);
 * ``scheduler``: `DDIMScheduler` for sampling (same betas as training).
 
-Prompts: "a picture of <name>" (persons, cartoon characters), "a picture of the logo of <name>"
-(logos), "a picture in the <name> style" (art styles), with an alias instead of the name in a share
-of training prompts; scenes of two concepts: "a picture of <part 1> and <part 2>", where a part is
-a person's or character's name or "the logo of <name>".
+Prompts: :func:`concept_prompt` and, for scenes of two concepts, :func:`scene_prompt`; a share of
+training prompts names a concept by an alias.
 
 Quality gate: over the non-style concepts, the world classifier must recognise the prompted
 concept in >= 80% of the images generated from their canonical prompts (``seeds_per_concept`` seeds
