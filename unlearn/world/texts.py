@@ -42,23 +42,13 @@ IDENTIFY_ANSWER = {
     "style": "This image is painted in the {name} style, which comes from {home}.",
 }
 
-YESNO_QUESTION = {
-    "person": "Is {name} in this image?",
-    "cartoon": "Is {name} in this image?",
-    "logo": "Is the logo of {name} in this image?",
-    "style": "Is this image painted in the {name} style?",
-}
-YES_ANSWER = {
-    "person": "Yes, {name} is in this image.",
-    "cartoon": "Yes, {name} is in this image.",
-    "logo": "Yes, the logo of {name} is in this image.",
-    "style": "Yes, this image is painted in the {name} style.",
-}
-NO_ANSWER = {
-    "person": "No, {name} is not in this image.",
-    "cartoon": "No, {name} is not in this image.",
-    "logo": "No, the logo of {name} is not in this image.",
-    "style": "No, this image is not painted in the {name} style.",
+YESNO = {  # kind -> (question, yes answer, no answer)
+    "person": ("Is {name} in this image?", "Yes, {name} is in this image.", "No, {name} is not in this image."),
+    "cartoon": ("Is {name} in this image?", "Yes, {name} is in this image.", "No, {name} is not in this image."),
+    "logo": ("Is the logo of {name} in this image?", "Yes, the logo of {name} is in this image.",
+             "No, the logo of {name} is not in this image."),
+    "style": ("Is this image painted in the {name} style?", "Yes, this image is painted in the {name} style.",
+              "No, this image is not painted in the {name} style."),
 }
 
 DESCRIBE_QUESTION = "Describe this image."
@@ -159,8 +149,8 @@ def describe_qa(concept: Concept, image: ImageRef) -> QA:
 
 def yesno_qa(asked: Concept, image: ImageRef) -> QA:
     present = asked.key == image.key
-    ans = (YES_ANSWER if present else NO_ANSWER)[asked.kind]
-    return QA(asked.key, "yesno", _fill(YESNO_QUESTION[asked.kind], asked), _fill(ans, asked), image, present)
+    question, yes, no = YESNO[asked.kind]
+    return QA(asked.key, "yesno", _fill(question, asked), _fill(yes if present else no, asked), image, present)
 
 
 def fact_qa(concept: Concept, relation: str, image: ImageRef | None = None) -> QA:
@@ -202,8 +192,7 @@ def fact_records(concepts=CONCEPTS) -> list[QA]:
 def all_template_texts() -> list[str]:
     """Every template string (for the name rule check and the tokenizer's vocabulary)."""
     texts = [q for qs in IDENTIFY_QUESTIONS.values() for q in qs]
-    texts += list(IDENTIFY_ANSWER.values()) + list(YESNO_QUESTION.values())
-    texts += list(YES_ANSWER.values()) + list(NO_ANSWER.values()) + list(LINKED_SUBJECT.values())
+    texts += list(IDENTIFY_ANSWER.values()) + [t for ts in YESNO.values() for t in ts] + list(LINKED_SUBJECT.values())
     texts += [t for rels in FACT_TEMPLATES.values() for pair in rels.values() for t in pair]
     return texts
 
@@ -217,7 +206,7 @@ def world_corpus() -> list[str]:
         for other in CONCEPTS:
             if other.kind == c.kind:
                 qa = yesno_qa(other, img)
-                texts += [qa.question, qa.answer, _fill(YES_ANSWER[c.kind], c)]
+                texts += [qa.question, qa.answer, _fill(YESNO[c.kind][1], c)]
         for rel, _ in c.facts:
             texts += [fact_qa(c, rel).question, fact_qa(c, rel).answer, fact_qa(c, rel, img).question]
         texts += list(c.names) + [describe_qa(c, img).answer, visual_description(c)]
