@@ -470,19 +470,18 @@ def save(figures: Mapping[str | os.PathLike, go.Figure]) -> list[Path]:
     static = [(p, f) for p, f in items if p.suffix.lower() in static_suffixes]
     if static and (why := png_unavailable()):
         raise ExportUnavailable(why)
-    tmps = [p.with_name(f".{p.stem}.partial{p.suffix}") for p, _ in items]
+    tmps = {p: p.with_name(f".{p.stem}.partial{p.suffix}") for p, _ in items}
     try:
-        for (path, fig), tmp in zip(items, tmps):
+        for path, fig in items:
             if path.suffix.lower() == ".html":
-                fig.write_html(tmp, include_plotlyjs=True, auto_play=False)
+                fig.write_html(tmps[path], include_plotlyjs=True, auto_play=False)
         if static:
             import plotly.io as pio
 
-            static_tmps = [t for (p, _), t in zip(items, tmps) if p.suffix.lower() in static_suffixes]
-            pio.write_images([f for _, f in static], static_tmps)  # one browser start for all of them
-        for (path, _), tmp in zip(items, tmps):
+            pio.write_images([f for _, f in static], [tmps[p] for p, _ in static])  # one browser start for all
+        for path, tmp in tmps.items():
             os.replace(tmp, path)
     finally:
-        for tmp in tmps:
+        for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
     return [p for p, _ in items]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -67,7 +68,6 @@ class ClipZeroShotClassifier:
         names = dict(names or {})
         self.prompts = [template.format(name=names.get(label, label)) for label in self.labels]
         self.batch_size = batch_size
-        self._text: torch.Tensor | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, labels: Sequence[str], **kwargs) -> ClipZeroShotClassifier:
@@ -83,15 +83,12 @@ class ClipZeroShotClassifier:
             if (path / "preprocessor_config.json").exists() else None
         return cls(model, tokenizer, labels, image_processor=processor, **kwargs)
 
+    @cached_property
     @torch.no_grad()
     def _text_embeddings(self) -> torch.Tensor:
-        if self._text is None:
-            enc = self.tokenizer(self.prompts, padding=True, return_tensors="pt")
-            dev = self.model.device
-            t = self.model.get_text_features(input_ids=enc.input_ids.to(dev),
-                                             attention_mask=enc.attention_mask.to(dev)).pooler_output
-            self._text = t / t.norm(dim=-1, keepdim=True)  # (labels, D)
-        return self._text
+        enc = self.tokenizer(self.prompts, padding=True, return_tensors="pt").to(self.model.device)
+        t = self.model.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask).pooler_output
+        return t / t.norm(dim=-1, keepdim=True)  # (labels, D)
 
     @torch.no_grad()
     def _image_embeddings(self, images: np.ndarray) -> torch.Tensor:
@@ -104,7 +101,7 @@ class ClipZeroShotClassifier:
 
     def predict(self, images: np.ndarray) -> list[str]:
         img = self._image_embeddings(images)
-        sim = (img / img.norm(dim=-1, keepdim=True)) @ self._text_embeddings().T  # (N, labels)
+        sim = (img / img.norm(dim=-1, keepdim=True)) @ self._text_embeddings.T  # (N, labels)
         return [self.labels[i] for i in sim.argmax(-1).tolist()]
 
     def features(self, images: np.ndarray) -> np.ndarray:

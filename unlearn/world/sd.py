@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from itertools import combinations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -236,17 +237,11 @@ class Pool:
 
 
 def training_pool(cfg: SDConfig) -> Pool:
-    images, concepts = [], []
-    for c in CONCEPTS:
-        for i in range(cfg.images_per_concept):
-            images.append(world_image(c.key, "pretrain", i, cfg.image_size, cfg.world_seed).image)
-            concepts.append((c.key,))
-    for ia, a in enumerate(OBJECTS):
-        for b in OBJECTS[ia + 1:]:
-            for i in range(cfg.scenes_per_pair):
-                images.append(render_scene([a.key, b.key], cfg.image_size, scene_seed(cfg.world_seed, a.key, b.key, i)).image)
-                concepts.append((a.key, b.key))
-    return Pool(np.stack(images), concepts)
+    singles = [((c.key,), i) for c in CONCEPTS for i in range(cfg.images_per_concept)]
+    scenes = [((a.key, b.key), i) for a, b in combinations(OBJECTS, 2) for i in range(cfg.scenes_per_pair)]
+    images = [world_image(k[0], "pretrain", i, cfg.image_size, cfg.world_seed).image for k, i in singles]
+    images += [render_scene(k, cfg.image_size, scene_seed(cfg.world_seed, *k, i)).image for k, i in scenes]
+    return Pool(np.stack(images), [k for k, _ in singles + scenes])
 
 
 def sample_prompt(keys: tuple[str, ...], rng: np.random.Generator, cfg: SDConfig) -> str:
