@@ -184,6 +184,7 @@ def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | No
     colors = {"K_C": CONCEPT_COLOR, "K_N": OTHER_COLORS[0]}
     for row, (name, da) in enumerate((("K_C", k_c), ("K_N", k_n)), start=1):
         v = _values(da.transpose(STEP, SAMPLE))  # (step, sample)
+        fig.update_yaxes(title_text=name, type="log" if log_y else None, row=row, col=1)
         if isinstance(samples, str) and samples == "mean":
             mean, std, lo, hi = _nan_stats(v)
             if band is not None:
@@ -202,8 +203,6 @@ def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | No
                                      connectgaps=True, legendgroup=name,
                                      line=dict(color=colors[name] if len(chosen) == 1 else None)), row=row, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    fig.update_yaxes(title_text="K_C", type="log" if log_y else None, row=1, col=1)
-    fig.update_yaxes(title_text="K_N", type="log" if log_y else None, row=2, col=1)
     fig.update_layout(title=_title(data, "Conceptual and natural knowledge over steps"))
     return fig
 

@@ -144,10 +144,7 @@ def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str 
         sweep = Sweep(runs / "mllm", sorted(METHODS) if "b" in only else ["ga", "fttp"], MLLM_CONCEPTS,
                       [0] if quick else [0, 1, 2], fixed={"lr": WORLD_LR}, world_dir=world_dir, progress=progress)
         rows = run_sweep(sweep)
-        if "a" in only:
-            verdicts.append(verdict_a(rows))
-        if "b" in only:
-            verdicts.append(verdict_b(rows))
+        verdicts += [verdict(rows) for claim, verdict in (("a", verdict_a), ("b", verdict_b)) if claim in only]
     if "c" in only:
         settings = StudySettings(max_steps=20 if quick else 30)
         study = run_study(runs / f"token-count-{settings.max_steps}", QUICK_TOKEN_CONCEPTS if quick else None,
@@ -155,8 +152,5 @@ def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str 
         verdicts.append(verdict_c(correlate(study, settings)))
     if "d" in only or "e" in only:
         sd = _sd_results(sd_results or runs / "sd" / "results.json", quick)
-        if "d" in only:
-            verdicts.append(verdict_d(sd))
-        if "e" in only:
-            verdicts.append(verdict_e(sd))
+        verdicts += [verdict(sd) for claim, verdict in (("d", verdict_d), ("e", verdict_e)) if claim in only]
     return verdicts

@@ -126,8 +126,7 @@ def load_mllm(path: Path):
 
 def evaluate_mllm(model, processor, world_seed: int = 0, n_test: int = 20, progress: bool = False) -> dict:
     """Gate figures on unseen (test split) images, in percent."""
-    size = processor.image_processor.crop_size["height"]
-    bank = ImageBank(size, world_seed)
+    bank = ImageBank(processor.image_processor.crop_size["height"], world_seed)
     rng = np.random.default_rng([world_seed, 13])
     ident, yesno = [], []
     for c in CONCEPTS:
@@ -146,12 +145,8 @@ def evaluate_mllm(model, processor, world_seed: int = 0, n_test: int = 20, progr
     fluent = pct([a == r.answer for r, a in zip(ident, a_ident)])
     yn = pct([a.split(",")[0].strip() == ("Yes" if r.label else "No") for r, a in zip(yesno, a_yesno)])
     fact = pct([a == r.answer for r, a in zip(facts, a_fact)])  # the fact, in the full answer sentence
-    gates = {
-        "identify_per_kind": min(per_kind.values()) >= GATES["identify_per_kind"],
-        "fluent": fluent >= GATES["fluent"],
-        "yesno": yn >= GATES["yesno"],
-        "fact": fact >= GATES["fact"],
-    }
+    gated = {"identify_per_kind": min(per_kind.values()), "fluent": fluent, "yesno": yn, "fact": fact}
+    gates = {k: v >= GATES[k] for k, v in gated.items()}
     return {
         "identify_per_kind": per_kind, "identify_per_concept": per_concept, "fluent": fluent, "yesno": yn,
         "fact": fact, "thresholds": GATES, "gates": gates, "pass": all(gates.values()),
