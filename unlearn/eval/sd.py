@@ -183,7 +183,8 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+        raise ValueError(f"statistics of features with the same D expected: mu {mu1.shape} / {mu2.shape}, "
+                         f"sigma {s1.shape} / {s2.shape}")
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^1/2
     m = root1 @ s2 @ root1
@@ -194,10 +195,7 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two (N, D) feature sets (the FID formula)."""
-    a, b = np.asarray(feats_a), np.asarray(feats_b)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be (N, D) with the same D, got {a.shape} and {b.shape}")
-    return frechet_distance_from_stats(*gaussian_stats(a), *gaussian_stats(b))
+    return frechet_distance_from_stats(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
 
 
 def feature_fd(images_a: np.ndarray, images_b: np.ndarray, extract: Callable[[np.ndarray], np.ndarray],

@@ -25,6 +25,9 @@ class Qwen2VLInputs:
     tokenizer: object
     image_processor: object
 
+    def apply_chat_template(self, *args, **kwargs):
+        return self.tokenizer.apply_chat_template(*args, **kwargs)
+
     def save_pretrained(self, path):
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
@@ -33,10 +36,6 @@ class Qwen2VLInputs:
 class Qwen2VLAdapter(MLLMAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
-
-    def chat(self, record, with_answer):
-        return self.tokenizer.apply_chat_template(self.messages(record, with_answer),
-                                                  add_generation_prompt=not with_answer, tokenize=False)
 
     def prepare(self, texts, images):
         out = {}
