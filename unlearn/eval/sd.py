@@ -23,7 +23,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from knowtrace.knowledge import sd_knowledge
+from knowtrace.modes import eval_mode
 
+from ..data.sd_masks import MaskOptions
 from ..models.sd import SDAdapter, generate_images
 
 WORLD_FD_SPACE = "world-classifier-features"
@@ -223,8 +226,6 @@ def fixed_noise_errors(unet, scheduler, latents: torch.Tensor, cond: torch.Tenso
     ``e_x = mean over channels of (eps - eps_theta(z_t, cond, t))^2`` per (timestep, image) pair, then the
     mean over timesteps. The T x N pairs go through the UNet ``batch_size`` at a time (one forward per
     timestep would pay a small UNet's per-call cost T times), in eval mode."""
-    from knowtrace.modes import eval_mode
-
     if int(batch_size) < 1:
         raise ValueError(f"probe batch size must be >= 1, got {batch_size}")
     n_t, n = len(timesteps), latents.shape[0]
@@ -252,10 +253,6 @@ def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS
     (T, N, C, h, w) is drawn once from ``manual_seed(noise_seed)``, so every model given the same records
     is scored on the same inputs. The errors (:func:`fixed_noise_errors`) become K by
     :func:`knowtrace.knowledge.sd_knowledge` (``reduce``: "mean" over the group's pixels, or the paper's "sum")."""
-    from knowtrace.knowledge import sd_knowledge
-
-    from ..data.sd_masks import MaskOptions
-
     if not records:
         raise ValueError("no forget records to compute K_C / K_N on")
     adapter = adapter or SDAdapter(pipe)

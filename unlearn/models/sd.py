@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from knowtrace.modes import eval_mode
+from tqdm.auto import tqdm
 
 from ..data.sd_masks import MaskOptions, latent_mask, resize_crop
 from ..data.sd_records import SDRecord, load_image
@@ -154,8 +155,6 @@ class SDAdapter:
 def generate_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: float = 4.0,
                     num_inference_steps: int = 25, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """uint8 images (N, H, W, 3), image i from ``prompts[i]`` with its own generator seeded ``seeds[i]``."""
-    from tqdm.auto import tqdm
-
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     out = []
