@@ -238,8 +238,7 @@ def knowledge_scatter(runs: Mapping[str, xr.Dataset], mode: str = "final", log: 
                                      hovertemplate=f"{name}<br>K_C %{{x:.4g}}<br>K_N %{{y:.4g}}<extra></extra>"))
             continue
         steps = k_c[STEP].values
-        x = _nan_stats(_values(k_c.transpose(STEP, SAMPLE)))[0]
-        y = _nan_stats(_values(k_n.transpose(STEP, SAMPLE)))[0]
+        x, y = (_nan_stats(_values(k.transpose(STEP, SAMPLE)))[0] for k in (k_c, k_n))  # per-step means
         ok = np.isfinite(x) & np.isfinite(y)
         symbols = ["circle-open"] + ["circle"] * (int(ok.sum()) - 1)
         fig.add_trace(go.Scatter(x=x[ok], y=y[ok], name=name, mode="lines+markers", customdata=steps[ok],

@@ -1,11 +1,5 @@
-"""``unlearn claims``: run the experiments behind the paper's qualitative claims on the world and give a
-verdict per claim with its numbers. A claim the world contradicts is reported as contradicted.
-
-(a) GA collapses natural knowledge (K_N) and diversity while FTTP keeps them;
-(b) FTTP matches or beats the baselines on EM at comparable specificity;
-(c) concepts with more tokens need more steps;
-(d) vanilla pixel FTTP keeps the concept's shape, and dilation erases it;
-(e) FTTP needs far fewer steps and images than ESD / SalUn for the same UA.
+"""``unlearn claims``: run the experiments behind the paper's qualitative claims (``CLAIMS``) on the world and
+give a verdict per claim with its numbers. A claim the world contradicts is reported as contradicted.
 
 Each rule is written next to its claim (``RULES``) and printed with the verdict. Experiments are
 saved under ``--runs`` and reused when present (an interrupted check resumes).

@@ -68,8 +68,7 @@ class ClipZeroShotClassifier:
         self.model = model.eval()
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.labels = list(labels)
-        names = dict(names or {})
-        self.prompts = [template.format(name=names.get(label, label)) for label in self.labels]
+        self.prompts = [template.format(name=(names or {}).get(label, label)) for label in self.labels]
         self.batch_size = batch_size
 
     @classmethod

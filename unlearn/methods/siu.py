@@ -53,16 +53,13 @@ class SIU(MLLMMethod):
         if not substitute or not description:
             raise ValueError("siu needs substitute=NAME and description=TEXT for a concept outside the world")
         pattern = name_pattern(ctx.names)
-        targets = []
-        for r in forget:
-            if r.image is None:
-                targets.append(r)  # 3: text-only facts kept
-            elif r.qtype != "yesno":
-                targets.append(replace(r, id=r.id + ":substitute", answer=pattern.sub(substitute, r.answer)))  # 1
+        # 3: text-only facts kept; 1: the image's answers with the substitute name (yes/no ones left out)
+        targets = [r if r.image is None else
+                   replace(r, id=r.id + ":substitute", answer=pattern.sub(substitute, r.answer))
+                   for r in forget if r.image is None or r.qtype != "yesno"]
         images = {id(r.image): r.image for r in forget if r.image is not None}
-        for i, image in enumerate(images.values()):  # 2: new visual descriptions
-            targets.append(Record(f"{ctx.concept}:describe:{i}", "Describe this image.",
-                                  f"The image shows {description}.", image, ctx.concept))
+        targets += [Record(f"{ctx.concept}:describe:{i}", "Describe this image.", f"The image shows {description}.",
+                           image, ctx.concept) for i, image in enumerate(images.values())]  # 2: new descriptions
         self._targets, self._substitute = targets, substitute
         self._vocab_mask = name_token_ids(ctx.adapter.tokenizer, ctx.names)
         self._cursor = 0
