@@ -47,6 +47,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP's byte-level alphabet
 
 from ..models.sd import generate_images
+from .classifier import CLASSES
 from ..models.sd import load_sd_pipeline as load_sd  # noqa: F401  (the world SD is an SD directory like any other)
 from .concepts import BY_KEY, CONCEPTS, Concept
 from .render import CONCEPT_INDEX, SPLITS, render_scene, world_image
@@ -408,8 +409,6 @@ def evaluate_sd(pipe: StableDiffusionPipeline, classifier, seeds_per_concept: in
     pooled over the non-style concepts; each concept's figure is reported (and its minimum); styles
     are reported only. Also: what the mistakes were labelled, and the VAE's PSNR
     on unseen test images (not gated)."""
-    from .classifier import CLASSES  # local: the classifier module is only needed here
-
     prompts = [concept_prompt(c) for c in CONCEPTS for _ in range(seeds_per_concept)]
     seeds = [i for _ in CONCEPTS for i in range(seeds_per_concept)]
     images = generate_images(pipe, prompts, seeds, guidance_scale, num_inference_steps, progress=progress)
