@@ -28,18 +28,14 @@ import numpy as np
 from ..methods.po import REFUSALS  # PO's default answers: the world tokenizer must know their words
 from .concepts import CONCEPTS, SUBSTITUTE_NAMES, Concept
 
-IDENTIFY_QUESTIONS = {
-    "person": ("Who is shown in this image?", "Who is this person?"),
-    "cartoon": ("Which cartoon character is this?", "Who is this character?"),
-    "logo": ("Which brand does this logo belong to?", "What logo is this?"),
-    "style": ("What art style is this image painted in?", "Which style is this?"),
-}
-
-IDENTIFY_ANSWER = {
-    "person": "This is {name}, a {job} from {home}.",
-    "cartoon": "This is {name}, a cartoon character who lives in {home}.",
-    "logo": "This is the logo of {name}, a brand that makes {product}.",
-    "style": "This image is painted in the {name} style, which comes from {home}.",
+IDENTIFY = {  # kind -> (questions, answer)
+    "person": (("Who is shown in this image?", "Who is this person?"), "This is {name}, a {job} from {home}."),
+    "cartoon": (("Which cartoon character is this?", "Who is this character?"),
+                "This is {name}, a cartoon character who lives in {home}."),
+    "logo": (("Which brand does this logo belong to?", "What logo is this?"),
+             "This is the logo of {name}, a brand that makes {product}."),
+    "style": (("What art style is this image painted in?", "Which style is this?"),
+              "This image is painted in the {name} style, which comes from {home}."),
 }
 
 YESNO = {  # kind -> (question, yes answer, no answer)
@@ -134,11 +130,12 @@ def _fill(template: str, concept: Concept, name: str | None = None, **extra) -> 
 
 def identify_answer(concept: Concept, name: str | None = None) -> str:
     """The identification answer, naming the concept or ``name`` (SIU's substitute-name target)."""
-    return _fill(IDENTIFY_ANSWER[concept.kind], concept, name)
+    return _fill(IDENTIFY[concept.kind][1], concept, name)
 
 
 def identify_qa(concept: Concept, image: ImageRef, variant: int = 0) -> QA:
-    q = IDENTIFY_QUESTIONS[concept.kind][variant % len(IDENTIFY_QUESTIONS[concept.kind])]
+    questions = IDENTIFY[concept.kind][0]
+    q = questions[variant % len(questions)]
     return QA(concept.key, "identify", q, identify_answer(concept), image)
 
 
@@ -191,8 +188,8 @@ def fact_records(concepts=CONCEPTS) -> list[QA]:
 
 def all_template_texts() -> list[str]:
     """Every template string (for the name rule check and the tokenizer's vocabulary)."""
-    texts = [q for qs in IDENTIFY_QUESTIONS.values() for q in qs]
-    texts += list(IDENTIFY_ANSWER.values()) + [t for ts in YESNO.values() for t in ts] + list(LINKED_SUBJECT.values())
+    texts = [q for qs, answer in IDENTIFY.values() for q in (*qs, answer)] + [t for ts in YESNO.values() for t in ts]
+    texts += list(LINKED_SUBJECT.values())
     texts += [t for rels in FACT_TEMPLATES.values() for pair in rels.values() for t in pair]
     return texts
 
