@@ -63,10 +63,8 @@ def knowledge(adapter, records: list[Record], names, batch_size: int = 8) -> tup
     for s in range(0, len(records), batch_size):
         chunk = records[s:s + batch_size]
         batch = adapter.encode(chunk, train=True)
-        logits = adapter.model(**batch).logits
-        logp = token_logprobs(logits, batch["labels"])
-        is_concept = adapter.concept_flags(chunk, names, allow_missing=True)
-        c, n = mllm_knowledge(logp, is_concept)
+        logp = token_logprobs(adapter.model(**batch).logits, batch["labels"])
+        c, n = mllm_knowledge(logp, adapter.concept_flags(chunk, names, allow_missing=True))
         k_c += c.tolist()
         k_n += n.tolist()
     return float(np.mean(k_c)), float(np.mean(k_n))

@@ -149,9 +149,7 @@ def train_classifier(cfg: ClassifierConfig, out_dir: Path, progress: bool = True
             next_index[y] += 1
         x = _soften(as_input(np.stack(images)), rng, cfg.blur_share)  # (B, 3, H, W)
         loss = F.cross_entropy(model(x), torch.from_numpy(labels))
-        optimizer_step(loss, opt, sched, "world classifier", step)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(loss, opt, sched, "world classifier", step, bar)
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -108,9 +108,7 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
         idx = order.choice(len(records), size=cfg.batch_size, replace=False)
         batch = adapter.encode([records[i] for i in idx], train=True, cache=False)
         loss = model(**batch).loss
-        optimizer_step(loss, opt, sched, "world MLLM", step, model.parameters())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(loss, opt, sched, "world MLLM", step, bar, model.parameters())
     model.eval()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -274,9 +274,7 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: SDConfig, progress: b
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
-        optimizer_step(loss, opt, sched, "world SD VAE", step, vae.parameters())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimizer_step(loss, opt, sched, "world SD VAE", step, bar, vae.parameters())
     vae.eval()
     return loss.item()
 
@@ -335,13 +333,11 @@ def train_unet(pipe: StableDiffusionPipeline, pool: Pool, mean: torch.Tensor, st
         if cfg.snr_gamma > 0:  # Min-SNR-gamma (Hang et al. 2023), epsilon form: min(snr, gamma) / snr
             per_sample = per_sample * torch.clamp(snr[t], max=cfg.snr_gamma) / snr[t]
         loss = per_sample.mean()
-        optimizer_step(loss, opt, sched, "world SD UNet", step, params)
+        optimizer_step(loss, opt, sched, "world SD UNet", step, bar, params)
         with torch.no_grad():  # EMA with a warm-up: early weights are forgotten fast
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             for p, e in zip(params, ema):
                 e.lerp_(p.detach(), 1 - decay)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
         if callback is not None and (step + 1) % 250 == 0 and step + 1 < cfg.unet_steps:
             swap_ema()
             unet.eval()
