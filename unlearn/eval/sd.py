@@ -145,9 +145,10 @@ def ua_from_labels(labels: Sequence[str], concept: str) -> float:
     return 100.0 * sum(label != concept for label in labels) / len(labels)
 
 
-def _ua_labels(pipe, prompts, seeds, classifier: ConceptClassifier, concept: str, guidance_scale: float,
-               num_inference_steps: int) -> tuple[list[str], list[str]]:
-    """The prompt of every (prompt, seed) pair (prompt-major) and the classifier's label of its generated image."""
+def ua_labels(pipe, prompts: str | Sequence[str], seeds: Sequence[int], classifier: ConceptClassifier, concept: str,
+              guidance_scale: float = 4.0, num_inference_steps: int = 25) -> tuple[list[str], list[str]]:
+    """The prompt of every (prompt, seed) pair (prompt-major) and the classifier's label of its generated image:
+    UA is ``ua_from_labels`` of these labels."""
     if concept not in classifier.labels:
         raise ValueError(f"concept {concept!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -155,14 +156,6 @@ def _ua_labels(pipe, prompts, seeds, classifier: ConceptClassifier, concept: str
         raise ValueError("UA needs at least one prompt and one seed")
     p, s = [p for p in prompts for _ in seeds], [int(s) for _ in prompts for s in seeds]
     return p, classifier.predict(generate_images(pipe, p, s, guidance_scale, num_inference_steps))
-
-
-def unlearning_accuracy(pipe, prompts: str | Sequence[str], seeds: Sequence[int], classifier: ConceptClassifier,
-                        concept: str, guidance_scale: float = 4.0, num_inference_steps: int = 25) -> float:
-    """UA (0-100): share of the images generated for every (prompt, seed) pair that ``classifier``
-    does not label ``concept``."""
-    return ua_from_labels(_ua_labels(pipe, prompts, seeds, classifier, concept, guidance_scale,
-                                     num_inference_steps)[1], concept)
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -317,9 +310,9 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
         raise ValueError("give the retained concepts (label -> prompt) and their reference_images for the FD "
                          "(world concepts: unlearn.world.records.world_prompts and world_fd_reference)")
 
-    p, ua_labels = _ua_labels(pipe, prompts, range(n_seeds), classifier, concept_key, s.guidance_scale,
-                              s.num_inference_steps)
-    ua = ua_from_labels(ua_labels, concept_key)
+    p, labels = ua_labels(pipe, prompts, range(n_seeds), classifier, concept_key, s.guidance_scale,
+                          s.num_inference_steps)
+    ua = ua_from_labels(labels, concept_key)
 
     # retained concepts: recognition and FD
     keys = list(retained)
@@ -344,7 +337,7 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
         "concept": concept_key, "ua": ua, "fd": fd["fd"], "fd_space": fd["fd_space"], "fd_reference": reference_name,
         "K_C": None if knowledge is None else knowledge["K_C"], "K_N": None if knowledge is None else knowledge["K_N"],
         "TS": train_steps, "TI": train_images if train_images is not None else (len(forget_records) if forget_records else None),
-        "ua_detail": {"n": len(ua_labels), "prompts": sorted(set(p)), "labels": dict(Counter(ua_labels))},
+        "ua_detail": {"n": len(labels), "prompts": sorted(set(p)), "labels": dict(Counter(labels))},
         "retained": per_concept, "retained_mean": float(np.mean(list(per_concept.values()))),
         "fd_n": fd["n"], "knowledge": knowledge,
         "settings": {"n_seeds": n_seeds, "guidance_scale": s.guidance_scale, "num_inference_steps": s.num_inference_steps,
