@@ -1,10 +1,10 @@
 """What every MLLM family adapter provides, and the parts that are the same for all of them.
 
 Only one thing differs between families: how texts and images become tensors (:meth:`MLLMAdapter.prepare`,
-which expands the image placeholder into patch positions); a record's chat text is the processor's chat
-template's (:meth:`MLLMAdapter.chat`). Labels are computed on the final, image-expanded sequence: the record's prompt alone
-is prepared too, and its length masks the conversation's prompt positions with ``IGNORE_INDEX`` (the
-prompt must be a token prefix of the full conversation; checked).
+which expands the image placeholder into patch positions); a record's chat text comes from the processor's
+chat template. Labels are computed on the final, image-expanded sequence: the record's prompt alone is
+prepared too, and its length masks the conversation's prompt positions with ``IGNORE_INDEX`` (the prompt
+must be a token prefix of the full conversation; checked).
 """
 
 from __future__ import annotations
