@@ -13,11 +13,8 @@ import torch
 
 from . import cache
 from .classifier import ClassifierConfig, evaluate_classifier, load_classifier, train_classifier
-from .concepts import CONCEPTS, SUBSTITUTE_NAMES
 from .mllm import MLLMConfig, evaluate_mllm, load_mllm, train_mllm
-from .render import RENDER_VERSION
 from .sd import SDConfig, evaluate_sd, load_sd, train_sd
-from .texts import world_corpus
 
 BUILD_INFO = "build_info.json"
 
@@ -44,6 +41,10 @@ def _versions() -> dict:
 def world_fingerprint() -> str:
     """Hash of everything the world models learn from: concepts (names, facts, looks), every text,
     and the renderer's version. Part of each component's cache key, so changing the world rebuilds."""
+    from .concepts import CONCEPTS, SUBSTITUTE_NAMES
+    from .render import RENDER_VERSION
+    from .texts import world_corpus
+
     content = json.dumps([[asdict(c) for c in CONCEPTS], SUBSTITUTE_NAMES, world_corpus(), RENDER_VERSION],
                          sort_keys=True, default=str)
     return hashlib.sha256(content.encode()).hexdigest()[:16]
