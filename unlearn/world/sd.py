@@ -47,15 +47,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP's byte-level alphabet
 
 from ..models.sd import generate_images
-from .classifier import CLASSES
 from ..models.sd import load_sd_pipeline as load_sd  # noqa: F401  (the world SD is an SD directory like any other)
+from .classifier import CLASSES
 from .concepts import BY_KEY, CONCEPTS, Concept
 from .render import CONCEPT_INDEX, SPLITS, render_scene, world_image
 from .schedule import optimizer_step, warmup_cosine
 
-# percent of generated images the classifier labels as the prompted concept, pooled over the
-# non-style concepts (the issue's gate); every concept's own figure is reported next to it
-GATES = {"non_style": 80.0}
+GATES = {"non_style": 80.0}  # percent, pooled over the non-style concepts (the module docs)
 CONFIG_FILE = "world_sd_config.json"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 OBJECTS = tuple(c for c in CONCEPTS if c.kind != "style")  # what a scene can hold
@@ -400,11 +398,8 @@ def vae_psnr(vae: AutoencoderKL, images: np.ndarray) -> float:
 def evaluate_sd(pipe: StableDiffusionPipeline, classifier, seeds_per_concept: int = 10, world_seed: int = 0,
                 guidance_scale: float = SDConfig.guidance_scale, num_inference_steps: int = SDConfig.inference_steps,
                 progress: bool = False) -> dict:
-    """Gate figures (percent): per concept, the share of images from its canonical prompt (seeds
-    0..seeds_per_concept-1) that ``classifier`` labels as that concept. The gate is on the share
-    pooled over the non-style concepts; each concept's figure is reported (and its minimum); styles
-    are reported only. Also: what the mistakes were labelled, and the VAE's PSNR
-    on unseen test images (not gated)."""
+    """Gate figures (percent, seeds 0..seeds_per_concept-1; the gate: the module docs), what the mistakes
+    were labelled, and the VAE's PSNR on unseen test images (not gated)."""
     prompts = [concept_prompt(c) for c in CONCEPTS for _ in range(seeds_per_concept)]
     seeds = [i for _ in CONCEPTS for i in range(seeds_per_concept)]
     images = generate_images(pipe, prompts, seeds, guidance_scale, num_inference_steps, progress=progress)

@@ -14,9 +14,8 @@ Question types:
 Also in the world's vocabulary (so that methods that need them can use them on the world): refusal
 answers (PO) and visual descriptions that do not name the concept (SIU's constructed targets).
 
-Splits per concept: the world models train on the ``pretrain`` image stream; unlearning uses image
-0 of the ``unlearn`` stream (more indices where a method takes several images); evaluation uses
-the ``test`` stream (unseen by every model); every other concept is retain/specificity data.
+Splits per concept (:class:`ConceptSplit`): the world models train on the ``pretrain`` image stream;
+unlearning uses the ``unlearn`` stream, evaluation the ``test`` stream (unseen by every model).
 """
 
 from __future__ import annotations
