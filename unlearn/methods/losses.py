@@ -46,8 +46,7 @@ def records_nll(adapter, records) -> torch.Tensor:
 
 def sequence_logprob(logits, labels) -> torch.Tensor:
     """(batch,) sum of the answer tokens' log-probs."""
-    nll, _ = token_nll(logits, labels)
-    return -nll.sum(1)
+    return -token_nll(logits, labels)[0].sum(1)
 
 
 def token_kl(ref_logits, logits, labels) -> torch.Tensor:
