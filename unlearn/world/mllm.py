@@ -82,11 +82,8 @@ def build_model(cfg: MLLMConfig, processor: LlavaProcessor) -> LlavaForCondition
 
 def pretraining_records(cfg: MLLMConfig) -> list[QA]:
     rng = np.random.default_rng([cfg.world_seed, 7])
-    records = []
-    for c in CONCEPTS:
-        for i in range(cfg.images_per_concept):
-            records += image_records(c, ImageRef(c.key, "pretrain", i), rng)
-    return records + fact_records() * cfg.fact_repeats
+    return [qa for c in CONCEPTS for i in range(cfg.images_per_concept)
+            for qa in image_records(c, ImageRef(c.key, "pretrain", i), rng)] + fact_records() * cfg.fact_repeats
 
 
 # ----------------------------------------------------------------------------- training
