@@ -374,12 +374,8 @@ def _select_tokens(da: xr.DataArray, tokens) -> list[int]:
     n = da.sizes[TOKEN]
     if tokens is None:
         answer = _answer_positions(da)
-        if "is_concept" in da.coords:
-            flags = da.coords["is_concept"].values.astype(bool)
-            concept = [p for p in answer if flags[p]]
-            if concept:
-                return concept
-        return answer
+        flags = da.coords["is_concept"].values.astype(bool) if "is_concept" in da.coords else np.zeros(n, bool)
+        return [p for p in answer if flags[p]] or answer
     chosen = [tokens] if isinstance(tokens, (int, np.integer)) else list(tokens)
     bad = [t for t in chosen if not isinstance(t, (int, np.integer)) or not 0 <= t < n]
     if bad or not chosen:

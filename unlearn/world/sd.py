@@ -354,28 +354,22 @@ def train_sd(cfg: SDConfig, out_dir: Path, progress: bool = True, callback=None)
 
     Returns wall times (seconds) and final losses; the saved files depend only on ``cfg``.
     """
-    times = {}
-    t0 = time.perf_counter()
-    pipe = build_pipeline(cfg)
-    pool = training_pool(cfg)
-    times["data_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+    clock = [time.perf_counter()]  # after each stage: data, VAE, UNet
+    pipe, pool = build_pipeline(cfg), training_pool(cfg)
+    clock.append(time.perf_counter())
     vae_loss = train_vae(pipe.vae, pool.images, cfg, progress)
     mean, std = encode_images(pipe.vae, pool.images)
     pipe.vae.register_to_config(scaling_factor=float(1.0 / mean.std()))  # unit-variance latents for the UNet
-    times["vae_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+    clock.append(time.perf_counter())
     unet_loss = train_unet(pipe, pool, mean, std, cfg, progress, callback)
-    times["unet_s"] = time.perf_counter() - t0
+    clock.append(time.perf_counter())
 
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     write_vocab_files(pipe.tokenizer, out_dir / "tokenizer")
     (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=1))
-    return {**{k: round(v, 1) for k, v in times.items()}, "vae_loss": vae_loss, "unet_loss": unet_loss,
-            "scaling_factor": pipe.vae.config.scaling_factor}
+    times = {k: round(b - a, 1) for k, a, b in zip(("data_s", "vae_s", "unet_s"), clock, clock[1:])}
+    return {**times, "vae_loss": vae_loss, "unet_loss": unet_loss, "scaling_factor": pipe.vae.config.scaling_factor}
 
 
 def load_sd_config(path: Path) -> SDConfig:
