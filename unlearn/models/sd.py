@@ -82,10 +82,7 @@ class SDAdapter:
         """(B, L, D) text embeddings as the pipeline computes them (cached per prompt)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond]
         if missing:
-            tok, enc = self.pipe.tokenizer, self.pipe.text_encoder
-            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            self._cond.update(zip(missing, enc(ids.to(enc.device))[0]))
+            self._cond.update(zip(missing, encode_prompts(self.pipe, missing)))
         return torch.stack([self._cond[p] for p in prompts]).to(self.device)
 
     def image(self, record: SDRecord) -> np.ndarray:
@@ -149,6 +146,13 @@ class SDAdapter:
         """uint8 images (N, R, R, 3) from the pipeline (with the UNet as trained so far, in eval mode)."""
         with eval_mode(self.model):
             return generate_images(self.pipe, prompts, seeds, guidance_scale, num_inference_steps)
+
+
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings (N, max_length, hidden) exactly as the pipeline computes them (no attention mask)."""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 @torch.no_grad()

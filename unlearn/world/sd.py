@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP's byte-level alphabet
 
-from ..models.sd import generate_images
+from ..models.sd import encode_prompts, generate_images
 from ..models.sd import load_sd_pipeline as load_sd  # noqa: F401  (the world SD is an SD directory like any other)
 from .classifier import CLASSES
 from .concepts import BY_KEY, CONCEPTS, Concept
@@ -208,13 +208,6 @@ def build_pipeline(cfg: SDConfig) -> StableDiffusionPipeline:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings (N, max_length, hidden) exactly as the pipeline computes them (no attention mask)."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
