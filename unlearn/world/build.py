@@ -9,7 +9,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 
 from . import cache
 from .classifier import ClassifierConfig, evaluate_classifier, load_classifier, train_classifier
@@ -31,9 +33,6 @@ _TRAIN = {"mllm": train_mllm, "classifier": train_classifier, "sd": train_sd}
 
 
 def _versions() -> dict:
-    import diffusers
-    import transformers
-
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "diffusers": diffusers.__version__}
 
