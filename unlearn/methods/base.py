@@ -29,9 +29,7 @@ SD_METHODS = REGISTRY["sd"]
 
 def register(cls):
     """Class decorator: make a method available by its ``name`` in its ``modality``'s registry."""
-    if cls.modality not in REGISTRY:
-        raise ValueError(f"{cls.__name__}: unknown modality {cls.modality!r}; modalities: {', '.join(MODALITIES)}")
-    table = REGISTRY[cls.modality]
+    table = methods_of(cls.modality)
     if cls.name in table:
         raise ValueError(f"{cls.modality} method name {cls.name!r} is registered twice")
     table[cls.name] = cls

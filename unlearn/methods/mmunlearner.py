@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import MLLMMethod, StepOutput, register
-from .losses import mean_nll
+from .losses import records_nll
 
 
 @register
@@ -37,8 +37,7 @@ class MMUnlearner(MLLMMethod):
         batches = [records[s:s + batch_size] for s in range(0, len(records), batch_size)][: self.saliency_batches]
         for b in batches:
             model.zero_grad(set_to_none=True)
-            enc = ctx.adapter.encode(b)
-            mean_nll(model(**enc).logits, enc["labels"]).backward()
+            records_nll(ctx.adapter, b).backward()
             for n, p in params.items():
                 if p.grad is not None:
                     fisher[n] += p.grad.detach() ** 2 / len(batches)
@@ -61,11 +60,9 @@ class MMUnlearner(MLLMMethod):
         if ctx.step % 2 == 0:  # ascent on the visual forget records only: text knowledge is kept
             batch = [self._visual[(self._cursor + i) % len(self._visual)] for i in range(len(forget))]
             self._cursor += len(forget)
-            f = ctx.adapter.encode(batch)
-            loss = -mean_nll(ctx.adapter.model(**f).logits, f["labels"])
+            loss = -records_nll(ctx.adapter, batch)
             return StepOutput(loss, {"loss_forget": loss.detach(), "salient_fraction": self.salient_fraction})
-        r = ctx.adapter.encode(ctx.retain_batch(self.name))
-        loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
+        loss = records_nll(ctx.adapter, ctx.retain_batch(self.name))
         return StepOutput(loss, {"loss_retain": loss.detach(), "salient_fraction": self.salient_fraction})
 
     def gradient_hook(self, ctx):
