@@ -80,7 +80,8 @@ class SalUn(SDMethod):
                              f"({', '.join(self._others)}), got {self.pseudo!r}")
         a = ctx.adapter
         params = [p for p in a.model.parameters() if p.requires_grad]
-        gen = torch.Generator().manual_seed(ctx.generator.initial_seed() + 1 if ctx.generator else 1)
+        # the same draws on every process: each masks its synchronised gradient, so the masks must agree
+        gen = torch.Generator().manual_seed(ctx.seed + 1)
         a.model.zero_grad(set_to_none=True)
         for s in range(0, len(forget), self.saliency_batch):
             self.saliency_loss(a, forget[s:s + self.saliency_batch], gen).backward()  # gradients add up over batches
