@@ -82,7 +82,7 @@ class MMUnlearner(MLLMMethod):
         retain_visual = [r for r in retain if r.image is not None]
         model, size, n = ctx.adapter.model, self.saliency_batch_size, self.saliency_batches
         self._params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        vision = [name for name in self._params if re.search(self.vision_parts, name)]
+        vision = {name for name in self._params if re.search(self.vision_parts, name)}
         if vision and not retain_visual:
             raise ValueError("mmunlearner: vision parameters are trained but no retain record has an image "
                              "(their preserve Fisher uses retain records with images)")
