@@ -88,6 +88,7 @@ class StepContext:
     # full fine-tuning: a frozen copy); set by the loop for methods with needs_reference
     run_reference: Callable[[Callable], object] | None = None
     generator: torch.Generator | None = None  # seeded randomness of the step (diffusion noise, timesteps)
+    seed: int = 0  # the run's seed, the same on every process: for setup draws that all processes must share
 
     def reference(self, fn: Callable, method: str = "") -> object:
         """``fn(reference_model)`` without gradients: the frozen starting model's view of anything."""
