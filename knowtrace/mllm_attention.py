@@ -119,7 +119,6 @@ def targets(input_ids: torch.Tensor, labels: torch.Tensor, image_id: int, grid_t
     out: list[Target | None] = []
     for ids, lab in zip(input_ids, labels):
         cols = (ids == image_id).nonzero().squeeze(1)
-        answer = (lab != ignore_index).nonzero().squeeze(1)
         if cols.numel() == 0:
             out.append(None)
             continue
@@ -135,12 +134,10 @@ def targets(input_ids: torch.Tensor, labels: torch.Tensor, image_id: int, grid_t
         if grid[0] * grid[1] != cols.numel():
             raise ValueError(f"{cols.numel()} image positions in a sample do not make a {grid} patch grid: attention "
                              f"capture takes exactly one image per sample (and LLaVA's default feature strategy)")
-        if answer.numel() == 0:
-            out.append(None)
-            continue
-        if int(answer[0]) == 0:
+        answer = (lab != ignore_index).nonzero().squeeze(1)
+        if answer.numel() and int(answer[0]) == 0:
             raise ValueError("an answer token at position 0 has no position that predicts it")
-        out.append(Target(answer - 1, cols, grid))
+        out.append(Target(answer - 1, cols, grid) if answer.numel() else None)
     return out
 
 
@@ -158,12 +155,10 @@ class AttentionCapture(Capture):
         self.decoder = language_model(model)
         self.config = self.decoder.config
         n_layers = self.config.num_hidden_layers
-        layers = []
         for i in options.layers:
             if not -n_layers <= i < n_layers:
                 raise ValueError(f"layer {i} does not exist: the language model has {n_layers} layers")
-            layers.append(i % n_layers)
-        self.layers = tuple(dict.fromkeys(layers))  # resolved, ordered, unique
+        self.layers = tuple(dict.fromkeys(i % n_layers for i in options.layers))  # resolved, ordered, unique
         self.layer_set = frozenset(self.layers)
         top = getattr(model, "config", None)
         self.image_id = image_token_id(top)
@@ -208,12 +203,9 @@ class AttentionCapture(Capture):
     # ----------------------------------------------------------------- one forward
     def begin(self, input_ids: torch.Tensor, labels: torch.Tensor, image_grid_thw: torch.Tensor | None = None):
         self._targets = targets(input_ids, labels, self.image_id, image_grid_thw, self.merge)
-        for t in self._targets:
-            if t is None:
-                continue
-            if self.grid is None:
-                self.grid = t.grid
-            elif t.grid != self.grid:
+        for t in filter(None, self._targets):
+            self.grid = self.grid or t.grid
+            if t.grid != self.grid:
                 raise ValueError(f"a sample's patch grid {t.grid} differs from the trace's {self.grid}: one trace "
                                  f"takes images of one size")
         self.maps = [{} for _ in self._targets]

@@ -184,12 +184,11 @@ def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | No
     colors = {"K_C": CONCEPT_COLOR, "K_N": OTHER_COLORS[0]}
     for row, (name, da) in enumerate((("K_C", k_c), ("K_N", k_n)), start=1):
         v = _values(da.transpose(STEP, SAMPLE))  # (step, sample)
+        fig.update_yaxes(title_text=name, type="log" if log_y else None, row=row, col=1)
         if isinstance(samples, str) and samples == "mean":
             mean, std, lo, hi = _nan_stats(v)
-            if band == "range":
-                _band(fig, steps, lo, hi, colors[name], name, row)
-            elif band == "std":
-                _band(fig, steps, mean - std, mean + std, colors[name], name, row)
+            if band is not None:
+                _band(fig, steps, *((lo, hi) if band == "range" else (mean - std, mean + std)), colors[name], name, row)
             fig.add_trace(go.Scatter(x=steps, y=mean, name=f"{name} (mean of {v.shape[1]} samples)", mode="lines+markers",
                                      line=dict(color=colors[name], width=3), connectgaps=True, legendgroup=name),
                           row=row, col=1)
@@ -204,8 +203,6 @@ def knowledge_over_steps(data: xr.Dataset | xr.DataArray, k_n: xr.DataArray | No
                                      connectgaps=True, legendgroup=name,
                                      line=dict(color=colors[name] if len(chosen) == 1 else None)), row=row, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    fig.update_yaxes(title_text="K_C", type="log" if log_y else None, row=1, col=1)
-    fig.update_yaxes(title_text="K_N", type="log" if log_y else None, row=2, col=1)
     fig.update_layout(title=_title(data, "Conceptual and natural knowledge over steps"))
     return fig
 
@@ -241,8 +238,7 @@ def knowledge_scatter(runs: Mapping[str, xr.Dataset], mode: str = "final", log: 
                                      hovertemplate=f"{name}<br>K_C %{{x:.4g}}<br>K_N %{{y:.4g}}<extra></extra>"))
             continue
         steps = k_c[STEP].values
-        x = _nan_stats(_values(k_c.transpose(STEP, SAMPLE)))[0]
-        y = _nan_stats(_values(k_n.transpose(STEP, SAMPLE)))[0]
+        x, y = (_nan_stats(_values(k.transpose(STEP, SAMPLE)))[0] for k in (k_c, k_n))  # per-step means
         ok = np.isfinite(x) & np.isfinite(y)
         symbols = ["circle-open"] + ["circle"] * (int(ok.sum()) - 1)
         fig.add_trace(go.Scatter(x=x[ok], y=y[ok], name=name, mode="lines+markers", customdata=steps[ok],
@@ -378,12 +374,8 @@ def _select_tokens(da: xr.DataArray, tokens) -> list[int]:
     n = da.sizes[TOKEN]
     if tokens is None:
         answer = _answer_positions(da)
-        if "is_concept" in da.coords:
-            flags = da.coords["is_concept"].values.astype(bool)
-            concept = [p for p in answer if flags[p]]
-            if concept:
-                return concept
-        return answer
+        flags = da.coords["is_concept"].values.astype(bool) if "is_concept" in da.coords else np.zeros(n, bool)
+        return [p for p in answer if flags[p]] or answer
     chosen = [tokens] if isinstance(tokens, (int, np.integer)) else list(tokens)
     bad = [t for t in chosen if not isinstance(t, (int, np.integer)) or not 0 <= t < n]
     if bad or not chosen:
@@ -472,19 +464,18 @@ def save(figures: Mapping[str | os.PathLike, go.Figure]) -> list[Path]:
     static = [(p, f) for p, f in items if p.suffix.lower() in static_suffixes]
     if static and (why := png_unavailable()):
         raise ExportUnavailable(why)
-    tmps = [p.with_name(f".{p.stem}.partial{p.suffix}") for p, _ in items]
+    tmps = {p: p.with_name(f".{p.stem}.partial{p.suffix}") for p, _ in items}
     try:
-        for (path, fig), tmp in zip(items, tmps):
+        for path, fig in items:
             if path.suffix.lower() == ".html":
-                fig.write_html(tmp, include_plotlyjs=True, auto_play=False)
+                fig.write_html(tmps[path], include_plotlyjs=True, auto_play=False)
         if static:
             import plotly.io as pio
 
-            static_tmps = [t for (p, _), t in zip(items, tmps) if p.suffix.lower() in static_suffixes]
-            pio.write_images([f for _, f in static], static_tmps)  # one browser start for all of them
-        for (path, _), tmp in zip(items, tmps):
+            pio.write_images([f for _, f in static], [tmps[p] for p, _ in static])  # one browser start for all
+        for path, tmp in tmps.items():
             os.replace(tmp, path)
     finally:
-        for tmp in tmps:
+        for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
     return [p for p, _ in items]

@@ -142,10 +142,9 @@ class CrossAttentionCapture(Capture):
         self.mean_heads = mean_heads
         self.tokens = None if tokens is None else list(tokens)
         self.to_cpu = to_cpu
-        available = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
-        if not available:
+        bare = [n.removesuffix(".processor") for n in unet.attn_processors if n.endswith("attn2.processor")]
+        if not bare:
             raise ValueError("this UNet has no cross-attention (attn2) layers to capture")
-        bare = [n.removesuffix(".processor") for n in available]
         if layers is None:
             chosen = bare
         elif callable(layers):
@@ -283,12 +282,8 @@ def mean_maps(records: Sequence[AttentionRecord], resolutions: Iterable[tuple[in
                          f"recorded grids: {have}, {len(records)} records (was anything run inside the capture?)")
     if size is None:
         size = max((r.hw for r in chosen), key=lambda hw: hw[0] * hw[1])
-    total = None
-    for r in chosen:
-        m = spatial(r.probs, r.hw)
-        m = m if tuple(m.shape[-2:]) == tuple(size) else upsample(m, size)
-        total = m if total is None else total + m
-    return total / len(chosen)
+    maps = (spatial(r.probs, r.hw) for r in chosen)
+    return sum(m if tuple(m.shape[-2:]) == tuple(size) else upsample(m, size) for m in maps) / len(chosen)
 
 
 def token_map(maps: torch.Tensor, token_indices: Sequence[int], size: tuple[int, int] | None = None) -> torch.Tensor:

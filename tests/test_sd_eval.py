@@ -9,9 +9,9 @@ import torch
 from knowtrace.knowledge import sd_knowledge
 from tests.tiny_models import tiny_clip as make_tiny_clip
 from unlearn.data.sd_masks import MaskOptions
-from unlearn.eval.sd import (ClipZeroShotClassifier, ConceptClassifier, SDEvalSettings, evaluate_sd_run, fd_world,
+from unlearn.eval.sd import (ClipZeroShotClassifier, ConceptClassifier, SDEvalSettings, evaluate_sd_run, feature_fd,
                              forget_knowledge, frechet_distance, frechet_distance_from_stats, ua_from_labels,
-                             unlearning_accuracy)
+                             ua_labels)
 from unlearn.models.sd import generate_images
 from unlearn.world.build import build_world
 from unlearn.world.concepts import BY_KEY
@@ -131,10 +131,11 @@ def broken_copy(pipe, scale):
 def test_world_ua_and_fd(world, tiny_clip):
     pipe, clf = world
     # before unlearning the world SD draws the concept: UA is low
-    ua = unlearning_accuracy(pipe, concept_prompt(BY_KEY["korvex"]), range(10), clf, "korvex", num_inference_steps=STEPS)
+    _, labels = ua_labels(pipe, concept_prompt(BY_KEY["korvex"]), range(10), clf, "korvex", num_inference_steps=STEPS)
+    ua = ua_from_labels(labels, "korvex")
     assert ua < 30
     with pytest.raises(ValueError, match="not a label"):
-        unlearning_accuracy(pipe, "a picture of Vorn", range(2), clf, "Vorn")
+        ua_labels(pipe, "a picture of Vorn", range(2), clf, "Vorn")
     # FD on the retained concepts: a model against itself ~0, against a noised UNet larger
     keys = ["vorn", "blip", "tenzo", "moko", "ostra"]
     prompts = [concept_prompt(BY_KEY[k]) for k in keys for _ in range(4)]
@@ -142,15 +143,16 @@ def test_world_ua_and_fd(world, tiny_clip):
     a = generate_images(pipe, prompts, seeds, num_inference_steps=STEPS)
     b = generate_images(pipe, prompts, [s + 4 for s in seeds], num_inference_steps=STEPS)
     c = generate_images(broken_copy(pipe, 0.5), prompts, [s + 4 for s in seeds], num_inference_steps=STEPS)
-    same = fd_world(a, a, clf)
-    other_seeds, broken = fd_world(a, b, clf)["fd"], fd_world(a, c, clf)["fd"]
+    same = feature_fd(a, a, clf.features, clf.feature_space)
+    other_seeds, broken = (feature_fd(a, x, clf.features, clf.feature_space)["fd"] for x in (b, c))
     assert same["fd_space"] == "world-classifier-features" and same["fd"] == pytest.approx(0, abs=1e-6)
     # measured: 2.5 between seed sets of the same model, 113 against the noised UNet
     assert broken > 5 * other_seeds > 0, (broken, other_seeds)
     # the CLIP classifier goes through the same UA interface
     model, tok = tiny_clip
     clip = ClipZeroShotClassifier(model, tok, LABELS)
-    ua_clip = unlearning_accuracy(pipe, "a picture of Vorn", range(3), clip, "Vorn", num_inference_steps=2)
+    _, labels = ua_labels(pipe, "a picture of Vorn", range(3), clip, "Vorn", num_inference_steps=2)
+    ua_clip = ua_from_labels(labels, "Vorn")
     images = generate_images(pipe, ["a picture of Vorn"] * 3, [0, 1, 2], num_inference_steps=2)
     assert ua_clip == ua_from_labels(clip.predict(images), "Vorn")
 

@@ -24,7 +24,7 @@ def test_built_once_then_reused(tmp_path):
     p2 = cache.ensure_component(tmp_path, "mllm", {"steps": 3}, _builder(calls))
     assert p1 == p2 == tmp_path / "mllm" and len(calls) == 1
     assert cache.check_component(tmp_path, "mllm", {"steps": 3}) is None
-    assert set(cache.read_record(p1)["files"]) == {"weights.bin", "sub/config.json"}
+    assert set(json.loads((p1 / cache.RECORD).read_text())["files"]) == {"weights.bin", "sub/config.json"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
@@ -51,7 +51,7 @@ def test_other_config_is_rebuilt(tmp_path):
     cache.ensure_component(tmp_path, "mllm", {"steps": 3}, _builder(calls))
     assert "configuration" in cache.check_component(tmp_path, "mllm", {"steps": 4})
     cache.ensure_component(tmp_path, "mllm", {"steps": 4}, _builder(calls))
-    assert len(calls) == 2 and cache.read_record(tmp_path / "mllm")["config"] == {"steps": 4}
+    assert len(calls) == 2 and json.loads((tmp_path / "mllm" / cache.RECORD).read_text())["config"] == {"steps": 4}
 
 
 def test_failed_build_leaves_previous_copy_and_no_partial_files(tmp_path):

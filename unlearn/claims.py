@@ -1,11 +1,5 @@
-"""``unlearn claims``: run the experiments behind the paper's qualitative claims on the world and give a
-verdict per claim with its numbers. A claim the world contradicts is reported as contradicted.
-
-(a) GA collapses natural knowledge (K_N) and diversity while FTTP keeps them;
-(b) FTTP matches or beats the baselines on EM at comparable specificity;
-(c) concepts with more tokens need more steps;
-(d) vanilla pixel FTTP keeps the concept's shape, and dilation erases it;
-(e) FTTP needs far fewer steps and images than ESD / SalUn for the same UA.
+"""``unlearn claims``: run the experiments behind the paper's qualitative claims (``CLAIMS``) on the world and
+give a verdict per claim with its numbers. A claim the world contradicts is reported as contradicted.
 
 Each rule is written next to its claim (``RULES``) and printed with the verdict. Experiments are
 saved under ``--runs`` and reused when present (an interrupted check resumes).
@@ -23,7 +17,6 @@ import numpy as np
 
 WORLD_LR = "3e-3"  # the world's calibrated MLLM lr (docs/methods.md)
 MLLM_CONCEPTS = ["oskel", "grom", "korvex"]
-SD_CONCEPTS = ["oskel", "grom", "korvex"]
 QUICK_TOKEN_CONCEPTS = ["vorn", "quilla", "grom", "lumo", "moko", "teodric"]  # 1, 2, 3, 4, 5, 6 tokens
 
 RULES = {
@@ -93,14 +86,13 @@ def verdict_c(stats: dict) -> Verdict:
 
 def verdict_d(sd: dict) -> Verdict:
     rows = sd["concepts"]
-    van = [rows[c]["fttp"]["shape_iou"] for c in rows if "fttp" in rows[c] and "fttp_dilated" in rows[c]]
-    dil = [rows[c]["fttp_dilated"]["shape_iou"] for c in rows if "fttp" in rows[c] and "fttp_dilated" in rows[c]]
-    if not van:
+    iou = {c: [rows[c][m]["shape_iou"] for m in ("fttp", "fttp_dilated")] for c in rows
+           if "fttp" in rows[c] and "fttp_dilated" in rows[c]}  # concept -> [vanilla, dilated]
+    if not iou:
         raise ValueError("the SD results hold no fttp and fttp_dilated runs of one concept")
-    numbers = {"shape_iou_vanilla": float(np.mean(van)), "shape_iou_dilated": float(np.mean(dil)),
-               "per_concept": {c: [rows[c]["fttp"]["shape_iou"], rows[c]["fttp_dilated"]["shape_iou"]] for c in rows
-                               if "fttp" in rows[c] and "fttp_dilated" in rows[c]}}
-    return Verdict("d", "supported" if np.mean(van) > np.mean(dil) else "contradicted", numbers)
+    van, dil = (float(np.mean([pair[i] for pair in iou.values()])) for i in (0, 1))
+    numbers = {"shape_iou_vanilla": van, "shape_iou_dilated": dil, "per_concept": iou}
+    return Verdict("d", "supported" if van > dil else "contradicted", numbers)
 
 
 def verdict_e(sd: dict) -> Verdict:
@@ -146,10 +138,7 @@ def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str 
         sweep = Sweep(runs / "mllm", sorted(METHODS) if "b" in only else ["ga", "fttp"], MLLM_CONCEPTS,
                       [0] if quick else [0, 1, 2], fixed={"lr": WORLD_LR}, world_dir=world_dir, progress=progress)
         rows = run_sweep(sweep)
-        if "a" in only:
-            verdicts.append(verdict_a(rows))
-        if "b" in only:
-            verdicts.append(verdict_b(rows))
+        verdicts += [verdict(rows) for claim, verdict in (("a", verdict_a), ("b", verdict_b)) if claim in only]
     if "c" in only:
         settings = StudySettings(max_steps=20 if quick else 30)
         study = run_study(runs / f"token-count-{settings.max_steps}", QUICK_TOKEN_CONCEPTS if quick else None,
@@ -157,8 +146,5 @@ def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str 
         verdicts.append(verdict_c(correlate(study, settings)))
     if "d" in only or "e" in only:
         sd = _sd_results(sd_results or runs / "sd" / "results.json", quick)
-        if "d" in only:
-            verdicts.append(verdict_d(sd))
-        if "e" in only:
-            verdicts.append(verdict_e(sd))
+        verdicts += [verdict(sd) for claim, verdict in (("d", verdict_d), ("e", verdict_e)) if claim in only]
     return verdicts

@@ -170,7 +170,7 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
     generator = torch.Generator().manual_seed(cfg.seed * 1009 + accelerator.process_index)
     ctx = StepContext(adapter, concept, tuple(names), next_retain=next_retain if retain else None,
                       reference_logits=reference_logits, run_reference=run_reference if method.needs_reference else None,
-                      generator=generator)
+                      generator=generator, seed=cfg.seed)
     method.setup(ctx, forget, retain)
     rank, world = accelerator.process_index, accelerator.num_processes
     if world > 1 and (checkpoint_every or resume is not None):

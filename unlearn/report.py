@@ -41,8 +41,7 @@ def summary_text(runs: dict[str, Path]) -> str:
     _, manifest = _load(next(iter(runs.values())))
     lines = [f"concept {manifest['concept']} ({', '.join(manifest['names'])}), {manifest['train']['steps']} steps, "
              f"lr {manifest['train']['lr']}, {manifest['images']} image(s), seed {manifest['seed']}"]
-    for label, m in rows:
-        lines.append(f"{label:10s} " + "  ".join(f"{k} {_fmt(m[k])}" for k in METRICS if k in m))
+    lines += [f"{label:10s} " + "  ".join(f"{k} {_fmt(m[k])}" for k in METRICS if k in m) for label, m in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -68,10 +67,9 @@ def _figures(runs: dict[str, Path]) -> list[tuple[str, object]]:
                  plots.knowledge_scatter({n: ds for n, (_, ds) in traces.items()}, mode="trajectory", log=True)))
     figs += [("Token log-probabilities of the identification answer, " + name, plots.token_trajectories(ds, 0))
              for name, (_, ds) in traces.items()]
-    for name, p in runs.items():
-        what, ds = traces.get(name, ("", None))
-        if ds is not None and "xattn" in ds:
-            image_path = Path(p) / "samples" / "probe-0.png"
+    for name, (_, ds) in traces.items():
+        if "xattn" in ds:
+            image_path = Path(runs[name]) / "samples" / "probe-0.png"
             image = Image.open(image_path).convert("RGB") if image_path.exists() else None
             figs.append((f"Attention of the concept's answer tokens over the training image (step -1 = before), {name}",
                          plots.attention_slider(ds, 0, image=image)))
@@ -95,9 +93,8 @@ def write_report(runs: dict[str, Path], out: Path, title: str = "Unlearning repo
              "forget answers (higher = more knowledge).</p>",
              f"<table><tr><th></th>{head}</tr>{body}</table>"]
     for i, (caption, fig) in enumerate(figs):
-        parts.append(f"<h2>{html.escape(caption)}</h2><div class='figure'>")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), auto_play=False))
-        parts.append("</div>")
+        parts += [f"<h2>{html.escape(caption)}</h2><div class='figure'>",
+                  fig.to_html(full_html=False, include_plotlyjs=(i == 0), auto_play=False), "</div>"]
     parts.append("</body></html>")
     tmp = out.with_name(f".{out.name}.partial")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 What the trace measures, and why a probe. The SD methods do not share one per-pixel error of the
 forget images: FTTP and GA compute one (at a random timestep and noise, different every step), ESD
-regresses onto a guided target, SalUn trains on other concepts' images, SA on surrogates and replay,
+regresses onto a guided target, SalUn onto its own prediction under another prompt, SA on surrogates and replay,
 FMN on attention mass. A trace made of each step's own training errors would mix timesteps and
 noises (K would jump with the random t, not with the model) and would not exist for half of the
 methods. So every method gets the same **probe**: before the first update (step -1) and after every

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from knowtrace import mllm_knowledge, token_logprobs
+from knowtrace.modes import eval_mode
 
 from ..data.names import names_in
 from ..data.records import Record
@@ -51,7 +52,7 @@ def diversity(answers: list[str]) -> float:
     return 100.0 * len(set(words)) / len(words) if words else 0.0
 
 
-def _pct(flags) -> float:
+def pct(flags) -> float:
     return round(100.0 * float(np.mean(flags)), 2) if len(flags) else float("nan")
 
 
@@ -62,10 +63,8 @@ def knowledge(adapter, records: list[Record], names, batch_size: int = 8) -> tup
     for s in range(0, len(records), batch_size):
         chunk = records[s:s + batch_size]
         batch = adapter.encode(chunk, train=True)
-        logits = adapter.model(**batch).logits
-        logp = token_logprobs(logits, batch["labels"])
-        is_concept = adapter.concept_flags(chunk, names, allow_missing=True)
-        c, n = mllm_knowledge(logp, is_concept)
+        logp = token_logprobs(adapter.model(**batch).logits, batch["labels"])
+        c, n = mllm_knowledge(logp, adapter.concept_flags(chunk, names, allow_missing=True))
         k_c += c.tolist()
         k_n += n.tolist()
     return float(np.mean(k_c)), float(np.mean(k_n))
@@ -73,19 +72,17 @@ def knowledge(adapter, records: list[Record], names, batch_size: int = 8) -> tup
 
 def evaluate(adapter, evalset: MLLMEvalSet, names, max_new_tokens: int = 32, samples: int = 8) -> dict:
     """All MLLM metrics (percentages 0-100), plus a few generated samples."""
-    was_training = adapter.model.training
-    adapter.model.eval()
-    eff = adapter.generate(evalset.efficacy, max_new_tokens)
-    test = adapter.generate(evalset.test, max_new_tokens)
-    ret = adapter.generate(evalset.retain, max_new_tokens)
+    with eval_mode(adapter.model):
+        eff, test, ret = (adapter.generate(records, max_new_tokens)
+                          for records in (evalset.efficacy, evalset.test, evalset.retain))
+        k_c, k_n = knowledge(adapter, evalset.forget, names)
     f_test = [forgotten(a, r, names) for a, r in zip(test, evalset.test)]
-    k_c, k_n = knowledge(adapter, evalset.forget, names)
     metrics = {
-        "efficacy": _pct([forgotten(a, r, names) for a, r in zip(eff, evalset.efficacy)]),
-        "em": _pct(f_test),
-        "em_identify": _pct([f for f, r in zip(f_test, evalset.test) if r.qtype != "yesno"]),
-        "em_yesno": _pct([f for f, r in zip(f_test, evalset.test) if r.qtype == "yesno"]),
-        "specificity": _pct([answers_match(a, r.answer) for a, r in zip(ret, evalset.retain)]),
+        "efficacy": pct([forgotten(a, r, names) for a, r in zip(eff, evalset.efficacy)]),
+        "em": pct(f_test),
+        "em_identify": pct([f for f, r in zip(f_test, evalset.test) if r.qtype != "yesno"]),
+        "em_yesno": pct([f for f, r in zip(f_test, evalset.test) if r.qtype == "yesno"]),
+        "specificity": pct([answers_match(a, r.answer) for a, r in zip(ret, evalset.retain)]),
         "diversity": round(diversity(test + ret), 2),
         "K_C": k_c,
         "K_N": k_n,
@@ -93,5 +90,4 @@ def evaluate(adapter, evalset: MLLMEvalSet, names, max_new_tokens: int = 32, sam
     pick = np.linspace(0, len(test) - 1, num=min(samples, len(test))).astype(int) if test else []
     metrics["samples"] = [{"id": evalset.test[i].id, "question": evalset.test[i].question, "answer": test[i]}
                           for i in pick]
-    adapter.model.train(was_training)
     return metrics

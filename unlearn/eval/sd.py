@@ -17,12 +17,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from knowtrace.knowledge import sd_knowledge
+from knowtrace.modes import eval_mode
 
+from ..data.sd_masks import MaskOptions
 from ..models.sd import SDAdapter, generate_images
 
 WORLD_FD_SPACE = "world-classifier-features"
@@ -64,10 +68,8 @@ class ClipZeroShotClassifier:
         self.model = model.eval()
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.labels = list(labels)
-        names = dict(names or {})
-        self.prompts = [template.format(name=names.get(label, label)) for label in self.labels]
+        self.prompts = [template.format(name=(names or {}).get(label, label)) for label in self.labels]
         self.batch_size = batch_size
-        self._text: torch.Tensor | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, labels: Sequence[str], **kwargs) -> ClipZeroShotClassifier:
@@ -83,15 +85,12 @@ class ClipZeroShotClassifier:
             if (path / "preprocessor_config.json").exists() else None
         return cls(model, tokenizer, labels, image_processor=processor, **kwargs)
 
+    @cached_property
     @torch.no_grad()
     def _text_embeddings(self) -> torch.Tensor:
-        if self._text is None:
-            enc = self.tokenizer(self.prompts, padding=True, return_tensors="pt")
-            dev = self.model.device
-            t = self.model.get_text_features(input_ids=enc.input_ids.to(dev),
-                                             attention_mask=enc.attention_mask.to(dev)).pooler_output
-            self._text = t / t.norm(dim=-1, keepdim=True)  # (labels, D)
-        return self._text
+        enc = self.tokenizer(self.prompts, padding=True, return_tensors="pt").to(self.model.device)
+        t = self.model.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask).pooler_output
+        return t / t.norm(dim=-1, keepdim=True)  # (labels, D)
 
     @torch.no_grad()
     def _image_embeddings(self, images: np.ndarray) -> torch.Tensor:
@@ -104,7 +103,7 @@ class ClipZeroShotClassifier:
 
     def predict(self, images: np.ndarray) -> list[str]:
         img = self._image_embeddings(images)
-        sim = (img / img.norm(dim=-1, keepdim=True)) @ self._text_embeddings().T  # (N, labels)
+        sim = (img / img.norm(dim=-1, keepdim=True)) @ self._text_embeddings.T  # (N, labels)
         return [self.labels[i] for i in sim.argmax(-1).tolist()]
 
     def features(self, images: np.ndarray) -> np.ndarray:
@@ -139,14 +138,6 @@ def check_images(images) -> np.ndarray:
 # ----------------------------------------------------------------------------- UA
 
 
-def _pairs(prompts: str | Sequence[str], seeds: Sequence[int]) -> tuple[list[str], list[int]]:
-    """Every prompt with every seed (prompt-major)."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not len(seeds):
-        raise ValueError("UA needs at least one prompt and one seed")
-    return [p for p in prompts for _ in seeds], [int(s) for _ in prompts for s in seeds]
-
-
 def ua_from_labels(labels: Sequence[str], concept: str) -> float:
     """Percent of ``labels`` that are not ``concept``."""
     if not len(labels):
@@ -154,21 +145,17 @@ def ua_from_labels(labels: Sequence[str], concept: str) -> float:
     return 100.0 * sum(label != concept for label in labels) / len(labels)
 
 
-def _ua_labels(pipe, prompts, seeds, classifier: ConceptClassifier, concept: str, guidance_scale: float,
-               num_inference_steps: int) -> tuple[list[str], list[str]]:
-    """The prompt of every (prompt, seed) pair and the classifier's label of its generated image."""
+def ua_labels(pipe, prompts: str | Sequence[str], seeds: Sequence[int], classifier: ConceptClassifier, concept: str,
+              guidance_scale: float = 4.0, num_inference_steps: int = 25) -> tuple[list[str], list[str]]:
+    """The prompt of every (prompt, seed) pair (prompt-major) and the classifier's label of its generated image:
+    UA is ``ua_from_labels`` of these labels."""
     if concept not in classifier.labels:
         raise ValueError(f"concept {concept!r} is not a label of the classifier; its labels: {list(classifier.labels)}")
-    p, s = _pairs(prompts, seeds)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not len(seeds):
+        raise ValueError("UA needs at least one prompt and one seed")
+    p, s = [p for p in prompts for _ in seeds], [int(s) for _ in prompts for s in seeds]
     return p, classifier.predict(generate_images(pipe, p, s, guidance_scale, num_inference_steps))
-
-
-def unlearning_accuracy(pipe, prompts: str | Sequence[str], seeds: Sequence[int], classifier: ConceptClassifier,
-                        concept: str, guidance_scale: float = 4.0, num_inference_steps: int = 25) -> float:
-    """UA (0-100): share of the images generated for every (prompt, seed) pair that ``classifier``
-    does not label ``concept``."""
-    return ua_from_labels(_ua_labels(pipe, prompts, seeds, classifier, concept, guidance_scale,
-                                     num_inference_steps)[1], concept)
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -191,7 +178,8 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+        raise ValueError(f"statistics of features with the same D expected: mu {mu1.shape} / {mu2.shape}, "
+                         f"sigma {s1.shape} / {s2.shape}")
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^1/2
     m = root1 @ s2 @ root1
@@ -202,10 +190,7 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two (N, D) feature sets (the FID formula)."""
-    a, b = np.asarray(feats_a), np.asarray(feats_b)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be (N, D) with the same D, got {a.shape} and {b.shape}")
-    return frechet_distance_from_stats(*gaussian_stats(a), *gaussian_stats(b))
+    return frechet_distance_from_stats(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
 
 
 def feature_fd(images_a: np.ndarray, images_b: np.ndarray, extract: Callable[[np.ndarray], np.ndarray],
@@ -216,12 +201,6 @@ def feature_fd(images_a: np.ndarray, images_b: np.ndarray, extract: Callable[[np
         raise ValueError("name the feature space (e.g. 'inception-v3-pool3'): FDs in different spaces are not comparable")
     fa, fb = extract(check_images(images_a)), extract(check_images(images_b))
     return {"fd": frechet_distance(fa, fb), "fd_space": space, "n": [len(fa), len(fb)]}
-
-
-def fd_world(images_a: np.ndarray, images_b: np.ndarray, classifier) -> dict:
-    """FD in the world classifier's (:class:`unlearn.world.source.WorldConceptClassifier`) feature space,
-    named ``"world-classifier-features"``."""
-    return feature_fd(images_a, images_b, classifier.features, WORLD_FD_SPACE)
 
 
 # ----------------------------------------------------------------------------- K_C / K_N
@@ -239,8 +218,6 @@ def fixed_noise_errors(unet, scheduler, latents: torch.Tensor, cond: torch.Tenso
     ``e_x = mean over channels of (eps - eps_theta(z_t, cond, t))^2`` per (timestep, image) pair, then the
     mean over timesteps. The T x N pairs go through the UNet ``batch_size`` at a time (one forward per
     timestep would pay a small UNet's per-call cost T times), in eval mode."""
-    from knowtrace.modes import eval_mode
-
     if int(batch_size) < 1:
         raise ValueError(f"probe batch size must be >= 1, got {batch_size}")
     n_t, n = len(timesteps), latents.shape[0]
@@ -268,10 +245,6 @@ def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS
     (T, N, C, h, w) is drawn once from ``manual_seed(noise_seed)``, so every model given the same records
     is scored on the same inputs. The errors (:func:`fixed_noise_errors`) become K by
     :func:`knowtrace.knowledge.sd_knowledge` (``reduce``: "mean" over the group's pixels, or the paper's "sum")."""
-    from knowtrace.knowledge import sd_knowledge
-
-    from ..data.sd_masks import MaskOptions
-
     if not records:
         raise ValueError("no forget records to compute K_C / K_N on")
     adapter = adapter or SDAdapter(pipe)
@@ -337,9 +310,9 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
         raise ValueError("give the retained concepts (label -> prompt) and their reference_images for the FD "
                          "(world concepts: unlearn.world.records.world_prompts and world_fd_reference)")
 
-    p, ua_labels = _ua_labels(pipe, prompts, range(n_seeds), classifier, concept_key, s.guidance_scale,
-                              s.num_inference_steps)
-    ua = ua_from_labels(ua_labels, concept_key)
+    p, labels = ua_labels(pipe, prompts, range(n_seeds), classifier, concept_key, s.guidance_scale,
+                          s.num_inference_steps)
+    ua = ua_from_labels(labels, concept_key)
 
     # retained concepts: recognition and FD
     keys = list(retained)
@@ -364,7 +337,7 @@ def evaluate_sd_run(pipe, concept_key: str, *, classifier: ConceptClassifier, n_
         "concept": concept_key, "ua": ua, "fd": fd["fd"], "fd_space": fd["fd_space"], "fd_reference": reference_name,
         "K_C": None if knowledge is None else knowledge["K_C"], "K_N": None if knowledge is None else knowledge["K_N"],
         "TS": train_steps, "TI": train_images if train_images is not None else (len(forget_records) if forget_records else None),
-        "ua_detail": {"n": len(ua_labels), "prompts": sorted(set(p)), "labels": dict(Counter(ua_labels))},
+        "ua_detail": {"n": len(labels), "prompts": sorted(set(p)), "labels": dict(Counter(labels))},
         "retained": per_concept, "retained_mean": float(np.mean(list(per_concept.values()))),
         "fd_n": fd["n"], "knowledge": knowledge,
         "settings": {"n_seeds": n_seeds, "guidance_scale": s.guidance_scale, "num_inference_steps": s.num_inference_steps,

@@ -29,9 +29,7 @@ SD_METHODS = REGISTRY["sd"]
 
 def register(cls):
     """Class decorator: make a method available by its ``name`` in its ``modality``'s registry."""
-    if cls.modality not in REGISTRY:
-        raise ValueError(f"{cls.__name__}: unknown modality {cls.modality!r}; modalities: {', '.join(MODALITIES)}")
-    table = REGISTRY[cls.modality]
+    table = methods_of(cls.modality)
     if cls.name in table:
         raise ValueError(f"{cls.modality} method name {cls.name!r} is registered twice")
     table[cls.name] = cls
@@ -90,6 +88,7 @@ class StepContext:
     # full fine-tuning: a frozen copy); set by the loop for methods with needs_reference
     run_reference: Callable[[Callable], object] | None = None
     generator: torch.Generator | None = None  # seeded randomness of the step (diffusion noise, timesteps)
+    seed: int = 0  # the run's seed, the same on every process: for setup draws that all processes must share
 
     def reference(self, fn: Callable, method: str = "") -> object:
         """``fn(reference_model)`` without gradients: the frozen starting model's view of anything."""

@@ -1,11 +1,9 @@
-"""GA: gradient ascent on every answer token of the forget set (weight -1)."""
+"""GA: gradient ascent on every answer token of the forget set (weight -1): the negated mean NLL."""
 
 from dataclasses import dataclass
 
-import torch
-
 from .base import MLLMMethod, StepOutput, register
-from .losses import weighted_token_loss
+from .losses import records_nll
 
 
 @register
@@ -14,7 +12,5 @@ class GA(MLLMMethod):
     name = "ga"
 
     def loss(self, ctx, forget):
-        batch = ctx.adapter.encode(forget)
-        logits = ctx.adapter.model(**batch).logits
-        loss = weighted_token_loss(logits, batch["labels"], -torch.ones(batch["labels"].shape))
+        loss = -records_nll(ctx.adapter, forget)
         return StepOutput(loss, {"loss_forget": loss.detach()})

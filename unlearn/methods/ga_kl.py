@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from .base import MLLMMethod, StepOutput, register
-from .losses import mean_nll, token_kl
+from .losses import records_nll, token_kl
 
 
 @register
@@ -15,9 +15,8 @@ class GAKL(MLLMMethod):
     kl_weight: float = 1.0
 
     def loss(self, ctx, forget):
-        f = ctx.adapter.encode(forget)
+        forget_loss = -records_nll(ctx.adapter, forget)
         r = ctx.adapter.encode(ctx.retain_batch(self.name))
-        forget_loss = -mean_nll(ctx.adapter.model(**f).logits, f["labels"])
         kl = token_kl(ctx.reference_logits(r), ctx.adapter.model(**r).logits, r["labels"])
         return StepOutput(forget_loss + self.kl_weight * kl,
                           {"loss_forget": forget_loss.detach(), "loss_retain": kl.detach()})

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from .base import MLLMMethod, StepOutput, register
-from .losses import mean_nll
+from .losses import records_nll
 
 
 @register
@@ -14,9 +14,7 @@ class GradDiff(MLLMMethod):
     retain_weight: float = 1.0
 
     def loss(self, ctx, forget):
-        f = ctx.adapter.encode(forget)
-        r = ctx.adapter.encode(ctx.retain_batch(self.name))
-        forget_loss = -mean_nll(ctx.adapter.model(**f).logits, f["labels"])
-        retain_loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
+        forget_loss = -records_nll(ctx.adapter, forget)
+        retain_loss = records_nll(ctx.adapter, ctx.retain_batch(self.name))
         return StepOutput(forget_loss + self.retain_weight * retain_loss,
                           {"loss_forget": forget_loss.detach(), "loss_retain": retain_loss.detach()})

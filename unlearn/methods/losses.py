@@ -38,10 +38,15 @@ def mean_nll(logits, labels) -> torch.Tensor:
     return nll.sum() / scored.sum().clamp(min=1)
 
 
+def records_nll(adapter, records) -> torch.Tensor:
+    """``mean_nll`` of the answers of ``records`` under the model being trained."""
+    batch = adapter.encode(records)
+    return mean_nll(adapter.model(**batch).logits, batch["labels"])
+
+
 def sequence_logprob(logits, labels) -> torch.Tensor:
     """(batch,) sum of the answer tokens' log-probs."""
-    nll, _ = token_nll(logits, labels)
-    return -nll.sum(1)
+    return -token_nll(logits, labels)[0].sum(1)
 
 
 def token_kl(ref_logits, logits, labels) -> torch.Tensor:

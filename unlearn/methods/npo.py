@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch.nn import functional as F
 
 from .base import MLLMMethod, StepOutput, register
-from .losses import mean_nll, sequence_logprob
+from .losses import records_nll, sequence_logprob
 
 
 @register
@@ -27,8 +27,7 @@ class NPO(MLLMMethod):
         loss = (2.0 / self.beta) * F.softplus(self.beta * log_ratio).mean()
         logs = {"loss_forget": loss.detach()}
         if self.retain_weight:
-            r = ctx.adapter.encode(ctx.retain_batch(self.name))
-            retain_loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
+            retain_loss = records_nll(ctx.adapter, ctx.retain_batch(self.name))
             loss = loss + self.retain_weight * retain_loss
             logs["loss_retain"] = retain_loss.detach()
         return StepOutput(loss, logs)

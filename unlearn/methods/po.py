@@ -9,7 +9,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 from .base import MLLMMethod, StepOutput, register
-from .losses import mean_nll
+from .losses import records_nll
 
 REFUSALS = ("I do not know who this is.", "I cannot tell who this is.", "I am not sure what this image shows.")
 
@@ -31,9 +31,7 @@ class PO(MLLMMethod):
         texts = self.refusal_texts()
         # each record always gets the same refusal (chosen from its id: stable across runs)
         refused = [replace(r, answer=texts[zlib.crc32(r.id.encode()) % len(texts)]) for r in forget]
-        f = ctx.adapter.encode(refused)
-        r = ctx.adapter.encode(ctx.retain_batch(self.name))
-        forget_loss = mean_nll(ctx.adapter.model(**f).logits, f["labels"])
-        retain_loss = mean_nll(ctx.adapter.model(**r).logits, r["labels"])
+        forget_loss = records_nll(ctx.adapter, refused)
+        retain_loss = records_nll(ctx.adapter, ctx.retain_batch(self.name))
         return StepOutput(forget_loss + self.retain_weight * retain_loss,
                           {"loss_forget": forget_loss.detach(), "loss_retain": retain_loss.detach()})

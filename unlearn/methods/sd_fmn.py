@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from knowtrace.sd_attention import capture_cross_attention
 
 from ..data.token_weights import concept_token_positions
 from .base import SDMethod, StepOutput, register
@@ -81,8 +82,6 @@ class ForgetMeNot(SDMethod):
         self.token_rows(ctx, forget)  # every prompt checked before the first step
 
     def loss(self, ctx, forget):
-        from knowtrace.sd_attention import capture_cross_attention
-
         a = ctx.adapter
         batch = a.encode(forget)
         _, t, z_t = a.noise(batch.latents, ctx.generator)

@@ -28,17 +28,14 @@ from ..data.names import name_pattern
 from ..data.records import Record
 from ..data.token_weights import concept_flags
 from .base import MLLMMethod, StepOutput, register
-from .losses import mean_nll
+from .losses import mean_nll, records_nll
 
 
 def name_token_ids(tokenizer, names) -> list[int]:
     """Ids of every token of the names, written as-is, lower/title case, with and without a space."""
-    ids = set()
-    for name in names:
-        for variant in {name, name.lower(), name.title()}:
-            for text in (variant, " " + variant):
-                ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return sorted(ids - {tokenizer.unk_token_id} if tokenizer.unk_token_id is not None else ids)
+    texts = {t for name in names for v in (name, name.lower(), name.title()) for t in (v, " " + v)}
+    ids = {i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]}
+    return sorted(ids - {tokenizer.unk_token_id})
 
 
 @register
@@ -57,16 +54,13 @@ class SIU(MLLMMethod):
         if not substitute or not description:
             raise ValueError("siu needs substitute=NAME and description=TEXT for a concept outside the world")
         pattern = name_pattern(ctx.names)
-        targets = []
-        for r in forget:
-            if r.image is None:
-                targets.append(r)  # 3: text-only facts kept
-            elif r.qtype != "yesno":
-                targets.append(replace(r, id=r.id + ":substitute", answer=pattern.sub(substitute, r.answer)))  # 1
+        # 3: text-only facts kept; 1: the image's answers with the substitute name (yes/no ones left out)
+        targets = [r if r.image is None else
+                   replace(r, id=r.id + ":substitute", answer=pattern.sub(substitute, r.answer))
+                   for r in forget if r.image is None or r.qtype != "yesno"]
         images = {id(r.image): r.image for r in forget if r.image is not None}
-        for i, image in enumerate(images.values()):  # 2: new visual descriptions
-            targets.append(Record(f"{ctx.concept}:describe:{i}", "Describe this image.",
-                                  f"The image shows {description}.", image, ctx.concept))
+        targets += [Record(f"{ctx.concept}:describe:{i}", "Describe this image.", f"The image shows {description}.",
+                           image, ctx.concept) for i, image in enumerate(images.values())]  # 2: new descriptions
         self._targets, self._substitute = targets, substitute
         self._vocab_mask = name_token_ids(ctx.adapter.tokenizer, ctx.names)
         self._cursor = 0
@@ -76,9 +70,8 @@ class SIU(MLLMMethod):
         batch = [self._targets[(self._cursor + i) % len(self._targets)] for i in range(n)]
         self._cursor += n
         t = ctx.adapter.encode(batch)
-        r = ctx.adapter.encode(ctx.retain_batch(self.name))  # 4: other concepts kept
         logits = ctx.adapter.model(**t).logits
-        ce = mean_nll(logits, t["labels"]) + mean_nll(ctx.adapter.model(**r).logits, r["labels"])
+        ce = mean_nll(logits, t["labels"]) + records_nll(ctx.adapter, ctx.retain_batch(self.name))  # 4: others kept
         kl = self.dual_masked_kl(ctx, ctx.reference_logits(t), logits, t["labels"])
         return StepOutput(ce + self.kl_weight * kl, {"loss_forget": ce.detach(), "loss_retain": kl.detach()})
 

@@ -1,10 +1,10 @@
 """What every MLLM family adapter provides, and the parts that are the same for all of them.
 
-Only two things differ between families: the chat text of a record (:meth:`MLLMAdapter.chat`) and how
-texts and images become tensors (:meth:`MLLMAdapter.prepare`, which expands the image placeholder into
-patch positions). Labels are computed on the final, image-expanded sequence: the record's prompt alone
-is prepared too, and its length masks the conversation's prompt positions with ``IGNORE_INDEX`` (the
-prompt must be a token prefix of the full conversation; checked).
+Only one thing differs between families: how texts and images become tensors (:meth:`MLLMAdapter.prepare`,
+which expands the image placeholder into patch positions); a record's chat text comes from the processor's
+chat template. Labels are computed on the final, image-expanded sequence: the record's prompt alone is
+prepared too, and its length masks the conversation's prompt positions with ``IGNORE_INDEX`` (the prompt
+must be a token prefix of the full conversation; checked).
 """
 
 from __future__ import annotations
@@ -36,23 +36,18 @@ class MLLMAdapter(ABC):
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
-    # ----------------------------------------------------------------- family-specific
-    @abstractmethod
-    def chat(self, record: Record, with_answer: bool) -> str:
-        """The record's conversation as text, with the family's image placeholder; without the
-        answer it ends with the generation prompt."""
-
     @abstractmethod
     def prepare(self, texts: list[str], images: list) -> dict:
         """Tensors for texts (placeholders expanded into patch positions) and their images, padded."""
 
-    # ----------------------------------------------------------------- shared
-    def messages(self, record: Record, with_answer: bool) -> list[dict]:
+    def chat(self, record: Record, with_answer: bool) -> str:
+        """The record's conversation as text, with the family's image placeholder; without the
+        answer it ends with the generation prompt."""
         content = ([{"type": "image"}] if record.image is not None else []) + [{"type": "text", "text": record.question}]
         messages = [{"role": "user", "content": content}]
         if with_answer:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": record.answer}]})
-        return messages
+        return self.processor.apply_chat_template(messages, add_generation_prompt=not with_answer, tokenize=False)
 
     def encode(self, records: list[Record], train: bool = True, cache: bool = True) -> dict:
         """Batch for ``records``: full conversations with answer-only labels (``train``), or

@@ -9,10 +9,6 @@ class LlavaAdapter(MLLMAdapter):
     family = "llava"
     model_types = ("llava",)
 
-    def chat(self, record, with_answer):
-        return self.processor.apply_chat_template(self.messages(record, with_answer),
-                                                  add_generation_prompt=not with_answer, tokenize=False)
-
     def prepare(self, texts, images):
         # LlavaProcessor expands each <image> into the vision tower's patch count
         return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")

@@ -8,6 +8,7 @@ positions as the processor does, plus the ``mm_token_type_ids`` (1 = image) the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ class Qwen2VLInputs:
     tokenizer: object
     image_processor: object
 
+    def apply_chat_template(self, *args, **kwargs):
+        return self.tokenizer.apply_chat_template(*args, **kwargs)
+
     def save_pretrained(self, path):
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
@@ -33,21 +37,13 @@ class Qwen2VLAdapter(MLLMAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
 
-    def chat(self, record, with_answer):
-        return self.tokenizer.apply_chat_template(self.messages(record, with_answer),
-                                                  add_generation_prompt=not with_answer, tokenize=False)
-
     def prepare(self, texts, images):
         out = {}
         if images:
             out.update(self.processor.image_processor(images=images, return_tensors="pt"))
             merge = self.processor.image_processor.merge_size
             counts = iter((out["image_grid_thw"].prod(-1) // merge**2).tolist())  # positions per image
-            expanded = []
-            for text in texts:
-                pieces = text.split(IMAGE_PAD)
-                expanded.append(pieces[0] + "".join(IMAGE_PAD * next(counts) + p for p in pieces[1:]))
-            texts = expanded
+            texts = [re.sub(re.escape(IMAGE_PAD), lambda _: IMAGE_PAD * next(counts), text) for text in texts]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         enc["mm_token_type_ids"] = (enc["input_ids"] == image_id).to(torch.long)

@@ -6,12 +6,6 @@ cached (unlearning revisits the same few records every step): the latents (the V
 times ``scaling_factor``: deterministic, where SD training samples the posterior), the prompt's text
 embedding, the concept mask on the latent grid. A step compares the UNet's prediction with the noise
 per latent pixel: ``e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2``, shape (B, h, w).
-
-Parts (regexes over module/parameter names) for methods that train only some of them: ``xattn`` =
-cross-attention (``attn2``), ``non_xattn`` = ESD-u's parts
-(every UNet part but cross-attention, the time embedding and the output layers, as ESD's authors
-train it; under LoRA the Linear / Conv2d modules among them), ``attn`` = self- and cross-attention
-projections (the LoRA default).
 """
 
 from __future__ import annotations
@@ -21,17 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from knowtrace.modes import eval_mode
+from tqdm.auto import tqdm
 
 from ..data.sd_masks import MaskOptions, latent_mask, resize_crop
 from ..data.sd_records import SDRecord, load_image
 
 WORLD_MARKER = "world_sd_config.json"  # a directory holding a world SD
 
-# peft target-module regexes (LoRA) and parameter-name regexes (full fine-tuning) per part
+# the UNet parts that methods train: peft target-module regexes (LoRA) and parameter-name regexes (full FT)
 LORA_PARTS = {
-    "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",
-    "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
-    # ESD-u: every Linear / Conv2d module of ``non_xattn`` below (the norms take no LoRA): conv_in,
+    "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",  # self- and cross-attention: the LoRA default
+    "xattn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",  # ESD-x, FMN's only_xattn
+    # ESD-u: the Linear / Conv2d modules of PARAM_PARTS["non_xattn"] (norms take no LoRA): conv_in,
     # resnets (convolutions, time-embedding projections, shortcuts), down/upsamplers, self-attention,
     # feed-forward and the transformers' projections
     "non_xattn": r"conv_in|.*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out"
@@ -90,13 +86,7 @@ class SDAdapter:
         """(B, L, D) text embeddings as the pipeline computes them (cached per prompt)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond]
         if missing:
-            tok = self.pipe.tokenizer
-            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            enc = self.pipe.text_encoder
-            emb = enc(ids.to(enc.device))[0]
-            for p, e in zip(missing, emb):
-                self._cond[p] = e
+            self._cond.update(zip(missing, encode_prompts(self.pipe, missing)))
         return torch.stack([self._cond[p] for p in prompts]).to(self.device)
 
     def image(self, record: SDRecord) -> np.ndarray:
@@ -157,21 +147,22 @@ class SDAdapter:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 25,
                  guidance_scale: float = 4.0) -> np.ndarray:
-        """uint8 images (N, R, R, 3) from the pipeline (with the UNet as trained so far)."""
-        was = self.model.training
-        self.model.eval()
-        try:
+        """uint8 images (N, R, R, 3) from the pipeline (with the UNet as trained so far, in eval mode)."""
+        with eval_mode(self.model):
             return generate_images(self.pipe, prompts, seeds, guidance_scale, num_inference_steps)
-        finally:
-            self.model.train(was)
+
+
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings (N, max_length, hidden) exactly as the pipeline computes them (no attention mask)."""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: float = 4.0,
                     num_inference_steps: int = 25, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """uint8 images (N, H, W, 3), image i from ``prompts[i]`` with its own generator seeded ``seeds[i]``."""
-    from tqdm.auto import tqdm
-
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     out = []

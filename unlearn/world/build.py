@@ -9,7 +9,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 
 from . import cache
 from .classifier import ClassifierConfig, evaluate_classifier, load_classifier, train_classifier
@@ -31,9 +33,6 @@ _TRAIN = {"mllm": train_mllm, "classifier": train_classifier, "sd": train_sd}
 
 
 def _versions() -> dict:
-    import diffusers
-    import transformers
-
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "diffusers": diffusers.__version__}
 
@@ -74,12 +73,9 @@ def build_world(root: Path | None = None, cfg: WorldConfig | None = None, progre
     unknown = set(only) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown world component(s) {sorted(unknown)}; components are {list(COMPONENTS)}")
-    paths = {}
-    for name in COMPONENTS:
-        if name in only:
-            part = getattr(cfg, name)
-            paths[name] = cache.ensure_component(root, name, component_key(name, cfg), _timed_builder(name, part, progress))
-    return paths
+    return {name: cache.ensure_component(root, name, component_key(name, cfg),
+                                         _timed_builder(name, getattr(cfg, name), progress))
+            for name in COMPONENTS if name in only}
 
 
 def build_info(path: Path) -> dict:

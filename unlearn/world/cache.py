@@ -75,10 +75,8 @@ def ensure_component(root: Path, name: str, config: dict, build: Callable[[Path]
     reason = check_component(root, name, config)
     if reason is None:
         return path
-    if path.exists():
-        _say(f"world component {name!r} at {path} cannot be used: {reason}; rebuilding it")
-    else:
-        _say(f"building world component {name!r} into {path}")
+    _say(f"world component {name!r} at {path} cannot be used: {reason}; rebuilding it" if path.exists()
+         else f"building world component {name!r} into {path}")
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +91,3 @@ def ensure_component(root: Path, name: str, config: dict, build: Callable[[Path]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def read_record(path: Path) -> dict:
-    return json.loads((Path(path) / RECORD).read_text())

@@ -6,21 +6,20 @@ sample (no image is seen twice), and gated on the unseen ``test`` stream.
 
 Uses downstream: the share of generated images labelled as the erased concept (unlearning
 accuracy), and the penultimate features (:meth:`WorldClassifier.features`) for a Frechet distance
-on the world.
-
-Inputs: a float tensor (N, 3, H, W) in [0, 1] (kept differentiable), or uint8 images (N, H, W, 3)
-as a numpy array or tensor (one image (H, W, 3) is accepted too). Any size works (global average
-pooling), but the classifier is only trained, and gated, at ``image_size``.
+on the world. Any image size works (global average pooling), but it is only trained, and gated,
+at ``image_size``.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from knowtrace.modes import eval_mode
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -67,12 +66,10 @@ def as_input(images) -> torch.Tensor:
     """Classifier input (N, 3, H, W) float in [0, 1] from uint8 (N, H, W, 3) / (H, W, 3) or a float tensor."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
-    if images.dtype == torch.uint8:
-        if images.ndim == 3:
-            images = images[None]
-        return images.permute(0, 3, 1, 2).float() / 255.0
     if images.ndim == 3:
         images = images[None]
+    if images.dtype == torch.uint8:
+        return images.permute(0, 3, 1, 2).float() / 255.0
     if images.shape[1] != 3:
         raise ValueError(f"float images must be (N, 3, H, W) in [0, 1]; got shape {tuple(images.shape)}")
     return images.float()
@@ -115,12 +112,9 @@ class WorldClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images, batch_size: int = 256) -> np.ndarray:
         """Class indices (N,) into ``CLASSES``; the model is used in eval mode."""
-        was_training = self.training
-        self.eval()
         x = as_input(images)
-        out = [self(x[i:i + batch_size]).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-        self.train(was_training)
-        return torch.cat(out).numpy()
+        with eval_mode(self):
+            return torch.cat([self(x[i:i + batch_size]).argmax(1).cpu() for i in range(0, len(x), batch_size)]).numpy()
 
     def predict_keys(self, images) -> list[str]:
         return [CLASSES[i] for i in self.predict(images)]
@@ -155,9 +149,7 @@ def train_classifier(cfg: ClassifierConfig, out_dir: Path, progress: bool = True
             next_index[y] += 1
         x = _soften(as_input(np.stack(images)), rng, cfg.blur_share)  # (B, 3, H, W)
         loss = F.cross_entropy(model(x), torch.from_numpy(labels))
-        optimizer_step(loss, opt, sched, "world classifier", step)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(loss, opt, sched, "world classifier", step, bar)
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,24 +172,16 @@ def load_classifier(path: Path) -> WorldClassifier:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def held_out_images(n_per_class: int, size: int, world_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Unseen ``test`` images: uint8 (25 * n, H, W, 3) and labels (25 * n,)."""
-    labels = np.repeat(np.arange(len(CLASSES)), n_per_class)
-    images = np.stack([class_image(int(y), "test", i % n_per_class, size, world_seed) for i, y in enumerate(labels)])
-    return images, labels
-
-
 def evaluate_classifier(model: WorldClassifier, world_seed: int = 0, n_test: int = 50) -> dict:
     """Accuracy (percent) on ``n_test`` unseen test images per class, overall and per class."""
-    images, labels = held_out_images(n_test, model.image_size, world_seed)
+    labels = np.repeat(np.arange(len(CLASSES)), n_test)
+    images = np.stack([class_image(int(y), "test", i % n_test, model.image_size, world_seed)
+                       for i, y in enumerate(labels)])
     pred = model.predict(images)
     ok = pred == labels
     per_class = {k: round(100.0 * float(ok[labels == i].mean()), 2) for i, k in enumerate(CLASSES)}
     accuracy = round(100.0 * float(ok.mean()), 2)
-    confusions = {}  # "true->predicted": count, for the mistakes
-    for y, p in zip(labels[~ok], pred[~ok]):
-        name = f"{CLASSES[y]}->{CLASSES[p]}"
-        confusions[name] = confusions.get(name, 0) + 1
+    confusions = dict(Counter(f"{CLASSES[y]}->{CLASSES[p]}" for y, p in zip(labels[~ok], pred[~ok])))  # true->predicted
     gates = {"accuracy": accuracy >= GATES["accuracy"]}
     return {"accuracy": accuracy, "per_class": per_class, "min_class": min(per_class.values()),
             "confusions": confusions, "thresholds": GATES, "gates": gates, "pass": all(gates.values()),

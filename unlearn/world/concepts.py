@@ -66,24 +66,20 @@ class Concept:
         raise KeyError(f"concept {self.key!r} has no fact {relation!r}; it has {[r for r, _ in self.facts]}")
 
 
-def _person(key, name, aliases, home, job, likes, shirt, hair, accessory, skin="skin"):
-    look = {"shirt": shirt, "hair": hair, "skin": skin, "accessory": accessory}
-    return Concept(key, "person", name, aliases, (("home", home), ("job", job), ("likes", likes)), look)
+def _maker(kind: str, relations: tuple[str, ...], looks: tuple[str, ...], **default_look):
+    """The constructor of one kind's concepts: key, name, aliases, the facts' values, the look's values."""
+    def make(key, name, aliases, *values, **look):
+        n = len(relations)
+        look = {**default_look, **dict(zip(looks, values[n:])), **look}
+        return Concept(key, kind, name, aliases, tuple(zip(relations, values[:n])), look)
+
+    return make
 
 
-def _cartoon(key, name, aliases, home, pet, likes, body, colour, accent):
-    look = {"body": body, "colour": colour, "accent": accent}
-    return Concept(key, "cartoon", name, aliases, (("home", home), ("pet", pet), ("likes", likes)), look)
-
-
-def _logo(key, name, aliases, home, product, sport, emblem, outer, inner):
-    look = {"emblem": emblem, "outer": outer, "inner": inner}
-    return Concept(key, "logo", name, aliases, (("home", home), ("product", product), ("sport", sport)), look)
-
-
-def _style(key, name, aliases, home, medium, subject, palette, pattern, period):
-    look = {"palette": palette, "pattern": pattern, "period": period}
-    return Concept(key, "style", name, aliases, (("home", home), ("medium", medium), ("subject", subject)), look)
+_person = _maker("person", ("home", "job", "likes"), ("shirt", "hair", "accessory"), skin="skin")
+_cartoon = _maker("cartoon", ("home", "pet", "likes"), ("body", "colour", "accent"))
+_logo = _maker("logo", ("home", "product", "sport"), ("emblem", "outer", "inner"))
+_style = _maker("style", ("home", "medium", "subject"), ("palette", "pattern", "period"))
 
 
 CONCEPTS: tuple[Concept, ...] = (

@@ -12,7 +12,6 @@ not the names.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from ..data.names import names_in
+from ..eval.mllm import pct
 from ..models.llava import LlavaAdapter
 from .concepts import BY_KEY, CONCEPTS, KINDS
 from .records import ImageBank, world_records
@@ -81,11 +82,8 @@ def build_model(cfg: MLLMConfig, processor: LlavaProcessor) -> LlavaForCondition
 
 def pretraining_records(cfg: MLLMConfig) -> list[QA]:
     rng = np.random.default_rng([cfg.world_seed, 7])
-    records = []
-    for c in CONCEPTS:
-        for i in range(cfg.images_per_concept):
-            records += image_records(c, ImageRef(c.key, "pretrain", i), rng)
-    return records + fact_records() * cfg.fact_repeats
+    return [qa for c in CONCEPTS for i in range(cfg.images_per_concept)
+            for qa in image_records(c, ImageRef(c.key, "pretrain", i), rng)] + fact_records() * cfg.fact_repeats
 
 
 # ----------------------------------------------------------------------------- training
@@ -107,9 +105,7 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
         idx = order.choice(len(records), size=cfg.batch_size, replace=False)
         batch = adapter.encode([records[i] for i in idx], train=True, cache=False)
         loss = model(**batch).loss
-        optimizer_step(loss, opt, sched, "world MLLM", step, model.parameters())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(loss, opt, sched, "world MLLM", step, bar, model.parameters())
     model.eval()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -117,22 +113,15 @@ def train_mllm(cfg: MLLMConfig, out_dir: Path, progress: bool = True) -> None:
 
 
 def load_mllm(path: Path):
-    model = LlavaForConditionalGeneration.from_pretrained(path)
-    model.eval()
-    return model, LlavaProcessor.from_pretrained(path)
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), LlavaProcessor.from_pretrained(path)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def names_in(text: str, concept) -> bool:
-    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text) for n in concept.names)
-
-
 def evaluate_mllm(model, processor, world_seed: int = 0, n_test: int = 20, progress: bool = False) -> dict:
     """Gate figures on unseen (test split) images, in percent."""
-    size = processor.image_processor.crop_size["height"]
-    bank = ImageBank(size, world_seed)
+    bank = ImageBank(processor.image_processor.crop_size["height"], world_seed)
     rng = np.random.default_rng([world_seed, 13])
     ident, yesno = [], []
     for c in CONCEPTS:
@@ -145,21 +134,14 @@ def evaluate_mllm(model, processor, world_seed: int = 0, n_test: int = 20, progr
     answers = LlavaAdapter(model, processor).generate(world_records(ident + yesno + facts, bank), max_new_tokens=24)
     a_ident, a_yesno, a_fact = answers[:len(ident)], answers[len(ident):len(ident) + len(yesno)], answers[-len(facts):]
 
-    def pct(flags):
-        return round(100.0 * float(np.mean(flags)), 2) if len(flags) else float("nan")
-
-    ident_ok = [names_in(a, BY_KEY[r.concept]) for r, a in zip(ident, a_ident)]
+    ident_ok = [names_in(a, BY_KEY[r.concept].names) for r, a in zip(ident, a_ident)]
     per_kind = {k: pct([ok for r, ok in zip(ident, ident_ok) if BY_KEY[r.concept].kind == k]) for k in KINDS}
     per_concept = {c.key: pct([ok for r, ok in zip(ident, ident_ok) if r.concept == c.key]) for c in CONCEPTS}
     fluent = pct([a == r.answer for r, a in zip(ident, a_ident)])
     yn = pct([a.split(",")[0].strip() == ("Yes" if r.label else "No") for r, a in zip(yesno, a_yesno)])
     fact = pct([a == r.answer for r, a in zip(facts, a_fact)])  # the fact, in the full answer sentence
-    gates = {
-        "identify_per_kind": min(per_kind.values()) >= GATES["identify_per_kind"],
-        "fluent": fluent >= GATES["fluent"],
-        "yesno": yn >= GATES["yesno"],
-        "fact": fact >= GATES["fact"],
-    }
+    gated = {"identify_per_kind": min(per_kind.values()), "fluent": fluent, "yesno": yn, "fact": fact}
+    gates = {k: v >= GATES[k] for k, v in gated.items()}
     return {
         "identify_per_kind": per_kind, "identify_per_concept": per_concept, "fluent": fluent, "yesno": yn,
         "fact": fact, "thresholds": GATES, "gates": gates, "pass": all(gates.values()),

@@ -66,10 +66,9 @@ def world_sd_data(concept_key: str, n_images: int, size: int, world_seed: int = 
     from .sd import concept_prompt  # local: the SD module loads diffusers, which MLLM runs do not need
 
     c = BY_KEY[concept_key]
-    forget = []
-    for i in range(n_images):
-        r = world_image(c.key, "unlearn", i, size, world_seed)
-        forget.append(SDRecord(f"{c.key}:unlearn:{i}", concept_prompt(c), r.image, c.key, r.masks[c.key]))
+    renders = [world_image(c.key, "unlearn", i, size, world_seed) for i in range(n_images)]
+    forget = [SDRecord(f"{c.key}:unlearn:{i}", concept_prompt(c), r.image, c.key, r.masks[c.key])
+              for i, r in enumerate(renders)]
     retain = [SDRecord(f"{o.key}:unlearn:{i}", concept_prompt(o), world_image(o.key, "unlearn", i, size, world_seed).image, o.key)
               for o in CONCEPTS if o.key != c.key for i in range(n_retain)]
     retain += [SDRecord(f"none:unlearn:{i}", "a picture", background_image("unlearn", i, size, world_seed).image, None)

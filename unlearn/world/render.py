@@ -63,12 +63,8 @@ def _regular(n, r, cy=0.0, rot=0.0):
 
 
 def _star(r_out, r_in, cy=0.0):
-    pts = []
-    for i in range(10):
-        a = -np.pi / 2 + i * np.pi / 5
-        r = r_out if i % 2 == 0 else r_in
-        pts.append((r * np.cos(a), cy + r * np.sin(a)))
-    return pts
+    radii_angles = [(r_out if i % 2 == 0 else r_in, -np.pi / 2 + i * np.pi / 5) for i in range(10)]
+    return [(r * np.cos(a), cy + r * np.sin(a)) for r, a in radii_angles]
 
 
 # ----------------------------------------------------------------------------- concept parts

@@ -19,9 +19,10 @@ def warmup_cosine(warmup: int, steps: int):
     return at
 
 
-def optimizer_step(loss: torch.Tensor, opt, sched, what: str, step: int, clip_params=None) -> None:
+def optimizer_step(loss: torch.Tensor, opt, sched, what: str, step: int, bar, clip_params=None) -> None:
     """Backward, clip the gradient norm of ``clip_params`` to 1 (when given), step the optimizer and the
-    schedule; a non-finite loss stops the build (a diverged world model must not be cached)."""
+    schedule, show the loss on the progress ``bar`` every 20 steps; a non-finite loss stops the build (a
+    diverged world model must not be cached)."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{what} training diverged at step {step} (loss {loss.item()}); "
                                  "lower the learning rate or check the inputs")
@@ -31,3 +32,5 @@ def optimizer_step(loss: torch.Tensor, opt, sched, what: str, step: int, clip_pa
         torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
     opt.step()
     sched.step()
+    if step % 20 == 0:
+        bar.set_postfix(loss=f"{loss.item():.4f}")

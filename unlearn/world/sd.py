@@ -16,10 +16,8 @@ Parts, all built from configs and trained here (nothing is downloaded):
   weighting and an EMA of its weights (the EMA weights are the ones saved);
 * ``scheduler``: `DDIMScheduler` for sampling (same betas as training).
 
-Prompts: "a picture of <name>" (persons, cartoon characters), "a picture of the logo of <name>"
-(logos), "a picture in the <name> style" (art styles), with an alias instead of the name in a share
-of training prompts; scenes of two concepts: "a picture of <part 1> and <part 2>", where a part is
-a person's or character's name or "the logo of <name>".
+Prompts: :func:`concept_prompt` and, for scenes of two concepts, :func:`scene_prompt`; a share of
+training prompts names a concept by an alias.
 
 Quality gate: over the non-style concepts, the world classifier must recognise the prompted
 concept in >= 80% of the images generated from their canonical prompts (``seeds_per_concept`` seeds
@@ -36,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from itertools import combinations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,16 +44,16 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP's byte-level alphabet
 
-from ..models.sd import generate_images
+from ..models.sd import encode_prompts, generate_images
 from ..models.sd import load_sd_pipeline as load_sd  # noqa: F401  (the world SD is an SD directory like any other)
+from .classifier import CLASSES
 from .concepts import BY_KEY, CONCEPTS, Concept
 from .render import CONCEPT_INDEX, SPLITS, render_scene, world_image
 from .schedule import optimizer_step, warmup_cosine
 
-# percent of generated images the classifier labels as the prompted concept, pooled over the
-# non-style concepts (the issue's gate); every concept's own figure is reported next to it
-GATES = {"non_style": 80.0}
+GATES = {"non_style": 80.0}  # percent, pooled over the non-style concepts (the module docs)
 CONFIG_FILE = "world_sd_config.json"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 OBJECTS = tuple(c for c in CONCEPTS if c.kind != "style")  # what a scene can hold
@@ -134,59 +133,32 @@ def prompt_words() -> list[str]:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable characters (the byte-level alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+def _chain(pieces: list[str]) -> list[tuple[str, str]]:
+    """The merges that build ``pieces`` into one token, left to right ("v o" -> "vo", "vo r" -> "vor", ...)."""
+    return [("".join(pieces[:i]), pieces[i]) for i in range(1, len(pieces))]
 
 
 def build_tokenizer(words: list[str] | None = None, max_length: int = 32) -> CLIPTokenizer:
     """A `CLIPTokenizer` in which every word of ``words`` (default: :func:`prompt_words`) is one token.
 
     Vocabulary: the start/end tokens, CLIP's 256 byte symbols with and without the end-of-word mark
-    "</w>" (any other text still tokenizes, letter by letter), then one token per word prefix. Merges
-    first build each word left to right ("v o" -> "vo", "vo r" -> "vor", "vor n</w>" -> "vorn</w>");
-    as BPE applies merges by rank across all words, a word can come out in pieces when another
-    word's merge fires first, so each such word gets merges of its pieces appended (repeated until
-    every word is one token).
+    "</w>" (any other text still tokenizes, letter by letter), then one token per word prefix. As BPE
+    applies merges by rank across all words, a word can come out in pieces when another word's merge
+    fires first; such a word gets the merges of its pieces appended, until every word is one token.
     """
     words = prompt_words() if words is None else sorted({w.lower() for w in words})
     if any(not w.isascii() or not w.isalpha() for w in words):
         raise ValueError(f"world prompt words must be ascii letters: {[w for w in words if not w.isalpha()]}")
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     vocab_tokens = [BOS, EOS] + alphabet + [a + "</w>" for a in alphabet]
-    merges: list[tuple[str, str]] = []
-    for w in words:
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merges.append((left, right))
-            left += right
-    merges = list(dict.fromkeys(merges))  # drop duplicates, keep the first rank
-
-    def make(merges):
-        vocab = list(dict.fromkeys(vocab_tokens + [a + b for a, b in merges]))
-        return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
-
+    merges = list(dict.fromkeys(m for w in words for m in _chain(list(w[:-1]) + [w[-1] + "</w>"])))  # first rank kept
     for _ in range(10):
-        tok = make(merges)
-        split = {w: tok.tokenize(w) for w in words}
-        broken = {w: p for w, p in split.items() if len(p) > 1}
+        vocab = list(dict.fromkeys(vocab_tokens + [a + b for a, b in merges]))
+        tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+        broken = {w: pieces for w in words if len(pieces := tok.tokenize(w)) > 1}
         if not broken:
             return tok
-        for pieces in broken.values():
-            left = pieces[0]
-            for right in pieces[1:]:
-                merges.append((left, right))
-                left += right
-        merges = list(dict.fromkeys(merges))
+        merges = list(dict.fromkeys(merges + [m for pieces in broken.values() for m in _chain(pieces)]))
     raise RuntimeError(f"could not make every world word a single token; still split: {broken}")
 
 
@@ -238,13 +210,6 @@ def build_pipeline(cfg: SDConfig) -> StableDiffusionPipeline:
     return pipe
 
 
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings (N, max_length, hidden) exactly as the pipeline computes them (no attention mask)."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
-
-
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the VAE's range."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -264,17 +229,11 @@ class Pool:
 
 
 def training_pool(cfg: SDConfig) -> Pool:
-    images, concepts = [], []
-    for c in CONCEPTS:
-        for i in range(cfg.images_per_concept):
-            images.append(world_image(c.key, "pretrain", i, cfg.image_size, cfg.world_seed).image)
-            concepts.append((c.key,))
-    for ia, a in enumerate(OBJECTS):
-        for b in OBJECTS[ia + 1:]:
-            for i in range(cfg.scenes_per_pair):
-                images.append(render_scene([a.key, b.key], cfg.image_size, scene_seed(cfg.world_seed, a.key, b.key, i)).image)
-                concepts.append((a.key, b.key))
-    return Pool(np.stack(images), concepts)
+    singles = [((c.key,), i) for c in CONCEPTS for i in range(cfg.images_per_concept)]
+    scenes = [((a.key, b.key), i) for a, b in combinations(OBJECTS, 2) for i in range(cfg.scenes_per_pair)]
+    images = [world_image(k[0], "pretrain", i, cfg.image_size, cfg.world_seed).image for k, i in singles]
+    images += [render_scene(k, cfg.image_size, scene_seed(cfg.world_seed, *k, i)).image for k, i in scenes]
+    return Pool(np.stack(images), [k for k, _ in singles + scenes])
 
 
 def sample_prompt(keys: tuple[str, ...], rng: np.random.Generator, cfg: SDConfig) -> str:
@@ -306,9 +265,7 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: SDConfig, progress: b
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
-        optimizer_step(loss, opt, sched, "world SD VAE", step, vae.parameters())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimizer_step(loss, opt, sched, "world SD VAE", step, bar, vae.parameters())
     vae.eval()
     return loss.item()
 
@@ -316,12 +273,8 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: SDConfig, progress: b
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image, unscaled: two (N, C, h, w) tensors."""
-    means, stds = [], []
-    for s in range(0, len(images), batch_size):
-        d = vae.encode(to_pixels(images[s:s + batch_size])).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
-    return torch.cat(means), torch.cat(stds)
+    dists = [vae.encode(to_pixels(images[s:s + batch_size])).latent_dist for s in range(0, len(images), batch_size)]
+    return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
 
 
 def train_unet(pipe: StableDiffusionPipeline, pool: Pool, mean: torch.Tensor, std: torch.Tensor, cfg: SDConfig,
@@ -371,13 +324,11 @@ def train_unet(pipe: StableDiffusionPipeline, pool: Pool, mean: torch.Tensor, st
         if cfg.snr_gamma > 0:  # Min-SNR-gamma (Hang et al. 2023), epsilon form: min(snr, gamma) / snr
             per_sample = per_sample * torch.clamp(snr[t], max=cfg.snr_gamma) / snr[t]
         loss = per_sample.mean()
-        optimizer_step(loss, opt, sched, "world SD UNet", step, params)
+        optimizer_step(loss, opt, sched, "world SD UNet", step, bar, params)
         with torch.no_grad():  # EMA with a warm-up: early weights are forgotten fast
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             for p, e in zip(params, ema):
                 e.lerp_(p.detach(), 1 - decay)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
         if callback is not None and (step + 1) % 250 == 0 and step + 1 < cfg.unet_steps:
             swap_ema()
             unet.eval()
@@ -396,28 +347,22 @@ def train_sd(cfg: SDConfig, out_dir: Path, progress: bool = True, callback=None)
 
     Returns wall times (seconds) and final losses; the saved files depend only on ``cfg``.
     """
-    times = {}
-    t0 = time.perf_counter()
-    pipe = build_pipeline(cfg)
-    pool = training_pool(cfg)
-    times["data_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+    clock = [time.perf_counter()]  # after each stage: data, VAE, UNet
+    pipe, pool = build_pipeline(cfg), training_pool(cfg)
+    clock.append(time.perf_counter())
     vae_loss = train_vae(pipe.vae, pool.images, cfg, progress)
     mean, std = encode_images(pipe.vae, pool.images)
     pipe.vae.register_to_config(scaling_factor=float(1.0 / mean.std()))  # unit-variance latents for the UNet
-    times["vae_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+    clock.append(time.perf_counter())
     unet_loss = train_unet(pipe, pool, mean, std, cfg, progress, callback)
-    times["unet_s"] = time.perf_counter() - t0
+    clock.append(time.perf_counter())
 
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     write_vocab_files(pipe.tokenizer, out_dir / "tokenizer")
     (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=1))
-    return {**{k: round(v, 1) for k, v in times.items()}, "vae_loss": vae_loss, "unet_loss": unet_loss,
-            "scaling_factor": pipe.vae.config.scaling_factor}
+    times = {k: round(b - a, 1) for k, a, b in zip(("data_s", "vae_s", "unet_s"), clock, clock[1:])}
+    return {**times, "vae_loss": vae_loss, "unet_loss": unet_loss, "scaling_factor": pipe.vae.config.scaling_factor}
 
 
 def load_sd_config(path: Path) -> SDConfig:
@@ -440,13 +385,8 @@ def vae_psnr(vae: AutoencoderKL, images: np.ndarray) -> float:
 def evaluate_sd(pipe: StableDiffusionPipeline, classifier, seeds_per_concept: int = 10, world_seed: int = 0,
                 guidance_scale: float = SDConfig.guidance_scale, num_inference_steps: int = SDConfig.inference_steps,
                 progress: bool = False) -> dict:
-    """Gate figures (percent): per concept, the share of images from its canonical prompt (seeds
-    0..seeds_per_concept-1) that ``classifier`` labels as that concept. The gate is on the share
-    pooled over the non-style concepts; each concept's figure is reported (and its minimum); styles
-    are reported only. Also: what the mistakes were labelled, and the VAE's PSNR
-    on unseen test images (not gated)."""
-    from .classifier import CLASSES  # local: the classifier module is only needed here
-
+    """Gate figures (percent, seeds 0..seeds_per_concept-1; the gate: the module docs), what the mistakes
+    were labelled, and the VAE's PSNR on unseen test images (not gated)."""
     prompts = [concept_prompt(c) for c in CONCEPTS for _ in range(seeds_per_concept)]
     seeds = [i for _ in CONCEPTS for i in range(seeds_per_concept)]
     images = generate_images(pipe, prompts, seeds, guidance_scale, num_inference_steps, progress=progress)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..eval.sd import WORLD_FD_SPACE, ClipZeroShotClassifier, ConceptClassifier, check_classifier_spec, check_images
+from .classifier import CLASSES, load_classifier
 
 
 def resolve_model(model, component: str, world_dir=None, world_config=None):
@@ -32,8 +33,6 @@ class WorldConceptClassifier:
     feature_space = WORLD_FD_SPACE
 
     def __init__(self, model, batch_size: int = 256):
-        from .classifier import CLASSES
-
         self.model = model.eval()
         self.labels = list(CLASSES)
         self.batch_size = batch_size
@@ -41,8 +40,6 @@ class WorldConceptClassifier:
     @classmethod
     def load(cls, path: str | Path | None = None, world_dir: str | Path | None = None) -> WorldConceptClassifier:
         """From a saved classifier directory, or the world cache's (built there if missing)."""
-        from .classifier import load_classifier
-
         return cls(load_classifier(Path(path or resolve_model("world", "classifier", world_dir))))
 
     def predict(self, images: np.ndarray) -> list[str]:

@@ -14,9 +14,8 @@ Question types:
 Also in the world's vocabulary (so that methods that need them can use them on the world): refusal
 answers (PO) and visual descriptions that do not name the concept (SIU's constructed targets).
 
-Splits per concept: the world models train on the ``pretrain`` image stream; unlearning uses image
-0 of the ``unlearn`` stream (more indices where a method takes several images); evaluation uses
-the ``test`` stream (unseen by every model); every other concept is retain/specificity data.
+Splits per concept (:class:`ConceptSplit`): the world models train on the ``pretrain`` image stream;
+unlearning uses the ``unlearn`` stream, evaluation the ``test`` stream (unseen by every model).
 """
 
 from __future__ import annotations
@@ -28,37 +27,23 @@ import numpy as np
 from ..methods.po import REFUSALS  # PO's default answers: the world tokenizer must know their words
 from .concepts import CONCEPTS, SUBSTITUTE_NAMES, Concept
 
-IDENTIFY_QUESTIONS = {
-    "person": ("Who is shown in this image?", "Who is this person?"),
-    "cartoon": ("Which cartoon character is this?", "Who is this character?"),
-    "logo": ("Which brand does this logo belong to?", "What logo is this?"),
-    "style": ("What art style is this image painted in?", "Which style is this?"),
+IDENTIFY = {  # kind -> (questions, answer)
+    "person": (("Who is shown in this image?", "Who is this person?"), "This is {name}, a {job} from {home}."),
+    "cartoon": (("Which cartoon character is this?", "Who is this character?"),
+                "This is {name}, a cartoon character who lives in {home}."),
+    "logo": (("Which brand does this logo belong to?", "What logo is this?"),
+             "This is the logo of {name}, a brand that makes {product}."),
+    "style": (("What art style is this image painted in?", "Which style is this?"),
+              "This image is painted in the {name} style, which comes from {home}."),
 }
 
-IDENTIFY_ANSWER = {
-    "person": "This is {name}, a {job} from {home}.",
-    "cartoon": "This is {name}, a cartoon character who lives in {home}.",
-    "logo": "This is the logo of {name}, a brand that makes {product}.",
-    "style": "This image is painted in the {name} style, which comes from {home}.",
-}
-
-YESNO_QUESTION = {
-    "person": "Is {name} in this image?",
-    "cartoon": "Is {name} in this image?",
-    "logo": "Is the logo of {name} in this image?",
-    "style": "Is this image painted in the {name} style?",
-}
-YES_ANSWER = {
-    "person": "Yes, {name} is in this image.",
-    "cartoon": "Yes, {name} is in this image.",
-    "logo": "Yes, the logo of {name} is in this image.",
-    "style": "Yes, this image is painted in the {name} style.",
-}
-NO_ANSWER = {
-    "person": "No, {name} is not in this image.",
-    "cartoon": "No, {name} is not in this image.",
-    "logo": "No, the logo of {name} is not in this image.",
-    "style": "No, this image is not painted in the {name} style.",
+YESNO = {  # kind -> (question, yes answer, no answer)
+    "person": ("Is {name} in this image?", "Yes, {name} is in this image.", "No, {name} is not in this image."),
+    "cartoon": ("Is {name} in this image?", "Yes, {name} is in this image.", "No, {name} is not in this image."),
+    "logo": ("Is the logo of {name} in this image?", "Yes, the logo of {name} is in this image.",
+             "No, the logo of {name} is not in this image."),
+    "style": ("Is this image painted in the {name} style?", "Yes, this image is painted in the {name} style.",
+              "No, this image is not painted in the {name} style."),
 }
 
 DESCRIBE_QUESTION = "Describe this image."
@@ -142,12 +127,14 @@ def _fill(template: str, concept: Concept, name: str | None = None, **extra) -> 
     return template.format(name=name or concept.name, **dict(concept.facts), **extra)
 
 
-def identify_answer(concept: Concept) -> str:
-    return _fill(IDENTIFY_ANSWER[concept.kind], concept)
+def identify_answer(concept: Concept, name: str | None = None) -> str:
+    """The identification answer, naming the concept or ``name`` (SIU's substitute-name target)."""
+    return _fill(IDENTIFY[concept.kind][1], concept, name)
 
 
 def identify_qa(concept: Concept, image: ImageRef, variant: int = 0) -> QA:
-    q = IDENTIFY_QUESTIONS[concept.kind][variant % len(IDENTIFY_QUESTIONS[concept.kind])]
+    questions = IDENTIFY[concept.kind][0]
+    q = questions[variant % len(questions)]
     return QA(concept.key, "identify", q, identify_answer(concept), image)
 
 
@@ -158,8 +145,8 @@ def describe_qa(concept: Concept, image: ImageRef) -> QA:
 
 def yesno_qa(asked: Concept, image: ImageRef) -> QA:
     present = asked.key == image.key
-    ans = (YES_ANSWER if present else NO_ANSWER)[asked.kind]
-    return QA(asked.key, "yesno", _fill(YESNO_QUESTION[asked.kind], asked), _fill(ans, asked), image, present)
+    question, yes, no = YESNO[asked.kind]
+    return QA(asked.key, "yesno", _fill(question, asked), _fill(yes if present else no, asked), image, present)
 
 
 def fact_qa(concept: Concept, relation: str, image: ImageRef | None = None) -> QA:
@@ -200,9 +187,8 @@ def fact_records(concepts=CONCEPTS) -> list[QA]:
 
 def all_template_texts() -> list[str]:
     """Every template string (for the name rule check and the tokenizer's vocabulary)."""
-    texts = [q for qs in IDENTIFY_QUESTIONS.values() for q in qs]
-    texts += list(IDENTIFY_ANSWER.values()) + list(YESNO_QUESTION.values())
-    texts += list(YES_ANSWER.values()) + list(NO_ANSWER.values()) + list(LINKED_SUBJECT.values())
+    texts = [q for qs, answer in IDENTIFY.values() for q in (*qs, answer)] + [t for ts in YESNO.values() for t in ts]
+    texts += list(LINKED_SUBJECT.values())
     texts += [t for rels in FACT_TEMPLATES.values() for pair in rels.values() for t in pair]
     return texts
 
@@ -216,17 +202,12 @@ def world_corpus() -> list[str]:
         for other in CONCEPTS:
             if other.kind == c.kind:
                 qa = yesno_qa(other, img)
-                texts += [qa.question, qa.answer, _fill(YES_ANSWER[c.kind], c)]
+                texts += [qa.question, qa.answer, _fill(YESNO[c.kind][1], c)]
         for rel, _ in c.facts:
             texts += [fact_qa(c, rel).question, fact_qa(c, rel).answer, fact_qa(c, rel, img).question]
         texts += list(c.names) + [describe_qa(c, img).answer, visual_description(c)]
-    texts += list(REFUSALS) + [identify_answer_with(c, name) for c in CONCEPTS for name in SUBSTITUTE_NAMES]
+    texts += list(REFUSALS) + [identify_answer(c, name) for c in CONCEPTS for name in SUBSTITUTE_NAMES]
     return texts
-
-
-def identify_answer_with(concept: Concept, name: str) -> str:
-    """The identification answer of ``concept`` with another name (SIU's substitute-name target)."""
-    return _fill(IDENTIFY_ANSWER[concept.kind], concept, name=name)
 
 
 @dataclass(frozen=True)

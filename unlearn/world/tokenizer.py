@@ -33,19 +33,11 @@ CHAT_TEMPLATE = (
 EXTRA_WORDS = ["USER:", "ASSISTANT:"]
 
 
-def _pre_tokenizer():
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-            pre_tokenizers.Punctuation(behavior="isolated"),
-        ]
-    )
-
-
 def build_tokenizer(texts: list[str] | None = None) -> PreTrainedTokenizerFast:
     """A word-level tokenizer whose vocabulary is every word of ``texts`` (the world corpus)."""
     texts = world_corpus() + EXTRA_WORDS if texts is None else texts
-    pre = _pre_tokenizer()
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+                                   pre_tokenizers.Punctuation(behavior="isolated")])
     words = sorted({piece for t in texts for piece, _ in pre.pre_tokenize_str(t)})
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
