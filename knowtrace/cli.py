@@ -27,7 +27,8 @@ import xarray as xr
 
 from . import plots
 from .schema import JSON_ATTRS, PROBE_GROUP, SAMPLE, STEP
-from .store import export_netcdf, netcdf_groups, open_trace
+from .files import read_image
+from .store import export_netcdf, is_decoding_error, netcdf_groups, open_trace
 
 TRACE_NAME = "trace.zarr"
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")
@@ -44,9 +45,34 @@ def resolve(run: Path) -> tuple[Path, Path | None]:
         return run / TRACE_NAME, run
     is_zarr = run.is_dir() and ((run / "zarr.json").exists() or (run / ".zgroup").exists())
     if is_zarr or (run.is_file() and run.suffix.lower() in NETCDF_SUFFIXES):
+        if not is_zarr:
+            _check_netcdf(run)
         return run, run.parent if (run.parent / "manifest.json").exists() else None
     raise FileNotFoundError(f"{run} is neither a run directory with {TRACE_NAME} nor a trace (Zarr store or .nc "
                             f"file); record one with `unlearn mllm ... --trace` or knowtrace's MLLMTracer")
+
+
+def _check_netcdf(path: Path) -> None:
+    try:
+        netcdf_groups(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as a NetCDF trace ({e}); it is empty or damaged: export it again "
+                         f"with knowtrace export RUN --netcdf FILE") from None
+
+
+def damaged_trace_errors(run_command):
+    """A command's run function whose damaged trace chunks (they fail when read, lazily) are an error
+    naming the trace, not a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return run_command(args)
+        except Exception as e:
+            if not is_decoding_error(e):
+                raise
+            runs = getattr(args, "runs", None) or [args.run]
+            raise ValueError(f"trace {', '.join(map(str, runs))} is damaged: a stored chunk cannot be decoded "
+                             f"({type(e).__name__}: {e}); record it again, or restore it from a copy") from e
+    return run
 
 
 def load(run: Path, probe: bool = False) -> tuple[xr.Dataset, Path, Path | None]:
@@ -152,8 +178,8 @@ def _run_summary(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     for key, value in info.items():
-        if value is None:
-            print(f"{key}: not recorded")
+        if value is None:  # zarr stores no chunk that is all NaN: a deleted chunk file reads the same
+            print(f"{key}: no values stored (not recorded, or the trace is damaged: its chunk files are missing)")
         elif key == "variables":
             print("variables:")
             for name, dims in value.items():
@@ -191,8 +217,6 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
 
 
 def _image(args, ds: xr.Dataset, run_dir: Path | None, sample: int | str):
-    from PIL import Image
-
     path = args.image
     if path is None and run_dir is not None:
         index = plots.sample_index(ds, sample)
@@ -201,10 +225,7 @@ def _image(args, ds: xr.Dataset, run_dir: Path | None, sample: int | str):
         path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         return None  # the map alone
-    if not path.exists():
-        raise FileNotFoundError(f"image {path} does not exist")
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(read_image(path, "--image" if args.image is not None else "image"))
 
 
 def _int_or(text: str):
@@ -288,8 +309,9 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"summary": (SUMMARY_HELP, _add_summary, _run_summary), "plot": (PLOT_HELP, _add_plot, _run_plot),
-            "export": (EXPORT_HELP, _add_export, _run_export)}
+COMMANDS = {"summary": (SUMMARY_HELP, _add_summary, damaged_trace_errors(_run_summary)),
+            "plot": (PLOT_HELP, _add_plot, damaged_trace_errors(_run_plot)),
+            "export": (EXPORT_HELP, _add_export, damaged_trace_errors(_run_export))}
 
 
 def command_parser(prog: str, description: str, version: str, commands: dict) -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import json
 import os
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -242,10 +243,22 @@ def consolidate(path: Path) -> None:
 
 
 def open_trace(path: str | os.PathLike) -> xr.Dataset:
-    """The trace, lazily (dask-backed: traces bigger than memory are fine); attrs decoded from JSON."""
-    ds = xr.open_zarr(path)
-    ds.attrs = {k: json.loads(v) if k in JSON_ATTRS else v for k, v in ds.attrs.items()}
+    """The trace, lazily (dask-backed: traces bigger than memory are fine); attrs decoded from JSON. A store
+    whose metadata cannot be read is an error saying the trace is damaged."""
+    try:
+        ds = xr.open_zarr(path)
+        ds.attrs = {k: json.loads(v) if k in JSON_ATTRS else v for k, v in ds.attrs.items()}
+    except Exception as e:  # any failure to read the metadata (JSON, zarr, xarray) means the same to the user
+        raise ValueError(f"trace {path} is damaged: its metadata cannot be read ({type(e).__name__}: {e}); "
+                         f"record it again, or restore it from a copy") from e
     return ds
+
+
+def is_decoding_error(error: BaseException) -> bool:
+    """Whether ``error`` was raised while zarr decoded a stored chunk (a damaged chunk file): the codecs
+    raise plain RuntimeError / ValueError, so where it was raised is what tells it from a bug."""
+    return any("/zarr/codecs/" in f.filename or f.filename.startswith("numcodecs/") or "/numcodecs/" in f.filename
+               for f in traceback.extract_tb(error.__traceback__))
 
 
 def export_netcdf(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:

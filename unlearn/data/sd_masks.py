@@ -42,6 +42,11 @@ class MaskOptions:
     iterations: int = 1
     allow_degenerate: bool = False  # an empty/full mask is a whole-image concept instead of an error
 
+    def __post_init__(self):  # checked when a method is made, before anything is loaded
+        if self.dilate < 0 or self.iterations < 0:
+            raise ValueError(f"dilate={self.dilate}, dilate_iterations={self.iterations}: the dilation kernel (pixels) "
+                             f"and its iterations must be >= 0 (0 = no dilation)")
+
 
 def polygon_mask(shapes: list[dict], height: int, width: int, labels: tuple[str, ...] | None = None,
                  where: str = "labelme JSON") -> np.ndarray:
