@@ -381,6 +381,32 @@ def run_command(prog: str, parser: argparse.ArgumentParser, commands: dict, argv
             signal.signal(signal.SIGTERM, previous)
 
 
+# --quiet: the libraries' own logging and loading bars, switched off
+QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+QUIET_LOGGERS = ("transformers", "diffusers", "peft", "accelerate", "huggingface_hub", "torch", "xarray", "zarr")
+
+
+def quiet_libraries() -> None:
+    """Nothing on the terminal but errors and the result: library warnings (Python warnings, logging below
+    ERROR) and the Hugging Face loading bars off for this process and the processes it starts. The
+    environment covers libraries not imported yet (they read it when imported); those already imported
+    are told directly."""
+    import logging
+    import warnings
+
+    os.environ.update(QUIET_ENVIRONMENT)
+    warnings.simplefilter("ignore")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("transformers", "diffusers"):
+        if name in sys.modules:
+            sys.modules[name].utils.logging.set_verbosity_error()
+            sys.modules[name].utils.logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command("knowtrace", build_parser(), COMMANDS, argv)
 

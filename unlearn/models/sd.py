@@ -181,6 +181,11 @@ def load_sd_pipeline(model):
     """A `StableDiffusionPipeline` from a local directory or a hub id (the world SD: resolve "world"
     with :func:`unlearn.world.source.resolve_model` first)."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():  # the Hugging Face switch (--quiet), which diffusers' loading bar ignores
+        diffusers_logging.disable_progress_bar()
 
     if not Path(model).exists() and "/" not in str(model):
         raise FileNotFoundError(f"model {model!r}: no such directory, and not a hub id (owner/name); "
