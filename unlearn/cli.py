@@ -195,9 +195,30 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
+def check_run_files(run: Path) -> None:
+    """The files ``unlearn eval`` reads from a run directory, checked before a model loads: a damaged
+    manifest, adapter configuration or weights file is an error naming it."""
+    from knowtrace.files import read_json
+
+    from .models.source import check_weights
+
+    if not (run / "manifest.json").exists():
+        raise FileNotFoundError(f"{run} is not a run directory (no manifest.json)")
+    read_json(run / "manifest.json", "run manifest")
+    if (run / "adapter").is_dir():
+        read_json(run / "adapter" / "adapter_config.json", "adapter configuration")
+    trained = sorted((run / "adapter").glob("*.safetensors")) + sorted((run / "weights").glob("*.safetensors"))
+    if not trained:
+        raise FileNotFoundError(f"{run} holds no trained parameters (adapter/ or weights/): the run did not finish; "
+                                f"run it again")
+    for path in trained:
+        check_weights(path)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from .runs import evaluate_run
 
+    check_run_files(args.run)
     print(json.dumps(evaluate_run(args.run, world_dir=args.world_dir, eval_seeds=args.eval_seeds,
                                   fd_seeds=args.fd_seeds), indent=1))
     return 0

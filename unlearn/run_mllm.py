@@ -16,6 +16,8 @@ from typing import ClassVar
 
 from .data.record_files import load_record_data
 from .eval.mllm import MLLMEvalSet, evaluate
+from .models import CHECKPOINT_FILE
+from .models.source import checked_source
 from .runs import Run, write_json
 from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
 from .world.records import ImageBank, world_eval_set, world_method_options, world_records
@@ -64,6 +66,10 @@ class MLLMRun(Run):
 
     def read_records(self):
         return load_record_data(self.data)
+
+    def validate(self) -> None:
+        if not self.on_world(self.model):  # a path typo or an unreachable hub id, before the run starts
+            checked_source(self.model, CHECKPOINT_FILE)
 
     @staticmethod
     def load_model(model: str, world_dir=None, world_config=None):

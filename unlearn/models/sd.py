@@ -22,6 +22,7 @@ import torch
 
 from ..data.sd_masks import MaskOptions, latent_mask, resize_crop
 from ..data.sd_records import SDRecord, load_image
+from .source import checked_source
 
 WORLD_MARKER = "world_sd_config.json"  # a directory holding a world SD
 
@@ -177,6 +178,9 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: 
     return np.concatenate(out)
 
 
+PIPELINE_FILE = "model_index.json"  # what marks a directory as a diffusers pipeline
+
+
 def load_sd_pipeline(model):
     """A `StableDiffusionPipeline` from a local directory or a hub id (the world SD: resolve "world"
     with :func:`unlearn.world.source.resolve_model` first)."""
@@ -187,9 +191,7 @@ def load_sd_pipeline(model):
     if are_progress_bars_disabled():  # the Hugging Face switch (--quiet), which diffusers' loading bar ignores
         diffusers_logging.disable_progress_bar()
 
-    if not Path(model).exists() and "/" not in str(model):
-        raise FileNotFoundError(f"model {model!r}: no such directory, and not a hub id (owner/name); "
-                                f"use 'world', a local path or a hub id")
+    model = checked_source(model, PIPELINE_FILE)
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
