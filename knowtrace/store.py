@@ -265,6 +265,7 @@ def export_netcdf(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
     """Write the trace as NetCDF (float variables as float32, which NetCDF needs); atomic. A probe
     group (:mod:`knowtrace.probe`) becomes the NetCDF group of the same name in the same file."""
     out = Path(out_file)
+    open_trace(path)  # damaged metadata: an error saying so, before a file is made
     tmp = out.with_name(f".{out.name}.partial")
     try:
         _to_netcdf(path, tmp, mode="w")
@@ -278,9 +279,14 @@ def export_netcdf(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
 
 
 def _to_netcdf(zarr_path, nc_file: Path, mode: str, group: str | None = None) -> None:
+    import dask
+
     ds = xr.open_zarr(zarr_path)  # attrs stay JSON strings: NetCDF stores strings
     ds = ds.map(lambda v: v.astype("float32") if np.issubdtype(v.dtype, np.floating) else v)
-    ds.to_netcdf(nc_file, mode=mode, group=group, engine="h5netcdf")
+    # one thread: with dask's thread pool, a failed chunk (a damaged trace) raises while other threads still
+    # write, and xarray reopens the file by its name, re-creating the partial file after it was removed
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_netcdf(nc_file, mode=mode, group=group, engine="h5netcdf")
 
 
 def netcdf_groups(nc_file: str | os.PathLike) -> set[str]:

@@ -157,7 +157,7 @@ def write_records(records: list[Record], path: Path, image_dir: str = "images") 
 
 
 def read_concept(data: Path) -> Concept:
-    path = Path(data) / "concept.json"
+    path = record_directory(data) / "concept.json"
     if not path.exists():
         raise FileNotFoundError(f"{data}: no concept.json; write {{\"name\": ..., \"aliases\": [...]}} there")
     spec = read_json(path, "concept file")
