@@ -178,8 +178,8 @@ def _run_summary(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     for key, value in info.items():
-        if value is None:  # zarr stores no chunk that is all NaN: a deleted chunk file reads the same
-            print(f"{key}: no values stored (not recorded, or the trace is damaged: its chunk files are missing)")
+        if value is None:
+            print(f"{key}: not recorded")
         elif key == "variables":
             print("variables:")
             for name, dims in value.items():

@@ -251,7 +251,25 @@ def open_trace(path: str | os.PathLike) -> xr.Dataset:
     except Exception as e:  # any failure to read the metadata (JSON, zarr, xarray) means the same to the user
         raise ValueError(f"trace {path} is damaged: its metadata cannot be read ({type(e).__name__}: {e}); "
                          f"record it again, or restore it from a copy") from e
+    missing = removed_chunks(Path(path), list(ds.variables))
+    if missing:
+        raise ValueError(f"trace {path} is damaged: chunk files are missing ({', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}); record it again, or restore it from a copy")
     return ds
+
+
+def removed_chunks(path: Path, names: list[str]) -> list[str]:
+    """The chunk folders of a trace's arrays that are empty: chunk files removed after they were written.
+    Zarr stores no chunk whose values all equal the fill value (NaN: a variable never recorded, such as
+    ``loss_retain`` without a retain set), so an absent chunk alone is no damage; but it creates a chunk's
+    folders only when it writes the chunk's file, so an empty one is a chunk that was written and is now
+    gone (a removed chunk folder cannot be told from one never written)."""
+    empty = []
+    for name in names:
+        for folder, subfolders, files in os.walk(path / name / "c"):
+            if not subfolders and not files:
+                empty.append(str(Path(folder).relative_to(path)))
+    return sorted(empty)
 
 
 def is_decoding_error(error: BaseException) -> bool:

@@ -258,11 +258,13 @@ def test_empty_netcdf_is_an_error(capsys, tmp_path):
     check_error(capsys, tmp_path, ["summary", str(tmp_path / "t.nc")], "t.nc", "empty or damaged", main=knowtrace_main)
 
 
-def test_missing_chunk_is_not_reported_as_merely_not_recorded(trace, capsys):
+@pytest.mark.parametrize("command", [["summary"], ["export", "--netcdf", "t.nc"]])
+def test_missing_chunk_is_damage_not_a_variable_never_recorded(command, trace, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     _chunk(trace, "K_C").unlink()
-    assert knowtrace_main(["summary", str(trace)]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("K_C:"))
-    assert "damaged" in line and "missing" in line, line
+    err = check_error(capsys, tmp_path, [command[0], str(trace), *command[1:]], str(trace), "damaged",
+                      "K_C", main=knowtrace_main)
+    assert "missing" in err
 
 
 # ------------------------------------------------------------------ images of every mode
