@@ -14,6 +14,7 @@ Sub-commands register themselves in ``COMMANDS`` (name -> (help, add_arguments, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -387,24 +388,44 @@ QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "
 QUIET_LOGGERS = ("transformers", "diffusers", "peft", "accelerate", "huggingface_hub", "torch", "xarray", "zarr")
 
 
-def quiet_libraries() -> None:
-    """Nothing on the terminal but errors and the result: library warnings (Python warnings, logging below
-    ERROR) and the Hugging Face loading bars off for this process and the processes it starts. The
-    environment covers libraries not imported yet (they read it when imported); those already imported
-    are told directly."""
+@contextlib.contextmanager
+def quiet_libraries():
+    """Nothing on the terminal but errors and the result, while the block runs: library warnings (Python
+    warnings, logging below ERROR) and the Hugging Face loading bars off, for this process and the
+    processes it starts. The environment covers libraries not imported yet (they read it when imported);
+    those already imported are told directly. Everything is restored afterwards (``main`` may be called
+    in-process, as the tests do)."""
     import logging
     import warnings
 
-    os.environ.update(QUIET_ENVIRONMENT)
-    warnings.simplefilter("ignore")
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for name in ("transformers", "diffusers"):
-        if name in sys.modules:
-            sys.modules[name].utils.logging.set_verbosity_error()
-            sys.modules[name].utils.logging.disable_progress_bar()
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    loggers = {name: logging.getLogger(name) for name in QUIET_LOGGERS}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    environment = dict(os.environ)
+    libraries = [sys.modules[name].utils.logging for name in ("transformers", "diffusers") if name in sys.modules]
+    bars = [lib.is_progress_bar_enabled() for lib in libraries]
+    hub = sys.modules["huggingface_hub"].utils if "huggingface_hub" in sys.modules else None
+    hub_bars = hub is not None and not hub.are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        os.environ.update(QUIET_ENVIRONMENT)
+        warnings.simplefilter("ignore")
+        for logger in loggers.values():
+            logger.setLevel(logging.ERROR)
+        for lib in libraries:
+            lib.disable_progress_bar()
+        if hub_bars:
+            hub.disable_progress_bars()
+        try:
+            yield
+        finally:
+            os.environ.clear()
+            os.environ.update(environment)
+            for name, logger in loggers.items():
+                logger.setLevel(levels[name])
+            for lib, enabled in zip(libraries, bars):
+                if enabled:
+                    lib.enable_progress_bar()
+            if hub_bars:
+                hub.enable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:

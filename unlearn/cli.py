@@ -284,11 +284,12 @@ COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world),
 def quiet_aware(run):
     """A command's run function that first silences the libraries when the command has --quiet and got it."""
     def run_quietly(args: argparse.Namespace) -> int:
-        if getattr(args, "quiet", False):
-            from knowtrace.cli import quiet_libraries
+        if not getattr(args, "quiet", False):
+            return run(args)
+        from knowtrace.cli import quiet_libraries
 
-            quiet_libraries()
-        return run(args)
+        with quiet_libraries():
+            return run(args)
     return run_quietly
 
 
