@@ -214,6 +214,12 @@ def test_sd_settings_checked_when_the_run_is_made(argv, words, capsys, tmp_path)
                                    str(tmp_path / "out"), *argv], *words)
 
 
+@pytest.mark.parametrize("setting", ["alpha=nan", "lr=inf", "beta=-inf"])
+def test_non_finite_settings_are_refused(setting, capsys, tmp_path):
+    check_error(capsys, tmp_path, ["mllm", "--concept", "oskel", "--method", "fttp", "--out", str(tmp_path / "out"),
+                                   setting], setting, "finite")
+
+
 @pytest.mark.parametrize("argv, words", [
     (["export", "--concept", "oskel", "--images", "0"], ("--images 0",)),
     (["export-sd", "--concept", "vorn", "--images", "0"], ("--images 0",)),

@@ -155,6 +155,16 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
                         f"({', '.join(TRAIN_OPTIONS)}) or the method's own options (listed under --method)")
 
 
+def _finite(text: str) -> bool:
+    """Whether ``text`` is not a non-finite number (text that is no number at all is the option's to judge)."""
+    import math
+
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return True
+
+
 def _run(args: argparse.Namespace, kind: str) -> int:
     """A run of ``kind`` from the parsed flags (those named like a Run field are passed as it); prints its metrics."""
     import dataclasses
@@ -172,6 +182,8 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"setting {item!r} is not key=value")
+        if not _finite(value):  # nan / inf would only show as a non-finite loss after the model is loaded
+            raise ValueError(f"setting {item!r}: give a finite number")
         options[key] = value
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
     metrics = cls(**given, options=options, progress=not args.quiet).run()
