@@ -184,7 +184,8 @@ def _fake_run(root):
 
     run = root / "run"
     (run / "adapter").mkdir(parents=True)
-    (run / "manifest.json").write_text(json.dumps({"kind": "mllm"}))
+    (run / "manifest.json").write_text(json.dumps({"kind": "mllm", "concept": "vorn", "method": "fttp", "model": "world",
+                                                   "seed": 0, "images": 1, "train": {"lora": True, "steps": 1}}))
     (run / "adapter" / "adapter_config.json").write_text("{}")
     save_file({"w": torch.ones(64, 64)}, run / "adapter" / "adapter_model.safetensors")
     return run
@@ -195,6 +196,7 @@ def _fake_run(root):
     (lambda f: f.write_bytes(f.read_bytes()[:-1000]), ("adapter_model.safetensors", "damaged")),  # data cut
     (lambda f: (f.parent / "adapter_config.json").write_text("{"), ("adapter_config.json", "not valid JSON")),
     (lambda f: (f.parent.parent / "manifest.json").write_text("{"), ("manifest.json", "not valid JSON")),
+    (lambda f: (f.parent.parent / "manifest.json").write_text("{}"), ("manifest.json", "lacks concept")),
 ])
 def test_eval_of_a_damaged_run(damage, words, capsys, tmp_path):
     run = _fake_run(tmp_path)

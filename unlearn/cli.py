@@ -207,6 +207,9 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
+MANIFEST_KEYS = ("concept", "method", "model", "seed", "images", "train")  # what re-evaluating reads
+
+
 def check_run_files(run: Path) -> None:
     """The files ``unlearn eval`` reads from a run directory, checked before a model loads: a damaged
     manifest, adapter configuration or weights file is an error naming it."""
@@ -216,7 +219,11 @@ def check_run_files(run: Path) -> None:
 
     if not (run / "manifest.json").exists():
         raise FileNotFoundError(f"{run} is not a run directory (no manifest.json)")
-    read_json(run / "manifest.json", "run manifest")
+    manifest = read_json(run / "manifest.json", "run manifest")
+    lacking = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if lacking:
+        raise ValueError(f"run manifest {run / 'manifest.json'} lacks {', '.join(lacking)}: it is damaged, or the run "
+                         f"did not finish; run it again")
     if (run / "adapter").is_dir():
         read_json(run / "adapter" / "adapter_config.json", "adapter configuration")
     trained = sorted((run / "adapter").glob("*.safetensors")) + sorted((run / "weights").glob("*.safetensors"))
