@@ -210,8 +210,10 @@ def test_eval_of_a_damaged_run(damage, words, capsys, tmp_path):
     (["--fd-seeds", "0"], ("--fd-seeds 0",)),
     (["--eval-seeds", "0"], ("--eval-seeds 0",)),
     (["dilate=-3"], ("dilate=-3",)),
+    (["--classifier", "clip:TMP"], ("holds no config.json",)),  # a folder that is no CLIP checkpoint
 ])
 def test_sd_settings_checked_when_the_run_is_made(argv, words, capsys, tmp_path):
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
     check_error(capsys, tmp_path, ["sd", "--concept", "vorn", "--method", "fttp_dilated", "--out",
                                    str(tmp_path / "out"), *argv], *words)
 

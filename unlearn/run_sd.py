@@ -189,7 +189,9 @@ class SDRun(Run):
         if self.classifier is None:
             raise ValueError(f"{self.model}: give the UA classifier off the world: --classifier clip:PATH (a local "
                              f"CLIP checkpoint), or --classifier world for a world SD")
-        check_classifier_spec(self.classifier)
+        kind, path = check_classifier_spec(self.classifier)
+        if kind == "clip":  # a folder that holds no checkpoint would fail only after the SD model is loaded
+            checked_source(path, "config.json")
 
     def check_eval_settings(self) -> None:
         """UA needs a generated image, the FD two on each side (generated: fd_seeds per retained concept;
