@@ -122,6 +122,12 @@ def test_mllm_record_mistakes(mistake, capsys, tmp_path):
     check_error(capsys, tmp_path, _mllm_run(d / "x" if mistake == "data is a file" else d, tmp_path), *words)
 
 
+def test_attention_trace_without_images_is_refused_before_loading(capsys, tmp_path):
+    d = mllm_data(tmp_path)
+    _set_first(d / "forget.jsonl", image=None)
+    check_error(capsys, tmp_path, _mllm_run(d, tmp_path, "--trace-attention"), "--trace-attention", str(d))
+
+
 def test_paths_outside_are_read_when_the_directory_allows_them(tmp_path):
     d = mllm_data(tmp_path)
     _png(tmp_path / "x.png", value=17)

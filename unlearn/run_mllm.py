@@ -70,6 +70,10 @@ class MLLMRun(Run):
     def validate(self) -> None:
         if not self.on_world(self.model):  # a path typo or an unreachable hub id, before the run starts
             checked_source(self.model, CHECKPOINT_FILE)
+        if self.trace_attention and self.records is not None and all(r.image is None for r in self.records.efficacy):
+            raise ValueError(f"--trace-attention traces the efficacy questions on an image, and {self.data} has none "
+                             f"(efficacy.jsonl, else the forget records): add records with an image, or drop "
+                             f"--trace-attention")
 
     @staticmethod
     def load_model(model: str, world_dir=None, world_config=None):
