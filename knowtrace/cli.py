@@ -303,6 +303,8 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"{trace} is already a NetCDF file; export takes a run directory or a Zarr trace")
     if not args.netcdf.parent.is_dir():
         raise FileNotFoundError(f"--netcdf {args.netcdf}: directory {args.netcdf.parent} does not exist")
+    if args.netcdf.is_dir():
+        raise IsADirectoryError(f"--netcdf {args.netcdf} is a folder; give the name of the .nc file to write")
     if args.netcdf.exists() and not args.force:
         raise FileExistsError(f"--netcdf {args.netcdf} exists; choose another file or pass --force to replace it")
     out = export_netcdf(trace, args.netcdf)

@@ -269,6 +269,12 @@ def test_damaged_trace_is_an_error(damage, command, trace, capsys, tmp_path, mon
     check_error(capsys, tmp_path, argv, str(trace), "damaged", main=knowtrace_main)
 
 
+def test_export_to_a_folder_is_refused_before_any_work(trace, capsys, tmp_path):
+    (tmp_path / "t.nc").mkdir()
+    check_error(capsys, tmp_path, ["export", str(trace), "--netcdf", str(tmp_path / "t.nc"), "--force"], "t.nc",
+                "is a folder", main=knowtrace_main)
+
+
 def test_empty_netcdf_is_an_error(capsys, tmp_path):
     (tmp_path / "t.nc").write_bytes(b"")
     check_error(capsys, tmp_path, ["summary", str(tmp_path / "t.nc")], "t.nc", "empty or damaged", main=knowtrace_main)
