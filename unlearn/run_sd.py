@@ -191,7 +191,7 @@ class SDRun(Run):
                              f"CLIP checkpoint), or --classifier world for a world SD")
         kind, path = check_classifier_spec(self.classifier)
         if kind == "clip":  # a folder that holds no checkpoint would fail only after the SD model is loaded
-            checked_source(path, "config.json")
+            checked_source(path, "config.json", what="--classifier clip: checkpoint")
 
     def check_eval_settings(self) -> None:
         """UA needs a generated image, the FD two on each side (generated: fd_seeds per retained concept;
