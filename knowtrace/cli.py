@@ -42,7 +42,7 @@ def resolve(run: Path) -> tuple[Path, Path | None]:
     run = Path(run)
     if not run.exists():
         raise FileNotFoundError(f"{run} does not exist")
-    if run.is_dir() and (run / TRACE_NAME).exists():
+    if run.is_dir() and (run / TRACE_NAME).is_dir():
         return run / TRACE_NAME, run
     is_zarr = run.is_dir() and ((run / "zarr.json").exists() or (run / ".zgroup").exists())
     if is_zarr or (run.is_file() and run.suffix.lower() in NETCDF_SUFFIXES):

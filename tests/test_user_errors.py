@@ -157,6 +157,12 @@ SD_MISTAKES = {
 }
 
 
+def test_sd_method_needing_retain_records_is_refused_before_loading(capsys, tmp_path):
+    d = sd_data(tmp_path)
+    check_error(capsys, tmp_path, ["sd", "--data", str(d), "--method", "salun", "--classifier", "world",
+                                   "--out", str(tmp_path / "out")], "salun", "retain.jsonl")
+
+
 @pytest.mark.parametrize("mistake", SD_MISTAKES)
 def test_sd_record_mistakes(mistake, capsys, tmp_path):
     d = sd_data(tmp_path)
@@ -273,6 +279,12 @@ def test_export_to_a_folder_is_refused_before_any_work(trace, capsys, tmp_path):
     (tmp_path / "t.nc").mkdir()
     check_error(capsys, tmp_path, ["export", str(trace), "--netcdf", str(tmp_path / "t.nc"), "--force"], "t.nc",
                 "is a folder", main=knowtrace_main)
+
+
+def test_trace_zarr_that_is_a_file_is_not_read_as_netcdf(capsys, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "trace.zarr").write_text("x")
+    check_error(capsys, tmp_path, ["summary", str(tmp_path / "run")], "neither a run directory", main=knowtrace_main)
 
 
 def test_empty_netcdf_is_an_error(capsys, tmp_path):

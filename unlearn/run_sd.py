@@ -182,6 +182,9 @@ class SDRun(Run):
         if self.data is not None:
             self.target = EvalTarget.from_data(self.records, self.retained)
             self.forget, self.retain = self.records.forget, self.records.retain
+            if self.algo.needs_retain and not self.retain:
+                raise ValueError(f"sd method {self.method!r} needs retain records; add {self.data}/retain.jsonl "
+                                 f"(layout: help(unlearn.data.sd_record_files))")
         else:
             self.target = EvalTarget.world(self.key, self.retained)
         self.check_eval_settings()
