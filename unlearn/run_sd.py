@@ -179,6 +179,7 @@ class SDRun(Run):
             raise ValueError(f"--trace-source step records each step's own errors: it needs --trace (no attention, no "
                              f"--trace-every) and a method that computes them (fttp, fttp_dilated, ga; got "
                              f"{self.method!r})")
+        self.check_eval_settings()  # before the evaluation target, whose world prompts import diffusers
         if self.data is not None:
             self.target = EvalTarget.from_data(self.records, self.retained)
             self.forget, self.retain = self.records.forget, self.records.retain
@@ -187,7 +188,6 @@ class SDRun(Run):
                                  f"(layout: help(unlearn.data.sd_record_files))")
         else:
             self.target = EvalTarget.world(self.key, self.retained)
-        self.check_eval_settings()
         self.classifier = self.classifier or ("world" if self.data is None or self.on_world(self.model) else None)
         if self.classifier is None:
             raise ValueError(f"{self.model}: give the UA classifier off the world: --classifier clip:PATH (a local "
@@ -198,9 +198,15 @@ class SDRun(Run):
 
     def check_eval_settings(self) -> None:
         """UA needs a generated image, the FD two on each side (generated: fd_seeds per retained concept;
-        references: as many, or the fewer that eval.json gives)."""
-        target = self.target
-        given = [len(target.spec.references[k]) if target.spec is not None else self.fd_seeds for k in target.retained]
+        references: as many, or the fewer that eval.json gives). Retained: as given, else every other world
+        concept, or eval.json's (unknown ones are the evaluation target's to report)."""
+        from .world.concepts import BY_KEY
+
+        if self.data is not None:
+            references = self.records.eval.references
+            given = [len(references[k]) for k in self.retained or references if k in references]
+        else:
+            given = [self.fd_seeds] * len(self.retained or [k for k in BY_KEY if k != self.key])
         bad = [f"--eval-seeds {self.eval_seeds} (must be >= 1)"] if self.eval_seeds < 1 else []
         if self.fd_seeds < 1 or self.fd_seeds * len(given) < 2 or sum(min(self.fd_seeds, n) for n in given) < 2:
             bad.append(f"--fd-seeds {self.fd_seeds} with {len(given)} retained concept(s) (the FD compares at least 2 "
