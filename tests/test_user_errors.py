@@ -122,6 +122,12 @@ def test_mllm_record_mistakes(mistake, capsys, tmp_path):
     check_error(capsys, tmp_path, _mllm_run(d / "x" if mistake == "data is a file" else d, tmp_path), *words)
 
 
+def test_relative_record_directory_is_read(tmp_path, monkeypatch):
+    mllm_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert load_record_data("data").forget[0].image.size == (16, 16)  # a relative DATA is not "outside" itself
+
+
 def test_attention_trace_without_images_is_refused_before_loading(capsys, tmp_path):
     d = mllm_data(tmp_path)
     _set_first(d / "forget.jsonl", image=None)

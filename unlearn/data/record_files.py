@@ -73,7 +73,7 @@ def record_path(value, base: Path, what: str, allow_outside: bool = False) -> Pa
     directory; a path that leaves it (``..``, an absolute path elsewhere) is an error unless ``allow_outside``."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a file path (text), got {value!r}")
-    path = Path(os.path.normpath(base / value))  # as written: "a/../b" -> "b"; links are not followed
+    path = Path(os.path.normpath(base.absolute() / value))  # as written: "a/../b" -> "b"; links are not followed
     if not allow_outside and not path.is_relative_to(os.path.normpath(base.absolute())):
         raise ValueError(f"{what} {value!r} is outside the record directory {base}; put the file inside it (a path "
                          f"relative to it), or allow paths outside it with \"allow_outside_paths\": true in "
