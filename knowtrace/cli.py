@@ -14,6 +14,7 @@ Sub-commands register themselves in ``COMMANDS`` (name -> (help, add_arguments, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,8 @@ import xarray as xr
 
 from . import plots
 from .schema import JSON_ATTRS, PROBE_GROUP, SAMPLE, STEP
-from .store import export_netcdf, netcdf_groups, open_trace
+from .files import read_image
+from .store import export_netcdf, is_decoding_error, netcdf_groups, open_trace
 
 TRACE_NAME = "trace.zarr"
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")
@@ -40,13 +42,38 @@ def resolve(run: Path) -> tuple[Path, Path | None]:
     run = Path(run)
     if not run.exists():
         raise FileNotFoundError(f"{run} does not exist")
-    if run.is_dir() and (run / TRACE_NAME).exists():
+    if run.is_dir() and (run / TRACE_NAME).is_dir():
         return run / TRACE_NAME, run
     is_zarr = run.is_dir() and ((run / "zarr.json").exists() or (run / ".zgroup").exists())
     if is_zarr or (run.is_file() and run.suffix.lower() in NETCDF_SUFFIXES):
+        if not is_zarr:
+            _check_netcdf(run)
         return run, run.parent if (run.parent / "manifest.json").exists() else None
     raise FileNotFoundError(f"{run} is neither a run directory with {TRACE_NAME} nor a trace (Zarr store or .nc "
                             f"file); record one with `unlearn mllm ... --trace` or knowtrace's MLLMTracer")
+
+
+def _check_netcdf(path: Path) -> None:
+    try:
+        netcdf_groups(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as a NetCDF trace ({e}); it is empty or damaged: export it again "
+                         f"with knowtrace export RUN --netcdf FILE") from None
+
+
+def damaged_trace_errors(run_command):
+    """A command's run function whose damaged trace chunks (they fail when read, lazily) are an error
+    naming the trace, not a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return run_command(args)
+        except Exception as e:
+            if not is_decoding_error(e):
+                raise
+            runs = getattr(args, "runs", None) or [args.run]
+            raise ValueError(f"trace {', '.join(map(str, runs))} is damaged: a stored chunk cannot be decoded "
+                             f"({type(e).__name__}: {e}); record it again, or restore it from a copy") from e
+    return run
 
 
 def load(run: Path, probe: bool = False) -> tuple[xr.Dataset, Path, Path | None]:
@@ -197,8 +224,6 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
 
 
 def _image(args, ds: xr.Dataset, run_dir: Path | None, sample: int | str):
-    from PIL import Image
-
     path = args.image
     if path is None and run_dir is not None:
         index = plots.sample_index(ds, sample)
@@ -207,10 +232,7 @@ def _image(args, ds: xr.Dataset, run_dir: Path | None, sample: int | str):
         path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         return None  # the map alone
-    if not path.exists():
-        raise FileNotFoundError(f"image {path} does not exist")
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(read_image(path, "--image" if args.image is not None else "image"))
 
 
 def _int_or(text: str):
@@ -287,6 +309,8 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"{trace} is already a NetCDF file; export takes a run directory or a Zarr trace")
     if not args.netcdf.parent.is_dir():
         raise FileNotFoundError(f"--netcdf {args.netcdf}: directory {args.netcdf.parent} does not exist")
+    if args.netcdf.is_dir():
+        raise IsADirectoryError(f"--netcdf {args.netcdf} is a folder; give the name of the .nc file to write")
     if args.netcdf.exists() and not args.force:
         raise FileExistsError(f"--netcdf {args.netcdf} exists; choose another file or pass --force to replace it")
     out = export_netcdf(trace, args.netcdf)
@@ -294,8 +318,9 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"summary": (SUMMARY_HELP, _add_summary, _run_summary), "plot": (PLOT_HELP, _add_plot, _run_plot),
-            "export": (EXPORT_HELP, _add_export, _run_export)}
+COMMANDS = {"summary": (SUMMARY_HELP, _add_summary, damaged_trace_errors(_run_summary)),
+            "plot": (PLOT_HELP, _add_plot, damaged_trace_errors(_run_plot)),
+            "export": (EXPORT_HELP, _add_export, damaged_trace_errors(_run_export))}
 
 
 def command_parser(prog: str, description: str, version: str, commands: dict) -> argparse.ArgumentParser:
@@ -364,6 +389,52 @@ def run_command(prog: str, parser: argparse.ArgumentParser, commands: dict, argv
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+# --quiet: the libraries' own logging and loading bars, switched off
+QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+QUIET_LOGGERS = ("transformers", "diffusers", "peft", "accelerate", "huggingface_hub", "torch", "xarray", "zarr")
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Nothing on the terminal but errors and the result, while the block runs: library warnings (Python
+    warnings, logging below ERROR) and the Hugging Face loading bars off, for this process and the
+    processes it starts. The environment covers libraries not imported yet (they read it when imported);
+    those already imported are told directly. Everything is restored afterwards (``main`` may be called
+    in-process, as the tests do)."""
+    import logging
+    import warnings
+
+    loggers = {name: logging.getLogger(name) for name in QUIET_LOGGERS}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    environment = dict(os.environ)
+    libraries = [sys.modules[name].utils.logging for name in ("transformers", "diffusers") if name in sys.modules]
+    bars = [lib.is_progress_bar_enabled() for lib in libraries]
+    hub = sys.modules["huggingface_hub"].utils if "huggingface_hub" in sys.modules else None
+    hub_bars = hub is not None and not hub.are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        os.environ.update(QUIET_ENVIRONMENT)
+        warnings.simplefilter("ignore")
+        for logger in loggers.values():
+            logger.setLevel(logging.ERROR)
+        for lib in libraries:
+            lib.disable_progress_bar()
+        if hub_bars:
+            hub.disable_progress_bars()
+        try:
+            yield
+        finally:
+            os.environ.clear()
+            os.environ.update(environment)
+            for name, logger in loggers.items():
+                logger.setLevel(levels[name])
+            for lib, enabled in zip(libraries, bars):
+                if enabled:
+                    lib.enable_progress_bar()
+            if hub_bars:
+                hub.enable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import json
 import os
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -263,16 +264,47 @@ def truncate_steps(path: str | os.PathLike, last_step: int) -> None:
 
 
 def open_trace(path: str | os.PathLike) -> xr.Dataset:
-    """The trace, lazily (dask-backed: traces bigger than memory are fine); attrs decoded from JSON."""
-    ds = xr.open_zarr(path)
-    ds.attrs = {k: json.loads(v) if k in JSON_ATTRS else v for k, v in ds.attrs.items()}
+    """The trace, lazily (dask-backed: traces bigger than memory are fine); attrs decoded from JSON. A store
+    whose metadata cannot be read is an error saying the trace is damaged."""
+    try:
+        ds = xr.open_zarr(path)
+        ds.attrs = {k: json.loads(v) if k in JSON_ATTRS else v for k, v in ds.attrs.items()}
+    except Exception as e:  # any failure to read the metadata (JSON, zarr, xarray) means the same to the user
+        raise ValueError(f"trace {path} is damaged: its metadata cannot be read ({type(e).__name__}: {e}); "
+                         f"record it again, or restore it from a copy") from e
+    missing = removed_chunks(Path(path), list(ds.variables))
+    if missing:
+        raise ValueError(f"trace {path} is damaged: chunk files are missing ({', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}); record it again, or restore it from a copy")
     return ds
+
+
+def removed_chunks(path: Path, names: list[str]) -> list[str]:
+    """The chunk folders of a trace's arrays that are empty: chunk files removed after they were written.
+    Zarr stores no chunk whose values all equal the fill value (NaN: a variable never recorded, such as
+    ``loss_retain`` without a retain set), so an absent chunk alone is no damage; but it creates a chunk's
+    folders only when it writes the chunk's file, so an empty one is a chunk that was written and is now
+    gone (a removed chunk folder cannot be told from one never written)."""
+    empty = []
+    for name in names:
+        for folder, subfolders, files in os.walk(path / name / "c"):
+            if not subfolders and not files:
+                empty.append(str(Path(folder).relative_to(path)))
+    return sorted(empty)
+
+
+def is_decoding_error(error: BaseException) -> bool:
+    """Whether ``error`` was raised while zarr decoded a stored chunk (a damaged chunk file): the codecs
+    raise plain RuntimeError / ValueError, so where it was raised is what tells it from a bug."""
+    return any("/zarr/codecs/" in f.filename or f.filename.startswith("numcodecs/") or "/numcodecs/" in f.filename
+               for f in traceback.extract_tb(error.__traceback__))
 
 
 def export_netcdf(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
     """Write the trace as NetCDF (float variables as float32, which NetCDF needs); atomic. A probe
     group (:mod:`knowtrace.probe`) becomes the NetCDF group of the same name in the same file."""
     out = Path(out_file)
+    open_trace(path)  # damaged metadata: an error saying so, before a file is made
     tmp = out.with_name(f".{out.name}.partial")
     try:
         _to_netcdf(path, tmp, mode="w")
@@ -286,9 +318,14 @@ def export_netcdf(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
 
 
 def _to_netcdf(zarr_path, nc_file: Path, mode: str, group: str | None = None) -> None:
+    import dask
+
     ds = xr.open_zarr(zarr_path)  # attrs stay JSON strings: NetCDF stores strings
     ds = ds.map(lambda v: v.astype("float32") if np.issubdtype(v.dtype, np.floating) else v)
-    ds.to_netcdf(nc_file, mode=mode, group=group, engine="h5netcdf")
+    # one thread: with dask's thread pool, a failed chunk (a damaged trace) raises while other threads still
+    # write, and xarray reopens the file by its name, re-creating the partial file after it was removed
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_netcdf(nc_file, mode=mode, group=group, engine="h5netcdf")
 
 
 def netcdf_groups(nc_file: str | os.PathLike) -> set[str]:

@@ -43,7 +43,9 @@ def test_run_directory_and_metrics(tmp_path, world_dir):
     assert on_disk == json.loads(json.dumps(metrics))
     assert all(0 <= on_disk[k] <= 100 for k in ("efficacy", "em", "specificity", "diversity"))
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["method"] == "fttp" and manifest["seed"] == 0 and manifest["train"]["lr"] == 3e-4
+    # a world run defaults to the world's calibrated lr, recorded as such (the paper's 3e-4 forgets nothing there)
+    assert manifest["method"] == "fttp" and manifest["seed"] == 0 and manifest["train"]["lr"] == 3e-3
+    assert manifest["defaults"] == {"world-calibrated": ["lr"]}
     assert manifest["versions"]["torch"] == torch.__version__ and len(manifest["history"]) == 2
     weights = load_file(run / "adapter" / "adapter_model.safetensors")
     assert weights and all("lora" in k for k in weights)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from . import __version__
 
+QUIET_HELP = "print only errors and the result: no progress or loading bars, no library warnings"
+
 WORLD_HELP = """The built-in world of fictitious concepts and its tiny trained models.
 Cache: --out, else $UNLEARN_WORLD_DIR, else ~/.cache/unlearn/world."""
 
@@ -37,7 +39,8 @@ def _add_world(parser: argparse.ArgumentParser) -> None:
     x.add_argument("--world-dir", type=Path, help="world cache directory")
     for p in (b, c):
         p.add_argument("--out", type=Path, help="world cache directory")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for p in (b, c, e, x):
+        p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _run_world(args: argparse.Namespace) -> int:
@@ -145,7 +148,7 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty run directory")
     parser.add_argument("--trace", action="store_true", help=trace_help)
     parser.add_argument("--trace-attention", action="store_true", help=trace_attention_help)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="save a checkpoint (trained "
                         "parameters, optimizer, random states) after every K steps, to --resume from")
     parser.add_argument("--resume", type=Path, metavar="RUN", dest="resume_run", help="go on with the interrupted "
@@ -154,6 +157,16 @@ def _add_run(parser: argparse.ArgumentParser, kind: str) -> None:
         add_own_flags(parser, defaults)
     parser.add_argument("settings", nargs="*", metavar="key=value", help="training options "
                         f"({', '.join(TRAIN_OPTIONS)}) or the method's own options (listed under --method)")
+
+
+def _finite(text: str) -> bool:
+    """Whether ``text`` is not a non-finite number (text that is no number at all is the option's to judge)."""
+    import math
+
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return True
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:
@@ -183,6 +196,8 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"setting {item!r} is not key=value")
+        if not _finite(value):  # nan / inf would only show as a non-finite loss after the model is loaded
+            raise ValueError(f"setting {item!r}: give a finite number")
         options[key] = value
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
     return _print_metrics(cls(**given, options=options, progress=not args.quiet).run(), args.out, cls)
@@ -207,6 +222,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
     parser.add_argument("--eval-seeds", type=int, help="SD runs: generated images of the concept's prompt for UA")
     parser.add_argument("--fd-seeds", type=int, help="SD runs: generated images per retained concept for the FD")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -229,7 +245,7 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=DEMO_LR, help=f"default {DEMO_LR}, the world's calibrated lr")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -272,6 +288,21 @@ COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world),
                for kind, (help_text, _, _) in RUN_COMMANDS.items()},
             "eval": (EVAL_HELP, _add_eval, _run_eval),
             "demo": (DEMO_HELP, _add_demo, _run_demo), "claims": (CLAIMS_HELP, _add_claims, _run_claims)}
+
+
+def quiet_aware(run):
+    """A command's run function that first silences the libraries when the command has --quiet and got it."""
+    def run_quietly(args: argparse.Namespace) -> int:
+        if not getattr(args, "quiet", False):
+            return run(args)
+        from knowtrace.cli import quiet_libraries
+
+        with quiet_libraries():
+            return run(args)
+    return run_quietly
+
+
+COMMANDS = {name: (help_text, add, quiet_aware(run)) for name, (help_text, add, run) in COMMANDS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

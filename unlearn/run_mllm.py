@@ -2,6 +2,10 @@
 loading the model and the concept's records (on the world: every question about the concept on its
 unlearning image(s) plus its text facts; the other concepts' records to retain), the evaluation
 (efficacy, EM, specificity, diversity, K_C / K_N), the knowtrace tracer and the evaluation curve.
+
+Defaults: the paper's (LoRA, Adam lr 3e-4, batch 2, 10 steps) on real checkpoints; on the world MLLM the
+world's calibrated lr 3e-3 (``WORLD_LR``; docs/methods.md: at 3e-4 the 2.35M-parameter world model forgets
+nothing in 10 steps), recorded in the manifest as ``"defaults": {"world-calibrated": ["lr"]}``.
 """
 
 from __future__ import annotations
@@ -13,10 +17,17 @@ from typing import ClassVar
 
 from .data.record_files import load_record_data
 from .eval.mllm import MLLMEvalSet, evaluate
+from .models import CHECKPOINT_FILE
+from .models.source import checked_source
 from .runs import Run, write_json
 from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
 from .world.records import ImageBank, world_eval_set, world_method_options, world_records
 from .world.source import resolve_model
+
+# the smallest lr of the grid at which plain GA stops naming the concept in 10 steps (docs/methods.md)
+WORLD_TRAIN_DEFAULTS = {"lr": 3e-3}
+WORLD_LR = WORLD_TRAIN_DEFAULTS["lr"]
+
 
 def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size: int = 48):
     from .world.concepts import BY_KEY, CONCEPTS
@@ -51,8 +62,19 @@ class MLLMRun(Run):
     only_trained: ClassVar[bool] = False  # full fine-tuning saves every parameter of the model
     summary: ClassVar[tuple[str, ...]] = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
 
+    def train_defaults(self) -> dict:
+        return dict(WORLD_TRAIN_DEFAULTS) if self.on_world(self.model) else {}
+
     def read_records(self):
         return load_record_data(self.data)
+
+    def validate(self) -> None:
+        if not self.on_world(self.model):  # a path typo or an unreachable hub id, before the run starts
+            checked_source(self.model, CHECKPOINT_FILE)
+        if self.trace_attention and self.records is not None and all(r.image is None for r in self.records.efficacy):
+            raise ValueError(f"--trace-attention traces the efficacy questions on an image, and {self.data} has none "
+                             f"(efficacy.jsonl, else the forget records): add records with an image, or drop "
+                             f"--trace-attention")
 
     @staticmethod
     def load_model(model: str, world_dir=None, world_config=None):
@@ -118,7 +140,9 @@ class MLLMRun(Run):
         write_json(path, self.answers)
 
     def manifest_extras(self) -> dict:
-        return {"records": {"forget": len(self.forget), "retain": len(self.retain)}}
+        calibrated = sorted(set(self.train_defaults()) - set(self.options or {}))  # the defaults the user kept
+        return {"records": {"forget": len(self.forget), "retain": len(self.retain)},
+                "defaults": {"world-calibrated": calibrated} if calibrated else "paper"}
 
 
 def run_mllm(concept: str, method: str, out: Path, **settings) -> dict:

@@ -19,7 +19,8 @@ from typing import ClassVar
 from .data.sd_records import SDRecord, check_forget_records
 from .eval.sd import PROBE_BATCH
 from .loop import TrainConfig
-from .models.sd import WORLD_MARKER
+from .models.sd import PIPELINE_FILE, WORLD_MARKER
+from .models.source import checked_source
 from .runs import Run
 from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
 from .runs import reload as load_run  # noqa: F401  (a finished run's adapter with its trained parameters, manifest)
@@ -32,11 +33,12 @@ SD_DEFAULTS = {"lr": 1e-5, "batch_size": 2, "lora": False}  # the paper's SD set
 # (docs/sd.md): lr 1e-5 UA 5 -> 0 (nothing forgotten); 3e-5 UA 90, other concepts kept 55-95%;
 # 5e-5 UA 100 but other concepts 0-70%; 1e-4 UA 100, other concepts 0%. So 3e-5 on the world.
 WORLD_LR = 3e-5
+WORLD_TRAIN_DEFAULTS = {"lr": WORLD_LR}  # recorded in the manifest as "defaults": {"world-calibrated": [...]}
 N_SAMPLES = 4  # sample images saved per prompt and model
 
 
 def train_defaults(world: bool = False) -> dict:
-    return {**SD_DEFAULTS, **({"lr": WORLD_LR} if world else {})}
+    return {**SD_DEFAULTS, **(WORLD_TRAIN_DEFAULTS if world else {})}
 
 
 def train_config(values: dict, world: bool = False) -> TrainConfig:
@@ -159,6 +161,9 @@ class SDRun(Run):
         from .eval.sd import check_classifier_spec
 
         self.trace = "attention" if self.trace_attention else self.trace
+        self.algo.needs_masks  # the method's mask options (dilation) checked
+        if not self.on_world(self.model):  # a path typo or an unreachable hub id, before the run starts
+            checked_source(self.model, PIPELINE_FILE)
         if int(self.trace_every) < 1 or (int(self.trace_every) != 1 and not self.trace):
             raise ValueError(f"trace_every={self.trace_every}: give a number of steps >= 1, together with trace "
                              f"(--trace-every K needs --trace or --trace-attention)")
@@ -174,16 +179,40 @@ class SDRun(Run):
             raise ValueError(f"--trace-source step records each step's own errors: it needs --trace (no attention, no "
                              f"--trace-every) and a method that computes them (fttp, fttp_dilated, ga; got "
                              f"{self.method!r})")
+        self.check_eval_settings()  # before the evaluation target, whose world prompts import diffusers
         if self.data is not None:
             self.target = EvalTarget.from_data(self.records, self.retained)
             self.forget, self.retain = self.records.forget, self.records.retain
+            if self.algo.needs_retain and not self.retain:
+                raise ValueError(f"sd method {self.method!r} needs retain records; add {self.data}/retain.jsonl "
+                                 f"(layout: help(unlearn.data.sd_record_files))")
         else:
             self.target = EvalTarget.world(self.key, self.retained)
         self.classifier = self.classifier or ("world" if self.data is None or self.on_world(self.model) else None)
         if self.classifier is None:
             raise ValueError(f"{self.model}: give the UA classifier off the world: --classifier clip:PATH (a local "
                              f"CLIP checkpoint), or --classifier world for a world SD")
-        check_classifier_spec(self.classifier)
+        kind, path = check_classifier_spec(self.classifier)
+        if kind == "clip":  # a folder that holds no checkpoint would fail only after the SD model is loaded
+            checked_source(path, "config.json", what="--classifier clip: checkpoint")
+
+    def check_eval_settings(self) -> None:
+        """UA needs a generated image, the FD two on each side (generated: fd_seeds per retained concept;
+        references: as many, or the fewer that eval.json gives). Retained: as given, else every other world
+        concept, or eval.json's (unknown ones are the evaluation target's to report)."""
+        from .world.concepts import BY_KEY
+
+        if self.data is not None:
+            references = self.records.eval.references
+            given = [len(references[k]) for k in self.retained or references if k in references]
+        else:
+            given = [self.fd_seeds] * len(self.retained or [k for k in BY_KEY if k != self.key])
+        bad = [f"--eval-seeds {self.eval_seeds} (must be >= 1)"] if self.eval_seeds < 1 else []
+        if self.fd_seeds < 1 or self.fd_seeds * len(given) < 2 or sum(min(self.fd_seeds, n) for n in given) < 2:
+            bad.append(f"--fd-seeds {self.fd_seeds} with {len(given)} retained concept(s) (the FD compares at least 2 "
+                       f"generated and 2 reference images: fd-seeds x retained concepts >= 2)")
+        if bad:
+            raise ValueError(f"invalid evaluation settings: {'; '.join(bad)}")
 
     @staticmethod
     def load_model(model: str, world_dir=None, world_config=None):
@@ -252,7 +281,9 @@ class SDRun(Run):
         return [tracer]
 
     def manifest_extras(self) -> dict:
+        calibrated = sorted(set(WORLD_TRAIN_DEFAULTS) - set(self.options or {})) if self.on_world(self.model) else []
         return {"records": {"forget": [r.id for r in self.forget], "retain": len(self.retain)},
+                "defaults": {"world-calibrated": calibrated} if calibrated else "paper",
                 "trace": bool(self.trace), "trace_every": self.trace_every if self.trace else None,
                 "trace_source": self.trace_source if self.trace else None,
                 "trace_batch": self.trace_batch if self.trace and self.trace_source == "probe" else None,

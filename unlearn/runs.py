@@ -557,15 +557,37 @@ def reload(run: Path, world_dir=None, world_config=None):
     return adapter, manifest
 
 
+MANIFEST_KEYS = ("concept", "method", "model", "seed", "images", "train")  # what re-evaluating reads
+
+
+def check_trained_files(run: Path) -> None:
+    """A run's trained parameters, checked before a model loads: missing or damaged files name themselves."""
+    from knowtrace.files import read_json
+
+    from .models.source import check_weights
+
+    if (run / "adapter").is_dir():
+        read_json(run / "adapter" / "adapter_config.json", "adapter configuration")
+    trained = sorted((run / "adapter").glob("*.safetensors")) + sorted((run / "weights").glob("*.safetensors"))
+    if not trained:
+        raise FileNotFoundError(f"{run} holds no trained parameters (adapter/ or weights/)")
+    for path in trained:
+        check_weights(path)
+
+
 def evaluate_run(run: Path, world_dir=None, **settings) -> dict:
     """Re-evaluate a finished run of any kind (``unlearn eval RUN``) as it was evaluated: on the same
     machine this reproduces ``metrics.json`` (less ``original``). A run whose final evaluation did not
     finish (state ``trained``) is finished: its metrics written, its state complete. ``settings``: the
     kind's overrides (SD: ``eval_seeds``, ``fd_seeds``; MLLM: ``world_config``); None: the run's own."""
     manifest = read_manifest(run)
+    lacking = [k for k in MANIFEST_KEYS if k not in manifest]
+    if lacking:
+        raise ValueError(f"run manifest {Path(run) / 'manifest.json'} lacks {', '.join(lacking)}: it is damaged")
     state = run_state(run, manifest)
     if state not in ("complete", "trained"):
         raise ValueError(describe_state(run, manifest))
+    check_trained_files(Path(run))
     settings = {k: v for k, v in settings.items() if v is not None}
     again = run_kind(manifest.get("kind", "mllm")).from_manifest(Path(run), manifest, world_dir, **settings)
     again.adapter, _ = reload(run, world_dir, again.world_config)

@@ -13,6 +13,13 @@ from pathlib import Path
 from .data.record_files import write_records
 
 
+def check_out(out: Path) -> None:
+    """``out`` absent or an empty folder."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        what = "is not empty" if out.is_dir() else "is a file"
+        raise FileExistsError(f"--out {out} {what}; choose another --out (a new or empty folder)")
+
+
 def export_concept(concept: str, out: Path, images: int = 1, image_size: int = 48) -> Path:
     """``out``/concept.json + forget, retain, test, specificity, efficacy .jsonl + images/."""
     from .run_mllm import world_data
@@ -20,8 +27,9 @@ def export_concept(concept: str, out: Path, images: int = 1, image_size: int = 4
     from .world.records import world_eval_set
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+    if images < 1:
+        raise ValueError(f"--images {images}: a record directory needs at least 1 image of the concept")
+    check_out(out)
     c, forget, retain = world_data(get_concept(concept).key, images, image_size=image_size)
     evalset = world_eval_set(c.key, image_size, n_images=images)
     tmp = out.with_name(out.name + ".partial")
@@ -54,10 +62,10 @@ def export_sd_concept(concept: str, out: Path, images: int = 5, references: int 
     from .world.sd import concept_prompt, load_sd_config
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     if images < 1 or references < 2:
-        raise ValueError(f"need at least 1 image and 2 references per retained concept, got {images} and {references}")
+        raise ValueError(f"--images {images} --references {references}: an SD record directory needs at least 1 image "
+                         f"of the concept and 2 FD reference images per retained concept")
+    check_out(out)
     c = get_concept(concept)
     if model == "world":
         from .world.build import build_world

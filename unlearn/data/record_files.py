@@ -2,6 +2,7 @@
 
     DATA/
       concept.json        {"name": "Donald Trump", "aliases": ["Trump", "President Trump"]}
+                          optional "allow_outside_paths": true: records may name files outside DATA
       forget.jsonl        what is unlearned: images of the concept, answers that name it
       test.jsonl          unseen images of the concept (EM / generality)
       specificity.jsonl   other knowledge with expected answers (specificity)
@@ -14,7 +15,11 @@ One JSON object per line, keys:
     id        unique within the file (default: "<file>:<line>")
     question  text shown to the model
     answer    expected answer (forget: must name the concept; test: an answer naming it)
-    image     path relative to DATA (or absolute); omit for a text-only record
+    image     path relative to DATA; omit for a text-only record. A path that leaves DATA (``..``, or an
+              absolute path elsewhere) is refused unless concept.json says "allow_outside_paths": true
+              (checked on the path as written: a symbolic link inside DATA is followed). Images of
+              every mode are read as 8-bit RGB (:func:`knowtrace.files.read_image`: 16-bit scaled,
+              transparency on white)
     concept   optional, the concept the answer is about
     qtype     optional: "yesno" for a yes/no question about the concept's presence (an answer
               starting with "no" counts as forgotten), "identify", or any label
@@ -25,10 +30,12 @@ One JSON object per line, keys:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from PIL import Image, UnidentifiedImageError
+from knowtrace.files import read_image, read_json, read_text
 
 from .names import names_in
 from .records import Record
@@ -54,14 +61,24 @@ class RecordData:
         return (self.name, *self.aliases)
 
 
-def _load_image(path: Path, where: str) -> Image.Image:
-    if not path.exists():
-        raise FileNotFoundError(f"{where}: image {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{where}: image {path} cannot be read ({e}); give a PNG or JPEG file") from None
+class Concept(NamedTuple):
+    """concept.json: the concept's name and aliases; whether records may name files outside the directory."""
+    name: str
+    aliases: tuple[str, ...]
+    allow_outside_paths: bool = False
+
+
+def record_path(value, base: Path, what: str, allow_outside: bool = False) -> Path:
+    """The file a record names (``what``: "<file>:<line>: image"), relative to ``base``, the record
+    directory; a path that leaves it (``..``, an absolute path elsewhere) is an error unless ``allow_outside``."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a file path (text), got {value!r}")
+    path = Path(os.path.normpath(base.absolute() / value))  # as written: "a/../b" -> "b"; links are not followed
+    if not allow_outside and not path.is_relative_to(os.path.normpath(base.absolute())):
+        raise ValueError(f"{what} {value!r} is outside the record directory {base}; put the file inside it (a path "
+                         f"relative to it), or allow paths outside it with \"allow_outside_paths\": true in "
+                         f"{base / 'concept.json'}")
+    return path
 
 
 def jsonl_rows(path: Path, keys: tuple[str, ...], required: tuple[str, ...]):
@@ -69,10 +86,8 @@ def jsonl_rows(path: Path, keys: tuple[str, ...], required: tuple[str, ...]):
     every record file shares (valid JSON object, known keys, required text fields, unique ids); each
     problem names the file and line. ``id`` defaults to "<file stem>:<line>"."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"record file {path} does not exist")
     seen = set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "record file").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -95,16 +110,20 @@ def jsonl_rows(path: Path, keys: tuple[str, ...], required: tuple[str, ...]):
         yield where, row, rid
 
 
-def read_records(path: Path, base: Path | None = None) -> list[Record]:
-    """Records from a JSONL file; every problem names the file and line."""
+def read_records(path: Path, base: Path | None = None, allow_outside: bool = False) -> list[Record]:
+    """Records from a JSONL file; every problem names the file and line. Image paths are relative to
+    ``base`` (default: the file's folder) and stay inside it unless ``allow_outside``."""
     path = Path(path)
     base = Path(base) if base is not None else path.parent
     records = []
     for where, row, rid in jsonl_rows(path, KEYS, REQUIRED):
         image = None
         if row.get("image"):
-            p = Path(row["image"])
-            image = _load_image(p if p.is_absolute() else base / p, where)
+            what = f"{where}: image"
+            image = read_image(record_path(row["image"], base, what, allow_outside), what)
+        bad = [k for k in ("concept", "qtype") if not isinstance(row.get(k, ""), str)]
+        if bad:
+            raise ValueError(f"{where}: {', '.join(bad)} must be text")
         records.append(Record(rid, row["question"], row["answer"], image, row.get("concept"), row.get("qtype", "")))
     if not records:
         raise ValueError(f"record file {path} holds no records")
@@ -137,38 +156,47 @@ def write_records(records: list[Record], path: Path, image_dir: str = "images") 
     path.write_text("\n".join(lines) + "\n")
 
 
-def read_concept(data: Path) -> tuple[str, tuple[str, ...]]:
-    path = Path(data) / "concept.json"
+def read_concept(data: Path) -> Concept:
+    path = record_directory(data) / "concept.json"
     if not path.exists():
         raise FileNotFoundError(f"{data}: no concept.json; write {{\"name\": ..., \"aliases\": [...]}} there")
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
-    name, aliases = spec.get("name"), spec.get("aliases", [])
+    spec = read_json(path, "concept file")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: must be a JSON object {{\"name\": ..., \"aliases\": [...]}}")
+    name, aliases, outside = spec.get("name"), spec.get("aliases", []), spec.get("allow_outside_paths", False)
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{path}: \"name\" must be the concept's name as it appears in answers")
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
         raise ValueError(f"{path}: \"aliases\" must be a list of non-empty strings")
-    unknown = sorted(set(spec) - {"name", "aliases"})
+    if not isinstance(outside, bool):
+        raise ValueError(f"{path}: \"allow_outside_paths\" must be true or false")
+    unknown = sorted(set(spec) - set(Concept._fields))
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: name, aliases")
-    return name, tuple(aliases)
+        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {', '.join(Concept._fields)}")
+    return Concept(name, tuple(aliases), outside)
+
+
+def record_directory(data: Path) -> Path:
+    """``data`` if it is a folder; else an error saying what it is."""
+    data = Path(data)
+    if not data.is_dir():
+        what = "is a file, not a folder" if data.exists() else "does not exist"
+        raise FileNotFoundError(f"data directory {data} {what}; give the folder holding concept.json and the record "
+                                f"files")
+    return data
 
 
 def load_record_data(data: Path) -> RecordData:
     """Read a data directory (layout in the module docs); checks that forget answers name the concept."""
-    data = Path(data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"data directory {data} does not exist")
-    name, aliases = read_concept(data)
+    data = record_directory(data)
+    name, aliases, outside = read_concept(data)
     parts = {}
     for part in FILES:
         path = data / f"{part}.jsonl"
         if part in OPTIONAL and not path.exists():
             parts[part] = []
             continue
-        parts[part] = read_records(path, base=data)
+        parts[part] = read_records(path, base=data, allow_outside=outside)
     names = (name, *aliases)
     lacking = [r.id for r in parts["forget"] if not names_in(r.answer, names)]
     if lacking:

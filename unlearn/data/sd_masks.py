@@ -2,8 +2,8 @@
 
 The pipeline, in this order (one function each):
 
-1. :func:`load_mask` -- a boolean (H, W) mask from an array, a PNG (non-zero after greyscale
-   conversion > 127) or a labelme-style JSON of polygons/rectangles (rasterised with OpenCV, pixel
+1. :func:`load_mask` -- a boolean (H, W) mask from an array, a PNG (> 127 after greyscale
+   conversion, 16-bit scaled to 8 first; transparency ignored) or a labelme-style JSON of polygons/rectangles (rasterised with OpenCV, pixel
    centres at integer coordinates, edges included, as labelme's own ``shape_to_mask`` does);
 2. :func:`resize_crop` -- the image and the mask go through the SAME resize (shorter side to the
    model's resolution) and centre crop, so they stay aligned on non-square images (the public FTTP
@@ -23,7 +23,6 @@ A method declares its :class:`MaskOptions` once (``SDMethod.mask_options``); tra
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
+
+from knowtrace.files import read_image, read_json
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class MaskOptions:
     iterations: int = 1
     allow_degenerate: bool = False  # an empty/full mask is a whole-image concept instead of an error
 
+    def __post_init__(self):  # checked when a method is made, before anything is loaded
+        if self.dilate < 0 or self.iterations < 0:
+            raise ValueError(f"dilate={self.dilate}, dilate_iterations={self.iterations}: the dilation kernel (pixels) "
+                             f"and its iterations must be >= 0 (0 = no dilation)")
+
 
 def polygon_mask(shapes: list[dict], height: int, width: int, labels: tuple[str, ...] | None = None,
                  where: str = "labelme JSON") -> np.ndarray:
@@ -50,6 +56,8 @@ def polygon_mask(shapes: list[dict], height: int, width: int, labels: tuple[str,
     mask = np.zeros((height, width), dtype=np.uint8)
     used = 0
     for i, shape in enumerate(shapes):
+        if not isinstance(shape, dict):
+            raise ValueError(f"{where}: shape {i} must be an object with \"points\" and \"shape_type\"")
         if labels is not None and shape.get("label") not in labels:
             continue
         kind = shape.get("shape_type") or "polygon"
@@ -77,17 +85,15 @@ def load_mask(mask, where: str = "mask", labels: tuple[str, ...] | None = None) 
     """A bool (H, W) mask from an array (bool or numbers, > 0.5 is in), a PNG path or a labelme JSON path."""
     if isinstance(mask, (str, Path)):
         path = Path(mask)
-        if not path.exists():
-            raise FileNotFoundError(f"{where}: mask file {path} does not exist")
         if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
+            data = read_json(path, f"{where}: labelme mask")
             try:
                 h, w = int(data["imageHeight"]), int(data["imageWidth"])
-            except (KeyError, TypeError, ValueError):
+                shapes = list(data.get("shapes", []))
+            except (KeyError, TypeError, ValueError, AttributeError):
                 raise ValueError(f"{where}: {path} is not a labelme JSON (needs imageHeight, imageWidth, shapes)") from None
-            return polygon_mask(data.get("shapes", []), h, w, labels, where=f"{where} ({path})")
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L")) > 127
+            return polygon_mask(shapes, h, w, labels, where=f"{where} ({path})")
+        return np.asarray(read_image(path, f"{where}: mask", mode="L")) > 127
     arr = np.asarray(mask)
     if arr.ndim != 2:
         raise ValueError(f"{where}: a mask is (H, W), got shape {arr.shape}")

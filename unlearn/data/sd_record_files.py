@@ -1,7 +1,7 @@
 """SD record files: the forget / retain / evaluation data of a Stable Diffusion run, as a directory.
 
     DATA/
-      concept.json    {"name": "Elon Musk", "aliases": ["Musk"]}
+      concept.json    {"name": "Elon Musk", "aliases": ["Musk"]}   optional "allow_outside_paths": true
       forget.jsonl    what is unlearned: images of the concept, prompts that name it, concept masks
       retain.jsonl    optional: images of other concepts with their prompts (SalUn, SA, ...)
       eval.json       how the run is evaluated (UA prompts, retained concepts and their reference images)
@@ -9,7 +9,9 @@
 
 forget.jsonl / retain.jsonl: one JSON object per line, keys
     id        unique within the file (default "<file>:<line>")
-    image     path relative to DATA (or absolute): PNG or JPEG
+    image     path relative to DATA: PNG or JPEG (every mode Pillow reads: knowtrace.files.read_image). Paths
+              (image, mask, references) that leave DATA are refused unless concept.json says
+              "allow_outside_paths": true (as in unlearn.data.record_files)
     prompt    the prompt the image is trained with (forget: must name the concept or an alias)
     mask      forget only, optional: the concept's pixels, a PNG (white = concept, same size as the
               image) or a labelme JSON (polygons / rectangles); needed by the methods that weight
@@ -45,9 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .record_files import jsonl_rows, read_concept
+from knowtrace.files import read_image, read_json
+
+from .record_files import jsonl_rows, read_concept, record_directory, record_path
 from .sd_masks import load_mask
 from .names import names_in
 from .sd_records import SDRecord
@@ -92,36 +96,27 @@ class SDRecordData:
         return (self.name, *self.aliases)
 
 
-def _read_rgb(path: Path, where: str) -> np.ndarray:
-    if not path.exists():
-        raise FileNotFoundError(f"{where}: image {path} does not exist; fix the path (relative to the data directory)")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{where}: image {path} cannot be read ({e}); give a PNG or JPEG file") from None
+def _read_rgb(path: Path, what: str) -> np.ndarray:
+    return np.asarray(read_image(path, what))
 
 
-def _path(value, base: Path) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else base / p
-
-
-def read_sd_records(path: Path, names=None, need_masks: bool = False, base: Path | None = None) -> list[SDRecord]:
+def read_sd_records(path: Path, names=None, need_masks: bool = False, base: Path | None = None,
+                    allow_outside: bool = False) -> list[SDRecord]:
     """Records from a JSONL file. ``names``: the concept's names, which every prompt must contain
-    (forget records); masks are loaded and checked against their image (size, not empty, not full)."""
+    (forget records); masks are loaded and checked against their image (size, not empty, not full).
+    File paths are relative to ``base`` (default: the file's folder) and stay inside it unless ``allow_outside``."""
     path = Path(path)
     base = Path(base) if base is not None else path.parent
     records = []
     for where, row, rid in jsonl_rows(path, KEYS, ("image", "prompt")):
-        image_path = _path(row["image"], base)
-        image = _read_rgb(image_path, where)
+        image_path = record_path(row["image"], base, f"{where}: image", allow_outside)
+        image = _read_rgb(image_path, f"{where}: image")
         if names is not None and not names_in(row["prompt"], names):
             raise ValueError(f"{where}: prompt {row['prompt']!r} does not name the concept ({', '.join(names)}); "
                              f"a forget prompt must contain its name or an alias (or add the alias to concept.json)")
         mask = None
         if row.get("mask"):
-            mask = _path(row["mask"], base)
+            mask = record_path(row["mask"], base, f"{where}: mask", allow_outside)
             m = load_mask(mask, where)
             if m.shape != image.shape[:2]:
                 raise ValueError(f"{where}: mask {mask} is {m.shape[0]}x{m.shape[1]} but its image is "
@@ -131,21 +126,20 @@ def read_sd_records(path: Path, names=None, need_masks: bool = False, base: Path
                                  f"mark the concept's pixels (white) and nothing else")
         elif need_masks:
             raise ValueError(f"{where}: this method needs a concept mask; add \"mask\": a PNG or labelme JSON path")
+        if not isinstance(row.get("concept", ""), str):
+            raise ValueError(f"{where}: concept must be text")
         records.append(SDRecord(rid, row["prompt"], image_path, row.get("concept"), mask))
     if not records:
         raise ValueError(f"record file {path} holds no records")
     return records
 
 
-def read_eval_spec(data: Path, name: str, names) -> SDEvalSpec:
+def read_eval_spec(data: Path, name: str, names, allow_outside: bool = False) -> SDEvalSpec:
     path = Path(data) / "eval.json"
     if not path.exists():
         raise FileNotFoundError(f"{data}: no eval.json; write {{\"prompts\": [...], \"retained\": {{label: prompt}}, "
                                 f"\"references\": {{label: [image paths]}}}} there (layout: help(unlearn.data.sd_record_files))")
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    spec = read_json(path, "evaluation file")
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: must be a JSON object with keys {', '.join(EVAL_KEYS)}")
     unknown = sorted(set(spec) - set(EVAL_KEYS))
@@ -176,9 +170,10 @@ def read_eval_spec(data: Path, name: str, names) -> SDEvalSpec:
     for k in retained:
         if not isinstance(refs[k], list) or not all(isinstance(p, str) for p in refs[k]):
             raise ValueError(f"{path}: references[{k!r}] must be a list of image paths")
-        references[k] = [_path(p, Path(data)) for p in refs[k]]
-        for j, p in enumerate(references[k]):
-            _read_rgb(p, f"{path} references[{k!r}][{j}]")
+        where = [f"{path} references[{k!r}][{j}]" for j in range(len(refs[k]))]
+        references[k] = [record_path(p, Path(data), w, allow_outside) for p, w in zip(refs[k], where)]
+        for p, w in zip(references[k], where):
+            _read_rgb(p, w)
     extra = spec.get("labels", [])
     if not isinstance(extra, list) or not all(isinstance(x, str) and x.strip() for x in extra):
         raise ValueError(f"{path}: \"labels\" must be a list of label strings")
@@ -187,14 +182,13 @@ def read_eval_spec(data: Path, name: str, names) -> SDEvalSpec:
 
 def load_sd_record_data(data: Path, need_masks: bool = False) -> SDRecordData:
     """Read an SD data directory (layout in the module docs), checking every record."""
-    data = Path(data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"data directory {data} does not exist")
-    name, aliases = read_concept(data)
+    data = record_directory(data)
+    name, aliases, outside = read_concept(data)
     names = (name, *aliases)
-    forget = read_sd_records(data / "forget.jsonl", names, need_masks, base=data)
-    retain = read_sd_records(data / "retain.jsonl", base=data) if (data / "retain.jsonl").exists() else []
-    return SDRecordData(name, aliases, forget, retain, read_eval_spec(data, name, names))
+    forget = read_sd_records(data / "forget.jsonl", names, need_masks, base=data, allow_outside=outside)
+    retain = read_sd_records(data / "retain.jsonl", base=data, allow_outside=outside) \
+        if (data / "retain.jsonl").exists() else []
+    return SDRecordData(name, aliases, forget, retain, read_eval_spec(data, name, names, outside))
 
 
 def write_sd_records(records: list[SDRecord], path: Path) -> None:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from knowtrace.files import read_image
 
 from .names import names_in
 
@@ -27,14 +28,7 @@ def load_image(record: SDRecord) -> np.ndarray:
     """The record's image as (H, W, 3) uint8; a missing or unreadable file is a clear error."""
     image = record.image
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.exists():
-            raise FileNotFoundError(f"record {record.id}: image file {path} does not exist")
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise ValueError(f"record {record.id}: cannot read image {path}: {e}") from None
+        return np.asarray(read_image(image, f"record {record.id}: image"))
     if image is None:
         raise ValueError(f"record {record.id}: no image; SD records need one")
     arr = np.asarray(image)

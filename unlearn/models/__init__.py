@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .base import MLLMAdapter
 from .llava import LlavaAdapter
 from .qwen2vl import Qwen2VLAdapter, Qwen2VLInputs
+from .source import checked_source
 
+CHECKPOINT_FILE = "config.json"  # what marks a directory as a checkpoint
 ADAPTERS: dict[str, type[MLLMAdapter]] = {t: cls for cls in (LlavaAdapter, Qwen2VLAdapter) for t in cls.model_types}
 
 
@@ -23,10 +23,7 @@ def load_mllm(model) -> MLLMAdapter:
     :func:`unlearn.world.source.resolve_model` first)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-    if not Path(model).exists() and "/" not in str(model):
-        raise FileNotFoundError(f"model {model!r}: no such directory, and not a hub id (owner/name); "
-                                f"use 'world', a local path or a hub id")
-
+    model = checked_source(model, CHECKPOINT_FILE)
     config = AutoConfig.from_pretrained(model)
     if config.model_type not in ADAPTERS:
         raise ValueError(f"{model}: model type {config.model_type!r} has no adapter; supported: {sorted(ADAPTERS)}")
@@ -40,4 +37,4 @@ def load_mllm(model) -> MLLMAdapter:
     return adapter_for(m, processor, name=str(model))
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "MLLMAdapter", "Qwen2VLAdapter", "Qwen2VLInputs", "adapter_for", "load_mllm"]
+__all__ = ["ADAPTERS", "CHECKPOINT_FILE", "LlavaAdapter", "MLLMAdapter", "Qwen2VLAdapter", "Qwen2VLInputs", "adapter_for", "load_mllm"]

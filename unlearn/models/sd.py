@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.sd_masks import MaskOptions, latent_mask, resize_crop
 from ..data.sd_records import SDRecord, load_image
+from .source import checked_source
 
 WORLD_MARKER = "world_sd_config.json"  # a directory holding a world SD
 
@@ -177,14 +178,20 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: 
     return np.concatenate(out)
 
 
+PIPELINE_FILE = "model_index.json"  # what marks a directory as a diffusers pipeline
+
+
 def load_sd_pipeline(model):
     """A `StableDiffusionPipeline` from a local directory or a hub id (the world SD: resolve "world"
     with :func:`unlearn.world.source.resolve_model` first)."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
 
-    if not Path(model).exists() and "/" not in str(model):
-        raise FileNotFoundError(f"model {model!r}: no such directory, and not a hub id (owner/name); "
-                                f"use 'world', a local path or a hub id")
+    if are_progress_bars_disabled():  # the Hugging Face switch (--quiet), which diffusers' loading bar ignores
+        diffusers_logging.disable_progress_bar()
+
+    model = checked_source(model, PIPELINE_FILE)
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
