@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python figures/figN.py` from a checkout
 
-WORLD_LR = 3e-3  # the world's calibrated lr (docs/methods.md); the paper's 3e-4 moves nothing in 10 steps
+from unlearn.run_mllm import WORLD_LR  # noqa: E402  (the figures' default lr: the world's calibrated one)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -49,6 +49,11 @@ def test_unknown_command_is_rejected(capsys):
     (["batch_size=0"], "batch_size=0 (must be >= 1)"),
     (["lr=-1e-3"], "lr=-0.001 (must be > 0)"),
     (["lora=maybe"], "must be true or false"),
+    (["mixed_precision=fp7"], "mixed_precision='fp7' (one of auto, no, fp16, bf16)"),
+    (["lora_targets=(["], "lora_targets='([' (not a regular expression"),
+    (["train_params=(["], "train_params='([' (not a regular expression"),
+    (["--seed", "-1"], "seed=-1 (must be 0 .. 2**32-1)"),
+    (["--checkpoint-every", "-2"], "checkpoint_every=-2"),
 ])
 def test_bad_run_settings_fail_before_anything_is_loaded(argv, message, capsys, tmp_path):
     for kind in ("mllm", "sd"):
@@ -56,3 +61,11 @@ def test_bad_run_settings_fail_before_anything_is_loaded(argv, message, capsys, 
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_npo_settings_are_checked_and_its_retain_term_gets_retain_data(capsys, tmp_path):
+    from unlearn.methods import get_method
+
+    assert main(["mllm", "--concept", "vorn", "--method", "npo", "--out", str(tmp_path / "r"), "beta=0"]) == 2
+    assert "npo.beta must be > 0" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert get_method("npo", retain_weight=1.0).needs_retain and not get_method("npo").needs_retain

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-WORLD_LR = "3e-3"  # the world's calibrated MLLM lr (docs/methods.md)
+from .run_mllm import WORLD_LR  # the world's calibrated MLLM lr (docs/methods.md)
+
 MLLM_CONCEPTS = ["oskel", "grom", "korvex"]
 QUICK_TOKEN_CONCEPTS = ["vorn", "quilla", "grom", "lumo", "moko", "teodric"]  # 1, 2, 3, 4, 5, 6 tokens
 
@@ -136,7 +137,7 @@ def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str 
     verdicts = []
     if "a" in only or "b" in only:
         sweep = Sweep(runs / "mllm", sorted(METHODS) if "b" in only else ["ga", "fttp"], MLLM_CONCEPTS,
-                      [0] if quick else [0, 1, 2], fixed={"lr": WORLD_LR}, world_dir=world_dir, progress=progress)
+                      [0] if quick else [0, 1, 2], fixed={"lr": str(WORLD_LR)}, world_dir=world_dir, progress=progress)
         rows = run_sweep(sweep)
         verdicts += [verdict(rows) for claim, verdict in (("a", verdict_a), ("b", verdict_b)) if claim in only]
     if "c" in only:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .report import summary_text, write_report
-from .run_mllm import run_mllm
+from .run_mllm import WORLD_LR, run_mllm
 
 DEMO_CONCEPT = "grom"  # a cartoon character with a 3-token name
-DEMO_LR = 3e-3
+DEMO_LR = WORLD_LR  # the world's calibrated lr
 
 
 def run_demo(out: Path = Path("runs/demo"), concept: str = DEMO_CONCEPT, steps: int = 10, lr: float = DEMO_LR,

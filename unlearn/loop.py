@@ -19,6 +19,7 @@ goes on from one, and the rest of the run is the same, bit for bit, as if it had
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .data.records import Record
 from .methods.base import Method, StepContext, StepOutput, retain_iterator
 
 
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 on CUDA, none on CPU; the rest: accelerate's
 SNAPSHOT_LIMIT = 100_000_000  # trained parameters (elements) up to which a per-step copy is kept
 
 
@@ -61,6 +63,14 @@ class TrainConfig:
         bad = [f"{k}={getattr(self, k)} (must be >= {m})" for k, m in at_least.items() if getattr(self, k) < m]
         bad += [f"{k}={getattr(self, k)} (must be > 0)" for k in ("lr",) if not getattr(self, k) > 0]
         bad += [f"max_grad_norm={self.max_grad_norm} (must be >= 0; 0 = no clipping)"] if self.max_grad_norm < 0 else []
+        bad += [f"seed={self.seed} (must be 0 .. 2**32-1)"] if not 0 <= self.seed < 2**32 else []
+        if self.mixed_precision not in MIXED_PRECISION:
+            bad.append(f"mixed_precision={self.mixed_precision!r} (one of {', '.join(MIXED_PRECISION)})")
+        for key in ("lora_targets", "train_params"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as e:
+                bad.append(f"{key}={getattr(self, key)!r} (not a regular expression: {e})")
         if bad:
             raise ValueError(f"invalid training settings: {', '.join(bad)}")
 
@@ -99,8 +109,6 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
 def select_parameters(model, pattern: str | None) -> int:
     """Full fine-tuning of the parameters whose names match ``pattern`` (all when None); returns their count."""
-    import re
-
     n = 0
     for name, p in model.named_parameters():
         p.requires_grad_(pattern is None or re.search(pattern, name) is not None)

@@ -25,8 +25,7 @@ from .world.records import ImageBank, world_eval_set, world_method_options, worl
 from .world.source import resolve_model
 
 # the smallest lr of the grid at which plain GA stops naming the concept in 10 steps (docs/methods.md)
-WORLD_TRAIN_DEFAULTS = {"lr": 3e-3}
-WORLD_LR = WORLD_TRAIN_DEFAULTS["lr"]
+WORLD_LR = 3e-3
 
 
 def world_data(concept_key: str, n_images: int, world_seed: int = 0, image_size: int = 48):
@@ -59,11 +58,10 @@ class MLLMRun(Run):
     data_help: ClassVar[tuple[str, str]] = ("record files", "layout: python -c 'import unlearn.data.record_files as m; "
                                             "help(m)'; `unlearn world export --concept oskel --out DIR` writes one")
     weights_file: ClassVar[str] = "model.safetensors"
+    world_defaults: ClassVar[dict] = {"lr": WORLD_LR}
     only_trained: ClassVar[bool] = False  # full fine-tuning saves every parameter of the model
     summary: ClassVar[tuple[str, ...]] = ("efficacy", "em", "specificity", "diversity", "K_C", "K_N")
 
-    def train_defaults(self) -> dict:
-        return dict(WORLD_TRAIN_DEFAULTS) if self.on_world(self.model) else {}
 
     def read_records(self):
         return load_record_data(self.data)
@@ -140,9 +138,7 @@ class MLLMRun(Run):
         write_json(path, self.answers)
 
     def manifest_extras(self) -> dict:
-        calibrated = sorted(set(self.train_defaults()) - set(self.options or {}))  # the defaults the user kept
-        return {"records": {"forget": len(self.forget), "retain": len(self.retain)},
-                "defaults": {"world-calibrated": calibrated} if calibrated else "paper"}
+        return {"records": {"forget": len(self.forget), "retain": len(self.retain)}}
 
 
 def run_mllm(concept: str, method: str, out: Path, **settings) -> dict:

@@ -33,12 +33,11 @@ SD_DEFAULTS = {"lr": 1e-5, "batch_size": 2, "lora": False}  # the paper's SD set
 # (docs/sd.md): lr 1e-5 UA 5 -> 0 (nothing forgotten); 3e-5 UA 90, other concepts kept 55-95%;
 # 5e-5 UA 100 but other concepts 0-70%; 1e-4 UA 100, other concepts 0%. So 3e-5 on the world.
 WORLD_LR = 3e-5
-WORLD_TRAIN_DEFAULTS = {"lr": WORLD_LR}  # recorded in the manifest as "defaults": {"world-calibrated": [...]}
 N_SAMPLES = 4  # sample images saved per prompt and model
 
 
 def train_defaults(world: bool = False) -> dict:
-    return {**SD_DEFAULTS, **(WORLD_TRAIN_DEFAULTS if world else {})}
+    return {**SD_DEFAULTS, **({"lr": WORLD_LR} if world else {})}
 
 
 def train_config(values: dict, world: bool = False) -> TrainConfig:
@@ -144,11 +143,11 @@ class SDRun(Run):
                                             "unlearn.data.sd_record_files as m; help(m)'; `unlearn world export-sd "
                                             "--concept vorn --out DIR` writes one")
     weights_file: ClassVar[str] = "unet.safetensors"
+    paper_defaults: ClassVar[dict] = SD_DEFAULTS
+    world_defaults: ClassVar[dict] = {"lr": WORLD_LR}
     only_trained: ClassVar[bool] = True  # full fine-tuning saves only the trained UNet tensors
     summary: ClassVar[tuple[str, ...]] = ("ua", "fd", "fd_space", "K_C", "K_N")
 
-    def train_defaults(self) -> dict:
-        return train_defaults(self.on_world(self.model))
 
     def read_records(self):
         from .data.sd_record_files import load_sd_record_data
@@ -281,9 +280,7 @@ class SDRun(Run):
         return [tracer]
 
     def manifest_extras(self) -> dict:
-        calibrated = sorted(set(WORLD_TRAIN_DEFAULTS) - set(self.options or {})) if self.on_world(self.model) else []
         return {"records": {"forget": [r.id for r in self.forget], "retain": len(self.retain)},
-                "defaults": {"world-calibrated": calibrated} if calibrated else "paper",
                 "trace": bool(self.trace), "trace_every": self.trace_every if self.trace else None,
                 "trace_source": self.trace_source if self.trace else None,
                 "trace_batch": self.trace_batch if self.trace and self.trace_source == "probe" else None,

@@ -183,13 +183,15 @@ def load_trained(model, run: Path, lora: bool, file: str, only_trained: bool):
 
 
 def read_manifest(run: Path) -> dict:
+    from knowtrace.files import read_json
+
     path = Path(run) / "manifest.json"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{run} is not a run directory (no manifest.json)")
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged ({e}); the run cannot be read") from None
+    manifest = read_json(path, "run manifest")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"run manifest {path} is not a JSON object: it is damaged")
+    return manifest
 
 
 def lock_held(run: Path) -> bool:
@@ -286,6 +288,8 @@ class Run:
     weights_file: ClassVar[str]  # full fine-tuning: the trained parameters in weights/<weights_file>,
     only_trained: ClassVar[bool]  # only the trained tensors (True) or every parameter of the model
     summary: ClassVar[tuple[str, ...]]  # the metrics the CLI prints
+    paper_defaults: ClassVar[dict] = {}  # the paper's training settings for this kind (over TrainConfig's)
+    world_defaults: ClassVar[dict] = {}  # on a world model: the world's calibrated settings (recorded as such)
 
     def __post_init__(self):
         from .world.concepts import get_concept
@@ -351,7 +355,7 @@ class Run:
 
     # what a kind supplies
     def train_defaults(self) -> dict:
-        return {}
+        return {**self.paper_defaults, **(self.world_defaults if self.on_world(self.model) else {})}
 
     def read_records(self):
         """The records of the ``data`` directory, every one checked (no model loaded)."""
@@ -470,11 +474,14 @@ class Run:
         return load_checkpoint(path, "cpu")
 
     def start_manifest(self) -> dict:
+        world = self.world_defaults if self.on_world(self.model) else {}
+        calibrated = sorted(set(world) - set(self.options or {}))  # the world's settings the user kept
         return {"kind": self.kind, "model": self.model, "concept": self.key, "names": list(self.names),
                 "method": self.method, "data": str(self.data) if self.data is not None else "world",
                 "method_options": dataclasses.asdict(self.algo), "train": dataclasses.asdict(self.cfg),
                 "seed": self.seed, "images": self.images, "versions": versions(), "git_commit": git_commit(),
-                "settings": self.settings, "checkpoint_every": self.checkpoint_every, **self.manifest_extras()}
+                "settings": self.settings, "checkpoint_every": self.checkpoint_every,
+                "defaults": {"world-calibrated": calibrated} if calibrated else "paper", **self.manifest_extras()}
 
     def stopped(self, state: str, error: str) -> None:
         # once its parameters are saved a run stays "trained": its evaluation is what is missing (unlearn eval)

@@ -20,6 +20,16 @@ class NPO(MLLMMethod):
     beta: float = 0.1
     retain_weight: float = 0.0
 
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"npo.beta must be > 0 (the loss divides by it); got {self.beta}")
+        if self.retain_weight < 0:
+            raise ValueError(f"npo.retain_weight must be >= 0; got {self.retain_weight}")
+
+    @property
+    def needs_retain(self) -> bool:  # NPO+RT: only with a retain term
+        return self.retain_weight > 0
+
     def loss(self, ctx, forget):
         f = ctx.adapter.encode(forget)
         log_ratio = sequence_logprob(ctx.adapter.model(**f).logits, f["labels"]) - \
