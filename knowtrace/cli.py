@@ -360,14 +360,29 @@ def _terminate(signum, frame):
     raise Terminated(signum)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Meanwhile SIGTERM raises :class:`Terminated` in the main thread, unless a handler is already set
+    (the caller's stays)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(prog: str, parser: argparse.ArgumentParser, commands: dict, argv: list[str] | None) -> int:
     """Parse ``argv`` and run its command (``commands[name][2]``) with the exit codes of both CLIs: 0 done,
     2 a user mistake (one message, no traceback), 130 / 143 interrupted by SIGINT / SIGTERM, 1 a bug
     (the traceback and a line saying it is one)."""
     args = parser.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
-        code = commands[args.command][2](args)
+        with sigterm_interrupts():
+            code = commands[args.command][2](args)
         sys.stdout.flush()  # a closed pipe shows here (stdout to a pipe is block-buffered), not at exit
         return code
     except BrokenPipeError:  # the reader stopped early (`knowtrace summary RUN | head`): not an error
@@ -386,9 +401,6 @@ def run_command(prog: str, parser: argparse.ArgumentParser, commands: dict, argv
         print(f"{prog}: this is a bug in {prog}, not a mistake in your input; please report it with the traceback "
               f"above", file=sys.stderr)
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 # --quiet: the libraries' own logging and loading bars, switched off

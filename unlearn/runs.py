@@ -23,8 +23,8 @@ import json
 import math
 import os
 import platform
-import signal
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -409,6 +409,8 @@ class Run:
         interrupted) and raised."""
         from accelerate import PartialState
 
+        from knowtrace.cli import sigterm_interrupts
+
         state = PartialState(cpu=not torch.cuda.is_available())
         self.main = main = state.is_main_process  # only the main process writes the run directory
         check_out_dir(self.out)
@@ -430,35 +432,15 @@ class Run:
             if checkpoint is not None:
                 self.manifest.setdefault("resumed_after_steps", []).append(checkpoint.step + 1)
             self.record("running", error=None)
-            signals = self.signals_as_interrupts()
-            try:
-                return self._train_and_write(main, timings, checkpoint)
-            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (raised as one by signals_as_interrupts)
+            try:  # SIGTERM ends a run as Ctrl-C does: trace flushed, state recorded, lock released
+                with sigterm_interrupts():
+                    return self._train_and_write(main, timings, checkpoint)
+            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (knowtrace.cli.Terminated)
                 self.stopped("interrupted", signal.Signals(getattr(e, "signum", signal.SIGINT)).name)
                 raise
             except BaseException as e:
                 self.stopped("failed", f"{type(e).__name__}: {e}")
                 raise
-            finally:
-                for signum, handler in signals.items():
-                    signal.signal(signum, handler)
-
-    def signals_as_interrupts(self) -> dict:
-        """SIGTERM raises KeyboardInterrupt (with its ``signum``) while the run trains, so that it ends as
-        Ctrl-C does (trace flushed, state recorded, lock released); returns the handlers to put back."""
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):  # the caller's (e.g. the CLI's) stays
-            return {}
-
-        def interrupt(signum, frame):
-            error = KeyboardInterrupt(signal.Signals(signum).name)
-            error.signum = signum
-            raise error
-
-        return {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
 
     def checkpoint_to_resume(self):
         """The checkpoint of the interrupted run in ``out`` (and its manifest in ``self.previous``)."""
