@@ -15,8 +15,10 @@ consolidated after every write, so ``xr.open_zarr`` opens a trace without a warn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import threading
 import time
 import traceback
@@ -170,6 +172,10 @@ class TraceStore:
         return steps, data
 
     def _write(self, steps: list[int], data: dict) -> None:
+        with signals_deferred():
+            self._write_steps(steps, data)
+
+    def _write_steps(self, steps: list[int], data: dict) -> None:
         if self.last_step is None:
             ds = xr.Dataset(data, coords={STEP: steps}, attrs=self._attrs)
             for name, values in self._static.items():
@@ -242,10 +248,28 @@ def consolidate(path: Path) -> None:
             zarr.consolidate_metadata(path.parent, zarr_format=3)
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done (main thread): a write cut in half would leave
+    the trace's variables with different numbers of steps. The signal is raised afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # now, to the handler the process had
+
+
 def truncate_steps(path: str | os.PathLike, last_step: int) -> None:
     """Drop the steps after ``last_step`` from the trace at ``path`` and its groups (a run resumed from
-    a checkpoint records them again). The step coordinate shrinks first: a reader never sees a step
-    without its values."""
+    a checkpoint records them again), also from a write that a kill cut in half (a variable longer than
+    the step coordinate). The step coordinate shrinks first: a reader never sees a step without its values."""
     import zarr
 
     root = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
@@ -254,11 +278,10 @@ def truncate_steps(path: str | os.PathLike, last_step: int) -> None:
             continue
         steps = group[STEP][:]
         keep = int(np.searchsorted(steps, last_step, side="right"))  # steps increase
-        if keep == len(steps):
-            continue
-        group[STEP].resize((keep,))
+        if keep != len(steps):
+            group[STEP].resize((keep,))
         for name, array in group.arrays():
-            if name != STEP and (array.metadata.dimension_names or (None,))[0] == STEP:
+            if name != STEP and (array.metadata.dimension_names or (None,))[0] == STEP and array.shape[0] != keep:
                 array.resize((keep, *array.shape[1:]))
     consolidate(Path(path))
 

@@ -173,3 +173,44 @@ def test_a_probe_group_read_through_its_trace_is_as_fresh_as_read_alone(tmp_path
             probe.append(step, K_C=np.full(2, step))
         assert list(xr.open_zarr(path, group="probe").step.values) == [0, 1, 2]
         assert list(xr.open_zarr(path / "probe").K_C.values[:, 0]) == [0, 1, 2]
+
+
+def test_truncating_a_trace_also_repairs_a_write_cut_in_half(tmp_path):
+    import zarr
+
+    from knowtrace.store import truncate_steps
+
+    path = tmp_path / "trace.zarr"
+    rng = np.random.default_rng(0)
+    store = TraceStore(path, static=_static())
+    for s in range(4):
+        v = rng.normal(size=(2, 5))
+        store.append(s, logprob=v, K_C=v[:, 0], K_N=v[:, 1], loss_forget=np.float32(s))
+    kept = open_trace(path).logprob.values
+    # a kill between two variables' resizes: logprob has one step more than the step coordinate
+    group = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
+    group["logprob"].resize((5, *group["logprob"].shape[1:]))
+    with pytest.raises(ValueError, match="conflicting sizes"):
+        xr.open_zarr(path, consolidated=False)
+    truncate_steps(path, 3)  # resumed from the last recorded step: only the half-written one goes
+    ds = open_trace(path)
+    assert list(ds.step.values) == [0, 1, 2, 3] and ds.logprob.shape[0] == ds.K_C.shape[0] == 4
+    np.testing.assert_array_equal(ds.logprob.values, kept)
+    truncate_steps(path, 1)
+    ds = open_trace(path)
+    assert list(ds.step.values) == [0, 1] and ds.logprob.shape[0] == ds.K_C.shape[0] == 2
+    np.testing.assert_array_equal(ds.logprob.values, kept[:2])
+
+
+def test_a_signal_during_a_write_waits_for_the_write(tmp_path):
+    import signal
+
+    from knowtrace.store import signals_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            done.append("the rest of the write")
+    assert done == ["the rest of the write"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the process's handler is back
