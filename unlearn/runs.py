@@ -82,6 +82,12 @@ RUN_ARTIFACTS = ("manifest.json", "metrics.json", "trace.zarr", "adapter", "weig
 RUN_ARTIFACT_PATTERNS = ("eval-*.json",)  # cached re-evaluations (figures/sd_common.py)
 
 
+def lock_file(out: Path) -> Path:
+    """The lock of run directory ``out``: keyed on the real directory, so a symlinked --out finds the same lock."""
+    resolved = Path(out).resolve()
+    return resolved.parent / f".{resolved.name}.lock"
+
+
 _HELD: set[str] = set()  # run directories this process holds the lock of (the lock is re-entrant per process)
 
 
@@ -92,12 +98,11 @@ def run_dir_lock(out: Path, wait: bool = False, enabled: bool = True) -> Iterato
     beside it (removing the directory cannot drop it; the OS releases it if the process dies). Held
     elsewhere: an error, or with ``wait`` block until free (figure scripts then reuse the finished
     run). ``enabled=False`` (the non-main processes of a multi-process run): no lock."""
-    resolved = Path(out).resolve()  # keyed on the real directory: a symlinked --out finds the same lock
-    key = str(resolved)
+    path = lock_file(out)
+    key = str(Path(out).resolve())
     if not enabled or key in _HELD:
         yield
         return
-    path = resolved.parent / f".{resolved.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -196,10 +201,9 @@ def read_manifest(run: Path) -> dict:
 
 def lock_held(run: Path) -> bool:
     """Whether a process holds the run directory's lock now (is writing it)."""
-    resolved = Path(run).resolve()
-    if str(resolved) in _HELD:
+    if str(Path(run).resolve()) in _HELD:
         return True
-    path = resolved.parent / f".{resolved.name}.lock"
+    path = lock_file(run)
     if not path.exists():
         return False
     fd = os.open(path, os.O_RDONLY)
@@ -227,11 +231,11 @@ def describe_state(run: Path, manifest: dict) -> str:
     state, done = run_state(run, manifest), manifest.get("checkpoint_step")
     where = f"; checkpoint after step {done + 1} of {manifest['train']['steps']}" if done is not None else ""
     why = f" ({manifest['error']})" if manifest.get("error") else ""
+    again = (f"`unlearn {manifest.get('kind', 'mllm')} --resume {run}` goes on from its checkpoint, or"
+             if done is not None else "it has no checkpoint:") + " run it again with --overwrite"
     todo = {"running": "it is being written now; wait for it",
             "trained": f"its training is saved: finish its evaluation with `unlearn eval {run}`",
-            "interrupted": f"`unlearn {manifest.get('kind', 'mllm')} --resume {run}` goes on from its checkpoint"
-                           if done is not None else "it has no checkpoint: run it again (--overwrite)",
-            "failed": "run it again (--overwrite) once the cause is fixed"}.get(state, "")
+            "interrupted": again, "failed": f"once the cause is fixed, {again}"}.get(state, "")
     return f"run {run} is not complete: {state}{why}{where}; {todo}"
 
 
@@ -415,9 +419,9 @@ class Run:
         self.main = main = state.is_main_process  # only the main process writes the run directory
         check_out_dir(self.out)
         with run_dir_lock(self.out, enabled=main):
-            created = not (self.out.exists() and any(self.out.iterdir()))  # absent or empty: this run creates it
+            empty = not (self.out.exists() and any(self.out.iterdir()))
             checkpoint = self.checkpoint_to_resume() if self.resume else None
-            if not created and not (self.overwrite or self.resume):  # an old run in the way: an error before loading
+            if not empty and not (self.overwrite or self.resume):  # an old run in the way: an error before loading
                 raise FileExistsError(f"run directory {self.out} exists and is not empty; choose another --out, pass "
                                       f"--overwrite, or --resume it if it was interrupted")
             t = time.perf_counter()
