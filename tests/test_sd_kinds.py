@@ -126,6 +126,38 @@ def test_v_prediction_error_is_the_velocity_error_by_hand(kind_dirs, records):
     torch.testing.assert_close(probe, (v - pred).pow(2).mean(1), rtol=1e-5, atol=1e-6)
 
 
+def test_salun_saliency_and_sa_fisher_compare_with_the_velocity_under_v_prediction(kind_dirs, records):
+    """The two methods that compare a UNet output with the training target themselves (SalUn's guided
+    saliency loss, SA's Fisher) use the velocity on SD 2.x-v, by hand; with eps they would differ."""
+    from unlearn.methods.sd_sa import diffusion_fisher, fisher_timesteps
+
+    forget, _ = records
+    a = load_sd_adapter(kind_dirs["sd2"])
+    salun = get_method("salun", modality="sd")
+    got = salun.saliency_loss(a, forget, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    batch = a.encode(forget)
+    eps, t, z_t = a.noise(batch.latents, g)
+    w = salun.saliency_guidance
+    with torch.no_grad():
+        guided = (1 + w) * a.predict(z_t, t, batch.cond) - w * a.predict(z_t, t, a.text_embeddings(["", ""]))
+    v = a.noise_scheduler.get_velocity(batch.latents, eps, t)
+    torch.testing.assert_close(got.detach(), -(v - guided).pow(2).mean(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got.detach(), -(eps - guided).pow(2).mean(), rtol=1e-2)
+
+    param = a.model.conv_out.weight
+    fisher = diffusion_fisher(a, forget[:1], [param], 2, 2, torch.Generator().manual_seed(4))[0]
+    g = torch.Generator().manual_seed(4)
+    ts = fisher_timesteps(1000, 2, g)
+    noise = torch.randn((2, *batch.latents.shape[1:]), generator=g)
+    z0 = batch.latents[:1].expand(2, -1, -1, -1)
+    z_t = a.noise_scheduler.add_noise(z0, noise, ts)
+    pred = a.pipe.unet(z_t, ts, encoder_hidden_states=batch.cond.text[:1].expand(2, -1, -1)).sample
+    loss = 500 * (a.noise_scheduler.get_velocity(z0, noise, ts) - pred).pow(2).mean((1, 2, 3)).sum()
+    (grad,) = torch.autograd.grad(loss, param)
+    torch.testing.assert_close(fisher, grad ** 2, rtol=1e-4, atol=1e-10)
+
+
 def test_esd_target_in_v_space_is_the_velocity_of_the_eps_target():
     """Why ESD (and SalUn's guided saliency) is right under v-prediction: for a fixed z_t, v is affine in
     eps (v = eps / a - (s / a) z_t) and the guided combination's weights sum to 1, so combining
@@ -186,7 +218,7 @@ def test_cli_run_with_trace_on_each_kind(kind, kind_dirs, data_dir, clip_dir, tm
 
     out = tmp_path / "run"
     rc = main(["sd", "--model", str(kind_dirs[kind]), "--data", str(data_dir), "--method", "fttp", "--trace-attention",
-               "--steps", "2", "--classifier", f"clip:{clip_dir}", "--eval-seeds", "1", "--fd-seeds", "2",
+               "--steps", "2", "--classifier", f"clip:{clip_dir}", "--eval-seeds", "1", "--fd-seeds", "2", "--retained", "blip",
                "--out", str(out), "--quiet", "lr=1e-3"])
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())

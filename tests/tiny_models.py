@@ -126,10 +126,10 @@ def tiny_sd_pipeline(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=16, sample_size=32, mid_block_add_attention=False)
-    unet_args = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
+    unet_args = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=16)
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
     betas = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     if kind == "sdxl":
         text_encoder = _tiny_text_encoder(tok)
