@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_models import SD_KINDS, tiny_clip, tiny_sd_pipeline
+from tests.test_sd_record_files import clip_dir  # noqa: F401  (fixture: a tiny CLIP classifier directory)
+from tests.tiny_models import SD_KINDS, tiny_sd_pipeline
 from unlearn.cli import main
 from unlearn.data.sd_masks import MaskOptions
 from unlearn.loop import run_loop
@@ -174,6 +175,16 @@ def test_esd_target_in_v_space_is_the_velocity_of_the_eps_target():
         torch.testing.assert_close(esd_target(velocity(e_c), velocity(e_u), eta), velocity(esd_target(e_c, e_u, eta)))
 
 
+def test_esd_sampling_schedule_keeps_the_kinds_prediction_and_does_not_clip(kind_dirs):
+    """ESD's DDIM sampling schedule comes from each pipeline's scheduler config: the same prediction
+    type, and no clipping of the predicted latents (SDXL's Euler config does not mention clip_sample,
+    where DDIM's default would clip to [-1, 1])."""
+    for kind, path in kind_dirs.items():
+        a = load_sd_adapter(path)
+        ddim = get_method("esd_x", modality="sd", sample_steps=2).ddim(a)
+        assert ddim.config.prediction_type == a.prediction_type and ddim.config.clip_sample is False, kind
+
+
 # ----------------------------------------------------------------------------- CLI, errors
 
 
@@ -203,17 +214,8 @@ def data_dir(tmp_path_factory, records):
     return out
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    model, tok = tiny_clip()
-    out = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("kind", SD_KINDS)
-def test_cli_run_with_trace_on_each_kind(kind, kind_dirs, data_dir, clip_dir, tmp_path, capsys):
+def test_cli_run_with_trace_on_each_kind(kind, kind_dirs, data_dir, clip_dir, tmp_path, capsys):  # noqa: F811
     import knowtrace
 
     out = tmp_path / "run"
@@ -240,7 +242,7 @@ def _index(path, class_name, parts):
     return path
 
 
-def test_other_pipeline_kinds_are_clear_errors(tmp_path, data_dir, clip_dir, capsys):
+def test_other_pipeline_kinds_are_clear_errors(tmp_path, data_dir, clip_dir, capsys):  # noqa: F811
     sd3 = _index(tmp_path / "sd3", "StableDiffusion3Pipeline",
                  {"transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
                   "text_encoder": ["transformers", "CLIPTextModelWithProjection"],

@@ -92,7 +92,9 @@ class ESD(SDMethod):
         if getattr(self, "_ddim", None) is None:
             from diffusers import DDIMScheduler
 
-            self._ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config)
+            # clip_sample off: latents are not bounded to [-1, 1] (SDXL's Euler config does not say so,
+            # and DDIM's default would clip)
+            self._ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config, clip_sample=False)
             self._ddim.set_timesteps(self.sample_steps)
         return self._ddim
 

@@ -197,7 +197,7 @@ class SDAdapter:
 
     def encode(self, records: list[SDRecord], prompts: list[str] | None = None,
                masks: MaskOptions | None = None) -> SDBatch:
-        """The records' latents and text embeddings (``prompts``: other prompts than theirs), and their
+        """The records' latents and conditioning (``prompts``: other prompts than theirs), and their
         concept masks built with ``masks`` (None: no masks)."""
         prompts = [r.prompt for r in records] if prompts is None else prompts
         return SDBatch(self.latents(records), self.text_embeddings(prompts),
@@ -236,10 +236,14 @@ class SDAdapter:
 
 
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings (N, max_length, hidden) exactly as the pipeline computes them (no attention mask)."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    """Text embeddings (N, max_length, hidden) exactly as `StableDiffusionPipeline.encode_prompt` computes
+    them: the last hidden states, with the padding's attention mask only where the text encoder's config
+    asks for it (``use_attention_mask``; SD 1.x and 2.x do not)."""
+    enc = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt")
+    device = pipe.text_encoder.device
+    mask = enc.attention_mask.to(device) if getattr(pipe.text_encoder.config, "use_attention_mask", False) else None
+    return pipe.text_encoder(enc.input_ids.to(device), attention_mask=mask)[0]
 
 
 @torch.no_grad()
