@@ -86,11 +86,10 @@ class SDCond:
 
     @staticmethod
     def cat(conds) -> SDCond:
+        """The rows of ``conds`` (of one kind) one after another."""
         conds = list(conds)
-        first = conds[0]
-        return SDCond(torch.cat([c.text for c in conds]),
-                      *(None if getattr(first, k) is None else torch.cat([getattr(c, k) for c in conds])
-                        for k in ("pooled", "time_ids")))
+        return SDCond(*(None if getattr(conds[0], k) is None else torch.cat([getattr(c, k) for c in conds])
+                        for k in ("text", "pooled", "time_ids")))
 
     def unet_kwargs(self) -> dict:
         """The UNet's conditioning arguments (``added_cond_kwargs`` only where there is added conditioning)."""
