@@ -234,6 +234,11 @@ def test_cli_run_with_trace_on_each_kind(kind, kind_dirs, data_dir, clip_dir, tm
     assert float(ds.K_C.isel(step=0).mean()) == pytest.approx(metrics["original"]["K_C"], rel=1e-5)
     assert float(ds.K_C.isel(step=-1).mean()) == pytest.approx(metrics["K_C"], rel=1e-5)
     assert np.isfinite(ds.xattn.values).all() and ds.xattn.shape[-2:] == (16, 16)
+    if kind == "sdxl":  # `unlearn eval RUN` loads the trained UNet back onto its pipeline and reproduces the metrics
+        capsys.readouterr()
+        assert main(["eval", str(out)]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["K_C"] == pytest.approx(metrics["K_C"], rel=1e-5) and again["fd"] == pytest.approx(metrics["fd"])
 
 
 def _index(path, class_name, parts):
