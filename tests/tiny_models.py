@@ -112,7 +112,8 @@ def _tiny_text_encoder(tok, projection: bool = False, hidden: int = 32, projecti
 
 def tiny_sd_pipeline(kind: str, seed: int = 0):
     """A tiny random-weight pipeline of ``kind``: "sd1" (StableDiffusionPipeline, SD 1.x layout, epsilon),
-    "sd2" (SD 2.x layout: linear transformer projections, per-level heads, v-prediction as SD 2.x-768)
+    "sd2" (SD 2.x layout: linear transformer projections, per-level heads, upcast attention and
+    v-prediction as SD 2.1-768)
     or "sdxl" (StableDiffusionXLPipeline: two text encoders, text_time added conditioning, 1-2
     transformer layers per block, Euler scheduler)."""
     from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
@@ -146,7 +147,7 @@ def tiny_sd_pipeline(kind: str, seed: int = 0):
     else:
         sd2 = kind == "sd2"
         unet = UNet2DConditionModel(**unet_args, cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 2,
-                                    use_linear_projection=sd2)
+                                    use_linear_projection=sd2, upcast_attention=sd2)  # SD 2.1-768 upcasts
         scheduler = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                   prediction_type="v_prediction" if sd2 else "epsilon")
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=_tiny_text_encoder(tok), tokenizer=tok, unet=unet,
