@@ -1,9 +1,11 @@
 """Tracing a Stable Diffusion unlearning run: per-latent-pixel noise errors, K_C / K_N, concept masks.
 
-An SD training step already computes ``e_x = mean over channels of (eps_theta(z_t, c, t) - eps)^2``;
-the tracer records it, no extra forward: ``record_errors(step, err, sample_ids)`` with ``err`` (batch,
-h, w), or ``record_target(step, target, sample_ids)`` with the noise ``eps`` (batch, C, h, w) when the
-tracer was given the UNet (a forward hook kept the prediction of its last forward in the step).
+An SD training step already computes ``e_x = mean over channels of (y_theta(z_t, c, t) - y)^2``, ``y``
+the UNet's training target (the noise ``eps`` under epsilon prediction, the velocity under
+v-prediction); the tracer records it, no extra forward: ``record_errors(step, err, sample_ids)`` with
+``err`` (batch, h, w), or ``record_target(step, target, sample_ids)`` with the target ``y`` (batch, C,
+h, w) when the tracer was given the UNet (a forward hook kept the prediction of its last forward in
+the step). (``eps_err`` keeps its name whatever the target.)
 
 Per step it writes ``eps_err(step, sample, y, x)`` (NaN for samples not in the batch) and ``K_C``,
 ``K_N`` (:func:`knowtrace.knowledge.sd_knowledge`), with the static ``mask(sample, y, x)``. Steps are
@@ -123,14 +125,15 @@ class SDTracer:
 
     # ------------------------------------------------------------------ steps
     def record_target(self, step: int, target: torch.Tensor, sample_ids: Sequence[str], losses: dict | None = None):
-        """Record from the hooked UNet's last prediction and the step's target noise (batch, C, h, w)."""
+        """Record from the hooked UNet's last prediction and the step's target (batch, C, h, w): the noise
+        under epsilon prediction, ``scheduler.get_velocity(latents, noise, t)`` under v-prediction."""
         if self.prediction is None or not self.prediction.attached:
             raise RuntimeError("record_target needs the UNet hook: build the tracer with unet=... and enter it")
         pred = self.prediction.read()
         if pred is None:
             raise RuntimeError("the UNet made no forward since the last record; call record_target after the step")
         if pred.shape != target.shape:
-            raise ValueError(f"target noise {tuple(target.shape)} does not match the UNet's output {tuple(pred.shape)}")
+            raise ValueError(f"target {tuple(target.shape)} does not match the UNet's output {tuple(pred.shape)}")
         with torch.no_grad():
             err = (pred.float() - target.detach().float()).pow(2).mean(1)  # (batch, h, w)
         self.record_errors(step, err, sample_ids, losses)

@@ -173,7 +173,7 @@ def test_forget_knowledge_uses_fixed_noise(world):
     with torch.no_grad():
         for eps, t in zip(noise, (200, 600)):
             tt = torch.full((2,), t)
-            pred = pipe.unet(ad.noise_scheduler.add_noise(batch.latents, eps, tt), tt, encoder_hidden_states=batch.cond).sample
+            pred = pipe.unet(ad.noise_scheduler.add_noise(batch.latents, eps, tt), tt, encoder_hidden_states=batch.cond.text).sample
             err = err + (eps - pred).pow(2).mean(1) / 2
     kc, kn = sd_knowledge(err, batch.mask)
     assert k["K_C"] == pytest.approx(kc.mean().item(), rel=1e-5) and k["K_N"] == pytest.approx(kn.mean().item(), rel=1e-5)

@@ -50,7 +50,7 @@ def noised(a, latents, g):
 
 
 def unet(a, z, t, prompts):
-    return a.model(z, t, encoder_hidden_states=a.text_embeddings(prompts)).sample
+    return a.model(z, t, encoder_hidden_states=a.text_embeddings(prompts).text).sample
 
 
 def hand_saliency(a, forget, seed_gen, batch=4, w=7.5):

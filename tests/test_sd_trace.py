@@ -129,7 +129,7 @@ def test_trace_attention_records_the_probe_maps_over_prompt_tokens(tmp_path):
     with capture_cross_attention(unet, mean_heads=True, to_cpu=True) as cap, torch.no_grad():
         for eps, t in zip(probe.noise, probe.timesteps):
             tt = torch.full((len(forget),), t)
-            unet(a.noise_scheduler.add_noise(probe.latents, eps, tt), tt, encoder_hidden_states=probe.cond)
+            unet(a.noise_scheduler.add_noise(probe.latents, eps, tt), tt, encoder_hidden_states=probe.cond.text)
         direct = cap.maps(size=(16, 16))[:, :len(strs)]
     np.testing.assert_allclose(ds.xattn.values[0, :, 0], direct.numpy(), atol=2e-3)  # float16 storage
 
@@ -145,17 +145,17 @@ def test_fixed_noise_errors_are_the_same_in_any_batching_and_equal_one_forward_p
     probe, unet = SDProbe(a, forget), a.pipe.unet.eval()
     with torch.no_grad():
         plain = torch.stack([(eps - unet(a.noise_scheduler.add_noise(probe.latents, eps, torch.full((3,), t)),
-                                         torch.full((3,), t), encoder_hidden_states=probe.cond).sample
+                                         torch.full((3,), t), encoder_hidden_states=probe.cond.text).sample
                               ).pow(2).mean(1) for eps, t in zip(probe.noise, probe.timesteps)]).mean(0)
     unet.train()
     unet.down_blocks[0].eval()  # a submodule deliberately in eval mode
     for batch in (1, 4, 15, 64):
-        err = fixed_noise_errors(unet, a.noise_scheduler, probe.latents, probe.cond, probe.noise, probe.timesteps, batch)
+        err = fixed_noise_errors(a, unet, probe.latents, probe.cond, probe.noise, probe.timesteps, batch)
         assert err.shape == (3, 16, 16)
         torch.testing.assert_close(err, plain, atol=1e-5, rtol=1e-4)
     assert unet.training and unet.up_blocks[0].training and not unet.down_blocks[0].training
     with pytest.raises(ValueError, match="noise must be"):
-        fixed_noise_errors(unet, a.noise_scheduler, probe.latents, probe.cond, probe.noise[:2], probe.timesteps)
+        fixed_noise_errors(a, unet, probe.latents, probe.cond, probe.noise[:2], probe.timesteps)
 
 
 def test_trace_every_k_steps_probes_those_steps_and_the_last(tmp_path):

@@ -141,7 +141,7 @@ def test_adapter_reads_the_vae_factor():
     forget, _ = world_sd_data("vorn", 2, a.resolution, n_retain=0, n_surrogate=0)
     b = a.encode(forget, masks=MaskOptions())
     h = a.resolution // 4
-    assert b.latents.shape == (2, 4, h, h) and b.mask.shape == (2, h, h) and b.cond.shape[0] == 2
+    assert b.latents.shape == (2, 4, h, h) and b.mask.shape == (2, h, h) and len(b.cond) == 2
     e = a.pixel_error(b, torch.Generator().manual_seed(0))
     assert e.shape == (2, h, h) and (e >= 0).all()
 
@@ -184,11 +184,11 @@ def test_esd_target_and_parts(data):
     b = a.encode(forget)
     _, t, z = a.noise(b.latents, torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ec = frozen(z, t, encoder_hidden_states=b.cond).sample
-        e0 = frozen(z, t, encoder_hidden_states=a.text_embeddings([""] * 2)).sample
+        ec = frozen(z, t, encoder_hidden_states=b.cond.text).sample
+        e0 = frozen(z, t, encoder_hidden_states=a.text_embeddings([""] * 2).text).sample
     target = e0 - 2.0 * (ec - e0)
     torch.testing.assert_close(esd_target(ec, e0, 2.0), target)
-    torch.testing.assert_close(loss, ((a.model(z, t, encoder_hidden_states=b.cond).sample - target) ** 2).mean())
+    torch.testing.assert_close(loss, ((a.model(z, t, encoder_hidden_states=b.cond.text).sample - target) ** 2).mean())
 
 
 def test_esd_partial_sampling_is_the_pipelines_ddim_sampler(data):
@@ -200,7 +200,7 @@ def test_esd_partial_sampling_is_the_pipelines_ddim_sampler(data):
     cond, empty = a.text_embeddings([forget[0].prompt]), a.text_embeddings([""])
     full = partial_sample(a, a.model, scheduler, cond, empty, 4, 3.0, torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref = a.pipe(prompt_embeds=cond, negative_prompt_embeds=empty, num_inference_steps=4, guidance_scale=3.0,
+        ref = a.pipe(prompt_embeds=cond.text, negative_prompt_embeds=empty.text, num_inference_steps=4, guidance_scale=3.0,
                      generator=torch.Generator().manual_seed(3), output_type="latent").images
     torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-4)
     start = partial_sample(a, a.model, scheduler, cond, empty, 0, 3.0, torch.Generator().manual_seed(3))
@@ -371,7 +371,7 @@ def test_selective_amnesia_fisher_and_penalty_are_the_authors(data):
     expected = [torch.zeros_like(p) for p in params]
     for r in records:
         z = a.latents([r])  # (1, C, h, w)
-        c = a.text_embeddings([r.prompt])
+        c = a.text_embeddings([r.prompt]).text
         eps = torch.randn((1000, *z.shape[1:]), generator=gen)
         grad = [torch.zeros_like(p) for p in params]
         for t in torch.arange(1000).split(200):
@@ -474,7 +474,7 @@ def test_fmn_loss_is_the_authors_attention_norm(eot, data):
         for n, m in theirs.named_modules():
             if n.endswith("attn2"):
                 m.set_processor(AuthorsAttention(kept, sorted(positions)))
-        theirs(z[i:i + 1], t[i:i + 1], encoder_hidden_states=b.cond[i:i + 1])
+        theirs(z[i:i + 1], t[i:i + 1], encoder_hidden_states=b.cond.text[i:i + 1])
         assert len(kept) == 4  # the tiny UNet's attn2 layers
         norms.append(torch.cat(kept).norm())
     expected = torch.stack(norms).mean()

@@ -90,3 +90,68 @@ def tiny_clip(words=("a", "photo", "of", "vorn", "blip", "korvex")):
         projection_dim=16,
     )
     return CLIPModel(cfg).eval(), tok
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion kinds
+# Tiny random-weight pipelines of each SD kind the toolkit loads (tests/test_sd_kinds.py): 32 px
+# images, a VAE with factor 2 (16x16 latents), a two-level UNet with cross-attention on the second
+# level, 32-wide CLIP text encoders over the world's prompt words.
+
+SD_KINDS = ("sd1", "sd2", "sdxl")
+
+
+def _tiny_text_encoder(tok, projection: bool = False, hidden: int = 32, projection_dim: int = 16):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=tok.model_max_length,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         projection_dim=projection_dim)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def tiny_sd_pipeline(kind: str, seed: int = 0):
+    """A tiny random-weight pipeline of ``kind``: "sd1" (StableDiffusionPipeline, SD 1.x layout, epsilon),
+    "sd2" (SD 2.x layout: linear transformer projections, per-level heads, upcast attention and
+    v-prediction as SD 2.1-768)
+    or "sdxl" (StableDiffusionXLPipeline: two text encoders, text_time added conditioning, 1-2
+    transformer layers per block, Euler scheduler)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+
+    from unlearn.world.sd import build_tokenizer
+
+    if kind not in SD_KINDS:
+        raise ValueError(f"kind must be one of {SD_KINDS}, got {kind!r}")
+    tok = build_tokenizer(max_length=16)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
+    unet_args = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    betas = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    if kind == "sdxl":
+        text_encoder = _tiny_text_encoder(tok)
+        text_encoder_2 = _tiny_text_encoder(tok, projection=True)
+        unet = UNet2DConditionModel(**unet_args, cross_attention_dim=64, attention_head_dim=(2, 4),
+                                    transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                                    addition_embed_type="text_time", addition_time_embed_dim=8,
+                                    projection_class_embeddings_input_dim=8 * 6 + 16)
+        scheduler = EulerDiscreteScheduler(**betas, prediction_type="epsilon", timestep_spacing="leading",
+                                           steps_offset=1)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+    else:
+        sd2 = kind == "sd2"
+        unet = UNet2DConditionModel(**unet_args, cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 2,
+                                    use_linear_projection=sd2, upcast_attention=sd2)  # SD 2.1-768 upcasts
+        scheduler = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                  prediction_type="v_prediction" if sd2 else "epsilon")
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=_tiny_text_encoder(tok), tokenizer=tok, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

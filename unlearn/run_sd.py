@@ -19,7 +19,7 @@ from typing import ClassVar
 from .data.sd_records import SDRecord, check_forget_records
 from .eval.sd import PROBE_BATCH
 from .loop import TrainConfig
-from .models.sd import PIPELINE_FILE, WORLD_MARKER
+from .models.sd import PIPELINE_FILE, WORLD_MARKER, adapter_class
 from .models.source import checked_source
 from .runs import Run
 from .runs import evaluate_run  # noqa: F401  (unlearn eval RUN: any kind of run)
@@ -162,7 +162,9 @@ class SDRun(Run):
         self.trace = "attention" if self.trace_attention else self.trace
         self.algo.needs_masks  # the method's mask options (dilation) checked
         if not self.on_world(self.model):  # a path typo or an unreachable hub id, before the run starts
-            checked_source(self.model, PIPELINE_FILE)
+            source = checked_source(self.model, PIPELINE_FILE)
+            if Path(source).is_dir():  # a pipeline of a kind no adapter serves (SD3, Flux, ...)
+                adapter_class(source)
         if int(self.trace_every) < 1 or (int(self.trace_every) != 1 and not self.trace):
             raise ValueError(f"trace_every={self.trace_every}: give a number of steps >= 1, together with trace "
                              f"(--trace-every K needs --trace or --trace-attention)")

@@ -7,7 +7,8 @@ FMN on attention mass. A trace made of each step's own training errors would mix
 noises (K would jump with the random t, not with the model) and would not exist for half of the
 methods. So every method gets the same **probe**: before the first update (step -1) and after every
 step, on the main process and under ``torch.no_grad``, the forget images' per-latent-pixel errors
-``e_x = mean over channels of (eps - eps_theta(z_t, prompt, t))^2`` at FIXED timesteps and FIXED
+``e_x = mean over channels of (y - y_theta(z_t, prompt, t))^2`` (``y`` the model's training target:
+the noise ``eps`` under epsilon prediction, the velocity under v-prediction) at FIXED timesteps and FIXED
 noise (one seeded draw, the same at every step), averaged over the timesteps; exactly the
 computation of :func:`unlearn.eval.sd.forget_knowledge` with the same defaults (timesteps
 100..900, noise seed 0, lambda 1, mean), so step -1 of the trace equals the run's ``original``
@@ -65,7 +66,7 @@ class SDProbe:
         self.adapter, self.records, self.noise_seed = adapter, list(records), int(noise_seed)
         self.batch_size = int(batch_size)
         batch = adapter.encode(self.records, masks=TRACE_MASKS)
-        self.latents, self.cond = batch.latents, batch.cond  # (N, C, h, w), (N, L, D)
+        self.latents, self.cond = batch.latents, batch.cond  # (N, C, h, w), SDCond of N rows
         self.mask = batch.mask.cpu().bool()  # (N, h, w)
         # one draw (T, N, C, h, w), as forget_knowledge makes it: the same noisy latents at every step
         self.noise = torch.randn((len(self.timesteps), *self.latents.shape),
@@ -93,8 +94,8 @@ class SDProbe:
         return err
 
     def _errors(self, unet) -> torch.Tensor:
-        return fixed_noise_errors(unet, self.adapter.noise_scheduler, self.latents, self.cond, self.noise,
-                                  self.timesteps, self.batch_size)
+        return fixed_noise_errors(self.adapter, unet, self.latents, self.cond, self.noise, self.timesteps,
+                                  self.batch_size)
 
     def _mean_maps(self, capture) -> torch.Tensor:
         """(N, 1, tokens, h, w): each layer's maps on the latent grid, averaged over layers and timesteps."""

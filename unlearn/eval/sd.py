@@ -27,7 +27,7 @@ from knowtrace.knowledge import sd_knowledge
 from knowtrace.modes import eval_mode
 
 from ..data.sd_masks import MaskOptions
-from ..models.sd import SDAdapter, generate_images
+from ..models.sd import generate_images, make_adapter
 
 WORLD_FD_SPACE = "world-classifier-features"
 DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)  # of SD's 1000 training steps: low to high noise
@@ -210,29 +210,32 @@ PROBE_BATCH = 16  # (timestep, image) pairs per UNet forward of a fixed-noise pr
 
 
 @torch.no_grad()
-def fixed_noise_errors(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
+def fixed_noise_errors(adapter, unet, latents: torch.Tensor, cond, noise: torch.Tensor,
                        timesteps: Sequence[int], batch_size: int = PROBE_BATCH) -> torch.Tensor:
-    """Per-latent-pixel noise errors of fixed inputs, averaged over timesteps: (N, h, w) float32, CPU.
+    """Per-latent-pixel errors of fixed inputs, averaged over timesteps: (N, h, w) float32, CPU.
 
-    latents (N, C, h, w), cond (N, L, D), noise (T, N, C, h, w) for the T ``timesteps``:
-    ``e_x = mean over channels of (eps - eps_theta(z_t, cond, t))^2`` per (timestep, image) pair, then the
-    mean over timesteps. The T x N pairs go through the UNet ``batch_size`` at a time (one forward per
-    timestep would pay a small UNet's per-call cost T times), in eval mode."""
+    latents (N, C, h, w), cond (the N records' SDCond), noise (T, N, C, h, w) for the T ``timesteps``:
+    ``e_x = mean over channels of (y - y_theta(z_t, cond, t))^2`` per (timestep, image) pair, ``y`` the
+    adapter's training target (:meth:`~unlearn.models.sd.SDAdapter.target`: the noise under epsilon
+    prediction, the velocity under v-prediction), ``y_theta`` ``unet``'s output, then the mean over
+    timesteps. The T x N pairs go through the UNet ``batch_size`` at a time (one forward per timestep
+    would pay a small UNet's per-call cost T times), in eval mode."""
     if int(batch_size) < 1:
         raise ValueError(f"probe batch size must be >= 1, got {batch_size}")
     n_t, n = len(timesteps), latents.shape[0]
     if tuple(noise.shape) != (n_t, *latents.shape):
         raise ValueError(f"noise must be (timesteps={n_t}, *latents {tuple(latents.shape)}), got {tuple(noise.shape)}")
     z = latents.repeat(n_t, 1, 1, 1)  # (T*N, C, h, w): pair k is timestep k // N, image k % N
-    c = cond.repeat(n_t, 1, 1)
+    c = cond.repeat(n_t)
     eps = noise.reshape(n_t * n, *latents.shape[1:]).to(latents.device, latents.dtype)
     t = torch.tensor([int(x) for x in timesteps], device=latents.device).repeat_interleave(n)
     err = []
     with eval_mode(unet):
         for i in range(0, n_t * n, int(batch_size)):
             sl = slice(i, i + int(batch_size))
-            pred = unet(scheduler.add_noise(z[sl], eps[sl], t[sl]), t[sl], encoder_hidden_states=c[sl]).sample
-            err.append((eps[sl] - pred).float().pow(2).mean(1).cpu())  # (pairs, h, w)
+            z_t = adapter.noise_scheduler.add_noise(z[sl], eps[sl], t[sl])
+            pred = adapter.predict(z_t, t[sl], c[sl], unet)
+            err.append((adapter.target(z[sl], eps[sl], t[sl]) - pred).float().pow(2).mean(1).cpu())  # (pairs, h, w)
     return torch.cat(err).view(n_t, n, *latents.shape[2:]).mean(0)
 
 
@@ -247,11 +250,11 @@ def forget_knowledge(pipe, records, timesteps: Sequence[int] = DEFAULT_TIMESTEPS
     :func:`knowtrace.knowledge.sd_knowledge` (``reduce``: "mean" over the group's pixels, or the paper's "sum")."""
     if not records:
         raise ValueError("no forget records to compute K_C / K_N on")
-    adapter = adapter or SDAdapter(pipe)
+    adapter = adapter or make_adapter(pipe)
     ts = check_timesteps(adapter, timesteps)
     batch = adapter.encode(list(records), masks=MaskOptions())  # latents (N, C, h, w), cond, mask (N, h, w)
     noise = torch.randn((len(ts), *batch.latents.shape), generator=torch.Generator().manual_seed(int(noise_seed)))
-    err = fixed_noise_errors(adapter.model, adapter.noise_scheduler, batch.latents, batch.cond, noise, ts)
+    err = fixed_noise_errors(adapter, adapter.model, batch.latents, batch.cond, noise, ts)
     k_c, k_n = sd_knowledge(err, batch.mask.cpu(), lam=lam, reduce=reduce)
     return {"K_C": float(k_c.nanmean()), "K_N": float(k_n.nanmean()),
             "per_record": {r.id: {"K_C": float(a), "K_N": float(b)} for r, a, b in zip(records, k_c, k_n)},

@@ -23,6 +23,16 @@ Where ``z_t`` comes from (option ``latents``):
   DDIM timestep it is at. Costs up to 2 x sample_steps extra UNet calls per step. (ESD's first,
   CompVis, code sampled with the model being trained; its diffusers rewrite, like this, with the
   frozen starting model.)
+
+Under v-prediction (SD 2.x-768) the UNet outputs ``v`` and the target is built from the reference's
+``v`` the same way. That is ESD's target in v-space: for a fixed ``z_t`` the map from a noise
+prediction to a velocity, ``v = eps / a - (s / a) z_t`` (``a = sqrt(abar_t)``, ``s = sqrt(1 - abar_t)``),
+is affine, and the target ``(1 + eta) eps("") - eta eps(c)`` is an affine combination (weights sum to
+1), so the same combination of the velocities is the velocity of the eps-space target; the squared
+error is the eps-space one times ``1 / abar_t``, the weighting of v-prediction training itself. The
+guided predictions of the "sampled" latents combine the same way, and the DDIM scheduler (built from
+the pipeline's config) reads the UNet's output per its ``prediction_type``. The same conditioning
+object (``SDCond``) carries SDXL's added conditioning into every call.
 """
 
 from dataclasses import dataclass
@@ -31,6 +41,7 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
+from ..models.sd import SDCond
 from .base import SDMethod, StepOutput, register
 
 LATENT_SOURCES = ("forget", "sampled")
@@ -41,17 +52,18 @@ def esd_target(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, eta: float) -> 
 
 
 @torch.no_grad()
-def partial_sample(adapter, model, scheduler, cond: torch.Tensor, empty: torch.Tensor, k: int, guidance: float,
+def partial_sample(adapter, model, scheduler, cond: SDCond, empty: SDCond, k: int, guidance: float,
                    generator: torch.Generator | None) -> torch.Tensor:
     """The latents after the first ``k`` DDIM steps from pure noise under ``model`` with classifier-free
     guidance: (B, C, h, w), at the noise level of ``scheduler.timesteps[k]`` (k = len(timesteps): a
-    finished sample). ``cond``/``empty``: (B, L, D) prompt and empty-prompt embeddings."""
+    finished sample). ``cond``/``empty``: the prompts' and the empty prompt's conditioning (B rows each)."""
     config = adapter.pipe.unet.config
-    shape = (cond.shape[0], config.in_channels, config.sample_size, config.sample_size)
-    z = torch.randn(shape, generator=generator).to(cond.device, cond.dtype) * scheduler.init_noise_sigma
+    shape = (len(cond), config.in_channels, config.sample_size, config.sample_size)
+    z = torch.randn(shape, generator=generator).to(cond.text.device, cond.text.dtype) * scheduler.init_noise_sigma
+    both = SDCond.cat([cond, empty])
     for t in scheduler.timesteps[:k]:
         batch_t = t.expand(2 * len(z)).to(z.device)
-        eps_cond, eps_uncond = adapter.predict(torch.cat([z, z]), batch_t, torch.cat([cond, empty]), model).chunk(2)
+        eps_cond, eps_uncond = adapter.predict(torch.cat([z, z]), batch_t, both, model).chunk(2)
         eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         z = scheduler.step(eps, t, z).prev_sample
     return z
@@ -80,7 +92,9 @@ class ESD(SDMethod):
         if getattr(self, "_ddim", None) is None:
             from diffusers import DDIMScheduler
 
-            self._ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config)
+            # clip_sample off: latents are not bounded to [-1, 1] (SDXL's Euler config does not say so,
+            # and DDIM's default would clip)
+            self._ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config, clip_sample=False)
             self._ddim.set_timesteps(self.sample_steps)
         return self._ddim
 
@@ -103,7 +117,7 @@ class ESD(SDMethod):
         z_t, t = self.noisy_latents(ctx, batch, empty)
 
         def reference(model):  # conditional and unconditional predictions in one call: (2B, C, h, w)
-            return a.predict(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([batch.cond, empty]), model).chunk(2)
+            return a.predict(torch.cat([z_t, z_t]), torch.cat([t, t]), SDCond.cat([batch.cond, empty]), model).chunk(2)
 
         eps_cond, eps_uncond = ctx.reference(reference, self.name)
         target = esd_target(eps_cond, eps_uncond, self.eta)

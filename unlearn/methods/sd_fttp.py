@@ -1,5 +1,6 @@
 """SD FTTP (Forget the Token and Pixel): ascent on the concept's latent pixels, descent on the others.
-The per-pixel loss is the noise-prediction error.
+The per-pixel loss is the UNet's error against its training target (``SDAdapter.pixel_error``: the
+noise under epsilon prediction, the velocity under v-prediction).
 
     loss = -alpha * mean(M * e) + beta * mean((1 - M) * e)
 

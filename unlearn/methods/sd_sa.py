@@ -16,7 +16,7 @@ summed gradient is averaged over the images, ``fisher += grad**2 / n_fim``): at 
 weights ``theta*``,
 
     F = 1/N sum_n ( grad_theta sum_{t=0}^{T-1} L(x_n, c_n, t, eps_{n,t}) )^2,
-    L = mean over latent channels and pixels of (eps - eps_theta(z_t, c, t))^2
+    L = mean over latent channels and pixels of (y - y_theta(z_t, c, t))^2
 
 over the replayed images (their FIM set is their replay set, ``fim_dataset``, 5000 generated
 images). ``fisher_timesteps=k`` (0 < k < T) is a cheaper estimate for large models: k timesteps,
@@ -24,6 +24,11 @@ one uniform in each of k equal strata of 0..T-1, their sum scaled by T/k (an unb
 summed loss and its gradient). The penalty's weight ``ewc`` is their ``lmbda`` (50, the
 ``forget_*.yaml`` configs; the surrogate and replay terms weigh 1, their ``gamma``), and the
 penalty is their ``sum F (theta - theta*)^2`` (``ddpm_forget.py``, ``training_step``).
+
+``y`` is the model's training target (``SDAdapter.target``: the noise ``eps`` under epsilon
+prediction, the velocity under v-prediction), so the Fisher is that of the loss the model was trained
+with, and the surrogate and replay terms are its ordinary training loss (``pixel_error``), in either
+parameterisation.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ def diffusion_fisher(adapter, records: list[SDRecord], params: list[torch.Tensor
     total = adapter.noise_scheduler.config.num_train_timesteps
     fisher = [torch.zeros_like(p) for p in params]
     for r in records:
-        batch = adapter.encode([r])  # latents (1, C, h, w), cond (1, L, D)
+        batch = adapter.encode([r])  # latents (1, C, h, w), cond (1 row)
         ts = fisher_timesteps(total, k, generator)
         eps = torch.randn((len(ts), *batch.latents.shape[1:]), generator=generator).to(batch.latents)
         scale = total / len(ts)  # 1 with every timestep
@@ -60,8 +65,9 @@ def diffusion_fisher(adapter, records: list[SDRecord], params: list[torch.Tensor
         for s in range(0, len(ts), chunk):  # gradients of the chunks add up to that of the sum
             t = ts[s:s + chunk].to(batch.latents.device)
             z_t = adapter.noise_scheduler.add_noise(batch.latents.expand(len(t), -1, -1, -1), eps[s:s + chunk], t)
-            pred = adapter.predict(z_t, t, batch.cond.expand(len(t), -1, -1))
-            per_t = (eps[s:s + chunk] - pred).float().pow(2).mean((1, 2, 3))  # (chunk,) the loss at each t
+            pred = adapter.predict(z_t, t, batch.cond.expand(len(t)))
+            target = adapter.target(batch.latents.expand(len(t), -1, -1, -1), eps[s:s + chunk], t)
+            per_t = (target - pred).float().pow(2).mean((1, 2, 3))  # (chunk,) the loss at each t
             (scale * per_t.sum()).backward()
         for f, p in zip(fisher, params):
             if p.grad is not None:

@@ -23,6 +23,13 @@ every image, the first concept of the retain records (the authors' code uses one
 default ``--alpha`` (the README's command uses 0.5). After backward the gradient of every
 non-salient element is zeroed, so with Adam (no weight decay) only salient elements move.
 
+Under v-prediction (SD 2.x-768) every comparison is in the UNet's output space: the saliency loss
+compares the guided output with the training target (``SDAdapter.target``, the velocity), which is the
+eps-space loss times ``1 / abar_t`` (for a fixed ``z_t``, ``v`` is an affine function of ``eps``, and
+the guided combination's weights sum to 1, so it commutes with that map); the forget term compares two
+outputs of the model (no noise involved, any parameterisation); the retain term is the ordinary
+training loss (``pixel_error``).
+
 (The toolkit's earlier recipe paired other concepts' images with the forget prompt and regressed on
 the true noise, with retain weight 1, a plain eps(c) saliency gradient and the cut-off above; that is
 close to Selective Amnesia's surrogate objective, not SalUn's, and is not kept: docs/sd.md.)
@@ -91,12 +98,13 @@ class SalUn(SDMethod):
         self._masks = [(p, m.to(p.dtype)) for p, m in zip(params, masks)]
 
     def saliency_loss(self, a, records, generator) -> torch.Tensor:
-        """-mse(eps, (1 + w) eps_theta(z_t, c) - w eps_theta(z_t, "")) over a batch of forget records."""
+        """-mse(y, (1 + w) y_theta(z_t, c) - w y_theta(z_t, "")) over a batch of forget records (y: the
+        training target, the noise ``eps`` under epsilon prediction)."""
         batch = a.encode(records)
         eps, t, z_t = a.noise(batch.latents, generator)
         w = self.saliency_guidance
         guided = (1 + w) * a.predict(z_t, t, batch.cond) - w * a.predict(z_t, t, a.text_embeddings([""] * len(records)))
-        return -(eps - guided).float().pow(2).mean()
+        return -(a.target(batch.latents, eps, t) - guided).float().pow(2).mean()
 
     @property
     def salient_share(self) -> float:

@@ -1,11 +1,21 @@
-"""Stable Diffusion adapter: a `diffusers.StableDiffusionPipeline` (SD 1.x layout, or the world SD)
-and the way (image, prompt, mask) records become latent-space training inputs.
+"""Stable Diffusion adapters: SD 1.x / 2.x (`diffusers.StableDiffusionPipeline`, also the world SD)
+and SDXL (`StableDiffusionXLPipeline`), and the way (image, prompt, mask) records become latent-space
+training inputs.
 
-``model`` is the UNet, the part that is trained; the VAE and the text encoder stay frozen. Per record,
-cached (unlearning revisits the same few records every step): the latents (the VAE posterior *mean*
-times ``scaling_factor``: deterministic, where SD training samples the posterior), the prompt's text
-embedding, the concept mask on the latent grid. A step compares the UNet's prediction with the noise
-per latent pixel: ``e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2``, shape (B, h, w).
+``model`` is the UNet, the part that is trained; the VAE and the text encoder(s) stay frozen. Per
+record, cached (unlearning revisits the same few records every step): the latents (the VAE posterior
+*mean* times ``scaling_factor``: deterministic, where SD training samples the posterior), the prompt's
+conditioning (:class:`SDCond`), the concept mask on the latent grid. A step compares the UNet's output
+with its training target per latent pixel: ``e_x = mean over channels of (y - y_theta(z_t, c, t))^2``,
+shape (B, h, w), where the target ``y`` (:meth:`SDAdapter.target`) follows the scheduler's
+``prediction_type``: the noise ``eps`` (epsilon: SD 1.x, 2.x-base, SDXL), the velocity
+``sqrt(abar_t) eps - sqrt(1 - abar_t) z_0`` (v_prediction: SD 2.x-768) or the clean latents ``z_0``
+(sample). Every method and evaluation gets its target from there; none assumes epsilon.
+
+What differs between the kinds lives here and nowhere else: how prompts become conditioning (SD 1.x /
+2.x: the text encoder's last hidden states, which for SD 2.x's OpenCLIP-H in diffusers layout is already
+the penultimate layer; SDXL: both encoders' penultimate hidden states concatenated, the second's pooled
+projection and the added time ids) and how the UNet takes it (:meth:`SDCond.unet_kwargs`).
 """
 
 from __future__ import annotations
@@ -46,14 +56,68 @@ def _source_key(source) -> int | str:
 
 
 @dataclass
+class SDCond:
+    """What the UNet is conditioned on, batch first: the prompts' text embeddings and, for SDXL, the
+    added conditioning. Methods combine it as they would a tensor (:meth:`cat`, :meth:`repeat`,
+    :meth:`expand`, slicing) and never look inside; :meth:`unet_kwargs` is what a UNet call takes."""
+    text: torch.Tensor  # (B, L, D) text embeddings
+    pooled: torch.Tensor | None = None  # (B, P) SDXL: the second text encoder's pooled projection
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL: original size (h, w), crop top-left (y, x), target size (h, w)
+
+    def _map(self, fn) -> SDCond:
+        return SDCond(fn(self.text), *(None if x is None else fn(x) for x in (self.pooled, self.time_ids)))
+
+    def __len__(self) -> int:
+        return self.text.shape[0]
+
+    def __getitem__(self, index: slice) -> SDCond:
+        return self._map(lambda x: x[index])
+
+    def repeat(self, n: int) -> SDCond:
+        """The batch tiled ``n`` times: row k is row k % B."""
+        return self._map(lambda x: x.repeat(n, *[1] * (x.ndim - 1)))
+
+    def expand(self, n: int) -> SDCond:
+        """A batch of one as ``n`` rows (views, no copy)."""
+        return self._map(lambda x: x.expand(n, *x.shape[1:]))
+
+    def to(self, device) -> SDCond:
+        return self._map(lambda x: x.to(device))
+
+    @staticmethod
+    def cat(conds) -> SDCond:
+        """The rows of ``conds`` (of one kind) one after another."""
+        conds = list(conds)
+        return SDCond(*(None if getattr(conds[0], k) is None else torch.cat([getattr(c, k) for c in conds])
+                        for k in ("text", "pooled", "time_ids")))
+
+    def unet_kwargs(self) -> dict:
+        """The UNet's conditioning arguments (``added_cond_kwargs`` only where there is added conditioning)."""
+        if self.pooled is None:
+            return {"encoder_hidden_states": self.text}
+        return {"encoder_hidden_states": self.text,
+                "added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids}}
+
+
+@dataclass
 class SDBatch:
     latents: torch.Tensor  # (B, C, h, w), scaled
-    cond: torch.Tensor  # (B, L, D) text embeddings of the prompts
+    cond: SDCond  # the prompts' conditioning (B rows)
     mask: torch.Tensor | None  # (B, h, w) float {0, 1}: the concept's latent pixels; None without masks
 
 
+# the UNet's training target per ``scheduler.config.prediction_type``: f(scheduler, z_0, eps, t) -> (B, C, h, w)
+TARGETS = {"epsilon": lambda scheduler, latents, noise, t: noise,
+           "v_prediction": lambda scheduler, latents, noise, t: scheduler.get_velocity(latents, noise, t),
+           "sample": lambda scheduler, latents, noise, t: latents}
+
+
 class SDAdapter:
+    """SD 1.x / 2.x (and the world SD): one CLIP text encoder, the UNet conditioned on its hidden states."""
     family = "stable-diffusion"
+    pipeline_class = "StableDiffusionPipeline"  # model_index.json's _class_name
+    components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # what the adapter uses
+    load_options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     lora_targets = LORA_PARTS["attn"]
 
     def __init__(self, pipe, name: str = ""):
@@ -61,14 +125,19 @@ class SDAdapter:
 
         self.pipe, self.name = pipe, name or "stable-diffusion"
         self.model = pipe.unet
-        for part in (pipe.vae, pipe.text_encoder):
-            part.requires_grad_(False).eval()
+        for part in pipe.components.values():  # VAE, text encoder(s): frozen
+            if isinstance(part, torch.nn.Module) and part is not pipe.unet:
+                part.requires_grad_(False).eval()
         # training noise schedule: the pipeline's betas under DDPM (what SD is trained with)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in TARGETS:
+            raise ValueError(f"{self.name}: scheduler prediction_type {self.prediction_type!r} is not supported; "
+                             f"supported: {', '.join(TARGETS)}")
         self.factor = int(pipe.vae_scale_factor)  # 2 ** (len(vae.config.block_out_channels) - 1)
         self.resolution = int(pipe.unet.config.sample_size) * self.factor
         self._latents: dict = {}
-        self._cond: dict[str, torch.Tensor] = {}
+        self._cond: dict[str, SDCond] = {}
         self._masks: dict = {}
 
     @property
@@ -83,12 +152,18 @@ class SDAdapter:
 
     # ----------------------------------------------------------------- inputs
     @torch.no_grad()
-    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) text embeddings as the pipeline computes them (cached per prompt)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond]
+    def text_embeddings(self, prompts: list[str]) -> SDCond:
+        """The prompts' conditioning (B rows) as the pipeline computes it (cached per prompt); the empty
+        prompt is the pipeline's unconditional input of classifier-free guidance."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cond))
         if missing:
-            self._cond.update(zip(missing, encode_prompts(self.pipe, missing)))
-        return torch.stack([self._cond[p] for p in prompts]).to(self.device)
+            cond = self.encode_text(missing)
+            self._cond.update((p, cond[i:i + 1]) for i, p in enumerate(missing))
+        return SDCond.cat([self._cond[p] for p in prompts]).to(self.device)
+
+    def encode_text(self, prompts: list[str]) -> SDCond:
+        """Uncached conditioning of ``prompts``: the text encoder's hidden states."""
+        return SDCond(encode_prompts(self.pipe, prompts))
 
     def image(self, record: SDRecord) -> np.ndarray:
         """The record's image resized and centre-cropped to the model's resolution, (R, R, 3) uint8."""
@@ -121,7 +196,7 @@ class SDAdapter:
 
     def encode(self, records: list[SDRecord], prompts: list[str] | None = None,
                masks: MaskOptions | None = None) -> SDBatch:
-        """The records' latents and text embeddings (``prompts``: other prompts than theirs), and their
+        """The records' latents and conditioning (``prompts``: other prompts than theirs), and their
         concept masks built with ``masks`` (None: no masks)."""
         prompts = [r.prompt for r in records] if prompts is None else prompts
         return SDBatch(self.latents(records), self.text_embeddings(prompts),
@@ -136,14 +211,20 @@ class SDAdapter:
         t = t.to(latents.device)
         return eps, t, self.noise_scheduler.add_noise(latents, eps, t)
 
-    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, model=None) -> torch.Tensor:
-        """eps_theta(z_t, c, t), (B, C, h, w); ``model`` defaults to the UNet being trained."""
-        return (model or self.model)(z_t, t, encoder_hidden_states=cond).sample
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: SDCond, model=None) -> torch.Tensor:
+        """The UNet's output y_theta(z_t, c, t), (B, C, h, w), in the space of :meth:`target`; ``model``
+        defaults to the UNet being trained."""
+        return (model or self.model)(z_t, t, **cond.unet_kwargs()).sample
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What :meth:`predict` is trained to output for ``z_t = add_noise(latents, noise, t)``: (B, C, h, w),
+        per the scheduler's prediction_type (noise, velocity or the clean latents)."""
+        return TARGETS[self.prediction_type](self.noise_scheduler, latents, noise, t)
 
     def pixel_error(self, batch: SDBatch, generator: torch.Generator | None, model=None) -> torch.Tensor:
-        """e_x = mean over channels of (eps - eps_theta(z_t, c, t))^2: (B, h, w)."""
+        """e_x = mean over channels of (y - y_theta(z_t, c, t))^2: (B, h, w), y = :meth:`target`."""
         eps, t, z_t = self.noise(batch.latents, generator)
-        return (eps - self.predict(z_t, t, batch.cond, model)).float().pow(2).mean(1)
+        return (self.target(batch.latents, eps, t) - self.predict(z_t, t, batch.cond, model)).float().pow(2).mean(1)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 25,
@@ -154,10 +235,14 @@ class SDAdapter:
 
 
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings (N, max_length, hidden) exactly as the pipeline computes them (no attention mask)."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    """Text embeddings (N, max_length, hidden) exactly as `StableDiffusionPipeline.encode_prompt` computes
+    them: the last hidden states, with the padding's attention mask only where the text encoder's config
+    asks for it (``use_attention_mask``; SD 1.x and 2.x do not)."""
+    enc = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt")
+    device = pipe.text_encoder.device
+    mask = enc.attention_mask.to(device) if getattr(pipe.text_encoder.config, "use_attention_mask", False) else None
+    return pipe.text_encoder(enc.input_ids.to(device), attention_mask=mask)[0]
 
 
 @torch.no_grad()
@@ -178,13 +263,85 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: 
     return np.concatenate(out)
 
 
+class SDXLAdapter(SDAdapter):
+    """SDXL: two CLIP text encoders (their penultimate hidden states concatenated, (B, 77, D1 + D2)),
+    the second's pooled projection and the time ids as added conditioning (``addition_embed_type
+    "text_time"``), as `StableDiffusionXLPipeline.encode_prompt` computes them. The time ids are those
+    the pipeline samples with at the model's resolution R: original size (R, R), crop (0, 0), target
+    (R, R); the records' images are resized and centre-cropped to R, so that is what they are."""
+    family = "stable-diffusion-xl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    load_options = {}
+
+    def __init__(self, pipe, name: str = ""):
+        super().__init__(pipe, name or "stable-diffusion-xl")
+        r = self.resolution
+        self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32)  # (1, 6)
+        config = pipe.unet.config
+        if config.addition_embed_type != "text_time":
+            raise ValueError(f"{self.name}: an SDXL UNet takes addition_embed_type 'text_time', this one "
+                             f"{config.addition_embed_type!r}; is it an SDXL checkpoint?")
+        passed = config.addition_time_embed_dim * self.time_ids.shape[1] + pipe.text_encoder_2.config.projection_dim
+        if passed != pipe.unet.add_embedding.linear_1.in_features:
+            raise ValueError(f"{self.name}: the UNet's added conditioning takes {pipe.unet.add_embedding.linear_1.in_features}"
+                             f" features, but 6 time ids x {config.addition_time_embed_dim} + the pooled text "
+                             f"projection {pipe.text_encoder_2.config.projection_dim} make {passed}")
+
+    def encode_text(self, prompts: list[str]) -> SDCond:
+        """Both encoders' penultimate hidden states (B, L, D1 + D2), the pooled projection (B, P), the time
+        ids (B, 6); the empty prompt is zeros where the pipeline's ``force_zeros_for_empty_prompt`` says so
+        (its unconditional input of classifier-free guidance)."""
+        text, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe.text_encoder.device,
+                                                     do_classifier_free_guidance=False)
+        if self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            empty = torch.tensor([p == "" for p in prompts], device=text.device)
+            text = text.masked_fill(empty[:, None, None], 0)
+            pooled = pooled.masked_fill(empty[:, None], 0)
+        return SDCond(text, pooled, self.time_ids.to(text.device, text.dtype).expand(len(prompts), -1))
+
+
 PIPELINE_FILE = "model_index.json"  # what marks a directory as a diffusers pipeline
+ADAPTERS = {a.pipeline_class: a for a in (SDAdapter, SDXLAdapter)}  # model_index.json's _class_name -> adapter
+KINDS = "StableDiffusionPipeline (SD 1.x, SD 2.x), StableDiffusionXLPipeline (SDXL)"
+
+
+def adapter_class(model) -> type[SDAdapter]:
+    """The adapter for a pipeline directory or hub id, from its model_index.json: a pipeline of another
+    kind (SD3, Flux, an img2img pipeline, ...) or one that lacks a part the adapter uses is an error
+    naming what is missing."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(model)
+    name = config.get("_class_name")
+    parts = sorted(k for k, v in config.items() if not k.startswith("_") and isinstance(v, (list, tuple))
+                   and v[0] is not None)
+    adapter = ADAPTERS.get(name)
+    if adapter is not None:
+        missing = [c for c in adapter.components if c not in parts]
+        if not missing:
+            return adapter
+        raise ValueError(f"{model}: a {name} needs {', '.join(adapter.components)}; model_index.json has no "
+                         f"{', '.join(missing)} (its parts: {', '.join(parts)})")
+    needed = ", ".join(c for c in SDXLAdapter.components if c not in parts) or "nothing of the parts"
+    raise ValueError(f"{model}: model_index.json names a {name or 'pipeline without _class_name'}, which is not a "
+                     f"supported Stable Diffusion pipeline (supported: {KINDS}: a UNet2DConditionModel 'unet' "
+                     f"conditioned on CLIP text encoders). Its parts: {', '.join(parts) or 'none'}; missing for "
+                     f"SDXL: {needed}")
+
+
+def make_adapter(pipe, name: str = "") -> SDAdapter:
+    """The adapter of a loaded pipeline (by its class)."""
+    adapter = ADAPTERS.get(type(pipe).__name__)
+    if adapter is None:
+        raise ValueError(f"{type(pipe).__name__} is not a supported Stable Diffusion pipeline (supported: {KINDS})")
+    return adapter(pipe, name)
 
 
 def load_sd_pipeline(model):
-    """A `StableDiffusionPipeline` from a local directory or a hub id (the world SD: resolve "world"
-    with :func:`unlearn.world.source.resolve_model` first)."""
-    from diffusers import StableDiffusionPipeline
+    """A supported SD pipeline (:data:`ADAPTERS`) from a local directory or a hub id, of the class its
+    model_index.json names (the world SD: resolve "world" with :func:`unlearn.world.source.resolve_model` first)."""
+    import diffusers
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled
 
@@ -192,11 +349,11 @@ def load_sd_pipeline(model):
         diffusers_logging.disable_progress_bar()
 
     model = checked_source(model, PIPELINE_FILE)
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    adapter = adapter_class(model)
+    pipe = getattr(diffusers, adapter.pipeline_class).from_pretrained(model, **adapter.load_options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def load_sd_adapter(model) -> SDAdapter:
-    return SDAdapter(load_sd_pipeline(model), name=str(model))
+    return make_adapter(load_sd_pipeline(model), name=str(model))
