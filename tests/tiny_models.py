@@ -40,16 +40,23 @@ def tiny_llava(image_size: int = 32, patch_size: int = 8, seed: int = 0):
     return LlavaForConditionalGeneration(cfg).eval(), processor
 
 
-def qwen_tokenizer():
-    """A byte-level BPE tokenizer (as Qwen's) trained offline on the world's texts."""
+def bpe_tokenizer(specials: list[str], chat_template: str, extra_texts: tuple[str, ...] = (), **named):
+    """A byte-level BPE tokenizer (as Qwen's, Llama-3's, Gemma's) trained offline on the world's texts;
+    ``specials`` are special tokens, ``named``: eos_token=..., pad_token=..., extra_special_tokens=... ."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=QWEN_SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(world_corpus() + ["user\nassistant\n"] * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=QWEN_SPECIALS[1:], chat_template=QWEN_CHAT_TEMPLATE)
+    tok.train_from_iterator(world_corpus() + list(extra_texts) * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=specials[1:],
+                                   chat_template=chat_template, **named)
+
+
+def qwen_tokenizer():
+    """Qwen's byte-level BPE tokenizer with its special tokens and conversation format."""
+    return bpe_tokenizer(QWEN_SPECIALS, QWEN_CHAT_TEMPLATE, ("user\nassistant\n",), eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
 
 
 def tiny_qwen2vl(seed: int = 0):
