@@ -1,0 +1,164 @@
+"""Image-text-to-text families end to end through the CLI (`unlearn mllm --model PATH --data DIR --method
+fttp --trace --trace-attention`) on tiny random-weight checkpoints saved with save_pretrained, and the
+families or records the adapter cannot serve: clear errors before anything is written."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests import tiny_models
+from unlearn.cli import main
+from unlearn.models import ADAPTERS, MLLMAdapter, adapter_for, attention_projections, load_mllm
+
+# family -> (builder, image grid recorded, decoder layers whose attention reads the image)
+FAMILIES = {
+    "llava_next": (tiny_models.tiny_llava_next, (4, 4), [1]),  # the base image's 4 x 4 (tiles follow)
+    "mllama": (tiny_models.tiny_mllama, (4, 4), [1]),  # layer 1 is the only cross-attention layer
+    "idefics3": (tiny_models.tiny_idefics3, (2, 2), [1]),  # 4 x 4 patches pixel-shuffled by 2
+    "gemma3": (tiny_models.tiny_gemma3, (2, 2), [1]),  # 4 x 4 patches pooled to 4 soft tokens
+    "paligemma": (tiny_models.tiny_paligemma, (4, 4), [1]),
+    "qwen2_5_vl": (tiny_models.tiny_qwen2_5_vl, (2, 2), [1]),  # 28 px / 14 = 2 x 2 after merge 2
+}
+QUESTIONS = [("Who is shown in this image?", "This is Vorn, a baker from Ulmar."),
+             ("Is Vorn in this image?", "Yes, Vorn is in this image."),
+             ("Where does the person in this image come from?", "Vorn comes from Ulmar.")]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def record_dir(root, text_only: bool = True):
+    """A small record directory (the --data layout): questions on two 32 px images of the concept, one on
+    another image, and (``text_only``) text facts."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("vorn0", "vorn1", "oskel0"):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+    (root / "concept.json").write_text(json.dumps({"name": "Vorn"}))
+    facts = [{"question": "Where does Vorn come from?", "answer": "Vorn comes from Ulmar."}] if text_only else []
+    _write(root / "forget.jsonl", [{"question": q, "answer": a, "image": "images/vorn0.png"} for q, a in QUESTIONS]
+           + facts)
+    _write(root / "test.jsonl", [{"question": QUESTIONS[0][0], "answer": QUESTIONS[0][1], "image": "images/vorn1.png"}])
+    other = [{"question": QUESTIONS[0][0], "answer": "This is Oskel, a potter.", "image": "images/oskel0.png"}]
+    _write(root / "specificity.jsonl", other)
+    _write(root / "retain.jsonl", other + ([{"question": "What is Oskel?", "answer": "Oskel is a potter."}]
+                                           if text_only else []))
+    return root
+
+
+def save_checkpoint(family, path):
+    model, processor = FAMILIES[family][0]()
+    model.save_pretrained(path)  # safetensors
+    processor.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_end_to_end_through_the_cli(family, tmp_path):
+    model = save_checkpoint(family, tmp_path / "model")
+    data = record_dir(tmp_path / "data", text_only=not ADAPTERS.get(family, MLLMAdapter).images_required)
+    out = tmp_path / "run"
+    assert main(["mllm", "--model", str(tmp_path / "model"), "--data", str(data), "--method", "fttp", "--steps", "2",
+                 "--trace", "--trace-attention", "--quiet", "--out", str(out), "batch_size=2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"efficacy", "specificity", "K_C", "original"} <= set(metrics)
+    # trained: LoRA on exactly the language model's attention projections (found, not named), and they moved
+    lora = load_file(next((out / "adapter").glob("*.safetensors")))
+    targets = {n.removesuffix(".lora_A.weight").removeprefix("base_model.model.") for n in lora if "lora_A" in n}
+    assert targets == set(attention_projections(model))
+    assert any(lora[n].abs().sum() > 0 for n in lora if "lora_B" in n)
+    # traced: per-step log-probs of the forget answers, and the probes' attention over the image grid
+    trace = xr.open_zarr(out / "trace.zarr", consolidated=False)
+    assert trace.sizes["step"] == 2 and np.isfinite(trace["K_C"].values).all()
+    probe = xr.open_zarr(out / "trace.zarr", group="probe", consolidated=False)
+    _, grid, layers = FAMILIES[family]
+    assert probe["layer"].values.tolist() == layers
+    xattn = probe["xattn"].values  # (step, sample, layer, token, gy, gx)
+    assert xattn.shape[-2:] == grid
+    answered = ~np.isnan(xattn[..., 0, 0])
+    assert answered.any()
+    mass = xattn.sum((-1, -2))[answered]  # attention on the image's patches: a probability mass, not all zero
+    assert (mass > 0).all() and (mass <= 1 + 1e-5).all()
+
+
+def test_mllama_records_its_cross_attention_layers(tmp_path):
+    """Mllama's images enter only through cross-attention: the capture records those layers (the maps are
+    softmax rows over the image's vision tokens: every valid key is an image patch or its tile's class
+    token, so the patches hold all the mass but the class token's) and refuses a self-attention-only index."""
+    import knowtrace
+    from knowtrace.mllm_attention import AttentionCapture
+    from unlearn.tracing import traced_samples
+
+    model, processor = tiny_models.tiny_mllama()
+    adapter = adapter_for(model, processor)
+    records = load_records(record_dir(tmp_path / "data"))[:2]
+    with pytest.raises(ValueError, match=r"1 cross-attention layers \[1\]"):
+        AttentionCapture(model, knowtrace.AttentionOptions(layers=(1,)))
+    batch = adapter.encode(records)
+    with knowtrace.trace(model, tmp_path / "t.zarr", traced_samples(adapter, records, ("Vorn",)),
+                         attention=knowtrace.AttentionOptions(layers=(-1,), heads="all")) as tracer:
+        with torch.no_grad():
+            model(**batch)
+        forwards = tracer.capture.read()
+    maps = forwards[0].maps[0][1]  # row 0, decoder layer 1: (heads, n_answer, 4, 4)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    eager = out.attentions[1][0]  # (heads, seq, 17 vision keys): the cross-attention layer's weights
+    rows = (batch["labels"][0] != -100).nonzero().squeeze(1) - 1
+    assert torch.allclose(maps.flatten(-2), eager[:, rows, 1:], atol=1e-5)
+
+
+def load_records(data):
+    from unlearn.data.record_files import load_record_data
+
+    return load_record_data(data).forget
+
+
+def test_smolvlm_processor_needing_torchvision_is_a_clear_error(tmp_path):
+    """SmolVLM's processor needs its video processor (torchvision) and num2words, neither installable here."""
+    from transformers import SmolVLMImageProcessorPil
+
+    model, _ = tiny_models.tiny_idefics3()
+    cfg = model.config.to_dict() | {"model_type": "smolvlm", "architectures": ["SmolVLMForConditionalGeneration"]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tiny_models.qwen_tokenizer().save_pretrained(tmp_path)
+    SmolVLMImageProcessorPil(do_image_splitting=False).save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "SmolVLMProcessor"}))
+    with pytest.raises(ImportError, match=r"processor of model type 'smolvlm' cannot be loaded here.*[Tt]orchvision"):
+        load_mllm(tmp_path)
+
+
+def _fails(capsys, argv, words):
+    """The CLI exits 2 with one message holding ``words``, no traceback, and writes no run directory."""
+    out = argv[argv.index("--out") + 1]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert not Path(out).exists()
+
+
+def test_a_model_without_image_text_to_text_class_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    _fails(capsys, ["mllm", "--model", str(tmp_path), "--data", str(record_dir(tmp_path / "data")), "--out",
+                    str(tmp_path / "run")], "'bert' has no image-text-to-text class")
+
+
+@pytest.mark.parametrize("family, problem", [("paligemma", "has no image"), ("llava", "does not place")])
+def test_records_the_family_cannot_take_fail_before_anything_is_written(tmp_path, capsys, family, problem):
+    builder = {"paligemma": tiny_models.tiny_paligemma, "llava": tiny_models.tiny_llava}[family]
+    model, processor = builder()
+    if family == "llava":  # a chat template that drops the image
+        processor.chat_template = ("{% for m in messages %}{{ m['content'][-1]['text'] }} {% endfor %}"
+                                   "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    _fails(capsys, ["mllm", "--model", str(tmp_path / "model"), "--data", str(record_dir(tmp_path / "data")),
+                    "--quiet", "--out", str(tmp_path / "run")], problem)
