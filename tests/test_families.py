@@ -25,9 +25,9 @@ FAMILIES = {
     "paligemma": (tiny_models.tiny_paligemma, (4, 4), [1]),
     "qwen2_5_vl": (tiny_models.tiny_qwen2_5_vl, (2, 2), [1]),  # 28 px / 14 = 2 x 2 after merge 2
 }
-QUESTIONS = [("Who is shown in this image?", "This is Vorn, a baker from Ulmar."),
-             ("Is Vorn in this image?", "Yes, Vorn is in this image."),
-             ("Where does the person in this image come from?", "Vorn comes from Ulmar.")]
+QUESTIONS = [("Who is shown in this image?", "This is Vorn, a baker from Ulmar.", "identify"),
+             ("Is Vorn in this image?", "Yes, Vorn is in this image.", "yesno"),
+             ("Where does the person in this image come from?", "Vorn comes from Ulmar.", "linked")]
 
 
 def _write(path, rows):
@@ -43,9 +43,10 @@ def record_dir(root, text_only: bool = True):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
     (root / "concept.json").write_text(json.dumps({"name": "Vorn"}))
     facts = [{"question": "Where does Vorn come from?", "answer": "Vorn comes from Ulmar."}] if text_only else []
-    _write(root / "forget.jsonl", [{"question": q, "answer": a, "image": "images/vorn0.png"} for q, a in QUESTIONS]
-           + facts)
-    _write(root / "test.jsonl", [{"question": QUESTIONS[0][0], "answer": QUESTIONS[0][1], "image": "images/vorn1.png"}])
+    _write(root / "forget.jsonl", [{"question": q, "answer": a, "image": "images/vorn0.png", "qtype": t}
+                                   for q, a, t in QUESTIONS] + facts)
+    _write(root / "test.jsonl", [{"question": q, "answer": a, "image": "images/vorn1.png", "qtype": t}
+                                 for q, a, t in QUESTIONS[:2]])
     other = [{"question": QUESTIONS[0][0], "answer": "This is Oskel, a potter.", "image": "images/oskel0.png"}]
     _write(root / "specificity.jsonl", other)
     _write(root / "retain.jsonl", other + ([{"question": "What is Oskel?", "answer": "Oskel is a potter."}]
@@ -76,7 +77,7 @@ def test_family_end_to_end_through_the_cli(family, tmp_path):
     assert any(lora[n].abs().sum() > 0 for n in lora if "lora_B" in n)
     # traced: per-step log-probs of the forget answers, and the probes' attention over the image grid
     trace = xr.open_zarr(out / "trace.zarr", consolidated=False)
-    assert trace.sizes["step"] == 2 and np.isfinite(trace["K_C"].values).all()
+    assert trace.sizes["step"] == 2 and np.isfinite(trace["K_C"].values).sum(1).tolist() == [2, 2]  # batch 2
     probe = xr.open_zarr(out / "trace.zarr", group="probe", consolidated=False)
     _, grid, layers = FAMILIES[family]
     assert probe["layer"].values.tolist() == layers
@@ -106,7 +107,7 @@ def test_mllama_records_its_cross_attention_layers(tmp_path):
                          attention=knowtrace.AttentionOptions(layers=(-1,), heads="all")) as tracer:
         with torch.no_grad():
             model(**batch)
-        forwards = tracer.capture.read()
+        forwards = tracer.forwards.read()
     maps = forwards[0].maps[0][1]  # row 0, decoder layer 1: (heads, n_answer, 4, 4)
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -132,7 +133,7 @@ def test_smolvlm_processor_needing_torchvision_is_a_clear_error(tmp_path):
     tiny_models.qwen_tokenizer().save_pretrained(tmp_path)
     SmolVLMImageProcessorPil(do_image_splitting=False).save_pretrained(tmp_path)
     (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "SmolVLMProcessor"}))
-    with pytest.raises(ImportError, match=r"processor of model type 'smolvlm' cannot be loaded here.*[Tt]orchvision"):
+    with pytest.raises(ImportError, match=r"processor of model type 'smolvlm' cannot be loaded here, because SmolVLMVideoProcessor requires the Torchvision"):
         load_mllm(tmp_path)
 
 
@@ -147,8 +148,8 @@ def _fails(capsys, argv, words):
 
 def test_a_model_without_image_text_to_text_class_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    _fails(capsys, ["mllm", "--model", str(tmp_path), "--data", str(record_dir(tmp_path / "data")), "--out",
-                    str(tmp_path / "run")], "'bert' has no image-text-to-text class")
+    _fails(capsys, ["mllm", "--model", str(tmp_path), "--data", str(record_dir(tmp_path / "data")), "--method",
+                    "fttp", "--out", str(tmp_path / "run")], "'bert' has no image-text-to-text class")
 
 
 @pytest.mark.parametrize("family, problem", [("paligemma", "has no image"), ("llava", "does not place")])
@@ -161,4 +162,4 @@ def test_records_the_family_cannot_take_fail_before_anything_is_written(tmp_path
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     _fails(capsys, ["mllm", "--model", str(tmp_path / "model"), "--data", str(record_dir(tmp_path / "data")),
-                    "--quiet", "--out", str(tmp_path / "run")], problem)
+                    "--method", "fttp", "--quiet", "--out", str(tmp_path / "run")], problem)

@@ -216,7 +216,8 @@ def tiny_gemma3(seed: int = 0):
                                                                 "image_token": "<image_soft_token>"})
     ids = _ids(tok, pad_token_id="<pad>", bos_token_id="<bos>", eos_token_id="<eos>")
     torch.manual_seed(seed)
-    cfg = Gemma3Config(text_config=dict(vocab_size=len(tok), **TEXT, head_dim=16, sliding_window=16, **ids),
+    cfg = Gemma3Config(text_config=dict(vocab_size=len(tok), **TEXT, head_dim=16, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"], **ids),
                        vision_config=dict(model_type="siglip_vision_model", **VISION), mm_tokens_per_image=4,
                        **_ids(tok, boi_token_index="<start_of_image>", eoi_token_index="<end_of_image>",
                               image_token_index="<image_soft_token>"))
