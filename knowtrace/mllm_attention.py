@@ -55,7 +55,9 @@ _CAPTURES: dict[int, "AttentionCapture"] = {}  # id(language model config) -> it
 
 @dataclass(frozen=True)
 class AttentionOptions:
-    """What to record. ``layers``: decoder layer indices (negative counts from the end);
+    """What to record. ``layers``: indices into the decoder layers that attend to the image (negative
+    counts from the end): every decoder layer, or a cross-attention model's cross-attention layers
+    (Mllama: -1 is the last of them); the trace's ``layer`` coordinate holds decoder layer indices;
     ``heads``: "mean" (the head mean, variable ``xattn``) or "all" (also ``xattn_head`` with a
     ``head`` dim); ``on_steps``: record on training steps' forwards too (False: probes only);
     ``grid``: the patch grid (y, x) when it cannot be read from the config before the first capture."""
@@ -298,8 +300,14 @@ class AttentionCapture(Capture):
         self.recording = True
 
     def read(self) -> list[dict[int, torch.Tensor]]:
-        """The maps of the forward recorded since :meth:`begin`, per batch row; recording stops."""
-        maps, self.maps, self._targets, self.recording = self.maps, [], [], False
+        """The maps of the forward recorded since :meth:`begin`, per batch row; recording stops. A row with
+        a target that a chosen layer left without a map is an error: that layer's attention did not go
+        through the capturing function."""
+        maps, targets = self.maps, self._targets
+        self.maps, self._targets, self.recording = [], [], False
+        for target, row in zip(targets, maps):
+            if target is not None:
+                stack_layers(row, self.layers)  # raises, naming the layers
         return maps
 
     @torch.no_grad()
@@ -334,7 +342,7 @@ def stack_layers(maps: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.
     """(layer, heads, n_answer, gy, gx) from one row's maps, in the order of ``layers``."""
     missing = [i for i in layers if i not in maps]
     if missing:
-        raise RuntimeError(f"layers {missing} recorded nothing in this forward: their attention modules do not call "
-                           f"transformers' attention interface (ALL_ATTENTION_FUNCTIONS) with the language model's "
-                           f"config, so this model's attention cannot be captured; trace without attention")
+        raise RuntimeError(f"decoder layers {missing} recorded nothing in this forward: their attention modules do not "
+                           f"call transformers' attention interface (ALL_ATTENTION_FUNCTIONS) with the language "
+                           f"model's config, so this model's attention cannot be captured; trace without attention")
     return torch.stack([maps[i] for i in layers])

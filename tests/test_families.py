@@ -163,3 +163,30 @@ def test_records_the_family_cannot_take_fail_before_anything_is_written(tmp_path
     processor.save_pretrained(tmp_path / "model")
     _fails(capsys, ["mllm", "--model", str(tmp_path / "model"), "--data", str(record_dir(tmp_path / "data")),
                     "--method", "fttp", "--quiet", "--out", str(tmp_path / "run")], problem)
+
+
+def test_attention_that_bypasses_the_attention_interface_is_a_clear_error(tmp_path):
+    """A layer whose attention does not call transformers' attention interface records nothing: the
+    recorded forward is an error naming the layer, not a trace of NaN maps."""
+    import knowtrace
+    from unlearn.tracing import traced_samples
+
+    model, processor = tiny_models.tiny_gemma3()
+    adapter = adapter_for(model, processor)
+    records = load_records(record_dir(tmp_path / "data"))[:2]
+    attention = model.get_decoder().layers[1].self_attn
+    attention.forward = lambda hidden_states, **kwargs: (attention.o_proj(attention.q_proj(hidden_states)), None)
+    with knowtrace.trace(model, tmp_path / "t.zarr", traced_samples(adapter, records, ("Vorn",)),
+                         attention=knowtrace.AttentionOptions(layers=(0, 1))):
+        with pytest.raises(RuntimeError, match=r"decoder layers \[1\] recorded nothing.*attention interface"):
+            with torch.no_grad():
+                model(**adapter.encode(records))
+
+
+def test_tiles_are_assembled_row_major_into_one_grid():
+    """Mllama's vision keys per tile: a class token, then side x side patches; a (1, 2)-tile image is one
+    (2, 4) grid whose rows run across both tiles."""
+    from knowtrace.mllm_attention import _tile_columns
+
+    assert _tile_columns((1, 2), 2).tolist() == [1, 2, 6, 7, 3, 4, 8, 9]
+    assert _tile_columns((2, 1), 2).tolist() == [1, 2, 3, 4, 6, 7, 8, 9]

@@ -1,4 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL.
+"""Qwen2-VL and Qwen2.5-VL: the generic adapter with its processor replaced (:meth:`load_processor`,
+:meth:`prepare`).
 
 Their `Qwen2VLProcessor` needs torchvision (its video processor), which cannot be installed here, so
 inputs are built from the PIL image processor (`Qwen2VLImageProcessorPil`, the same resizing and
