@@ -64,16 +64,15 @@ def qwen_tokenizer():
                          pad_token="<|endoftext|>")
 
 
-def tiny_qwen2vl(seed: int = 0):
-    """(Qwen2VLForConditionalGeneration, Qwen2VLInputs): patch 14, merge 2, like the real model."""
+def _qwen(config_class, vision_config: dict, kv_heads: int):
+    """(config, Qwen2VLInputs) of a tiny Qwen2-VL-like model: the byte-level tokenizer, a 2-layer 32-wide
+    language model with M-RoPE, and the PIL image processor at 56 px (patch 14, merge 2: 4 positions)."""
     tok = qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    torch.manual_seed(seed)
-    cfg = Qwen2VLConfig(
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
+    cfg = config_class(
+        vision_config=vision_config,
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=ids["<|endoftext|>"],
+                         num_attention_heads=2, num_key_value_heads=kv_heads, pad_token_id=ids["<|endoftext|>"],
                          bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -81,27 +80,25 @@ def tiny_qwen2vl(seed: int = 0):
     )
     image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                                size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
-    return Qwen2VLForConditionalGeneration(cfg).eval(), Qwen2VLInputs(tok, image_processor)
+    return cfg, Qwen2VLInputs(tok, image_processor)
+
+
+def tiny_qwen2vl(seed: int = 0):
+    """(Qwen2VLForConditionalGeneration, Qwen2VLInputs): patch 14, merge 2, like the real model."""
+    cfg, inputs = _qwen(Qwen2VLConfig, dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14,
+                                            spatial_merge_size=2, temporal_patch_size=2), kv_heads=2)
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(cfg).eval(), inputs
 
 
 def tiny_qwen2_5_vl(seed: int = 0):
     """(Qwen2_5_VLForConditionalGeneration, Qwen2VLInputs): Qwen2-VL's tokenizer and image processor, the
-    2.5 vision tower (window attention, one full-attention block)."""
-    _, inputs = tiny_qwen2vl()
-    tok = inputs.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    2.5 vision tower (window attention, one full-attention block), grouped-query attention."""
+    cfg, inputs = _qwen(Qwen2_5_VLConfig, dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                               out_hidden_size=32, patch_size=14, spatial_merge_size=2,
+                                               temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0]),
+                        kv_heads=1)
     torch.manual_seed(seed)
-    cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[0]),
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=ids["<|endoftext|>"],
-                         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
     return Qwen2_5_VLForConditionalGeneration(cfg).eval(), inputs
 
 
