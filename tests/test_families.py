@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tests import tiny_models
 from unlearn.cli import main
-from unlearn.models import ADAPTERS, MLLMAdapter, adapter_for, attention_projections, load_mllm
+from unlearn.models import ADAPTERS, MLLMAdapter, adapter_for, attention_projections
 
 # family -> (builder, image grid recorded, decoder layers whose attention reads the image)
 FAMILIES = {
@@ -123,7 +123,7 @@ def load_records(data):
     return load_record_data(data).forget
 
 
-def test_smolvlm_processor_needing_torchvision_is_a_clear_error(tmp_path):
+def test_smolvlm_processor_needing_torchvision_is_a_clear_error(tmp_path, capsys):
     """SmolVLM's processor needs its video processor (torchvision) and num2words, neither installable here."""
     from transformers import SmolVLMImageProcessorPil
 
@@ -133,8 +133,10 @@ def test_smolvlm_processor_needing_torchvision_is_a_clear_error(tmp_path):
     tiny_models.qwen_tokenizer().save_pretrained(tmp_path)
     SmolVLMImageProcessorPil(do_image_splitting=False).save_pretrained(tmp_path)
     (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "SmolVLMProcessor"}))
-    with pytest.raises(ImportError, match=r"processor of model type 'smolvlm' cannot be loaded here, because SmolVLMVideoProcessor requires the Torchvision"):
-        load_mllm(tmp_path)
+    _fails(capsys, ["mllm", "--model", str(tmp_path), "--data", str(record_dir(tmp_path / "data")), "--method", "fttp",
+                    "--quiet", "--out", str(tmp_path / "run")],
+           "processor of model type 'smolvlm' cannot be loaded here, because SmolVLMVideoProcessor requires the "
+           "Torchvision library")
 
 
 def _fails(capsys, argv, words):

@@ -45,7 +45,7 @@ def load_mllm(model) -> MLLMAdapter:
     try:
         processor = cls.load_processor(model)
     except (ImportError, ModuleNotFoundError) as e:  # e.g. a video processor that needs torchvision
-        raise ImportError(f"{model}: the processor of model type {config.model_type!r} cannot be loaded here, because "
+        raise ValueError(f"{model}: the processor of model type {config.model_type!r} cannot be loaded here, because "
                           f"{' '.join(str(e).split())}".rstrip(".") + "; install what it names, or declare an adapter for the family that "
                           f"builds its inputs without it (as Qwen2-VL's does)") from e
     if getattr(processor, "image_processor", None) is None:
