@@ -20,7 +20,7 @@ from unlearn.models import ADAPTERS, MLLMAdapter, adapter_for, attention_project
 FAMILIES = {
     "llava_next": (tiny_models.tiny_llava_next, (4, 4), [1]),  # the base image's 4 x 4 (tiles follow)
     "mllama": (tiny_models.tiny_mllama, (4, 4), [1]),  # layer 1 is the only cross-attention layer
-    "idefics3": (tiny_models.tiny_idefics3, (2, 2), [1]),  # 4 x 4 patches pixel-shuffled by 2
+    "idefics3": (tiny_models.tiny_idefics3, (2, 2), [1]),  # the global image's 4 x 4 patches pixel-shuffled by 2
     "gemma3": (tiny_models.tiny_gemma3, (2, 2), [1]),  # 4 x 4 patches pooled to 4 soft tokens
     "paligemma": (tiny_models.tiny_paligemma, (4, 4), [1]),
     "qwen2_5_vl": (tiny_models.tiny_qwen2_5_vl, (2, 2), [1]),  # 28 px / 14 = 2 x 2 after merge 2
@@ -89,32 +89,49 @@ def test_family_end_to_end_through_the_cli(family, tmp_path):
     assert (mass > 0).all() and (mass <= 1 + 1e-5).all()
 
 
-def test_mllama_records_its_cross_attention_layers(tmp_path):
-    """Mllama's images enter only through cross-attention: the capture records those layers (the maps are
-    softmax rows over the image's vision tokens: every valid key is an image patch or its tile's class
-    token, so the patches hold all the mass but the class token's) and refuses a self-attention-only index."""
+def _global_image(ids, tok):  # Idefics3: the 4 image positions after <global-img> (the tiles come before it)
+    start = int((ids == tok.convert_tokens_to_ids("<global-img>")).nonzero()[0]) + 1
+    return torch.arange(start, start + 4)
+
+
+# family -> (the recorded decoder layer, the attention columns of the image's grid, found independently)
+COLUMNS = {
+    "mllama": (1, lambda ids, tok: torch.arange(1, 17)),  # cross-attention keys: the class token, then 16 patches
+    "idefics3": (1, _global_image),
+    "llava_next": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(COLUMNS))
+def test_maps_are_the_eager_attention_on_the_images_grid(family, tmp_path):
+    """The recorded maps equal eager attention weights over the image's own grid: Mllama's cross-attention
+    layer over the vision keys (a self-attention-only index is refused), Idefics3's global image after the
+    tiles of a split image, LLaVA-NeXT's base image before its high-resolution tiles."""
     import knowtrace
     from knowtrace.mllm_attention import AttentionCapture
     from unlearn.tracing import traced_samples
 
-    model, processor = tiny_models.tiny_mllama()
+    model, processor = FAMILIES[family][0]()
     adapter = adapter_for(model, processor)
     records = load_records(record_dir(tmp_path / "data"))[:2]
-    with pytest.raises(ValueError, match=r"1 cross-attention layers \[1\]"):
-        AttentionCapture(model, knowtrace.AttentionOptions(layers=(1,)))
+    if family == "mllama":
+        with pytest.raises(ValueError, match=r"1 cross-attention layers \[1\]"):
+            AttentionCapture(model, knowtrace.AttentionOptions(layers=(1,)))
     batch = adapter.encode(records)
     with knowtrace.trace(model, tmp_path / "t.zarr", traced_samples(adapter, records, ("Vorn",)),
                          attention=knowtrace.AttentionOptions(layers=(-1,), heads="all")) as tracer:
         with torch.no_grad():
             model(**batch)
         forwards = tracer.forwards.read()
-    maps = forwards[0].maps[0][1]  # row 0, decoder layer 1: (heads, n_answer, 4, 4)
+    layer, columns = COLUMNS[family]
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        out = model(**batch, output_attentions=True)
-    eager = out.attentions[1][0]  # (heads, seq, 17 vision keys): the cross-attention layer's weights
-    rows = (batch["labels"][0] != -100).nonzero().squeeze(1) - 1
-    assert torch.allclose(maps.flatten(-2), eager[:, rows, 1:], atol=1e-5)
+        eager = model(**batch, output_attentions=True).attentions[layer]  # (batch, heads, seq, keys)
+    for row in range(2):
+        maps = forwards[0].maps[row][layer]  # (heads, n_answer, gy, gx)
+        rows = (batch["labels"][row] != -100).nonzero().squeeze(1) - 1
+        cols = columns(batch["input_ids"][row], adapter.tokenizer)
+        assert torch.allclose(maps.flatten(-2), eager[row][:, rows][:, :, cols], atol=1e-5)
 
 
 def load_records(data):

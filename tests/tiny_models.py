@@ -177,8 +177,8 @@ IDEFICS3_TEMPLATE = (
 
 
 def tiny_idefics3(seed: int = 0):
-    """(Idefics3ForConditionalGeneration, Idefics3Processor): no image splitting; 4 x 4 patches pixel-shuffled
-    (scale 2) into 4 image positions."""
+    """(Idefics3ForConditionalGeneration, Idefics3Processor): image splitting into 2 x 2 tiles and the global
+    image, each 4 x 4 patches pixel-shuffled (scale 2) into 4 image positions."""
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
                 "<global-img>"]
     tok = bpe_tokenizer(specials, IDEFICS3_TEMPLATE, ("User:Assistant:",), bos_token="<|im_start|>",
@@ -188,7 +188,8 @@ def tiny_idefics3(seed: int = 0):
     cfg = Idefics3Config(vision_config={k: v for k, v in VISION.items()},
                          text_config=dict(model_type="llama", vocab_size=len(tok), **TEXT, **ids), scale_factor=2,
                          image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=ids["pad_token_id"])
-    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+    # images resized to 64 px and split into 2 x 2 tiles of 32 px, then the global image: 5 x 4 positions
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 64},
                                                 max_image_size={"longest_edge": 32})
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
                                   chat_template=IDEFICS3_TEMPLATE)
