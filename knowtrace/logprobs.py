@@ -101,7 +101,7 @@ class LogProbCapture(Capture):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 raise ValueError("attention capture needs input_ids (image positions are found from them)")
-            self.attention.begin(input_ids, labels, kwargs.get("image_grid_thw"))
+            self.attention.begin(input_ids, labels, kwargs.get("image_grid_thw"), kwargs.get("aspect_ratio_ids"))
 
     def _end(self, module, args, kwargs, output):
         labels = kwargs.get("labels")

@@ -11,10 +11,25 @@ repeated as ``repeat_kv`` does.
 
 Rows and columns of one recorded forward (:func:`targets`): row ``t`` is the query position
 ``p_t - 1`` that *predicts* answer token ``t`` (shifted like the log-probs, so row t's map is the
-attention that produced ``logprob[t]``); columns are the image-token positions in ``input_ids``,
-reshaped row-major to the patch grid ``(y, x)``: LLaVA ``sqrt(n)`` (its default feature strategy drops
-CLS), Qwen2-VL ``(h / merge, w / merge)`` from ``image_grid_thw``. One image per sample. Several models
-can be captured at once: the function finds its capture by the identity of the module's config.
+attention that produced ``logprob[t]``); columns are one image's patches, reshaped row-major to the
+patch grid ``(y, x)``. Where they are (:class:`ImageLayout`, by ``model_type``; derived from the config
+and the forward's inputs, declared per family only where the position order is the family's own):
+
+- a family whose image features fill image-token positions of the sequence (LLaVA, LLaVA-NeXT,
+  Idefics3 / SmolVLM, Gemma 3, PaliGemma, Qwen2-VL): the positions of the config's ``image_token_id``
+  in ``input_ids``; the grid is ``(h / merge, w / merge)`` from ``image_grid_thw`` (Qwen2-VL), else the
+  square of their count; LLaVA-NeXT records its base image (the first ``image_seq_length``
+  positions; the high-resolution tiles and row newlines follow), Idefics3 / SmolVLM the global image
+  (the last ``image_seq_len``, after the tiles of a split image);
+- a family whose images enter through cross-attention layers (Mllama: the language model config's
+  ``cross_attention_layers``): only those layers attend to the image, so ``layers`` index them and
+  the recorded ones are cross-attention layers; columns are key positions of the vision states, each
+  tile ``1 + side**2`` of them (a class token first), tiles arranged by the sample's aspect ratio.
+
+One image per sample. The capture works wherever the language model's attention modules call
+transformers' attention interface (``ALL_ATTENTION_FUNCTIONS``); a model whose chosen layers record
+nothing in a forward is an error saying so. Several models can be captured at once: the function finds
+its capture by the identity of the module's config.
 """
 
 from __future__ import annotations
@@ -40,7 +55,9 @@ _CAPTURES: dict[int, "AttentionCapture"] = {}  # id(language model config) -> it
 
 @dataclass(frozen=True)
 class AttentionOptions:
-    """What to record. ``layers``: decoder layer indices (negative counts from the end);
+    """What to record. ``layers``: indices into the decoder layers that attend to the image (negative
+    counts from the end): every decoder layer, or a cross-attention model's cross-attention layers
+    (Mllama: -1 is the last of them); the trace's ``layer`` coordinate holds decoder layer indices;
     ``heads``: "mean" (the head mean, variable ``xattn``) or "all" (also ``xattn_head`` with a
     ``head`` dim); ``on_steps``: record on training steps' forwards too (False: probes only);
     ``grid``: the patch grid (y, x) when it cannot be read from the config before the first capture."""
@@ -109,35 +126,89 @@ def config_grid(config) -> tuple[int, int] | None:
     return None
 
 
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where a sample's recorded image patches are. ``part``: which of its image-token positions form
+    the grid: "all", "first" / "last" ``side**2`` of them (the base image before high-resolution tiles;
+    the global image after a split image's tiles); ``cross``: the image enters through cross-attention
+    (columns are vision-state key positions, ``1 + side**2`` per tile, class token first)."""
+
+    part: str = "all"
+    cross: bool = False
+
+
+# the families whose image positions are not simply one image's grid (all others: ImageLayout())
+LAYOUTS = {"llava_next": ImageLayout("first"), "idefics3": ImageLayout("last"), "smolvlm": ImageLayout("last"),
+           "mllama": ImageLayout(cross=True)}
+
+
+def image_side(config) -> int:
+    """Patches per side of one image (tile) in the language model's input: ``image_seq_length`` when the
+    config has it (LLaVA-NeXT), else the vision tower's ``image_size / patch_size`` over the connector's
+    ``scale_factor`` (Idefics3's pixel shuffle; 1 elsewhere)."""
+    n = getattr(config, "image_seq_length", None)
+    if n:
+        return math.isqrt(n)
+    vision = config.vision_config
+    return vision.image_size // vision.patch_size // int(getattr(config, "scale_factor", 1) or 1)
+
+
+def _answer_rows(lab: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    answer = (lab != ignore_index).nonzero().squeeze(1)
+    if answer.numel() and int(answer[0]) == 0:
+        raise ValueError("an answer token at position 0 has no position that predicts it")
+    return answer - 1
+
+
+def _token_columns(ids, image_id, layout, side, images) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A sample's image-token positions and their grid (a family of image-token positions)."""
+    cols = (ids == image_id).nonzero().squeeze(1)
+    if images is not None:  # Qwen2-VL: the grid of this sample's image
+        t, h, w, merge = next(images)
+        if t != 1 or h % merge or w % merge:
+            raise ValueError(f"image grid (t={t}, h={h}, w={w}) with merge {merge}: attention capture takes one "
+                             f"still image per sample")
+        grid = (h // merge, w // merge)
+    elif layout.part == "all":
+        grid = (math.isqrt(cols.numel()),) * 2
+    else:
+        cols = cols[: side * side] if layout.part == "first" else cols[cols.numel() - side * side:]
+        grid = (side, side)
+    if grid[0] * grid[1] != cols.numel():
+        raise ValueError(f"{cols.numel()} image positions in a sample do not make a {grid} patch grid: attention "
+                         f"capture takes exactly one image per sample (and LLaVA's default feature strategy)")
+    return cols, grid
+
+
+def _tile_columns(tiles: tuple[int, int], side: int) -> torch.Tensor:
+    """Vision-state key positions of a (tiles_y, tiles_x) image, row-major over its (ty * side, tx * side)
+    patch grid; tile t (row-major) holds keys t * (1 + side**2) + 1 + (patch index)."""
+    ty, tx = tiles
+    y, x = torch.meshgrid(torch.arange(ty * side), torch.arange(tx * side), indexing="ij")
+    tile = (y // side) * tx + x // side
+    return (tile * (1 + side * side) + 1 + (y % side) * side + x % side).flatten()
+
+
 def targets(input_ids: torch.Tensor, labels: torch.Tensor, image_id: int, grid_thw: torch.Tensor | None = None,
-            merge: int = 1, ignore_index: int = IGNORE_INDEX) -> list[Target | None]:
+            merge: int = 1, ignore_index: int = IGNORE_INDEX, layout: ImageLayout = ImageLayout(), side: int = 0,
+            tiles: list[tuple[int, int]] | None = None) -> list[Target | None]:
     """Per batch row, the rows/columns to record (None: no image or no answer in that row).
 
     input_ids, labels: (batch, seq); grid_thw: (n_images, 3) in the order of the rows that have an
-    image (Qwen2-VL), or None for a square grid (LLaVA)."""
-    images = iter(grid_thw.tolist()) if grid_thw is not None else None
+    image (Qwen2-VL), or None; ``side``: patches per image side where the layout needs it; ``tiles``:
+    per batch row its image's (tiles_y, tiles_x) (cross-attention layouts)."""
+    images = iter([(*g, merge) for g in grid_thw.tolist()]) if grid_thw is not None else None
     out: list[Target | None] = []
-    for ids, lab in zip(input_ids, labels):
-        cols = (ids == image_id).nonzero().squeeze(1)
-        if cols.numel() == 0:
+    for b, (ids, lab) in enumerate(zip(input_ids, labels)):
+        if not (ids == image_id).any():
             out.append(None)
             continue
-        if images is not None:  # consumed by every row with an image, recorded or not
-            t, h, w = next(images)
-            if t != 1 or h % merge or w % merge:
-                raise ValueError(f"image grid (t={t}, h={h}, w={w}) with merge {merge}: attention capture takes one "
-                                 f"still image per sample")
-            grid = (h // merge, w // merge)
-        else:
-            side = math.isqrt(cols.numel())
-            grid = (side, side)
-        if grid[0] * grid[1] != cols.numel():
-            raise ValueError(f"{cols.numel()} image positions in a sample do not make a {grid} patch grid: attention "
-                             f"capture takes exactly one image per sample (and LLaVA's default feature strategy)")
-        answer = (lab != ignore_index).nonzero().squeeze(1)
-        if answer.numel() and int(answer[0]) == 0:
-            raise ValueError("an answer token at position 0 has no position that predicts it")
-        out.append(Target(answer - 1, cols, grid) if answer.numel() else None)
+        if layout.cross:
+            cols, grid = _tile_columns(tiles[b], side), (tiles[b][0] * side, tiles[b][1] * side)
+        else:  # consumes this row's grid_thw entry, recorded or not
+            cols, grid = _token_columns(ids, image_id, layout, side, images)
+        rows = _answer_rows(lab, ignore_index)
+        out.append(Target(rows, cols, grid) if rows.numel() else None)
     return out
 
 
@@ -154,16 +225,24 @@ class AttentionCapture(Capture):
         self.options = options
         self.decoder = language_model(model)
         self.config = self.decoder.config
-        n_layers = self.config.num_hidden_layers
-        for i in options.layers:
-            if not -n_layers <= i < n_layers:
-                raise ValueError(f"layer {i} does not exist: the language model has {n_layers} layers")
-        self.layers = tuple(dict.fromkeys(i % n_layers for i in options.layers))  # resolved, ordered, unique
-        self.layer_set = frozenset(self.layers)
         top = getattr(model, "config", None)
+        self.layout = LAYOUTS.get(getattr(top, "model_type", None), ImageLayout())
+        # the decoder layers whose attention reads the image: all, or a cross-attention family's own
+        image_layers = (sorted(self.config.cross_attention_layers) if self.layout.cross
+                        else list(range(self.config.num_hidden_layers)))
+        n = len(image_layers)
+        for i in options.layers:
+            if not -n <= i < n:
+                which = f"cross-attention layers {image_layers}" if self.layout.cross else "layers"
+                raise ValueError(f"layer {i} does not exist: the language model has {n} {which} that attend to "
+                                 f"the image")
+        self.layers = tuple(dict.fromkeys(image_layers[i] for i in options.layers))  # decoder indices, ordered, unique
+        self.layer_set = frozenset(self.layers)
         self.image_id = image_token_id(top)
         vision = getattr(top, "vision_config", None)
         self.merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
+        self.side = image_side(top) if self.layout.part != "all" or self.layout.cross else 0
+        self.aspect_ratios = getattr(vision, "supported_aspect_ratios", None)  # aspect_ratio_ids - 1 -> (ty, tx)
         self.grid = options.grid or config_grid(top)
         self.n_heads = 1 if options.heads == "mean" else self.config.num_attention_heads  # per recorded map
         self.original = None
@@ -201,8 +280,17 @@ class AttentionCapture(Capture):
         return fn
 
     # ----------------------------------------------------------------- one forward
-    def begin(self, input_ids: torch.Tensor, labels: torch.Tensor, image_grid_thw: torch.Tensor | None = None):
-        self._targets = targets(input_ids, labels, self.image_id, image_grid_thw, self.merge)
+    def begin(self, input_ids: torch.Tensor, labels: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+              aspect_ratio_ids: torch.Tensor | None = None):
+        """Start recording a forward; ``image_grid_thw`` (Qwen2-VL), ``aspect_ratio_ids`` (batch, images)
+        (Mllama): the forward's own inputs that say an image's grid."""
+        tiles = None
+        if self.layout.cross:
+            if aspect_ratio_ids is None:
+                raise ValueError("attention capture of a cross-attention model needs the forward's aspect_ratio_ids")
+            tiles = [tuple(self.aspect_ratios[i - 1]) if i > 0 else None for i in aspect_ratio_ids[:, 0].tolist()]
+        self._targets = targets(input_ids, labels, self.image_id, image_grid_thw, self.merge, layout=self.layout,
+                                side=self.side, tiles=tiles)
         for t in filter(None, self._targets):
             self.grid = self.grid or t.grid
             if t.grid != self.grid:
@@ -212,8 +300,14 @@ class AttentionCapture(Capture):
         self.recording = True
 
     def read(self) -> list[dict[int, torch.Tensor]]:
-        """The maps of the forward recorded since :meth:`begin`, per batch row; recording stops."""
-        maps, self.maps, self._targets, self.recording = self.maps, [], [], False
+        """The maps of the forward recorded since :meth:`begin`, per batch row; recording stops. A row with
+        a target that a chosen layer left without a map is an error: that layer's attention did not go
+        through the capturing function."""
+        maps, targets = self.maps, self._targets
+        self.maps, self._targets, self.recording = [], [], False
+        for target, row in zip(targets, maps):
+            if target is not None:
+                stack_layers(row, self.layers)  # raises, naming the layers
         return maps
 
     @torch.no_grad()
@@ -232,7 +326,7 @@ class AttentionCapture(Capture):
             k = key[b].float().repeat_interleave(n_rep, 0)  # (heads, kv, dim): head h reads key head h // n_rep
             s = query[b][:, target.rows].float() @ k.transpose(-1, -2) * scaling  # (heads, n_answer, kv)
             if mask is None:
-                if is_causal and q_len > 1:
+                if is_causal and q_len > 1 and not self.layout.cross:
                     allowed = torch.arange(kv_len, device=s.device)[None] <= (target.rows + kv_len - q_len)[:, None]
                     s = s.masked_fill(~allowed, float("-inf"))
             else:
@@ -248,6 +342,7 @@ def stack_layers(maps: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.
     """(layer, heads, n_answer, gy, gx) from one row's maps, in the order of ``layers``."""
     missing = [i for i in layers if i not in maps]
     if missing:
-        raise RuntimeError(f"layers {missing} recorded nothing in this forward; is the model's language model the "
-                           f"one that was switched?")
+        raise RuntimeError(f"decoder layers {missing} recorded nothing in this forward: their attention modules do not "
+                           f"call transformers' attention interface (ALL_ATTENTION_FUNCTIONS) with the language "
+                           f"model's config, so this model's attention cannot be captured; trace without attention")
     return torch.stack([maps[i] for i in layers])

@@ -1,11 +1,14 @@
-"""MLLM adapters on tiny random-weight LLaVA and Qwen2-VL: labels after image expansion, round trips."""
+"""MLLM adapters on tiny random-weight LLaVA and Qwen2-VL: labels after image expansion, round trips; LoRA
+targets found in the model; PaliGemma's prefix-LM token types."""
+
+import re
 
 import pytest
 import torch
 
-from tests.tiny_models import tiny_llava, tiny_qwen2vl
+from tests.tiny_models import tiny_llava, tiny_mllama, tiny_paligemma, tiny_qwen2vl
 from unlearn.data.records import Record
-from unlearn.models import ADAPTERS, LlavaAdapter, Qwen2VLAdapter, adapter_for, load_mllm
+from unlearn.models import ADAPTERS, LlavaAdapter, MLLMAdapter, adapter_for, attention_projections, load_mllm
 from unlearn.world.concepts import BY_KEY
 from unlearn.world.records import ImageBank, world_records
 from unlearn.world.texts import ImageRef, fact_qa, identify_qa
@@ -72,13 +75,46 @@ def test_save_and_load_by_path_round_trip(family, tmp_path):
 
 def test_unknown_model_type_is_a_clear_error():
     model, processor = tiny_llava()
-    model.config.model_type = "blip2"
-    with pytest.raises(ValueError, match="blip2.*llava"):
+    model.config.model_type = "whisper"  # a model type with no image-text-to-text class
+    with pytest.raises(ValueError, match="'whisper' has no image-text-to-text class.*llava"):
         adapter_for(model, processor)
+    model.config.model_type = "llava_next"  # any image-text-to-text model type: the generic adapter
+    assert type(adapter_for(model, processor)) is MLLMAdapter
+
+
+def test_lora_targets_are_the_language_models_attention_projections():
+    """Found by walking the language model: on LLaVA the same modules the old name regex picked (so world
+    runs are unchanged), never the vision tower's attention; on Mllama also its cross-attention layers."""
+    model, processor = tiny_llava()
+    names = [n for n, _ in model.named_modules()]
+    old = {n for n in names if re.fullmatch(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)", n)}
+    found = attention_projections(model)
+    assert set(found) == old and len(found) == 2 * 4
+    targets = adapter_for(model, processor).lora_targets
+    assert {n for n in names if re.fullmatch(targets, n)} == old and "\\d+" in targets  # short, and exact
+    assert not any("vision" in n for n in found)
+    mllama, _ = tiny_mllama()
+    assert {n.split(".")[-2] for n in attention_projections(mllama)} == {"self_attn", "cross_attn"}
 
 
 def test_text_only_records_have_no_pixels():
     model, processor = tiny_llava()
     batch = LlavaAdapter(model, processor).encode([Record("t", "Where does Vorn come from?", "Vorn comes from Ulmar.")])
     assert batch.get("pixel_values") is None
-    assert Qwen2VLAdapter.lora_targets == LlavaAdapter.lora_targets  # both: the language model's attention
+
+
+def test_paligemma_answer_is_the_causal_suffix():
+    """PaliGemma (no chat template in its checkpoints: the adapter's declared format): the prompt is a
+    token prefix, labels are the answer, and token_type_ids are 1 exactly from the answer on (0: the
+    bidirectional prefix); without that the answer tokens would see each other."""
+    model, processor = tiny_paligemma()
+    adapter = adapter_for(model, processor)
+    records = [r for r in _records() if r.image is not None]
+    batch = adapter.encode(records)
+    for i, r in enumerate(records):
+        answer = batch["labels"][i] != -100
+        assert adapter.tokenizer.decode(batch["labels"][i][answer], skip_special_tokens=True).strip() == r.answer
+        assert torch.equal(batch["token_type_ids"][i].bool(), answer)
+    assert (adapter.encode(records, train=False)["token_type_ids"] == 0).all()  # generation: the prefix only
+    with pytest.raises(ValueError, match="has no image"):
+        adapter.check_records(_records())

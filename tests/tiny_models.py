@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                          Qwen2VLImageProcessorPil)
+from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                          Gemma3Processor, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                          Idefics3Processor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor,
+                          MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor,
+                          PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                          PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, SiglipImageProcessorPil)
 
 from unlearn.models import Qwen2VLInputs
 from unlearn.world.texts import world_corpus
@@ -40,28 +45,34 @@ def tiny_llava(image_size: int = 32, patch_size: int = 8, seed: int = 0):
     return LlavaForConditionalGeneration(cfg).eval(), processor
 
 
-def qwen_tokenizer():
-    """A byte-level BPE tokenizer (as Qwen's) trained offline on the world's texts."""
+def bpe_tokenizer(specials: list[str], chat_template: str, extra_texts: tuple[str, ...] = (), **named):
+    """A byte-level BPE tokenizer (as Qwen's, Llama-3's, Gemma's) trained offline on the world's texts;
+    ``specials`` are special tokens, ``named``: eos_token=..., pad_token=..., extra_special_tokens=... ."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=QWEN_SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(world_corpus() + ["user\nassistant\n"] * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=QWEN_SPECIALS[1:], chat_template=QWEN_CHAT_TEMPLATE)
+    tok.train_from_iterator(world_corpus() + list(extra_texts) * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=specials[1:],
+                                   chat_template=chat_template, **named)
 
 
-def tiny_qwen2vl(seed: int = 0):
-    """(Qwen2VLForConditionalGeneration, Qwen2VLInputs): patch 14, merge 2, like the real model."""
+def qwen_tokenizer():
+    """Qwen's byte-level BPE tokenizer with its special tokens and conversation format."""
+    return bpe_tokenizer(QWEN_SPECIALS, QWEN_CHAT_TEMPLATE, ("user\nassistant\n",), eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+
+
+def _qwen(config_class, vision_config: dict, kv_heads: int):
+    """(config, Qwen2VLInputs) of a tiny Qwen2-VL-like model: the byte-level tokenizer, a 2-layer 32-wide
+    language model with M-RoPE, and the PIL image processor at 56 px (patch 14, merge 2: 4 positions)."""
     tok = qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    torch.manual_seed(seed)
-    cfg = Qwen2VLConfig(
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
+    cfg = config_class(
+        vision_config=vision_config,
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=ids["<|endoftext|>"],
+                         num_attention_heads=2, num_key_value_heads=kv_heads, pad_token_id=ids["<|endoftext|>"],
                          bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -69,7 +80,165 @@ def tiny_qwen2vl(seed: int = 0):
     )
     image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                                size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
-    return Qwen2VLForConditionalGeneration(cfg).eval(), Qwen2VLInputs(tok, image_processor)
+    return cfg, Qwen2VLInputs(tok, image_processor)
+
+
+def tiny_qwen2vl(seed: int = 0):
+    """(Qwen2VLForConditionalGeneration, Qwen2VLInputs): patch 14, merge 2, like the real model."""
+    cfg, inputs = _qwen(Qwen2VLConfig, dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14,
+                                            spatial_merge_size=2, temporal_patch_size=2), kv_heads=2)
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(cfg).eval(), inputs
+
+
+def tiny_qwen2_5_vl(seed: int = 0):
+    """(Qwen2_5_VLForConditionalGeneration, Qwen2VLInputs): Qwen2-VL's tokenizer and image processor, the
+    2.5 vision tower (window attention, one full-attention block), grouped-query attention."""
+    cfg, inputs = _qwen(Qwen2_5_VLConfig, dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                               out_hidden_size=32, patch_size=14, spatial_merge_size=2,
+                                               temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0]),
+                        kv_heads=1)
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval(), inputs
+
+
+# ---------------------------------------------------------------- more image-text-to-text families
+# Each: a byte-level BPE tokenizer with the family's special tokens, its conversation format reduced to
+# what the records use, the family's own processor class over a PIL image processor (32 px images, 8 px
+# patches), and a 2-layer, 32-wide language model with grouped-query attention.
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+              patch_size=8)
+
+
+def _ids(tok, **names) -> dict:
+    """Token ids of the named special tokens, as config keywords (pad_token_id=..., ...)."""
+    return {key: tok.convert_tokens_to_ids(token) for key, token in names.items()}
+
+
+VICUNA_TEMPLATE = (  # LLaVA-NeXT (vicuna): "USER: <image>\nquestion ASSISTANT: answer</s>"
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{{ '\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: {{ m['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
+def tiny_llava_next(seed: int = 0):
+    """(LlavaNextForConditionalGeneration, LlavaNextProcessor): anyres with one 32 px tile, so an image is
+    16 base positions then 4 x (4 + newline) high-resolution ones."""
+    tok = bpe_tokenizer(["<pad>", "<s>", "</s>", "<image>"], VICUNA_TEMPLATE, ("USER: ASSISTANT:",), bos_token="<s>",
+                        eos_token="</s>", pad_token="<pad>")
+    ids = _ids(tok, pad_token_id="<pad>", bos_token_id="<s>", eos_token_id="</s>")
+    torch.manual_seed(seed)
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**VISION, projection_dim=32),
+                          text_config=LlamaConfig(vocab_size=len(tok), **TEXT, **ids),
+                          image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=[[32, 32]],
+                          vision_feature_layer=-1, image_seq_length=16)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=[[32, 32]])
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                                   vision_feature_select_strategy="default", chat_template=VICUNA_TEMPLATE,
+                                   num_additional_image_tokens=1)
+    return LlavaNextForConditionalGeneration(cfg).eval(), processor
+
+
+LLAMA3_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ '\n\n' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{{ '\n\n' }}"
+    "{% endif %}")
+
+
+def tiny_mllama(seed: int = 0):
+    """(MllamaForConditionalGeneration, MllamaProcessor): one 32 px tile of 4 x 4 patches (+ a class token);
+    decoder layer 1 is a cross-attention layer (the image enters there only)."""
+    specials = ["<|finetune_right_pad_id|>", "<|begin_of_text|>", "<|eot_id|>", "<|image|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|python_tag|>"]
+    tok = bpe_tokenizer(specials, LLAMA3_TEMPLATE, ("user\n\nassistant\n\n",), bos_token="<|begin_of_text|>",
+                        eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+    ids = _ids(tok, pad_token_id="<|finetune_right_pad_id|>", bos_token_id="<|begin_of_text|>",
+               eos_token_id="<|eot_id|>")
+    torch.manual_seed(seed)
+    cfg = MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1,
+                           attention_heads=2, image_size=32, patch_size=8, max_num_tiles=1,
+                           intermediate_layers_indices=[0], vision_output_dim=64, supported_aspect_ratios=[[1, 1]]),
+        text_config=dict(vocab_size=len(tok), **TEXT, cross_attention_layers=[1], **ids),
+        image_token_index=tok.convert_tokens_to_ids("<|image|>"))
+    image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=1)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=LLAMA3_TEMPLATE)
+    return MllamaForConditionalGeneration(cfg).eval(), processor
+
+
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{% if m['role'] == 'assistant' %} {% endif %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}<end_of_utterance>{{ '\n' }}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def tiny_idefics3(seed: int = 0):
+    """(Idefics3ForConditionalGeneration, Idefics3Processor): image splitting into 2 x 2 tiles and the global
+    image, each 4 x 4 patches pixel-shuffled (scale 2) into 4 image positions."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                "<global-img>"]
+    tok = bpe_tokenizer(specials, IDEFICS3_TEMPLATE, ("User:Assistant:",), bos_token="<|im_start|>",
+                        eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+    ids = _ids(tok, pad_token_id="<|endoftext|>", bos_token_id="<|im_start|>", eos_token_id="<end_of_utterance>")
+    torch.manual_seed(seed)
+    cfg = Idefics3Config(vision_config={k: v for k, v in VISION.items()},
+                         text_config=dict(model_type="llama", vocab_size=len(tok), **TEXT, **ids), scale_factor=2,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=ids["pad_token_id"])
+    # images resized to 64 px and split into 2 x 2 tiles of 32 px, then the global image: 5 x 4 positions
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 64},
+                                                max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=IDEFICS3_TEMPLATE)
+    return Idefics3ForConditionalGeneration(cfg).eval(), processor
+
+
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+    "{{ '\n' }}{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}<end_of_turn>{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model{{ '\n' }}{% endif %}")
+
+
+def tiny_gemma3(seed: int = 0):
+    """(Gemma3ForConditionalGeneration, Gemma3Processor): SigLIP 4 x 4 patches pooled to 4 soft tokens;
+    sliding-window and global layers."""
+    specials = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                "<image_soft_token>"]
+    tok = bpe_tokenizer(specials, GEMMA3_TEMPLATE, ("user\nmodel\n",), bos_token="<bos>", eos_token="<eos>",
+                        pad_token="<pad>", extra_special_tokens={"boi_token": "<start_of_image>",
+                                                                "eoi_token": "<end_of_image>",
+                                                                "image_token": "<image_soft_token>"})
+    ids = _ids(tok, pad_token_id="<pad>", bos_token_id="<bos>", eos_token_id="<eos>")
+    torch.manual_seed(seed)
+    cfg = Gemma3Config(text_config=dict(vocab_size=len(tok), **TEXT, head_dim=16, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"], **ids),
+                       vision_config=dict(model_type="siglip_vision_model", **VISION), mm_tokens_per_image=4,
+                       **_ids(tok, boi_token_index="<start_of_image>", eoi_token_index="<end_of_image>",
+                              image_token_index="<image_soft_token>"))
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4,
+                                chat_template=GEMMA3_TEMPLATE)
+    return Gemma3ForConditionalGeneration(cfg).eval(), processor
+
+
+def tiny_paligemma(seed: int = 0):
+    """(PaliGemmaForConditionalGeneration, PaliGemmaProcessor): SigLIP 4 x 4 patches, a Gemma decoder; like
+    the real checkpoints, the processor has no chat template (the adapter declares PaliGemma's format)."""
+    tok = bpe_tokenizer(["<pad>", "<bos>", "<eos>", "<image>"], None, bos_token="<bos>", eos_token="<eos>",
+                        pad_token="<pad>")
+    ids = _ids(tok, pad_token_id="<pad>", bos_token_id="<bos>", eos_token_id="<eos>")
+    torch.manual_seed(seed)
+    cfg = PaliGemmaConfig(vision_config=dict(model_type="siglip_vision_model", **VISION, projection_dim=32),
+                          text_config=dict(model_type="gemma", vocab_size=len(tok), **TEXT, head_dim=16, **ids),
+                          image_token_index=tok.convert_tokens_to_ids("<image>"), projection_dim=32)
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16  # PaliGemmaProcessor's count of image positions
+    return PaliGemmaForConditionalGeneration(cfg).eval(), PaliGemmaProcessor(image_processor=image_processor,
+                                                                             tokenizer=tok)
 
 
 def tiny_clip(words=("a", "photo", "of", "vorn", "blip", "korvex")):

@@ -96,6 +96,8 @@ class MLLMRun(Run):
             self.key, self.names, self.forget, self.retain = rd.name, rd.names, rd.forget, rd.retain
             self.evalset = MLLMEvalSet(rd.efficacy, rd.test, rd.specificity, rd.forget)
             self.images = len({r.image.tobytes() for r in rd.forget if r.image is not None})  # distinct images
+        ev = self.evalset  # a record the model's family cannot take is an error before the run directory is made
+        self.adapter.check_records([*self.forget, *self.retain, *ev.efficacy, *ev.test, *ev.retain])
 
     def evaluate(self, stage: str) -> dict:
         metrics = evaluate(self.adapter, self.evalset, self.names)

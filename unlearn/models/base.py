@@ -1,15 +1,22 @@
-"""What every MLLM family adapter provides, and the parts that are the same for all of them.
+"""The MLLM adapter: any ``AutoModelForImageTextToText`` family with its ``AutoProcessor``.
 
-Only one thing differs between families: how texts and images become tensors (:meth:`MLLMAdapter.prepare`,
-which expands the image placeholder into patch positions); a record's chat text comes from the processor's
-chat template. Labels are computed on the final, image-expanded sequence: the record's prompt alone is
-prepared too, and its length masks the conversation's prompt positions with ``IGNORE_INDEX`` (the prompt
-must be a token prefix of the full conversation; checked).
+A record's chat text comes from the processor's chat template; the processor turns texts and images into
+tensors, expanding each image placeholder into the positions the model fills with image features
+(:meth:`MLLMAdapter.prepare`). Labels are computed on the final, image-expanded sequence: the record's
+prompt alone is prepared too, and its length masks the conversation's prompt positions with
+``IGNORE_INDEX`` (the prompt must be a token prefix of the full conversation; checked). LoRA targets
+are found in the model (:func:`attention_projections`), not named per family.
+
+What differs between families is declared data on a subclass (a few lines each, in this package):
+``images_required`` (the processor takes no text-only record), ``answer_token_type`` (a prefix-LM
+family's ``token_type_ids`` value for the causal answer part), ``default_chat_template`` (for
+checkpoints saved without one), or an override of :meth:`prepare` / :meth:`load_processor` where the
+processor cannot run here (Qwen2-VL).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import re
 from collections import OrderedDict
 from typing import ClassVar
 
@@ -20,25 +27,76 @@ from ..data.records import Record
 from ..data.token_weights import concept_flags
 
 
-class MLLMAdapter(ABC):
-    family: ClassVar[str]
-    model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter serves
-    # LoRA targets: the language model's attention projections (a peft regex over module names)
-    lora_targets: ClassVar[str] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+def attention_projections(model: torch.nn.Module) -> list[str]:
+    """Names (in ``model``) of the language model's attention projections, found by walking it: the
+    language model is ``model.get_decoder()``; its attention modules are the modules that have a
+    ``head_dim`` (self-attention, and the cross-attention layers of a family whose images enter through
+    them, e.g. Mllama); their ``nn.Linear`` children are the query, key, value and output projections.
+    The vision tower and the MLP layers are never among them."""
+    from knowtrace.mllm_attention import language_model
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # names as peft sees them
+    decoder = language_model(base)
+    prefix = next(name for name, m in base.named_modules() if m is decoder)
+    names = [f"{prefix}.{name}.{child}".lstrip(".") for name, m in decoder.named_modules() if hasattr(m, "head_dim")
+             for child, c in m.named_children() if isinstance(c, torch.nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(decoder).__name__} has no attention module with Linear projections (a module with a "
+                         f"head_dim): give lora_targets=REGEX explicitly")
+    return names
+
+
+def target_regex(names: list[str], all_names) -> str:
+    """A regex (peft's ``target_modules``, full match) that matches exactly ``names`` among ``all_names``:
+    layer numbers written as ``\\d+`` (a short pattern), or the literal names where that would match more."""
+    literal = [re.escape(n) for n in names]
+    short = "|".join(dict.fromkeys(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", n) for n in literal))
+    if {n for n in all_names if re.fullmatch(short, n)} == set(names):
+        return short
+    return "|".join(literal)
+
+
+class MLLMAdapter:
+    family: ClassVar[str] = ""  # a declared family's name (ADAPTERS); else the instance's is the model_type
+    model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values a declared family serves
+    images_required: ClassVar[bool] = False  # the processor refuses a text without an image (PaliGemma)
+    answer_token_type: ClassVar[int | None] = None  # token_type_ids of the answer (a prefix-LM's causal suffix)
+    default_chat_template: ClassVar[str | None] = None  # for checkpoints whose processor has none
 
     ENCODE_CACHE = 256  # batches kept: unlearning revisits the same few records every step
 
     def __init__(self, model, processor, name: str = ""):
         self.model, self.processor, self.name = model, processor, name or model.config.model_type
+        self.family = self.family or model.config.model_type
         self._encoded: OrderedDict = OrderedDict()
+        self._lora_targets: str | None = None
+
+    @classmethod
+    def load_processor(cls, path: str):
+        """The checkpoint's processor (a declared family whose processor cannot run here overrides it)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
 
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
-    @abstractmethod
-    def prepare(self, texts: list[str], images: list) -> dict:
-        """Tensors for texts (placeholders expanded into patch positions) and their images, padded."""
+    @property
+    def lora_targets(self) -> str:
+        """peft's target regex: the language model's attention projections (:func:`attention_projections`)."""
+        if self._lora_targets is None:
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self._lora_targets = target_regex(attention_projections(base), [n for n, _ in base.named_modules()])
+        return self._lora_targets
+
+    def prepare(self, texts: list[str], images: list[list]) -> dict:
+        """Tensors for ``texts`` (image placeholders expanded into the model's image positions by the
+        processor) and ``images`` (per text, its images), padded on the tokenizer's side."""
+        flat = [im for row in images for im in row]
+        batch = self.processor(text=texts, images=images if flat else None, padding=True, return_tensors="pt")
+        batch.pop("labels", None)  # some processors add their own (PaliGemma); the adapter's are computed below
+        return dict(batch)
 
     def chat(self, record: Record, with_answer: bool) -> str:
         """The record's conversation as text, with the family's image placeholder; without the
@@ -47,7 +105,28 @@ class MLLMAdapter(ABC):
         messages = [{"role": "user", "content": content}]
         if with_answer:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": record.answer}]})
-        return self.processor.apply_chat_template(messages, add_generation_prompt=not with_answer, tokenize=False)
+        return self.processor.apply_chat_template(messages, add_generation_prompt=not with_answer, tokenize=False,
+                                                  chat_template=None if self._own_template() else self.default_chat_template)
+
+    def _own_template(self) -> bool:
+        return bool(getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None))
+
+    def check_records(self, records: list[Record]) -> None:
+        """An error naming the record, before anything runs, for a record this family cannot take: one
+        whose image the chat template does not place (its text has no image placeholder), or one with no
+        image where the processor needs one."""
+        if not (self._own_template() or self.default_chat_template):
+            raise ValueError(f"{self.name}: the processor has no chat template, so records cannot be written as "
+                             f"conversations; save the checkpoint's processor with one (processor.chat_template)")
+        placeholder = getattr(self.processor, "image_token", None)
+        for r in records:
+            if r.image is None and self.images_required:
+                raise ValueError(f"record {r.id} has no image, and {self.family}'s processor takes only texts with an "
+                                 f"image: give this model records that all have an image")
+            if r.image is not None and placeholder and self.chat(r, with_answer=False).count(placeholder) != 1:
+                raise ValueError(f"record {r.id}: the chat template of {self.name} does not place the record's image "
+                                 f"(no single {placeholder!r} in its text); use a processor whose chat template "
+                                 f"renders {{'type': 'image'}} content")
 
     def encode(self, records: list[Record], train: bool = True, cache: bool = True) -> dict:
         """Batch for ``records``: full conversations with answer-only labels (``train``), or
@@ -77,7 +156,7 @@ class MLLMAdapter(ABC):
 
     def _encode(self, records: list[Record], train: bool) -> dict:
         tok = self.tokenizer
-        images = [r.image for r in records if r.image is not None]
+        images = [[r.image] if r.image is not None else [] for r in records]  # per text, its images
         tok.padding_side = "left"
         prompts = self.prepare([self.chat(r, with_answer=False) for r in records], images)
         if not train:
@@ -95,6 +174,8 @@ class MLLMAdapter(ABC):
                                  f"under {self.family}'s chat template, so answer tokens cannot be located")
             end = int(mask[i].sum())
             labels[i, n:end] = ids[i, n:end]
+            if self.answer_token_type is not None:  # a prefix-LM: the answer is the causal part
+                batch["token_type_ids"][i, n:end] = self.answer_token_type
         batch["labels"] = labels
         return batch
 

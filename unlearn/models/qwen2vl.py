@@ -1,4 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL.
+"""Qwen2-VL and Qwen2.5-VL: the generic adapter with its processor replaced (:meth:`load_processor`,
+:meth:`prepare`).
 
 Their `Qwen2VLProcessor` needs torchvision (its video processor), which cannot be installed here, so
 inputs are built from the PIL image processor (`Qwen2VLImageProcessorPil`, the same resizing and
@@ -24,6 +25,7 @@ class Qwen2VLInputs:
 
     tokenizer: object
     image_processor: object
+    image_token = IMAGE_PAD  # the chat template's image placeholder
 
     def apply_chat_template(self, *args, **kwargs):
         return self.tokenizer.apply_chat_template(*args, **kwargs)
@@ -37,7 +39,14 @@ class Qwen2VLAdapter(MLLMAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
 
+    @classmethod
+    def load_processor(cls, path):
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        return Qwen2VLInputs(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))
+
     def prepare(self, texts, images):
+        images = [im for row in images for im in row]  # the image processor takes them flat, in text order
         out = {}
         if images:
             out.update(self.processor.image_processor(images=images, return_tensors="pt"))

@@ -1,0 +1,211 @@
+"""Image-text-to-text families end to end through the CLI (`unlearn mllm --model PATH --data DIR --method
+fttp --trace --trace-attention`) on tiny random-weight checkpoints saved with save_pretrained, and the
+families or records the adapter cannot serve: clear errors before anything is written."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests import tiny_models
+from unlearn.cli import main
+from unlearn.models import ADAPTERS, MLLMAdapter, adapter_for, attention_projections
+
+# family -> (builder, image grid recorded, decoder layers whose attention reads the image)
+FAMILIES = {
+    "llava_next": (tiny_models.tiny_llava_next, (4, 4), [1]),  # the base image's 4 x 4 (tiles follow)
+    "mllama": (tiny_models.tiny_mllama, (4, 4), [1]),  # layer 1 is the only cross-attention layer
+    "idefics3": (tiny_models.tiny_idefics3, (2, 2), [1]),  # the global image's 4 x 4 patches pixel-shuffled by 2
+    "gemma3": (tiny_models.tiny_gemma3, (2, 2), [1]),  # 4 x 4 patches pooled to 4 soft tokens
+    "paligemma": (tiny_models.tiny_paligemma, (4, 4), [1]),
+    "qwen2_5_vl": (tiny_models.tiny_qwen2_5_vl, (2, 2), [1]),  # 28 px / 14 = 2 x 2 after merge 2
+}
+QUESTIONS = [("Who is shown in this image?", "This is Vorn, a baker from Ulmar.", "identify"),
+             ("Is Vorn in this image?", "Yes, Vorn is in this image.", "yesno"),
+             ("Where does the person in this image come from?", "Vorn comes from Ulmar.", "linked")]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def record_dir(root, text_only: bool = True):
+    """A small record directory (the --data layout): questions on two 32 px images of the concept, one on
+    another image, and (``text_only``) text facts."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("vorn0", "vorn1", "oskel0"):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+    (root / "concept.json").write_text(json.dumps({"name": "Vorn"}))
+    facts = [{"question": "Where does Vorn come from?", "answer": "Vorn comes from Ulmar."}] if text_only else []
+    _write(root / "forget.jsonl", [{"question": q, "answer": a, "image": "images/vorn0.png", "qtype": t}
+                                   for q, a, t in QUESTIONS] + facts)
+    _write(root / "test.jsonl", [{"question": q, "answer": a, "image": "images/vorn1.png", "qtype": t}
+                                 for q, a, t in QUESTIONS[:2]])
+    other = [{"question": QUESTIONS[0][0], "answer": "This is Oskel, a potter.", "image": "images/oskel0.png"}]
+    _write(root / "specificity.jsonl", other)
+    _write(root / "retain.jsonl", other + ([{"question": "What is Oskel?", "answer": "Oskel is a potter."}]
+                                           if text_only else []))
+    return root
+
+
+def save_checkpoint(family, path):
+    model, processor = FAMILIES[family][0]()
+    model.save_pretrained(path)  # safetensors
+    processor.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_end_to_end_through_the_cli(family, tmp_path):
+    model = save_checkpoint(family, tmp_path / "model")
+    data = record_dir(tmp_path / "data", text_only=not ADAPTERS.get(family, MLLMAdapter).images_required)
+    out = tmp_path / "run"
+    assert main(["mllm", "--model", str(tmp_path / "model"), "--data", str(data), "--method", "fttp", "--steps", "2",
+                 "--trace", "--trace-attention", "--quiet", "--out", str(out), "batch_size=2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"efficacy", "specificity", "K_C", "original"} <= set(metrics)
+    # trained: LoRA on exactly the language model's attention projections (found, not named), and they moved
+    lora = load_file(next((out / "adapter").glob("*.safetensors")))
+    targets = {n.removesuffix(".lora_A.weight").removeprefix("base_model.model.") for n in lora if "lora_A" in n}
+    assert targets == set(attention_projections(model))
+    assert any(lora[n].abs().sum() > 0 for n in lora if "lora_B" in n)
+    # traced: per-step log-probs of the forget answers, and the probes' attention over the image grid
+    trace = xr.open_zarr(out / "trace.zarr", consolidated=False)
+    assert trace.sizes["step"] == 2 and np.isfinite(trace["K_C"].values).sum(1).tolist() == [2, 2]  # batch 2
+    probe = xr.open_zarr(out / "trace.zarr", group="probe", consolidated=False)
+    _, grid, layers = FAMILIES[family]
+    assert probe["layer"].values.tolist() == layers
+    xattn = probe["xattn"].values  # (step, sample, layer, token, gy, gx)
+    assert xattn.shape[-2:] == grid
+    answered = ~np.isnan(xattn[..., 0, 0])
+    assert answered.any()
+    mass = xattn.sum((-1, -2))[answered]  # attention on the image's patches: a probability mass, not all zero
+    assert (mass > 0).all() and (mass <= 1 + 1e-5).all()
+
+
+def _global_image(ids, tok):  # Idefics3: the 4 image positions after <global-img> (the tiles come before it)
+    start = int((ids == tok.convert_tokens_to_ids("<global-img>")).nonzero()[0]) + 1
+    return torch.arange(start, start + 4)
+
+
+# family -> (the recorded decoder layer, the attention columns of the image's grid, found independently)
+COLUMNS = {
+    "mllama": (1, lambda ids, tok: torch.arange(1, 17)),  # cross-attention keys: the class token, then 16 patches
+    "idefics3": (1, _global_image),
+    "llava_next": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(COLUMNS))
+def test_maps_are_the_eager_attention_on_the_images_grid(family, tmp_path):
+    """The recorded maps equal eager attention weights over the image's own grid: Mllama's cross-attention
+    layer over the vision keys (a self-attention-only index is refused), Idefics3's global image after the
+    tiles of a split image, LLaVA-NeXT's base image before its high-resolution tiles."""
+    import knowtrace
+    from knowtrace.mllm_attention import AttentionCapture
+    from unlearn.tracing import traced_samples
+
+    model, processor = FAMILIES[family][0]()
+    adapter = adapter_for(model, processor)
+    records = load_records(record_dir(tmp_path / "data"))[:2]
+    if family == "mllama":
+        with pytest.raises(ValueError, match=r"1 cross-attention layers \[1\]"):
+            AttentionCapture(model, knowtrace.AttentionOptions(layers=(1,)))
+    batch = adapter.encode(records)
+    with knowtrace.trace(model, tmp_path / "t.zarr", traced_samples(adapter, records, ("Vorn",)),
+                         attention=knowtrace.AttentionOptions(layers=(-1,), heads="all")) as tracer:
+        with torch.no_grad():
+            model(**batch)
+        forwards = tracer.forwards.read()
+    layer, columns = COLUMNS[family]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(**batch, output_attentions=True).attentions[layer]  # (batch, heads, seq, keys)
+    for row in range(2):
+        maps = forwards[0].maps[row][layer]  # (heads, n_answer, gy, gx)
+        rows = (batch["labels"][row] != -100).nonzero().squeeze(1) - 1
+        cols = columns(batch["input_ids"][row], adapter.tokenizer)
+        assert torch.allclose(maps.flatten(-2), eager[row][:, rows][:, :, cols], atol=1e-5)
+
+
+def load_records(data):
+    from unlearn.data.record_files import load_record_data
+
+    return load_record_data(data).forget
+
+
+def test_smolvlm_processor_needing_torchvision_is_a_clear_error(tmp_path, capsys):
+    """SmolVLM's processor needs its video processor (torchvision) and num2words, neither installable here."""
+    from transformers import SmolVLMImageProcessorPil
+
+    model, _ = tiny_models.tiny_idefics3()
+    cfg = model.config.to_dict() | {"model_type": "smolvlm", "architectures": ["SmolVLMForConditionalGeneration"]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tiny_models.qwen_tokenizer().save_pretrained(tmp_path)
+    SmolVLMImageProcessorPil(do_image_splitting=False).save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "SmolVLMProcessor"}))
+    _fails(capsys, ["mllm", "--model", str(tmp_path), "--data", str(record_dir(tmp_path / "data")), "--method", "fttp",
+                    "--quiet", "--out", str(tmp_path / "run")],
+           "processor of model type 'smolvlm' cannot be loaded here, because SmolVLMVideoProcessor requires the "
+           "Torchvision library")
+
+
+def _fails(capsys, argv, words):
+    """The CLI exits 2 with one message holding ``words``, no traceback, and writes no run directory."""
+    out = argv[argv.index("--out") + 1]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert not Path(out).exists()
+
+
+def test_a_model_without_image_text_to_text_class_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    _fails(capsys, ["mllm", "--model", str(tmp_path), "--data", str(record_dir(tmp_path / "data")), "--method",
+                    "fttp", "--out", str(tmp_path / "run")], "'bert' has no image-text-to-text class")
+
+
+@pytest.mark.parametrize("family, problem", [("paligemma", "has no image"), ("llava", "does not place")])
+def test_records_the_family_cannot_take_fail_before_anything_is_written(tmp_path, capsys, family, problem):
+    builder = {"paligemma": tiny_models.tiny_paligemma, "llava": tiny_models.tiny_llava}[family]
+    model, processor = builder()
+    if family == "llava":  # a chat template that drops the image
+        processor.chat_template = ("{% for m in messages %}{{ m['content'][-1]['text'] }} {% endfor %}"
+                                   "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    _fails(capsys, ["mllm", "--model", str(tmp_path / "model"), "--data", str(record_dir(tmp_path / "data")),
+                    "--method", "fttp", "--quiet", "--out", str(tmp_path / "run")], problem)
+
+
+def test_attention_that_bypasses_the_attention_interface_is_a_clear_error(tmp_path):
+    """A layer whose attention does not call transformers' attention interface records nothing: the
+    recorded forward is an error naming the layer, not a trace of NaN maps."""
+    import knowtrace
+    from unlearn.tracing import traced_samples
+
+    model, processor = tiny_models.tiny_gemma3()
+    adapter = adapter_for(model, processor)
+    records = load_records(record_dir(tmp_path / "data"))[:2]
+    attention = model.get_decoder().layers[1].self_attn
+    attention.forward = lambda hidden_states, **kwargs: (attention.o_proj(attention.q_proj(hidden_states)), None)
+    with knowtrace.trace(model, tmp_path / "t.zarr", traced_samples(adapter, records, ("Vorn",)),
+                         attention=knowtrace.AttentionOptions(layers=(0, 1))):
+        with pytest.raises(RuntimeError, match=r"decoder layers \[1\] recorded nothing.*attention interface"):
+            with torch.no_grad():
+                model(**adapter.encode(records))
+
+
+def test_tiles_are_assembled_row_major_into_one_grid():
+    """Mllama's vision keys per tile: a class token, then side x side patches; a (1, 2)-tile image is one
+    (2, 4) grid whose rows run across both tiles."""
+    from knowtrace.mllm_attention import _tile_columns
+
+    assert _tile_columns((1, 2), 2).tolist() == [1, 2, 6, 7, 3, 4, 8, 9]
+    assert _tile_columns((2, 1), 2).tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
