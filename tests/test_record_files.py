@@ -44,6 +44,24 @@ def test_data_run_equals_world_run(tmp_path, world_dir, exported):  # noqa: F811
     assert manifest["data"] == str(exported.resolve()) and manifest["images"] == 1
 
 
+def test_run_without_yes_no_questions_completes(tmp_path, world_dir, exported):  # noqa: F811
+    """A metric over a question type the data does not have is null (not measured), not a failed run."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(exported, data)
+    test = data / "test.jsonl"
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    _write(test, [r for r in rows if r.get("qtype") != "yesno"])
+    assert len(load_record_data(data).test) < len(rows)
+    out = run_mllm(load_record_data(data).name, "fttp", tmp_path / "run", data=data, steps=1, world_dir=world_dir,
+                   world_config=WORLD, progress=False)
+    assert out["em_yesno"] is None and out["em_identify"] == out["em"] and "invalid" not in out
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["state"] == "complete"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["em_yesno"] is None
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "not valid JSON"),
     ('{"question": "q"}', "missing or empty answer"),

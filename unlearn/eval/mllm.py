@@ -52,8 +52,10 @@ def diversity(answers: list[str]) -> float:
     return 100.0 * len(set(words)) / len(words) if words else 0.0
 
 
-def pct(flags) -> float:
-    return round(100.0 * float(np.mean(flags)), 2) if len(flags) else float("nan")
+def pct(flags) -> float | None:
+    """Percentage of true flags; None (not measured, written as null) when there are none, e.g. a record
+    directory whose test questions include no yes/no question: no score, not a failed one."""
+    return round(100.0 * float(np.mean(flags)), 2) if len(flags) else None
 
 
 @torch.no_grad()
