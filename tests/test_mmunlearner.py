@@ -146,3 +146,21 @@ def test_full_finetuning_masks_linear_weights_only(world_dir):
 def test_options_checked(world_dir):
     with pytest.raises(ValueError, match="saliency_batch_size"):
         setup_method(world_dir, lora=True, saliency_batch_size=0)
+
+
+@pytest.mark.parametrize("build, vision_prefixes", [
+    ("tiny_llava", ("model.vision_tower.", "model.multi_modal_projector.")),
+    ("tiny_mllama", ("model.vision_model.", "model.multi_modal_projector.")),
+    ("tiny_idefics3", ("model.vision_model.", "model.connector.")),
+    ("tiny_qwen2vl", ("model.visual.",)),
+])
+def test_vision_side_found_from_the_model(build, vision_prefixes):
+    """The parameters whose preserve Fisher uses image records only are the vision encoder's and the projector's,
+    found from the model's structure for any family (a name regex missed Mllama's and Idefics3's)."""
+    import tests.tiny_models as tiny
+    from unlearn.methods.mmunlearner import language_side
+
+    model = getattr(tiny, build)()[0]
+    names = {n for n, _ in model.named_parameters()}
+    vision = names - language_side(model)
+    assert vision and vision == {n for n in names if n.startswith(vision_prefixes)}

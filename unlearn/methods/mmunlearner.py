@@ -58,6 +58,13 @@ def fisher_diagonal(model, adapter, records, batch_size: int, max_batches: int =
     return fisher
 
 
+def language_side(model) -> set[str]:
+    """Names of ``model``'s parameters in its language model or output head (the rest is the vision side)."""
+    inside = {id(p) for part in (model.get_decoder(), model.get_output_embeddings()) if part is not None
+              for p in part.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in inside}
+
+
 @register
 @dataclass
 class MMUnlearner(MLLMMethod):
@@ -68,7 +75,9 @@ class MMUnlearner(MLLMMethod):
     eps: float = 1e-15
     saliency_batch_size: int = 4  # the authors' mask loaders' batch size
     saliency_batches: int = 0  # 0: every batch of each set (the authors); N > 0: at most N batches per set (cheaper)
-    vision_parts: str = r"vision_tower|multi_modal_projector|visual"  # parameter names whose F_p uses image records only
+    # parameter names whose F_p uses image records only; "" = found from the model: every parameter outside its
+    # language model (``get_decoder()``) and output head, i.e. the vision encoder and the projector of any family
+    vision_parts: str = ""
     masked: str = r"proj|fc|linear|mlp|qkv"  # names the mask applies to (the authors' filter); "": all trained
 
     def setup(self, ctx, forget, retain):
@@ -81,7 +90,8 @@ class MMUnlearner(MLLMMethod):
         retain_visual = [r for r in retain if r.image is not None]
         model, size, n = ctx.adapter.model, self.saliency_batch_size, self.saliency_batches
         self._params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        vision = {name for name in self._params if re.search(self.vision_parts, name)}
+        vision = {name for name in self._params if re.search(self.vision_parts, name)} if self.vision_parts \
+            else set(self._params) - language_side(model)
         if vision and not retain_visual:
             raise ValueError("mmunlearner: vision parameters are trained but no retain record has an image "
                              "(their preserve Fisher uses retain records with images)")
