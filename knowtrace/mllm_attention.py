@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .capture import Capture
+from .capture import Capture, host_copies
 from .logprobs import IGNORE_INDEX
 
 PREFIX = "knowtrace_"
@@ -202,7 +202,11 @@ class AttentionCapture(Capture):
 
     # ----------------------------------------------------------------- one forward
     def begin(self, input_ids: torch.Tensor, labels: torch.Tensor, image_grid_thw: torch.Tensor | None = None):
-        self._targets = targets(input_ids, labels, self.image_id, image_grid_thw, self.merge)
+        # rows and columns found on the host (one transfer), their indices sent back to the device (no wait)
+        device = input_ids.device
+        ids, lab, grid_thw = host_copies([input_ids, labels, image_grid_thw])
+        found = targets(ids, lab, self.image_id, grid_thw, self.merge)
+        self._targets = [t and Target(t.rows.to(device), t.cols.to(device), t.grid) for t in found]
         for t in filter(None, self._targets):
             self.grid = self.grid or t.grid
             if t.grid != self.grid:
@@ -212,8 +216,12 @@ class AttentionCapture(Capture):
         self.recording = True
 
     def read(self) -> list[dict[int, torch.Tensor]]:
-        """The maps of the forward recorded since :meth:`begin`, per batch row; recording stops."""
+        """The maps of the forward recorded since :meth:`begin`, per batch row, on the CPU (one transfer);
+        recording stops."""
         maps, self.maps, self._targets, self.recording = self.maps, [], [], False
+        keys = [(row, layer) for row, m in enumerate(maps) for layer in m]
+        for (row, layer), m in zip(keys, host_copies([maps[row][layer] for row, layer in keys])):
+            maps[row][layer] = m
         return maps
 
     @torch.no_grad()
@@ -241,7 +249,7 @@ class AttentionCapture(Capture):
             p = s.softmax(-1)[..., target.cols]  # (heads, n_answer, gy * gx)
             if self.options.heads == "mean":
                 p = p.mean(0, keepdim=True)
-            self.maps[b][module.layer_idx] = p.reshape(p.shape[0], p.shape[1], *target.grid).cpu()
+            self.maps[b][module.layer_idx] = p.reshape(p.shape[0], p.shape[1], *target.grid)  # to the CPU in read()
 
 
 def stack_layers(maps: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:

@@ -19,11 +19,21 @@ from unlearn.world.records import world_method_options
 @pytest.fixture
 def device(monkeypatch):
     """The fake device, active for the test; the accelerator places models there, as on a GPU machine."""
-    import accelerate
+    from accelerate.state import AcceleratorState, PartialState
 
-    monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: DEVICE))
-    with FakeDevice() as dev:
-        yield dev
+    init = PartialState.__init__
+
+    def on_device(self, *args, **kwargs):  # accelerate's process state names the device every run moves to
+        init(self, *args, **kwargs)
+        self.device = DEVICE
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(PartialState, "__init__", on_device)
+    try:
+        with FakeDevice() as dev:
+            yield dev
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # later tests get the real (CPU) state
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +64,32 @@ def test_mllm_methods_train_on_the_device(method, device, mllm_data):
     assert all(p.device == DEVICE for p in adapter.model.parameters())
     assert len(out["history"]) == 3
     print(method, steps.total, steps.toolkit, dict(device.sites))
+
+
+def test_traced_mllm_training_and_evaluation_on_the_device(device, mllm_data, tmp_path):
+    """The tracer (log-prob hook, attention probes before training and after every step) and the evaluation
+    (generation, K_C / K_N) on the device; the steady training step reads the device once (the loop's read)."""
+    from knowtrace import open_probe_trace, open_trace
+    from unlearn.eval.mllm import MLLMEvalSet, evaluate
+    from unlearn.tracing import start_tracer
+    from unlearn.world.records import world_eval_set
+
+    concept, forget, retain = mllm_data
+    model, processor = tiny_llava()
+    adapter = LlavaAdapter(model.to(DEVICE), processor)
+    full = world_eval_set("vorn", 32, n_images=1)
+    evalset = MLLMEvalSet(full.efficacy[:2], full.test[:2], full.retain[:2], forget[:2])
+    probes = [r for r in full.efficacy if r.image is not None][:2]
+    tracer = start_tracer(adapter, tmp_path / "trace.zarr", forget, concept.names, {}, probes, attention=True)
+    steps = Steps(device)
+    try:  # (start_tracer entered it)
+        run_loop(adapter, get_method("fttp"), forget, [], TrainConfig(steps=4, lr=1e-3), concept.key, concept.names,
+                 callbacks=[steps, tracer], progress=False)
+    finally:
+        tracer.__exit__(None, None, None)
+    metrics = evaluate(adapter, evalset, concept.names, max_new_tokens=4)
+    print(steps.total, steps.toolkit, dict(device.sites))
+    ds, probe = open_trace(tmp_path / "trace.zarr"), open_probe_trace(tmp_path / "trace.zarr")
+    assert ds.sizes["step"] == 4 and probe.sizes["step"] == 5  # probes: before training and after each step
+    assert bool(ds["K_C"].notnull().any()) and bool(probe["xattn"].notnull().all(("token", "y", "x")).any())
+    assert all(isinstance(metrics[k], float) for k in ("K_C", "K_N", "efficacy"))
