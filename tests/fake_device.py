@@ -160,6 +160,9 @@ class FakeDevice(TorchFunctionMode):
             return
         if func is Tensor.__getitem__ and on_device(args[0]):
             return  # CPU indices into a device tensor: allowed on CUDA
+        if func is Tensor.__getitem__ and all(t.dim() == 0 for t in tensors[1:] if on_device(t)):
+            self.count("int")  # a device scalar as an index into a CPU tensor: CUDA reads it (diffusers' schedulers)
+            return
         plain = [t for t in tensors if not on_device(t) and t.dim() > 0]
         if plain:
             name = getattr(func, "__qualname__", getattr(func, "__name__", str(func)))

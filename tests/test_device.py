@@ -42,14 +42,22 @@ def mllm_data():
 
 
 class Steps:
-    """A loop callback keeping the host reads counted up to each step's end."""
+    """A loop callback (the first) keeping the toolkit's host reads counted up to each step's end."""
 
     def __init__(self, dev):
-        self.dev, self.total, self.toolkit = dev, [], []
+        self.dev, self.toolkit = dev, []
 
     def on_step_end(self, step, logs, state):
-        self.total.append(self.dev.total)
         self.toolkit.append(self.dev.toolkit)
+
+
+# host reads per training step by the toolkit's own code (transformers' own, e.g. LLaVA checking its image
+# tokens, are not counted): the loop's one read of the step's checks and logs, plus
+READS_PER_STEP = {
+    "fttp": 2,  # the concept flags of a batch not seen before (cached afterwards)
+    "siu": 3,  # the same for its target batch, and the KL's scored positions (nonzero: a data-dependent shape)
+    "ga_kl": 2,  # the KL's scored positions
+}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -59,11 +67,22 @@ def test_mllm_methods_train_on_the_device(method, device, mllm_data):
     adapter = LlavaAdapter(model.to(DEVICE), processor)
     options = {k: v for k, v in world_method_options("vorn").items() if k in get_method(method).__dataclass_fields__}
     steps = Steps(device)
-    out = run_loop(adapter, get_method(method, **options), forget, retain, TrainConfig(steps=3, seed=0, lr=1e-3),
+    out = run_loop(adapter, get_method(method, **options), forget, retain, TrainConfig(steps=2, seed=0, lr=1e-3),
                    concept.key, concept.names, callbacks=[steps], progress=False)
+    assert len(out["history"]) == 2 and all(type(v) is float for k, v in out["history"][1].items() if k != "step")
     assert all(p.device == DEVICE for p in adapter.model.parameters())
-    assert len(out["history"]) == 3
-    print(method, steps.total, steps.toolkit, dict(device.sites))
+    assert steps.toolkit[1] - steps.toolkit[0] == READS_PER_STEP.get(method, 1), dict(device.sites)
+
+
+def test_a_batch_left_on_the_cpu_fails(device, mllm_data, monkeypatch):
+    """The harness can fail: without encode's move to the model's device, the first forward stops."""
+    concept, forget, _ = mllm_data
+    model, processor = tiny_llava()
+    adapter = LlavaAdapter(model.to(DEVICE), processor)
+    monkeypatch.setattr(LlavaAdapter, "_to_model_device", lambda self, batch: dict(batch))
+    with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+        run_loop(adapter, get_method("ga"), forget, [], TrainConfig(steps=1), concept.key, concept.names,
+                 progress=False)
 
 
 def test_traced_mllm_training_and_evaluation_on_the_device(device, mllm_data, tmp_path):
@@ -88,8 +107,82 @@ def test_traced_mllm_training_and_evaluation_on_the_device(device, mllm_data, tm
     finally:
         tracer.__exit__(None, None, None)
     metrics = evaluate(adapter, evalset, concept.names, max_new_tokens=4)
-    print(steps.total, steps.toolkit, dict(device.sites))
+    # a traced step: the loop's read; the step's forward (log-probs: scored positions, one copy to the host);
+    # the probe's forward (the same two, attention targets, attention maps); a new batch's concept flags
+    assert steps.toolkit[3] - steps.toolkit[2] <= 8, dict(device.sites)
     ds, probe = open_trace(tmp_path / "trace.zarr"), open_probe_trace(tmp_path / "trace.zarr")
     assert ds.sizes["step"] == 4 and probe.sizes["step"] == 5  # probes: before training and after each step
     assert bool(ds["K_C"].notnull().any()) and bool(probe["xattn"].notnull().all(("token", "y", "x")).any())
     assert all(isinstance(metrics[k], float) for k in ("K_C", "K_N", "efficacy"))
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion
+
+SD_OPTIONS = {  # the cheapest settings of each method (the tiny UNet, one or two steps)
+    "sa": {"replay_per_prompt": 1, "replay_inference_steps": 2, "fisher_samples": 1, "fisher_timesteps": 2},
+    "esd_x": {"latents": "sampled", "sample_steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def sd_data():
+    from unlearn.world.records import world_sd_data
+
+    return world_sd_data("vorn", 2, 32, n_retain=1, n_surrogate=2)
+
+
+def sd_adapter():
+    from tests.test_sd_unlearn import tiny_adapter
+
+    a = tiny_adapter()
+    a.pipe.to(DEVICE)
+    return a
+
+
+@pytest.mark.parametrize("method", sorted(__import__("unlearn.methods", fromlist=["SD_METHODS"]).SD_METHODS))
+def test_sd_methods_train_on_the_device(method, device, sd_data, tmp_path):
+    from unlearn.methods import SD_METHODS
+    from unlearn.sd_tracing import SDStepErrorCallback
+    from unlearn.world.concepts import BY_KEY
+
+    forget, retain = sd_data
+    a, algo = sd_adapter(), get_method(method, modality="sd", **SD_OPTIONS.get(method, {}))
+    callbacks = [Steps(device)]
+    if SD_METHODS[method].has_step_errors:  # the per-pixel error capture of the step's own forwards
+        callbacks.append(SDStepErrorCallback(a, algo, forget, tmp_path / "trace.zarr"))
+    run_loop(a, algo, forget, retain, TrainConfig(steps=1, lr=1e-3, batch_size=2), "vorn", BY_KEY["vorn"].names,
+             callbacks=callbacks, progress=False)
+    for cb in callbacks[1:]:
+        cb.flush()
+    assert all(p.device == DEVICE for p in a.model.parameters())
+
+
+def test_sd_probe_trace_and_evaluation_on_the_device(device, sd_data, tmp_path):
+    """The SD probe (fixed-noise errors and the attn2 attention capture) before training and after each step,
+    and the evaluation (sampling, a CLIP classifier, the FD, K_C / K_N) on the device."""
+    from knowtrace import open_trace
+    from tests.tiny_models import tiny_clip
+    from unlearn.eval.sd import ClipZeroShotClassifier, SDEvalSettings, evaluate_sd_run
+    from unlearn.sd_tracing import SDTraceCallback
+    from unlearn.world.concepts import BY_KEY
+
+    forget, retain = sd_data
+    a = sd_adapter()
+    trace = SDTraceCallback(a, forget, tmp_path / "trace.zarr", attention=True, names=BY_KEY["vorn"].names,
+                            timesteps=(100, 700))
+    steps = Steps(device)
+    run_loop(a, get_method("fttp", modality="sd"), forget, [], TrainConfig(steps=2, lr=1e-3, batch_size=2), "vorn",
+             BY_KEY["vorn"].names, callbacks=[steps, trace], progress=False)
+    trace.flush()
+    ds = open_trace(tmp_path / "trace.zarr")
+    assert ds.sizes["step"] == 3 and bool(ds["K_C"].notnull().all()) and bool(ds["xattn"].notnull().any())
+    clip, tok = tiny_clip()
+    classifier = ClipZeroShotClassifier(clip.to(DEVICE), tok, ["vorn", "blip"])
+    images = a.generate(["a photo of blip"] * 2, [0, 1], num_inference_steps=2)
+    metrics = evaluate_sd_run(a.pipe, "vorn", classifier=classifier, n_seeds=2, forget_records=forget,
+                              retained={"blip": "a photo of blip"}, prompts="a photo of vorn", reference_images=images,
+                              settings=SDEvalSettings(num_inference_steps=2, fd_seeds=2, timesteps=(100, 700)),
+                              adapter=a)
+    assert 0 <= metrics["ua"] <= 100 and metrics["fd"] >= 0 and isinstance(metrics["K_C"], float)
+    # a step: the loop's read; the probe's errors (one copy per probe batch) and attention maps (one per layer)
+    assert steps.toolkit[1] - steps.toolkit[0] <= 1 + 2 + 4, dict(device.sites)
