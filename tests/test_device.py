@@ -74,6 +74,16 @@ def test_mllm_methods_train_on_the_device(method, device, mllm_data):
     assert steps.toolkit[1] - steps.toolkit[0] == READS_PER_STEP.get(method, 1), dict(device.sites)
 
 
+def test_the_loop_moves_the_model_and_its_reference(device, mllm_data):
+    """A model handed over on the CPU: the loop places it, and the frozen copy full fine-tuning compares with."""
+    concept, forget, _ = mllm_data
+    model, processor = tiny_llava()
+    adapter = LlavaAdapter(model, processor)
+    run_loop(adapter, get_method("npo"), forget, [], TrainConfig(steps=1, lora=False, train_params="lm_head"),
+             concept.key, concept.names, progress=False)
+    assert all(p.device == DEVICE for p in adapter.model.parameters())
+
+
 def test_a_batch_left_on_the_cpu_fails(device, mllm_data, monkeypatch):
     """The harness can fail: without encode's move to the model's device, the first forward stops."""
     concept, forget, _ = mllm_data

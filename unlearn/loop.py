@@ -155,7 +155,8 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
     if method.needs_reference and not cfg.lora:  # with LoRA the reference is the model with adapters off
         import copy
 
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        # on the accelerator's device, beside the model that prepare() moves there
+        reference = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
