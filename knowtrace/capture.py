@@ -69,12 +69,11 @@ def host_copies(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]
     flattened into float64 (exact for float32 / bf16 values, bools and integers below 2**53, e.g. token ids),
     read, and split back into each tensor's dtype and shape. None stays None."""
     present = [t.detach() for t in tensors if t is not None]
-    if not present:
-        return list(tensors)
-    if all(t.device.type == "cpu" for t in present):
+    device = next((t.device for t in present if t.device.type != "cpu"), None)
+    if device is None:
         flat = present  # already there: no copy
-    else:
-        pieces = torch.cat([t.reshape(-1).to(torch.float64) for t in present]).cpu().split([t.numel() for t in present])
-        flat = [p.to(t.dtype).view(t.shape) for p, t in zip(pieces, present)]
+    else:  # (a CPU tensor among them goes along)
+        one = torch.cat([t.reshape(-1).to(device, torch.float64) for t in present]).cpu()
+        flat = [p.to(t.dtype).view(t.shape) for p, t in zip(one.split([t.numel() for t in present]), present)]
     it = iter(flat)
     return [None if t is None else next(it) for t in tensors]

@@ -206,7 +206,7 @@ class AttentionCapture(Capture):
         device = input_ids.device
         ids, lab, grid_thw = host_copies([input_ids, labels, image_grid_thw])
         found = targets(ids, lab, self.image_id, grid_thw, self.merge)
-        self._targets = [t and Target(t.rows.to(device), t.cols.to(device), t.grid) for t in found]
+        self._targets = [None if t is None else Target(t.rows.to(device), t.cols.to(device), t.grid) for t in found]
         for t in filter(None, self._targets):
             self.grid = self.grid or t.grid
             if t.grid != self.grid:

@@ -288,7 +288,7 @@ def _read(values: list) -> list[float]:
 
 
 def _stop_if_broken(method: str, step: int, checks: list[float], params_finite: list[float], model, last_good,
-                    optimizer, kept: bool = True) -> None:
+                    optimizer, snapshots: bool = True) -> None:
     """Raise NonFiniteError, with the parameters of the last finished step back in place, for the first of:
     a micro-batch's non-finite loss or gradients (``checks``: loss, gradients finite, per micro-batch), then
     non-finite parameters after the step (``params_finite``: [] or [flag])."""
@@ -304,7 +304,7 @@ def _stop_if_broken(method: str, step: int, checks: list[float], params_finite: 
                                  f"parameters of the last finished step")
     if params_finite and not params_finite[0]:
         _restore(model, last_good)
-        kept = "restored the parameters of the last finished step" if kept else \
+        kept = "restored the parameters of the last finished step" if snapshots else \
             "too large to keep a copy of: the parameters are not usable"
         raise NonFiniteError(f"{method}: parameters became non-finite at step {step}; {kept}")
 

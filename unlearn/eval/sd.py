@@ -232,8 +232,8 @@ def fixed_noise_errors(unet, scheduler, latents: torch.Tensor, cond: torch.Tenso
         for i in range(0, n_t * n, int(batch_size)):
             sl = slice(i, i + int(batch_size))
             pred = unet(scheduler.add_noise(z[sl], eps[sl], t[sl]), t[sl], encoder_hidden_states=c[sl]).sample
-            err.append((eps[sl] - pred).float().pow(2).mean(1).cpu())  # (pairs, h, w)
-    return torch.cat(err).view(n_t, n, *latents.shape[2:]).mean(0)
+            err.append((eps[sl] - pred).float().pow(2).mean(1))  # (pairs, h, w)
+    return torch.cat(err).cpu().view(n_t, n, *latents.shape[2:]).mean(0)  # to the host once
 
 
 @torch.no_grad()
