@@ -14,14 +14,17 @@ How it works:
     ``DeviceTensor`` (``.to(DEVICE)`` of a ``DeviceTensor`` is a no-op, as on a GPU); any op with a ``DeviceTensor``
     input returns ``DeviceTensor`` outputs (gradients included);
   - an op that mixes a ``DeviceTensor`` with a plain CPU tensor of one or more dimensions raises, as CUDA does
-    ("Expected all tensors to be on the same device"); CPU 0-dim tensors and CPU indices into a device tensor
-    are allowed, as on CUDA;
+    ("Expected all tensors to be on the same device"); what CUDA allows is allowed: CPU 0-dim tensors, CPU
+    indices into a device tensor, a device scalar as an index into a CPU tensor (a read), copies;
   - host reads of a ``DeviceTensor`` are counted in :attr:`FakeDevice.syncs` by kind: ``.item()``,
     ``.tolist()``, ``bool()``/``int()``/``float()``, ``.cpu()`` / ``.to("cpu")``, and the data-dependent shapes
     that make CUDA wait (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``); ``.numpy()``
     raises, as on CUDA.
+  Reads made by the toolkit's own code (unlearn/, knowtrace/) are also counted by site in
+  :attr:`FakeDevice.sites` (``toolkit``: their number), apart from those inside transformers or diffusers.
 * ``with FakeDevice() as dev: model.to(DEVICE)`` puts a model there (parameters keep their identity; modules'
-  parameters are swapped in place, ``torch.__future__.set_swap_module_params_on_conversion``).
+  parameters are swapped in place, ``torch.__future__.set_swap_module_params_on_conversion``, so a LoRA
+  layer that peft moves to its base layer's device becomes a ``DeviceTensor`` parameter too).
 """
 
 from __future__ import annotations
@@ -91,11 +94,6 @@ def _names_device(d) -> bool:
     return torch.device(d).type == DEVICE.type
 
 
-def _cpu_if_device(x):
-    return torch.device("cpu") if not isinstance(x, (Tensor, torch.dtype, bool)) and isinstance(x, (str, torch.device)) \
-        and _names_device(x) else x
-
-
 class FakeDevice(TorchFunctionMode):
     """The mode described in the module docstring; ``syncs`` counts host reads by kind."""
 
@@ -118,10 +116,6 @@ class FakeDevice(TorchFunctionMode):
         site = _caller()
         if site is not None:
             self.sites[kind, site] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.syncs.values())
 
     @property
     def toolkit(self) -> int:

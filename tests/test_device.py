@@ -5,12 +5,11 @@ evaluation creates or passes on the CPU instead makes the op fail as CUDA would.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.fake_device import DEVICE, FakeDevice
 from tests.tiny_models import tiny_llava
 from unlearn.loop import TrainConfig, run_loop
-from unlearn.methods import METHODS, get_method
+from unlearn.methods import METHODS, SD_METHODS, get_method
 from unlearn.models import LlavaAdapter
 from unlearn.run_mllm import world_data
 from unlearn.world.records import world_method_options
@@ -149,9 +148,8 @@ def sd_adapter():
     return a
 
 
-@pytest.mark.parametrize("method", sorted(__import__("unlearn.methods", fromlist=["SD_METHODS"]).SD_METHODS))
+@pytest.mark.parametrize("method", sorted(SD_METHODS))
 def test_sd_methods_train_on_the_device(method, device, sd_data, tmp_path):
-    from unlearn.methods import SD_METHODS
     from unlearn.sd_tracing import SDStepErrorCallback
     from unlearn.world.concepts import BY_KEY
 
@@ -196,3 +194,20 @@ def test_sd_probe_trace_and_evaluation_on_the_device(device, sd_data, tmp_path):
     assert 0 <= metrics["ua"] <= 100 and metrics["fd"] >= 0 and isinstance(metrics["K_C"], float)
     # a step: the loop's read; the probe's errors (one copy) and attention maps (one per attn2 layer and forward)
     assert steps.toolkit[1] - steps.toolkit[0] == 1 + 1 + 4, dict(device.sites)
+
+
+def test_sd_prediction_hook_on_the_device(device, sd_data, tmp_path):
+    """knowtrace's own SD hook: the UNet's prediction kept by a forward hook, compared with the step's noise."""
+    from knowtrace import open_trace
+    from knowtrace.sd_tracer import SDSample, SDTracer
+    from unlearn.data.sd_masks import MaskOptions
+
+    forget, _ = sd_data
+    a = sd_adapter()
+    batch = a.encode(forget[:2], masks=MaskOptions())
+    samples = [SDSample(r.id, m) for r, m in zip(forget[:2], batch.mask)]
+    with SDTracer(tmp_path / "sd.zarr", samples, unet=a.model) as tracer:
+        eps, t, z_t = a.noise(batch.latents, None)
+        (a.predict(z_t, t, batch.cond) - eps).pow(2).mean().backward()
+        tracer.record_target(0, eps, [r.id for r in forget[:2]])
+    assert bool(open_trace(tmp_path / "sd.zarr")["eps_err"].notnull().all())
