@@ -5,6 +5,7 @@ evaluation creates or passes on the CPU instead makes the op fail as CUDA would.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.fake_device import DEVICE, FakeDevice
 from tests.tiny_models import tiny_llava
@@ -71,6 +72,30 @@ def test_mllm_methods_train_on_the_device(method, device, mllm_data):
     assert len(out["history"]) == 2 and all(type(v) is float for k, v in out["history"][1].items() if k != "step")
     assert all(p.device == DEVICE for p in adapter.model.parameters())
     assert steps.toolkit[1] - steps.toolkit[0] == READS_PER_STEP.get(method, 1), dict(device.sites)
+
+
+@pytest.mark.parametrize("family,dtype", [("llava", torch.bfloat16), ("qwen2_vl", torch.float32)],
+                         ids=["llava-bf16", "qwen2_vl-fp32"])
+def test_traced_training_of_other_families_and_dtypes(family, dtype, device, mllm_data, tmp_path):
+    """Qwen2-VL (image grid, M-RoPE token types) and a bf16 model: traced FTTP steps with attention probes."""
+    from knowtrace import open_probe_trace
+    from tests.tiny_models import tiny_qwen2vl
+    from unlearn.models import adapter_for
+    from unlearn.tracing import start_tracer
+
+    concept, forget, _ = mllm_data
+    model, processor = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2vl}[family]()
+    adapter = adapter_for(model.to(DEVICE, dtype), processor)
+    probes = [r for r in forget if r.image is not None][:2]
+    tracer = start_tracer(adapter, tmp_path / "trace.zarr", forget, concept.names, {}, probes, attention=True)
+    try:
+        run_loop(adapter, get_method("fttp"), forget, [], TrainConfig(steps=2, lr=1e-3), concept.key, concept.names,
+                 callbacks=[tracer], progress=False)
+    finally:
+        tracer.__exit__(None, None, None)
+    probe = open_probe_trace(tmp_path / "trace.zarr")
+    assert probe.sizes["step"] == 3 and bool(probe["K_C"].notnull().all())
+    assert bool(probe["xattn"].notnull().all(("token", "y", "x")).any())
 
 
 def test_the_loop_moves_the_model_and_its_reference(device, mllm_data):
