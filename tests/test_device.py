@@ -108,6 +108,40 @@ def test_the_loop_moves_the_model_and_its_reference(device, mllm_data):
     assert all(p.device == DEVICE for p in adapter.model.parameters())
 
 
+@pytest.mark.parametrize("snapshots", [True, False])
+def test_a_broken_gradient_stops_the_run_with_good_parameters(snapshots, device, mllm_data, monkeypatch):
+    """With the loop's copy of the parameters, the step's one read finds the broken gradient after the update
+    and restores the copy; without one (large full fine-tuning), a read before each update keeps it out."""
+    from dataclasses import replace
+
+    import unlearn.loop
+    from unlearn.loop import NonFiniteError
+
+    if not snapshots:
+        monkeypatch.setattr(unlearn.loop, "SNAPSHOT_LIMIT", 0)
+    concept, forget, _ = mllm_data
+    model, processor = tiny_llava()
+    adapter = LlavaAdapter(model.to(DEVICE), processor)
+
+    class BadGrad(type(get_method("ga"))):
+        def loss(self, ctx, records):
+            out = super().loss(ctx, records)
+            if ctx.step == 1:  # a finite loss (sqrt(0) = 0) whose gradient is not (0 * 1/sqrt(0) = nan)
+                p = next(p for p in ctx.adapter.model.parameters() if p.requires_grad)
+                out = replace(out, loss=out.loss + torch.sqrt((p * 0).sum()))
+            return out
+
+    steps = Steps(device)
+    with pytest.raises(NonFiniteError, match="gradients are non-finite at step 1"):
+        run_loop(adapter, BadGrad(), forget, [], TrainConfig(steps=3), concept.key, concept.names,
+                 callbacks=[steps], progress=False)
+    assert all(torch.isfinite(p).all() for p in adapter.model.parameters())
+    # the loop's reads: one per step (steps 0 and 1); without the copy, one more before each update (step 1's
+    # finds the broken gradient)
+    assert sum(n for (_, site), n in device.sites.items() if site.startswith("unlearn/loop.py")) == \
+        (2 if snapshots else 3)
+
+
 def test_a_batch_left_on_the_cpu_fails(device, mllm_data, monkeypatch):
     """The harness can fail: without encode's move to the model's device, the first forward stops."""
     concept, forget, _ = mllm_data
