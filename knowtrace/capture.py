@@ -9,6 +9,8 @@ log-prob hook (:mod:`.logprobs`), MLLM and SD attention, the SD prediction hook 
 
 from __future__ import annotations
 
+import torch
+
 
 class Capture:
     """Subclasses install hooks in ``_install`` (torch hook handles kept in ``_handles``), undo anything
@@ -60,3 +62,18 @@ class Capture:
 
     def read(self):
         raise NotImplementedError
+
+
+def host_copies(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """CPU copies of small tensors in one device-to-host transfer (one synchronisation, not one per tensor):
+    flattened into float64 (exact for float32 / bf16 values, bools and integers below 2**53, e.g. token ids),
+    read, and split back into each tensor's dtype and shape. None stays None."""
+    present = [t.detach() for t in tensors if t is not None]
+    device = next((t.device for t in present if t.device.type != "cpu"), None)
+    if device is None:
+        flat = present  # already there: no copy
+    else:  # (a CPU tensor among them goes along)
+        one = torch.cat([t.reshape(-1).to(device, torch.float64) for t in present]).cpu()
+        flat = [p.to(t.dtype).view(t.shape) for p, t in zip(one.split([t.numel() for t in present]), present)]
+    it = iter(flat)
+    return [None if t is None else next(it) for t in tensors]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import Capture
+from .capture import Capture, host_copies
 
 IGNORE_INDEX = -100
 
@@ -46,7 +46,8 @@ def answer_logprobs(logprobs: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
 @dataclass
 class Forward:
-    """One captured forward: per-row log-probs, labels, input ids and attention maps (or None)."""
+    """One captured forward: per-row log-probs, labels, input ids and attention maps (or None), all on the
+    CPU (copied from the device once per forward)."""
 
     logp: torch.Tensor  # (batch, seq) float32, NaN where unscored
     labels: torch.Tensor  # (batch, seq)
@@ -110,7 +111,6 @@ class LogProbCapture(Capture):
         if labels is not None and logits is not None:
             # keep the log-probs only (batch, seq), not the logits: computed now, chunked and detached
             input_ids = kwargs.get("input_ids", args[0] if args else None)
-            mask = kwargs.get("attention_mask")
-            self._forwards.append(Forward(token_logprobs(logits.detach(), labels), labels.detach(),
-                                          None if input_ids is None else input_ids.detach(),
-                                          None if mask is None else mask.detach(), maps))
+            logp = token_logprobs(logits.detach(), labels)
+            # to the host in one transfer: matching rows and writing the trace then read no device memory
+            self._forwards.append(Forward(*host_copies([logp, labels, input_ids, kwargs.get("attention_mask")]), maps))

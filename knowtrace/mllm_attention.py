@@ -44,7 +44,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .capture import Capture
+from .capture import Capture, host_copies
 from .logprobs import IGNORE_INDEX
 
 PREFIX = "knowtrace_"
@@ -284,13 +284,15 @@ class AttentionCapture(Capture):
               aspect_ratio_ids: torch.Tensor | None = None):
         """Start recording a forward; ``image_grid_thw`` (Qwen2-VL), ``aspect_ratio_ids`` (batch, images)
         (Mllama): the forward's own inputs that say an image's grid."""
-        tiles = None
-        if self.layout.cross:
-            if aspect_ratio_ids is None:
-                raise ValueError("attention capture of a cross-attention model needs the forward's aspect_ratio_ids")
-            tiles = [tuple(self.aspect_ratios[i - 1]) if i > 0 else None for i in aspect_ratio_ids[:, 0].tolist()]
-        self._targets = targets(input_ids, labels, self.image_id, image_grid_thw, self.merge, layout=self.layout,
-                                side=self.side, tiles=tiles)
+        if self.layout.cross and aspect_ratio_ids is None:
+            raise ValueError("attention capture of a cross-attention model needs the forward's aspect_ratio_ids")
+        # rows and columns found on the host (one transfer), their indices sent back to the device (no wait)
+        device = input_ids.device
+        ids, lab, grid_thw, ratios = host_copies([input_ids, labels, image_grid_thw, aspect_ratio_ids])
+        tiles = None if ratios is None or not self.layout.cross else \
+            [tuple(self.aspect_ratios[i - 1]) if i > 0 else None for i in ratios[:, 0].tolist()]
+        found = targets(ids, lab, self.image_id, grid_thw, self.merge, layout=self.layout, side=self.side, tiles=tiles)
+        self._targets = [None if t is None else Target(t.rows.to(device), t.cols.to(device), t.grid) for t in found]
         for t in filter(None, self._targets):
             self.grid = self.grid or t.grid
             if t.grid != self.grid:
@@ -300,14 +302,17 @@ class AttentionCapture(Capture):
         self.recording = True
 
     def read(self) -> list[dict[int, torch.Tensor]]:
-        """The maps of the forward recorded since :meth:`begin`, per batch row; recording stops. A row with
-        a target that a chosen layer left without a map is an error: that layer's attention did not go
-        through the capturing function."""
+        """The maps of the forward recorded since :meth:`begin`, per batch row, on the CPU (one transfer);
+        recording stops. A row with a target that a chosen layer left without a map is an error: that layer's
+        attention did not go through the capturing function."""
         maps, targets = self.maps, self._targets
         self.maps, self._targets, self.recording = [], [], False
         for target, row in zip(targets, maps):
             if target is not None:
                 stack_layers(row, self.layers)  # raises, naming the layers
+        keys = [(row, layer) for row, m in enumerate(maps) for layer in m]
+        for (row, layer), m in zip(keys, host_copies([maps[row][layer] for row, layer in keys])):
+            maps[row][layer] = m
         return maps
 
     @torch.no_grad()
@@ -335,7 +340,7 @@ class AttentionCapture(Capture):
             p = s.softmax(-1)[..., target.cols]  # (heads, n_answer, gy * gx)
             if self.options.heads == "mean":
                 p = p.mean(0, keepdim=True)
-            self.maps[b][module.layer_idx] = p.reshape(p.shape[0], p.shape[1], *target.grid).cpu()
+            self.maps[b][module.layer_idx] = p.reshape(p.shape[0], p.shape[1], *target.grid)  # to the CPU in read()
 
 
 def stack_layers(maps: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:

@@ -10,14 +10,18 @@ Seeds, LoRA (peft) or full fine-tuning, Adam, gradient accumulation, autocast wh
 has it (bf16 on CUDA), several processes through accelerate (``accelerate launch``; each process
 takes its own slice of each step's records and gradients are averaged), callbacks after every step
 (the tracer attaches there; they get the step's logs as numbers and its :class:`StepOutput`). A
-method's logs stay tensors until the loop reads them once per step. A non-finite loss or parameter
-stops the run with a clear message, keeping the last good parameters. With ``checkpoint_every`` the
+method's logs stay tensors until the loop reads them once per step, together with the step's checks (the
+step's one host synchronisation; the tensors live on the model's device). A non-finite loss, gradient or
+parameter stops the run with a clear message, keeping the last good parameters: a per-step copy of the
+trained parameters is restored (above ``SNAPSHOT_LIMIT``, with no copy, gradients are checked before each
+update instead, one more read per micro-batch). With ``checkpoint_every`` the
 main process writes a checkpoint (:mod:`unlearn.checkpoints`) after every that many steps; ``resume``
 goes on from one, and the rest of the run is the same, bit for bit, as if it had never stopped.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -100,11 +104,14 @@ def apply_lora(model, rank: int, alpha: int, targets: str):
     return get_peft_model(model, config)
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when no element is NaN or inf: one fused norm per call instead of a check per tensor
-    (a NaN or inf element makes its tensor's norm non-finite)."""
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A bool scalar on the tensors' device, True when no element is NaN or inf: one fused norm per
+    call instead of a check per tensor (a NaN or inf element makes its tensor's norm non-finite).
+    Not read here: the loop reads it with the step's other numbers, in one transfer."""
     tensors = [t.detach() for t in tensors if t is not None]
-    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+    if not tensors:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
 
 
 def select_parameters(model, pattern: str | None) -> int:
@@ -148,7 +155,8 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
     if method.needs_reference and not cfg.lora:  # with LoRA the reference is the model with adapters off
         import copy
 
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        # on the accelerator's device, beside the model that prepare() moves there
+        reference = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -231,6 +239,7 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
                disable=not progress or not accelerator.is_main_process)
     for step in bar:
         ctx.step = step
+        checks = []  # per micro-batch: (loss, gradients finite), device scalars read with the step's logs
         for micro in range(cfg.grad_accum):
             # this process's records for this micro-batch: consecutive, cycling through the forget set
             first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
@@ -238,28 +247,22 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
             with accelerator.accumulate(model), accelerator.autocast():
                 out = method.loss(ctx, batch)
                 loss = out.loss
-                if not torch.isfinite(loss):
-                    _restore(unwrapped, last_good)
-                    raise NonFiniteError(f"{method.name}: loss is {loss.item()} at step {step}; the run stops "
-                                         f"here with the parameters of the last finished step")
                 accelerator.backward(loss)
-                if not all_finite([p.grad for p in params]):
-                    optimizer.zero_grad(set_to_none=True)
-                    _restore(unwrapped, last_good)
-                    raise NonFiniteError(f"{method.name}: gradients are non-finite at step {step}; the run stops "
-                                         f"here with the parameters of the last finished step")
+                checks.append((loss.detach(), all_finite([p.grad for p in params])))
+                if not keep_snapshots:  # no copy to go back to: a broken gradient must not reach the parameters
+                    _stop_if_broken(method.name, step, _read(list(checks[-1])), [], unwrapped, last_good, optimizer)
                 method.gradient_hook(ctx)
                 if cfg.max_grad_norm and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        if not all_finite(params):
-            _restore(unwrapped, last_good)
-            kept = "restored the parameters of the last finished step" if keep_snapshots else \
-                "too large to keep a copy of: the parameters are not usable"
-            raise NonFiniteError(f"{method.name}: parameters became non-finite at step {step}; {kept}")
+        # the step's one read of the device: its checks and its logs, in one transfer
+        values = _read([v for c in checks for v in c] + [all_finite(params)] + list(out.logs.values()))
+        n = 2 * len(checks) + 1
+        _stop_if_broken(method.name, step, values[:n - 1], values[n - 1:n], unwrapped, last_good, optimizer,
+                        keep_snapshots)
+        logs = _mean_over_processes(accelerator, dict(zip(out.logs, values[n:])))
         last_good = snapshot()
-        logs = {k: _mean_over_processes(accelerator, v) for k, v in _numbers(out.logs, accelerator.device).items()}
         history.append({"step": step, **logs})
         bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")})
         for cb in callbacks:
@@ -275,17 +278,42 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
             "world_size": world, "mixed_precision": mixed, "accelerator": accelerator}
 
 
-def _numbers(logs: dict, device) -> dict[str, float]:
-    """The logs as Python floats, read in one transfer (float64 holds any float32 or bf16 value exactly)."""
-    values = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in logs.values()]
-    return dict(zip(logs, torch.stack(values).tolist())) if values else {}
+def _read(values: list) -> list[float]:
+    """Scalars (device tensors or numbers) as Python floats, read in one transfer (float64 holds any
+    float32 or bf16 value exactly, and a bool as 0 / 1)."""
+    if not values:
+        return []
+    device = next((v.device for v in values if torch.is_tensor(v)), None)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values]).tolist()
 
 
-def _mean_over_processes(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    t = torch.tensor([value], device=accelerator.device, dtype=torch.float64)
-    return accelerator.reduce(t, reduction="mean").item()
+def _stop_if_broken(method: str, step: int, checks: list[float], params_finite: list[float], model, last_good,
+                    optimizer, snapshots: bool = True) -> None:
+    """Raise NonFiniteError, with the parameters of the last finished step back in place, for the first of:
+    a micro-batch's non-finite loss or gradients (``checks``: loss, gradients finite, per micro-batch), then
+    non-finite parameters after the step (``params_finite``: [] or [flag])."""
+    for loss, grads_finite in zip(checks[::2], checks[1::2]):
+        if not math.isfinite(loss):
+            _restore(model, last_good)
+            raise NonFiniteError(f"{method}: loss is {loss} at step {step}; the run stops here with the parameters "
+                                 f"of the last finished step")
+        if not grads_finite:
+            optimizer.zero_grad(set_to_none=True)
+            _restore(model, last_good)
+            raise NonFiniteError(f"{method}: gradients are non-finite at step {step}; the run stops here with the "
+                                 f"parameters of the last finished step")
+    if params_finite and not params_finite[0]:
+        _restore(model, last_good)
+        kept = "restored the parameters of the last finished step" if snapshots else \
+            "too large to keep a copy of: the parameters are not usable"
+        raise NonFiniteError(f"{method}: parameters became non-finite at step {step}; {kept}")
+
+
+def _mean_over_processes(accelerator, logs: dict[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1 or not logs:
+        return logs
+    t = torch.tensor(list(logs.values()), device=accelerator.device, dtype=torch.float64)
+    return dict(zip(logs, accelerator.reduce(t, reduction="mean").tolist()))
 
 
 def _restore(model, state: dict[str, torch.Tensor]) -> None:

@@ -76,9 +76,15 @@ class MLLMRun(Run):
 
     @staticmethod
     def load_model(model: str, world_dir=None, world_config=None):
+        import torch
+        from accelerate import PartialState
+
         from .models import load_mllm
 
-        return load_mllm(resolve_model(model, "mllm", world_dir, world_config))
+        adapter = load_mllm(resolve_model(model, "mllm", world_dir, world_config))
+        # on the device from the start: the evaluation before training and the tracer's probes run there too
+        adapter.model.to(PartialState(cpu=not torch.cuda.is_available()).device)
+        return adapter
 
     def load_data(self) -> None:
         # world images are rendered at the world MLLM's image side; None for other processors

@@ -56,6 +56,7 @@ def concept_flags(tokenizer, labels: torch.Tensor, names: Sequence[str], record_
     """
     if not names or not any(n.strip() for n in names):
         raise ValueError("no concept name given: pass the concept's name and aliases")
+    device, labels = labels.device, labels.cpu()  # read on the host once: the rows are decoded there
     flags = torch.zeros(labels.shape, dtype=torch.bool)
     for row in range(labels.shape[0]):
         pos = (labels[row] != IGNORE_INDEX).nonzero().squeeze(1)
@@ -68,7 +69,7 @@ def concept_flags(tokenizer, labels: torch.Tensor, names: Sequence[str], record_
                 f"(looked for {list(names)}); fix the record, or allow all-natural answers explicitly "
                 f"(allow_missing=True)")
         flags[row, pos] = torch.tensor(row_flags, dtype=torch.bool)
-    return flags
+    return flags.to(device)
 
 
 def prompt_token_flags(tokenizer, prompt: str, names: Sequence[str]) -> tuple[list[int], list[bool]]:

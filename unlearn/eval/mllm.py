@@ -66,9 +66,9 @@ def knowledge(adapter, records: list[Record], names, batch_size: int = 8) -> tup
         chunk = records[s:s + batch_size]
         batch = adapter.encode(chunk, train=True)
         logp = token_logprobs(adapter.model(**batch).logits, batch["labels"])
-        c, n = mllm_knowledge(logp, adapter.concept_flags(chunk, names, allow_missing=True))
-        k_c += c.tolist()
-        k_n += n.tolist()
+        c, n = torch.stack(mllm_knowledge(logp, adapter.concept_flags(chunk, names, allow_missing=True))).tolist()
+        k_c += c  # (read in one transfer)
+        k_n += n
     return float(np.mean(k_c)), float(np.mean(k_n))
 
 

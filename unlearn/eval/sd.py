@@ -235,8 +235,8 @@ def fixed_noise_errors(adapter, unet, latents: torch.Tensor, cond, noise: torch.
             sl = slice(i, i + int(batch_size))
             z_t = adapter.noise_scheduler.add_noise(z[sl], eps[sl], t[sl])
             pred = adapter.predict(z_t, t[sl], c[sl], unet)
-            err.append((adapter.target(z[sl], eps[sl], t[sl]) - pred).float().pow(2).mean(1).cpu())  # (pairs, h, w)
-    return torch.cat(err).view(n_t, n, *latents.shape[2:]).mean(0)
+            err.append((adapter.target(z[sl], eps[sl], t[sl]) - pred).float().pow(2).mean(1))  # (pairs, h, w)
+    return torch.cat(err).cpu().view(n_t, n, *latents.shape[2:]).mean(0)  # to the host once
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def sequence_logprob(logits, labels) -> torch.Tensor:
 
 def token_kl(ref_logits, logits, labels) -> torch.Tensor:
     """Mean over scored positions of KL(p_ref || p_theta) of the next-token distributions."""
-    scored = labels[:, 1:] != IGNORE_INDEX
+    scored = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # found once (a host read), used for both
     ref = F.log_softmax(ref_logits[:, :-1].float(), -1)[scored]
     cur = F.log_softmax(logits[:, :-1].float(), -1)[scored]
     return F.kl_div(cur, ref, log_target=True, reduction="batchmean")

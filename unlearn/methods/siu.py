@@ -79,11 +79,12 @@ class SIU(MLLMMethod):
         # (batch, seq-1): position t-1 predicts label t; token-level mask: not on the substitute name's tokens
         on_sub = concept_flags(ctx.adapter.tokenizer, labels[:, 1:], [self._substitute], allow_missing=True)
         keep = (labels[:, 1:] != IGNORE_INDEX) & ~on_sub.to(labels.device)
-        ref, cur = ref_logits[:, :-1][keep].float(), logits[:, :-1][keep].float()
+        rows = keep.nonzero(as_tuple=True)  # found once (a host read), used for both
+        ref, cur = ref_logits[:, :-1][rows].float(), logits[:, :-1][rows].float()
         if self._vocab_mask:  # vocabulary-level mask: the concept's name tokens leave both distributions
             ref[:, self._vocab_mask] = float("-inf")
             cur = cur.index_fill(1, torch.tensor(self._vocab_mask, device=cur.device), float("-inf"))
         ref_lp, cur_lp = F.log_softmax(ref, -1), F.log_softmax(cur, -1)
         finite = torch.isfinite(ref_lp)
         terms = torch.where(finite, ref_lp.exp() * (ref_lp - cur_lp), torch.zeros_like(ref_lp))
-        return terms.sum() / max(int(keep.sum()), 1)
+        return terms.sum() / keep.sum().clamp(min=1)  # a device tensor: no host read in the loss

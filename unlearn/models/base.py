@@ -134,8 +134,13 @@ class MLLMAdapter:
         image objects, which the cache keeps alive), so a step over known records costs no
         preprocessing; callers must not modify the returned tensors in place."""
         if not cache:  # batches that will not come back (pre-training on random batches)
-            return self._encode(records, train)
-        return dict(self._cached(train, records, lambda: self._encode(records, train)))
+            return self._to_model_device(self._encode(records, train))
+        return self._to_model_device(self._cached(train, records, lambda: self._encode(records, train)))
+
+    def _to_model_device(self, batch: dict) -> dict:
+        """A new dict of ``batch`` with its tensors on the model's device (no copy where they are there)."""
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def concept_flags(self, records: list[Record], names, allow_missing: bool = False) -> torch.Tensor:
         """(batch, seq) bool: which labelled answer tokens of ``encode(records)`` are the concept's
