@@ -270,3 +270,21 @@ def test_sd_prediction_hook_on_the_device(device, sd_data, tmp_path):
         (a.predict(z_t, t, batch.cond) - eps).pow(2).mean().backward()
         tracer.record_target(0, eps, [r.id for r in forget[:2]])
     assert bool(open_trace(tmp_path / "sd.zarr")["eps_err"].notnull().all())
+
+
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
+@pytest.mark.parametrize("method", ["fttp", "esd_u", "salun"])
+def test_sd_kinds_train_on_the_device(kind, method, device, sd_data):
+    """SD 2.x (v-prediction: the velocity target) and SDXL (added conditioning: pooled text and time ids)
+    on the device: every conditioning tensor and target follows the model there."""
+    from tests.tiny_models import tiny_sd_pipeline
+    from unlearn.models.sd import make_adapter
+    from unlearn.world.concepts import BY_KEY
+
+    forget, retain = sd_data
+    a = make_adapter(tiny_sd_pipeline(kind))
+    a.pipe.to(DEVICE)
+    algo = get_method(method, modality="sd", **SD_OPTIONS.get(method, {}))
+    run_loop(a, algo, forget, retain, TrainConfig(steps=1, lr=1e-3, batch_size=2), "vorn", BY_KEY["vorn"].names,
+             callbacks=[Steps(device)], progress=False)
+    assert all(p.device == DEVICE for p in a.model.parameters())
