@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -138,6 +139,8 @@ class SideBySide:
         self.hook_seconds.clear()
         if step >= self.warmup:
             self.rows["traced" if self.traced[step] else "untraced"].append((seconds, self.memory.peak()))
+        print(f"  (step {step + 1}/{len(self.traced)} {'traced' if self.traced[step] else 'untraced'}: "
+              f"{'warm-up' if seconds is None or step < self.warmup else f'{seconds:.2f} s'})", file=sys.stderr, flush=True)
         if step % 2 == 1:  # after a pair (or the warm-up): one bare step, untraced
             self.set_traced(False)
             self.memory.reset()
