@@ -225,9 +225,13 @@ def saved_activations(model, layers, loss_fn) -> tuple[float, int]:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     scope, sizes, seen = ["rest"], defaultdict(int), set()
     handles = []
+
+    def leave(module, args, output) -> None:  # (a hook returning a value would replace the output)
+        scope.pop()
+
     for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: scope.append(i)))
-        handles.append(layer.register_forward_hook(lambda m, a, o: scope.pop()))
+        handles.append(layer.register_forward_pre_hook(lambda module, args, i=i: scope.append(i)))
+        handles.append(layer.register_forward_hook(leave))
 
     def pack(t):
         key = t.untyped_storage().data_ptr()
