@@ -48,7 +48,6 @@ include the model's weights, as a user's device must hold them.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from knowtrace_overhead import schedule  # untraced/traced pairs in seeded random order
 
 MIB = 2 ** 20
 QWEN_VOCAB = 152064
@@ -137,17 +137,6 @@ class CoreTimer:
         for h in self._handles:
             h.remove()
         torch.autograd.backward = self._backward
-
-
-def pair_schedule(pairs: int, seed: int = 0) -> list[bool]:
-    """Which loop steps are traced: ``pairs`` pairs of one untraced and one traced step, each pair's
-    order drawn at random."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(pairs):
-        first = rng.random() < 0.5
-        out += [first, not first]
-    return out
 
 
 class SideBySide:
@@ -416,7 +405,7 @@ def mllm(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
         bare()
 
     core = CoreTimer(model, device)
-    sides = SideBySide([False, True] + pair_schedule(args.repeats), set_traced, tracer.on_step_end, run_bare, memory,
+    sides = SideBySide([False, True] + schedule(args.repeats), set_traced, tracer.on_step_end, run_bare, memory,
                        device, core)
     sides.hook_seconds = hook_seconds
     cfg = TrainConfig(steps=len(sides.traced), batch_size=args.batch, lr=3e-4)
@@ -523,7 +512,7 @@ def sd(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
         bare()
 
     core = CoreTimer(pipe.unet, device)
-    sides = SideBySide([False, True] + pair_schedule(args.sd_repeats or args.repeats), lambda flag: None,
+    sides = SideBySide([False, True] + schedule(args.sd_repeats or args.repeats), lambda flag: None,
                        step_trace.on_step_end, run_bare, memory, device, core)
     cfg = TrainConfig(steps=len(sides.traced), batch_size=args.batch, lr=SD_DEFAULTS["lr"], lora=train == "lora")
     try:
