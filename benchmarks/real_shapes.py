@@ -33,7 +33,7 @@ and batch; figures are ratios of medians. Two warm-up steps (the second traced: 
 store) and one warm-up bare step are not timed. A traced step's time includes the tracer's work in
 the forward (the log-prob hook) and after it (``record``: K, buffered Zarr append). The probe (which
 a run makes after every step) is timed apart, ``--probe-repeats`` times after the loop; its amortised
-figure is ``(traced step + probe / 10) / untraced step``.
+figure is ``1 + probe / (10 x untraced step)``: what a probe after every 10th step adds.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each step); on the CPU the
 process's peak resident set (``VmHWM`` of /proc/self/status, reset through /proc/self/clear_refs
@@ -41,8 +41,16 @@ before each step): it sees every allocation, torch's included (tracemalloc does 
 tensors are mmap-ed and returned to the system when freed, so a step's peak is that step's. Both
 include the model's weights, as a user's device must hold them.
 
-    OMP_NUM_THREADS=2 python benchmarks/real_shapes.py [--part mllm sd vocab] [--repeats 3]
-    python benchmarks/real_shapes.py --device cuda --dtype bf16 --full-depth --batch 2 --repeats 10
+    OMP_NUM_THREADS=2 python benchmarks/real_shapes.py [--part vocab mllm sd] [--repeats 2] [--sd-repeats 1]
+    python benchmarks/real_shapes.py --part vocab mllm --device cuda --dtype bf16 --full-depth --batch 2 --repeats 10
+
+On 2 shared CPU cores the defaults take about 6 minutes for the MLLM (25-45 s a step) and 15-20 for
+SD (50-140 s a step, a probe 1.3 steps): too few steps for side-by-side ratios to resolve a few per
+cent on a machine whose speed drifts by 10-40 %. So each figure that a target bounds also comes
+measured directly, where the noise of the shared work cancels: ``traced_over_untraced_from_tracer_work``
+(1 + the tracer's own time in a traced step, hook and ``record`` timed inside it, over the untraced
+step) and ``fttp_over_bare_from_overheads`` (each step's time outside the model's forward, backward
+and the optimizer step, :class:`CoreTimer`, the loop's against the bare step's).
 """
 
 from __future__ import annotations
@@ -584,9 +592,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the models' weights")
     ap.add_argument("--full-depth", action="store_true", help="MLLM: 32 decoder and 24 vision layers (the real model)")
     ap.add_argument("--batch", type=int, default=1, help="records per step (the toolkit's default is 2)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps per variant (untraced, traced, bare)")
-    ap.add_argument("--sd-repeats", type=int, default=0, help="SD: timed steps per variant (0: --repeats)")
-    ap.add_argument("--probe-repeats", type=int, default=2, help="timed probes")
+    ap.add_argument("--repeats", type=int, default=2, help="timed steps per variant (untraced, traced, bare)")
+    ap.add_argument("--sd-repeats", type=int, default=1, help="SD: timed steps per variant (0: --repeats)")
+    ap.add_argument("--probe-repeats", type=int, default=1, help="timed probes")
     ap.add_argument("--seq", type=int, default=650, help="MLLM tokens per record (576 of them image positions)")
     ap.add_argument("--sd-train", choices=("auto", "full", "lora"), default="auto",
                     help="SD's trained parts: full UNet (the toolkit default) or LoRA; auto: full on CUDA, else LoRA")
