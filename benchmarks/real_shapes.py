@@ -56,6 +56,7 @@ and the optimizer step, :class:`CoreTimer`, the loop's against the bare step's).
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -615,8 +616,10 @@ def main() -> None:
             else:
                 {"mllm": mllm, "sd": sd}[part](args, device, dtype, Path(tmp))
             print(f"{part}_benchmark_seconds: {time.perf_counter() - start:.0f}", flush=True)
+            gc.collect()  # the part's model (held in reference cycles: hooks, peft) before the next part's
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            print(f"{part}_memory_left_after_mib: {PeakMemory(device).now() / MIB:.0f}", flush=True)
 
 
 if __name__ == "__main__":
