@@ -56,8 +56,8 @@ and the optimizer step, :class:`CoreTimer`, the loop's against the bare step's).
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -608,19 +608,20 @@ def main() -> None:
     if args.repeats < 1 or args.probe_repeats < 1 or args.batch < 1:
         raise SystemExit("--repeats, --probe-repeats and --batch must be >= 1")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if len(args.part) > 1:  # each part in a fresh process: its memory figures see no other part's leftovers
+        for part in args.part:  # (a repeated --part overrides the first)
+            done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part])
+            if done.returncode != 0:
+                raise SystemExit(f"part {part} failed (exit {done.returncode})")
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        for part in args.part:
-            start = time.perf_counter()
-            if part == "vocab":
-                vocab(args, device, dtype)
-            else:
-                {"mllm": mllm, "sd": sd}[part](args, device, dtype, Path(tmp))
-            print(f"{part}_benchmark_seconds: {time.perf_counter() - start:.0f}", flush=True)
-            gc.collect()  # the part's model (held in reference cycles: hooks, peft) before the next part's
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            print(f"{part}_memory_left_after_mib: {PeakMemory(device).now() / MIB:.0f}", flush=True)
-
+        part = args.part[0]
+        start = time.perf_counter()
+        if part == "vocab":
+            vocab(args, device, dtype)
+        else:
+            {"mllm": mllm, "sd": sd}[part](args, device, dtype, Path(tmp))
+        print(f"{part}_benchmark_seconds: {time.perf_counter() - start:.0f}", flush=True)
 
 if __name__ == "__main__":
     main()
