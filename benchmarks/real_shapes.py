@@ -510,7 +510,7 @@ def sd(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
         t = torch.randint(0, 1000, (len(forget),), generator=generator).to(device)
         z_t = adapter.noise_scheduler.add_noise(batch.latents, eps, t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = unet(z_t, t, encoder_hidden_states=batch.cond).sample
+            pred = adapter.predict(z_t, t, batch.cond, model=unet)  # the UNet's call with the prompts' conditioning
         err = (eps - pred).float().pow(2).mean(1)  # (B, h, w)
         return (weights * err).mean()
 
