@@ -37,8 +37,9 @@ figure is ``1 + probe / (10 x untraced step)``: what a probe after every 10th st
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each step); on the CPU the
 process's peak resident set (``VmHWM`` of /proc/self/status, reset through /proc/self/clear_refs
-before each step): it sees every allocation, torch's included (tracemalloc does not), and large
-tensors are mmap-ed and returned to the system when freed, so a step's peak is that step's. Both
+before each step, after ``malloc_trim`` has given freed heap pages back): it sees every allocation,
+torch's included (tracemalloc does not), and large tensors are mmap-ed and returned to the system when
+freed, so a step's peak is that step's. Both
 include the model's weights, as a user's device must hold them.
 
     OMP_NUM_THREADS=2 python benchmarks/real_shapes.py [--part vocab mllm sd] [--repeats 2] [--sd-repeats 1]
@@ -56,6 +57,7 @@ and the optimizer step, :class:`CoreTimer`, the loop's against the bare step's).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import subprocess
 import sys
@@ -74,6 +76,9 @@ QWEN_VOCAB = 152064
 # ----------------------------------------------------------------------------- measuring
 
 
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
 class PeakMemory:
     """Peak memory since the last ``reset``, in bytes: CUDA's allocator statistics on a GPU, else the
     process's peak RSS (VmHWM, reset through /proc/self/clear_refs; Linux)."""
@@ -85,7 +90,9 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        else:
+        else:  # free heap pages back to the system first (glibc keeps freed mid-size blocks resident), then
+            # restart the peak from the resident set that is left
+            _LIBC.malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")
 
     def peak(self) -> int:
