@@ -16,20 +16,25 @@ import torch
 from .capture import Capture, host_copies
 
 IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 2 ** 24  # logits per chunk of token_logprobs: 64 MiB in float32
 
 
 @torch.no_grad()
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                   chunk_rows: int = 2048) -> torch.Tensor:
+                   chunk_rows: int = 2048, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Log-prob of every labelled token under the logits of the position before it.
 
     logits: (batch, seq, vocab); labels: (batch, seq) with ``ignore_index`` where unscored.
     Returns (batch, seq) float32: entry t is log p(labels[:, t] | prefix), NaN where unscored
-    (including t = 0, which has no preceding position).
+    (including t = 0, which has no preceding position). A chunk holds at most ``chunk_rows`` rows
+    and ``chunk_elements`` logits (and as many again inside ``logsumexp``).
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (batch, seq)")
-    b, s, _ = logits.shape
+    b, s, vocab = logits.shape
+    # rows per chunk: at Qwen's vocabulary (152064) 110, so a fully labelled sequence never holds a
+    # (seq x vocab) float32 copy, let alone two
+    chunk_rows = max(1, min(chunk_rows, chunk_elements // max(vocab, 1)))
     out = torch.full((b, s), float("nan"), dtype=torch.float32, device=logits.device)
     rows, cols = (labels[:, 1:] != ignore_index).nonzero(as_tuple=True)  # scored tokens: (row, position - 1)
     for start in range(0, rows.numel(), chunk_rows):

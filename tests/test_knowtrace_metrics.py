@@ -101,6 +101,30 @@ def test_qwen2vl_logprobs_match_an_independent_computation():
     assert torch.allclose(got[~torch.isnan(got)].double(), ref[~torch.isnan(ref)], atol=1e-5)
 
 
+def test_logprobs_chunks_hold_at_most_chunk_elements_logits():
+    """A fully labelled sequence with a large vocabulary is gathered in chunks of at most
+    ``chunk_elements`` logits (never a (seq x vocab) log-softmax), with the same values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestResult(TorchDispatchMode):  # the largest tensor any operation inside returns
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if torch.is_tensor(t):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 40, 1000), torch.randint(0, 1000, (2, 40))
+    with LargestResult() as seen:
+        got = token_logprobs(logits, labels, chunk_elements=5000)  # 5 rows of 1000 logits per chunk
+    assert seen.largest <= 5000
+    ref = torch.log_softmax(logits.double(), -1)[:, :-1].gather(2, labels[:, 1:, None]).squeeze(2)
+    assert torch.isnan(got[:, 0]).all() and torch.allclose(got[:, 1:].double(), ref, atol=1e-5)
+
+
 def test_logprobs_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="disagree"):
         token_logprobs(torch.zeros(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
