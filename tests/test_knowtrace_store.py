@@ -207,10 +207,15 @@ def test_a_signal_during_a_write_waits_for_the_write(tmp_path):
 
     from knowtrace.store import signals_deferred
 
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            signal.raise_signal(signal.SIGINT)
-            done.append("the rest of the write")
-    assert done == ["the rest of the write"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the process's handler is back
+    # Python's Ctrl-C handler, whatever this process inherited (a background job starts with SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                done.append("the rest of the write")
+        assert done == ["the rest of the write"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the process's handler is back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
