@@ -1,0 +1,1 @@
+"""The forgetting audit of an MLLM run: removed or hidden (see :mod:`.base`)."""
