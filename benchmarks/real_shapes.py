@@ -371,7 +371,7 @@ def lengthened(adapter, records, seq: int):
 
 def mllm(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
     from knowtrace.logprobs import IGNORE_INDEX
-    from unlearn.loop import TrainConfig, run_loop
+    from unlearn.loop import TrainConfig, precision, run_loop
     from unlearn.methods import get_method
     from unlearn.methods.losses import signed_weights, weighted_token_loss
     from unlearn.models import adapter_for
@@ -392,7 +392,9 @@ def mllm(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
     method = get_method("fttp")
 
     # the run's tracer (unlearn mllm --trace --trace-attention): log-probs + K on steps, attention probes
-    tracer = start_tracer(adapter, tmp / "mllm.zarr", records, concept.names, {}, probe_records, attention=True)
+    # probes in the steps' precision (bf16 autocast on a GPU), as a run makes them
+    tracer = start_tracer(adapter, tmp / "mllm.zarr", records, concept.names, {}, probe_records, attention=True,
+                          precision=precision(TrainConfig(), device))
     probe, tracer.probe = tracer.probe, None  # the probe is timed apart (a run makes one after every step)
     pause = ExitStack()
     pause.enter_context(tracer.paused())
@@ -482,7 +484,7 @@ def sd_14_shaped(dtype: torch.dtype):
 
 
 def sd(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
-    from unlearn.loop import TrainConfig, run_loop
+    from unlearn.loop import TrainConfig, precision, run_loop
     from unlearn.methods import get_method
     from unlearn.methods.losses import signed_weights
     from unlearn.models.sd import SDAdapter
@@ -504,7 +506,8 @@ def sd(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
     memory = PeakMemory(device)
     step_trace = SDStepErrorCallback(adapter, method, forget, tmp / "sd.zarr")  # --trace --trace-source step
     # --trace-attention's probe (records step -1 now: creates its store, untimed); a run makes one every step
-    probe = SDTraceCallback(adapter, forget, tmp / "sd-probe.zarr", attention=True, names=c.names)
+    probe = SDTraceCallback(adapter, forget, tmp / "sd-probe.zarr", attention=True, names=c.names,
+                            precision=precision(TrainConfig(), device))
 
     batch = adapter.encode(forget, masks=method.mask_options)
     weights = signed_weights(batch.mask, method.alpha, method.beta)

@@ -64,9 +64,10 @@ class SampleTrace:
             head = np.full(shape, np.nan, dtype=np.float32)
         for si, call, r in rows:
             values = call.logp[r][call.labels[r] != IGNORE_INDEX]
-            logprob[si, : len(values)] = values.cpu().numpy()
+            logprob[si, : len(values)] = values.float().cpu().numpy()
             if head is not None and call.maps is not None and call.maps[r]:
-                m = stack_layers(call.maps[r], self.attention.layers).numpy()  # (layer, heads, n_answer, gy, gx)
+                # (layer, heads, n_answer, gy, gx); float: maps computed under bf16 autocast are bf16, which numpy lacks
+                m = stack_layers(call.maps[r], self.attention.layers).float().numpy()
                 head[si, :, : m.shape[1], : m.shape[2]] = m
         k_c, k_n = mllm_knowledge(torch.from_numpy(logprob), self._concept)
         unseen = np.isnan(logprob).all(1)  # samples not in this step: K is NaN, not an empty sum

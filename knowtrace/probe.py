@@ -8,8 +8,8 @@ step on the same inputs: a clean trajectory at a k-fold lower cost.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,11 +30,14 @@ if TYPE_CHECKING:  # annotations only: open_probe_trace does not import transfor
 class ProbeSet:
     """``batches``: model inputs with ``labels`` (tensors; moved to the model's device when run);
     ``samples``: one TracedSample per batch row, in order over all batches; ``every``: run after
-    every step with ``step % every == 0``."""
+    every step with ``step % every == 0``; ``precision``: a function returning the context the probe
+    forwards run in, e.g. the training steps' autocast (a probe then measures the model as the steps
+    compute it, at their cost)."""
 
     batches: Sequence[dict]
     samples: Sequence[TracedSample]
     every: int = 10
+    precision: Callable[[], AbstractContextManager] = nullcontext
 
     def __post_init__(self):
         if self.every < 1:
@@ -66,6 +69,7 @@ class ProbeRunner:
             calls = stack.enter_context(self.forwards.separately())
             stack.enter_context(eval_mode(model))
             stack.enter_context(torch.inference_mode())
+            stack.enter_context(self.probes.precision())
             for batch in self.probes.batches:
                 model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         if len(calls) != len(self.probes.batches):

@@ -288,3 +288,36 @@ def test_sd_kinds_train_on_the_device(kind, method, device, sd_data):
     run_loop(a, algo, forget, retain, TrainConfig(steps=1, lr=1e-3, batch_size=2), "vorn", BY_KEY["vorn"].names,
              callbacks=[Steps(device)], progress=False)
     assert all(p.device == DEVICE for p in a.model.parameters())
+
+
+def test_probes_run_in_the_training_precision(sd_data, mllm_data, tmp_path):
+    """With mixed precision (bf16 on a GPU by default) the SD probe and the MLLM attention probes run under the
+    training steps' autocast (step -1 and every later probe in one precision, at the steps' cost); without it,
+    in the model's own dtype."""
+    from tests.test_sd_unlearn import tiny_adapter
+    from unlearn.loop import precision
+    from unlearn.sd_tracing import SDProbe
+    from unlearn.tracing import start_tracer
+
+    bf16, none = (precision(TrainConfig(mixed_precision=m), "cpu") for m in ("bf16", "no"))
+    seen = []
+
+    def watch(module):
+        module.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+
+    a = tiny_adapter()
+    watch(a.model)
+    for mode, expected in ((bf16, True), (none, False)):
+        seen.clear()
+        SDProbe(a, sd_data[0], timesteps=(100,), precision=mode).errors(a.model)
+        assert seen and all(s is expected for s in seen)
+
+    concept, forget, _ = mllm_data
+    model, processor = tiny_llava()
+    adapter = LlavaAdapter(model, processor)
+    watch(model)
+    seen.clear()
+    tracer = start_tracer(adapter, tmp_path / "trace.zarr", forget, concept.names, {}, forget[:1], attention=True,
+                          precision=bf16)  # runs the step -1 probe
+    tracer.__exit__(None, None, None)
+    assert seen == [True]

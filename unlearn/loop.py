@@ -21,6 +21,8 @@ goes on from one, and the rest of the run is the same, bit for bit, as if it had
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import random
 import re
@@ -91,6 +93,21 @@ class LoopState:
     output: StepOutput | None = None  # what the method returned for the step's last micro-batch
 
 
+def resolved_mixed_precision(cfg: TrainConfig) -> str:
+    """The precision the loop trains in: the config's, "auto" read as bf16 on CUDA and none on CPU."""
+    return cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+
+
+def precision(cfg: TrainConfig, device: torch.device):
+    """A function returning the autocast context the loop's steps run in (a no-op context without mixed
+    precision): probes and tracers enter it, so they measure the model as the steps compute it (on a GPU
+    in bf16, not at the fp32 cost) and step -1 in the same precision as every later step."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved_mixed_precision(cfg))
+    if dtype is None:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, torch.device(device).type, dtype=dtype)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -142,7 +159,7 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
     if method.needs_retain and not retain:
         raise ValueError(f"method {method.name!r} needs retain records; none were given")
     seed_everything(cfg.seed)
-    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    mixed = resolved_mixed_precision(cfg)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
                               cpu=not torch.cuda.is_available())
     model = adapter.model

@@ -120,8 +120,10 @@ class MLLMRun(Run):
             from .tracing import start_tracer
 
             probe_records = [r for r in self.evalset.efficacy if r.image is not None]
+            from .loop import precision
+
             tracer = start_tracer(self.adapter, self.out / "trace.zarr", self.forget, self.names, self.trace_attrs(),
-                                  probe_records, self.trace_attention)
+                                  probe_records, self.trace_attention, precision(self.cfg, self.adapter.model.device))
             closing.push(tracer)  # entered by start_tracer: exited after training
             # the traced images, for attention underlays: samples/sample-N.png (forget record N), probe-N.png
             (self.out / "samples").mkdir(exist_ok=True)

@@ -269,6 +269,7 @@ class SDRun(Run):
     def attach(self, main, closing) -> list:
         if not (self.trace and main):  # the main process probes the unwrapped UNet; others train only
             return []
+        from .loop import precision
         from .sd_tracing import SDStepErrorCallback, SDTraceCallback
 
         path, attrs = self.out / "trace.zarr", self.trace_attrs()
@@ -277,7 +278,8 @@ class SDRun(Run):
         else:  # records step -1 now
             tracer = SDTraceCallback(self.adapter, self.forget, path, attrs,
                                      attention=self.trace == "attention", names=self.names, every=self.trace_every,
-                                     steps=self.cfg.steps, batch_size=self.trace_batch)
+                                     steps=self.cfg.steps, batch_size=self.trace_batch,
+                                     precision=precision(self.cfg, self.adapter.model.device))
         closing.callback(tracer.flush)
         return [tracer]
 

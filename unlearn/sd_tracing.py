@@ -12,7 +12,8 @@ the noise ``eps`` under epsilon prediction, the velocity under v-prediction) at 
 noise (one seeded draw, the same at every step), averaged over the timesteps; exactly the
 computation of :func:`unlearn.eval.sd.forget_knowledge` with the same defaults (timesteps
 100..900, noise seed 0, lambda 1, mean), so step -1 of the trace equals the run's ``original``
-K_C / K_N and its last step equals the unlearned model's. K values are then comparable across
+K_C / K_N and its last step equals the unlearned model's (exactly in fp32; with mixed precision, on a
+GPU by default, the probe runs in the training steps' autocast and matches them to bf16 precision). K values are then comparable across
 steps and across methods. Cost: ``len(timesteps) x len(images)`` UNet evaluations per probe,
 batched as (timestep, image) pairs (:func:`unlearn.eval.sd.fixed_noise_errors`). The step's own
 training loss (``loss_forget`` / ``loss_retain`` from the method's logs) is recorded beside it, as
@@ -30,6 +31,8 @@ every layer's maps of the probe batch until they are averaged: cheap on the worl
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from collections.abc import Sequence
 
@@ -57,14 +60,17 @@ def check_traceable(records: Sequence) -> None:
 class SDProbe:
     """Per-pixel noise errors of fixed records at fixed timesteps and noise: (N, h, w), mean over
     channels and timesteps (:func:`unlearn.eval.sd.fixed_noise_errors`, ``batch_size`` (timestep,
-    image) pairs per UNet forward). Latents, text embeddings and masks are encoded once."""
+    image) pairs per UNet forward). Latents, text embeddings and masks are encoded once. ``precision``: a
+    function returning the context the forwards run in (the training steps' autocast:
+    :func:`unlearn.loop.precision`)."""
 
     def __init__(self, adapter, records: Sequence, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, noise_seed: int = 0,
-                 attention: bool = False, names: Sequence[str] | None = None, batch_size: int = PROBE_BATCH):
+                 attention: bool = False, names: Sequence[str] | None = None, batch_size: int = PROBE_BATCH,
+                 precision=contextlib.nullcontext):
         check_traceable(records)
         self.timesteps = check_timesteps(adapter, timesteps)
         self.adapter, self.records, self.noise_seed = adapter, list(records), int(noise_seed)
-        self.batch_size = int(batch_size)
+        self.batch_size, self.precision = int(batch_size), precision
         batch = adapter.encode(self.records, masks=TRACE_MASKS)
         self.latents, self.cond = batch.latents, batch.cond  # (N, C, h, w), SDCond of N rows
         self.mask = batch.mask.cpu().bool()  # (N, h, w)
@@ -94,8 +100,9 @@ class SDProbe:
         return err
 
     def _errors(self, unet) -> torch.Tensor:
-        return fixed_noise_errors(self.adapter, unet, self.latents, self.cond, self.noise, self.timesteps,
-                                  self.batch_size)
+        with self.precision():
+            return fixed_noise_errors(self.adapter, unet, self.latents, self.cond, self.noise, self.timesteps,
+                                      self.batch_size)
 
     def _mean_maps(self, capture) -> torch.Tensor:
         """(N, 1, tokens, h, w): each layer's maps on the latent grid, averaged over layers and timesteps."""
@@ -141,12 +148,13 @@ class SDTraceCallback:
     def __init__(self, adapter, records: Sequence, path, attrs: dict | None = None,
                  timesteps: Sequence[int] = DEFAULT_TIMESTEPS, noise_seed: int = 0, lam: float = 1.0,
                  reduce: str = "mean", flush_seconds: float = 5.0, attention: bool = False, names=None,
-                 every: int = 1, steps: int | None = None, batch_size: int = PROBE_BATCH):
+                 every: int = 1, steps: int | None = None, batch_size: int = PROBE_BATCH,
+                 precision=contextlib.nullcontext):
         if int(every) < 1:
             raise ValueError(f"trace every must be a number of steps >= 1, got {every}")
         self.every, self.steps = int(every), steps
         self.probe = SDProbe(adapter, records, timesteps, noise_seed, attention=attention, names=names,
-                             batch_size=batch_size)
+                             batch_size=batch_size, precision=precision)
         self.ids = [r.id for r in self.probe.records]
         tokens = self.probe.tokens or [(None, None, None)] * len(self.ids)
         samples = [SDSample(r.id, m.numpy(), r.concept or "", *t) for r, m, t in

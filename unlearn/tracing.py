@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from knowtrace.logprobs import IGNORE_INDEX
 from knowtrace.tracer import TracedSample
 
@@ -19,13 +21,15 @@ def traced_samples(adapter, records, names, allow_missing: bool = True) -> list[
     return out
 
 
-def start_tracer(adapter, path, forget, names, attrs: dict, probe_records=(), attention: bool = False):
+def start_tracer(adapter, path, forget, names, attrs: dict, probe_records=(), attention: bool = False,
+                 precision=contextlib.nullcontext):
     """Enter a knowtrace tracer on ``adapter.model`` for a run (the caller exits it).
 
     The training steps' forwards give per-token log-probs and K_C / K_N of the forget answers. With
     ``attention``, the ``probe_records`` (e.g. the questions on the training image) run as probes
     before the first update (step -1) and after every step, recording their log-probs and the last
-    decoder layer's head-mean cross-attention of answer tokens to image patches.
+    decoder layer's head-mean cross-attention of answer tokens to image patches, in ``precision`` (a
+    function returning the training steps' autocast context, :func:`unlearn.loop.precision`).
     """
     import knowtrace
 
@@ -36,7 +40,7 @@ def start_tracer(adapter, path, forget, names, attrs: dict, probe_records=(), at
         opts = knowtrace.AttentionOptions(layers=(-1,), heads="mean", on_steps=False)
         probe_records = list(probe_records)
         probes = knowtrace.ProbeSet([adapter.encode(probe_records, train=True)],
-                                    traced_samples(adapter, probe_records, names), every=1)
+                                    traced_samples(adapter, probe_records, names), every=1, precision=precision)
     capture = {"logprob": "answer tokens of the forget records in each step's batch"}
     if attention:
         capture["probe"] = "probe records before training (step -1) and after every step: logprob, xattn (last layer, head mean)"
