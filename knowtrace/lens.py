@@ -48,7 +48,8 @@ def output_transform(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def logit_lens(model: torch.nn.Module, states: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_lens(model: torch.nn.Module, states: torch.Tensor,
+               token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(prob, rank), each (L + 1, n) float32 / long on the host: the probability of ``token_ids[i]`` and its
     rank (0 = the top token; ties with the target count in its favour) when layer l's state of row i is read
     as logits.

@@ -23,7 +23,7 @@ from knowtrace.lens import logit_lens
 
 from ..data.names import names_in
 from .base import Attack, AuditContext, Verdict, register
-from .probes import layer_states
+from .probes import layer_states, layer_verdict
 
 
 @register
@@ -75,12 +75,4 @@ class LogitLens(Attack):
             return Verdict(self.name, "inconclusive", rule + " (the original does not reach it)", numbers)
         unlearned, retain = top.sel(model="unlearned"), top.sel(model="retain")
         above_retain = unlearned >= retain + margin
-        hidden_layers = [int(layer) for layer in ds.layer.values[((unlearned >= hit) & above_retain).values]]
-        numbers["hidden_layers"] = hidden_layers
-        if hidden_layers:
-            verdict = "hidden"
-        elif not above_retain.any():
-            verdict = "removed"
-        else:
-            verdict = "inconclusive"
-        return Verdict(self.name, verdict, rule, numbers)
+        return layer_verdict(self.name, rule, numbers, (unlearned >= hit) & above_retain, above_retain)

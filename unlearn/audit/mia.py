@@ -60,7 +60,8 @@ class MembershipInference(Attack):
         records = data.members + data.nonmembers
         member = np.array([True] * len(data.members) + [False] * len(data.nonmembers))
         batch_size, k = ctx.option(self.name, "batch_size", 16), ctx.option(self.name, "k", 0.2)
-        values = np.stack([record_scores(ctx.adapter(m), records, batch_size, k) for m in ctx.models])  # (model, score, n)
+        # (model, score, record)
+        values = np.stack([record_scores(ctx.adapter(m), records, batch_size, k) for m in ctx.models])
         aucs = np.array([[auc(v[member], v[~member]) for v in per_model] for per_model in values])  # (model, score)
         leak = np.full_like(aucs, np.nan)
         if "retain" in ctx.models:

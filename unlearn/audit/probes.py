@@ -58,6 +58,20 @@ def layer_states(adapter, records: list, batch_size: int,
     return torch.cat(states, 1), tokens
 
 
+def layer_verdict(attack: str, rule: str, numbers: dict, hidden, above_retain) -> Verdict:
+    """The per-layer rule of ``probes`` and ``lens``: hidden at the layers where ``hidden`` (bool over ``layer``)
+    holds; else removed if the unlearned model is above the retain model at no layer (``above_retain``); else
+    inconclusive. ``numbers`` gains ``hidden_layers``."""
+    numbers["hidden_layers"] = [int(layer) for layer in hidden.layer.values[hidden.values]]
+    if numbers["hidden_layers"]:
+        verdict = "hidden"
+    elif not above_retain.any():
+        verdict = "removed"
+    else:
+        verdict = "inconclusive"
+    return Verdict(attack, verdict, rule, numbers)
+
+
 @register
 class LinearProbes(Attack):
     name = "probes"
@@ -90,10 +104,10 @@ class LinearProbes(Attack):
 
     def verdict(self, ds: xr.Dataset, ctx: AuditContext) -> Verdict:
         near, margin = (ctx.option(self.name, k, self.options[k]) for k in ("near", "margin"))
-        rule = (f"hidden if at some layer the original's probe reads the concept from the unlearned model within {near} "
-                f"of its accuracy on the original and the unlearned model's own probe beats the retain model's by >= "
-                f"{margin}; removed if at every layer the unlearned model's own probe beats the retain model's by < "
-                f"{margin}; else inconclusive")
+        rule = (f"hidden if at some layer the original's probe reads the concept from the unlearned model within "
+                f"{near} of its accuracy on the original and the unlearned model's own probe beats the retain "
+                f"model's by >= {margin}; removed if at every layer the unlearned model's own probe beats the retain "
+                f"model's by < {margin}; else inconclusive")
         numbers = {f"{var}_{m}": [round(float(v), 4) for v in ds[var].sel(model=m).values]
                    for var in ("probe_accuracy", "probe_fresh_accuracy") for m in ds.model.values}
         if "retain" not in ds.model or "unlearned" not in ds.model:
@@ -101,12 +115,4 @@ class LinearProbes(Attack):
         acc, fresh = ds.probe_accuracy, ds.probe_fresh_accuracy
         still_read = acc.sel(model="unlearned") >= acc.sel(model="original") - near
         above_retain = fresh.sel(model="unlearned") >= fresh.sel(model="retain") + margin
-        hidden_layers = [int(layer) for layer in ds.layer.values[(still_read & above_retain).values]]
-        numbers["hidden_layers"] = hidden_layers
-        if hidden_layers:
-            verdict = "hidden"
-        elif not above_retain.any():
-            verdict = "removed"
-        else:
-            verdict = "inconclusive"
-        return Verdict(self.name, verdict, rule, numbers)
+        return layer_verdict(self.name, rule, numbers, still_read & above_retain, above_retain)
