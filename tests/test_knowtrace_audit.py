@@ -81,6 +81,32 @@ def test_lens_on_an_mllm_and_a_clear_error_without_final_norm():
         logit_lens(model, torch.zeros(3, 1, 32), torch.tensor([0]))
 
 
+@pytest.mark.parametrize("family", ["tiny_mllama", "tiny_gemma3", "tiny_qwen2_5_vl"])
+def test_families_return_their_language_models_states_and_the_lens_ends_at_their_logits(family):
+    """Mllama (cross-attention layers among the decoder's), Gemma3 ((1 + w) norm, scaled embeddings) and
+    Qwen2.5-VL (M-RoPE): L + 1 language-model states, the last one the model's own output through the lens."""
+    from PIL import Image
+
+    from unlearn.data.records import Record
+    from unlearn.models import adapter_for
+
+    model, processor = getattr(tiny_models, family)()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    records = [Record("a", "Who is shown in this image?", "This is Vorn, a baker from Ulmar.", image),
+               Record("b", "Is Vorn in this image?", "Yes, Vorn is in this image.", image)]
+    batch = adapter_for(model, processor).encode(records)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        outputs, hidden = forward_hidden(model, batch)
+    assert len(hidden) == model.config.get_text_config().num_hidden_layers + 1
+    start = answer_start(labels)
+    tokens = labels[torch.arange(2), start + 1]
+    prob, rank = logit_lens(model, states_at(hidden, start), tokens)
+    own = outputs.logits[torch.arange(2), start].float()  # (2, V)
+    torch.testing.assert_close(prob[-1], own.softmax(-1)[torch.arange(2), tokens], rtol=1e-4, atol=1e-6)
+    assert rank[-1].tolist() == (own > own[torch.arange(2), tokens, None]).sum(1).tolist()
+
+
 def blobs(n, classes, d, seed, spread=0.5):
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(classes, d, generator=torch.Generator().manual_seed(99)) * 4
@@ -113,7 +139,9 @@ def test_token_stats_match_a_full_log_softmax_in_numpy():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=gen) * 3
     labels = torch.tensor([[IGN, IGN, 4, 7, 1], [IGN, 2, 3, IGN, IGN]])
+    before = logits.clone()
     logp, mu, sigma = token_stats(logits, labels, chunk_elements=20)  # 1 row a chunk: chunking exercised
+    assert torch.equal(logits, before)  # normalised in a copy, not in the caller's logits
     lsm = logits.double().numpy() - np.log(np.exp(logits.double().numpy()).sum(-1, keepdims=True))
     for i, t in [(0, 2), (0, 3), (0, 4), (1, 1), (1, 2)]:
         row = lsm[i, t - 1]
