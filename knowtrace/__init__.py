@@ -18,6 +18,8 @@ _EXPORTS = {
     "SDSample": "sd_tracer", "SDTracer": "sd_tracer",
     "export_netcdf": "store", "open_trace": "store",
     "MLLMTracer": "tracer", "TracedSample": "answers", "trace": "tracer",
+    "answer_start": "hidden", "states_at": "hidden", "logit_lens": "lens", "fit_probe": "linear_probe",
+    "probe_layers": "linear_probe", "token_stats": "mia", "mia_scores": "mia",
 }
 __all__ = sorted(_EXPORTS)
 
