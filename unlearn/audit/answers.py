@@ -29,3 +29,10 @@ def identifies(adapter, records: list[Record], names, max_new_tokens: int) -> li
 def identification(flags) -> float:
     """Percentage of answers that identify the concept (100 - EM)."""
     return float(100.0 * np.mean(flags)) if len(flags) else float("nan")
+
+
+def check_at_least(attack: str, values: dict, minimum: dict) -> None:
+    """An attack's options (``values``: name -> value) against their least values; a clear error otherwise."""
+    bad = [f"{attack}.{k}={values[k]} (must be >= {m})" for k, m in minimum.items() if not values[k] >= m]
+    if bad:
+        raise ValueError(f"invalid audit options: {', '.join(bad)}")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .answers import identification, identifies, pick
+from .answers import check_at_least, identification, identifies, pick
 from .base import Attack, AuditContext, Verdict, register
 
 PRECISIONS = ("float", "int8")  # the "precision" coordinate: the model as loaded, then quantized
@@ -33,6 +33,10 @@ def quantized(adapter, progress: bool = True):
 class Quantize(Attack):
     name = "quantize"
     options = {"questions": 0, "max_new_tokens": 12, "margin": 25.0, "min_original": 50.0}
+
+    @classmethod
+    def check_options(cls, values: dict) -> None:
+        check_at_least(cls.name, values, {"questions": 0, "max_new_tokens": 1, "margin": 0, "min_original": 0})
 
     def run(self, ctx: AuditContext) -> xr.Dataset:
         questions = pick(ctx.data.test, ctx.option(self.name, "questions", self.options["questions"]))

@@ -22,7 +22,7 @@ from ..eval.mllm import knowledge
 from ..loop import TrainConfig, run_loop
 from ..methods.base import Method, StepOutput
 from ..methods.losses import records_nll
-from .answers import identification, identifies, pick
+from .answers import check_at_least, identification, identifies, pick
 from .base import Attack, AuditContext, Verdict, register
 
 SETS = ("forget", "unseen", "unrelated")  # the "set" coordinate: ctx.data's lists relearned on
@@ -69,10 +69,12 @@ class Relearn(Attack):
     name = "relearn"
     options = {"steps": 10, "questions": 10, "records": 8, "max_new_tokens": 12, "original": True, "margin": 25.0}
 
+    @classmethod
+    def check_options(cls, values: dict) -> None:
+        check_at_least(cls.name, values, {"steps": 1, "questions": 0, "records": 1, "max_new_tokens": 1, "margin": 0})
+
     def run(self, ctx: AuditContext) -> xr.Dataset:
         steps = ctx.option(self.name, "steps", self.options["steps"])
-        if steps < 1:
-            raise ValueError(f"relearn.steps={steps}: relearn for at least 1 step")
         questions = pick(ctx.data.test, ctx.option(self.name, "questions", self.options["questions"]))
         tokens = ctx.option(self.name, "max_new_tokens", self.options["max_new_tokens"])
         n_records = ctx.option(self.name, "records", self.options["records"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .answers import identification, identifies, pick
+from .answers import check_at_least, identification, identifies, pick
 from .base import Attack, AuditContext, Verdict, register
 
 QUESTION_SETS = ("test", "rephrased")  # the "questions" coordinate
@@ -19,6 +19,10 @@ class Rephrase(Attack):
     name = "rephrase"
     options = {"questions": 0, "max_new_tokens": 12, "margin": 25.0, "min_original": 50.0}
     needs_data = ("rephrased",)  # without rephrased questions the attack is skipped (inconclusive)
+
+    @classmethod
+    def check_options(cls, values: dict) -> None:
+        check_at_least(cls.name, values, {"questions": 0, "max_new_tokens": 1, "margin": 0, "min_original": 0})
 
     def run(self, ctx: AuditContext) -> xr.Dataset:
         n = ctx.option(self.name, "questions", self.options["questions"])

@@ -30,10 +30,12 @@ NO_RETAIN = "none"  # --retain-model none: audit without a retain model
 
 
 def attacks() -> dict:
-    """name -> Attack class, every attack module imported."""
+    """name -> Attack class, every attack module imported, in ATTACK_MODULES order (the order they run in,
+    whatever order they were first imported in)."""
     for module in ATTACK_MODULES:
         importlib.import_module(f"{__package__}.{module}")
-    return ATTACKS
+    rank = {f"{__package__}.{m}": i for i, m in enumerate(ATTACK_MODULES)}
+    return dict(sorted(ATTACKS.items(), key=lambda item: rank.get(item[1].__module__, len(rank))))
 
 
 def overall_verdict(verdicts: list[Verdict]) -> dict:
@@ -96,10 +98,11 @@ def check_audit(run: Path, names: list[str] | None, options: dict, retain_model,
                                 for a in chosen)
             raise KeyError(f"unknown audit option {key!r}; give attack.option=value, options of the chosen attacks: "
                            f"{listing}")
-    ctx_free = AuditContext(run, manifest, None, {}, None, options)  # type-checks every option now
-    for key in options:
-        attack, _, option = key.partition(".")
-        ctx_free.option(attack, option, registry[attack].options[option])
+    typed = AuditContext(run, manifest, None, {}, None, options)  # reads every option as its attack will
+    for name in chosen:
+        values = {o: typed.option(name, o, d) for o, d in registry[name].options.items()}
+        if hasattr(registry[name], "check_options"):  # an attack's own limits (e.g. relearn.steps >= 1)
+            registry[name].check_options(values)
     if (run / AUDIT_DIR).exists() and not overwrite:
         raise FileExistsError(f"{run / AUDIT_DIR} exists; pass --overwrite to replace it (it stays as it is until the "
                               f"new audit is complete)")
