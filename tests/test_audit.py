@@ -18,9 +18,8 @@ from unlearn.audit.data import record_audit_data
 from unlearn.audit.quantize import quantize_verdict
 from unlearn.audit.relearn import relearn_verdict
 from unlearn.audit.rephrase import rephrase_verdict
-from unlearn.audit.run import overall_verdict, run_audit
+from unlearn.audit.run import overall_verdict
 from unlearn.cli import main
-from unlearn.data.records import Record
 from unlearn.run_mllm import run_mllm
 from unlearn.world.source import resolve_model
 from unlearn.world_export import export_concept

@@ -19,7 +19,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..eval.mllm import knowledge
-from ..loop import TrainConfig, run_loop
+from ..loop import run_loop
 from ..methods.base import Method, StepOutput
 from ..methods.losses import records_nll
 from .answers import check_at_least, identification, identifies, pick
