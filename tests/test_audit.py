@@ -94,6 +94,7 @@ def test_audit_end_to_end(audited):
     assert report["overall"]["verdict"] == overall_verdict(
         [Verdict(a, v["verdict"], "", {}) for a, v in report["attacks"].items()])["verdict"]
     assert report["attacks"]["relearn"]["options"]["steps"] == 2 and report["seed"] == 0
+    assert report["records"]["unseen"] == 4 and report["records"]["members"] == 0
     ds = xr.open_dataset(run / "audit" / "audit.nc", engine="h5netcdf")
     assert ds["relearn_identified"].dims == ("model", "relearn_set", "relearn_step")
     assert list(ds["relearn_set"].values) == ["forget", "unseen", "unrelated"] and ds.sizes["relearn_step"] == 3

@@ -225,6 +225,7 @@ def run_audit(run: Path, attack_names: list[str] | None = None, options: dict | 
             timings["total"] = time.perf_counter() - start
             report = json_numbers({
                 "run": str(run), "concept": data.concept, "names": list(data.names), "method": manifest["method"],
+                "records": {f: len(getattr(data, f)) for f in ("forget", "test", *FILES)},  # what was asked
                 "models": list(ctx.models), "retain_model": None if "retain" not in ctx.models else str(
                     retain_model if retain_model not in (None, NO_RETAIN) else "world"),
                 "attacks": {v.attack: {"verdict": v.verdict, "rule": v.rule, "numbers": v.numbers,
