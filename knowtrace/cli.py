@@ -201,9 +201,11 @@ PLOT_HELP = """Draw a view of a trace as HTML and/or PNG.
 HTML is interactive and self-contained; PNG needs kaleido and a Chromium. Kinds: tokens (token
 log-probs, paper Fig. 2), knowledge (K_C and K_N over steps, Fig. 3), attention (cross-attention
 over the image with a step slider, Fig. 8), eps_err (SD noise error map), scatter (K_C vs K_N of
-several runs, Fig. 5). Without --html/--png: RUN/plots/<kind>.html."""
+several runs, Fig. 5), audit (the forgetting audit's measurements, RUN/audit/audit.nc as `unlearn audit`
+writes it, or that .nc file). Without --html/--png: RUN/plots/<kind>.html."""
 
-KINDS = ("tokens", "knowledge", "attention", "eps_err", "scatter")
+KINDS = ("tokens", "knowledge", "attention", "eps_err", "scatter", "audit")
+AUDIT_FILE = Path("audit") / "audit.nc"
 
 
 def _add_plot(parser: argparse.ArgumentParser) -> None:
@@ -258,9 +260,25 @@ def _figure(args: argparse.Namespace, ds: xr.Dataset, run_dir: Path | None, pane
     return plots.eps_err_slider(ds, sample=sample, image=_image(args, ds, run_dir, sample), panels=panels)
 
 
+def load_audit(run: Path) -> tuple[xr.Dataset, Path]:
+    """(the audit dataset of RUN = a run directory holding audit/audit.nc, or that file; the folder plots go to)."""
+    run = Path(run)
+    path = run / AUDIT_FILE if run.is_dir() else run
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: audit the run first (unlearn audit {run})")
+    _check_netcdf(path)
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        return ds.load(), (run if run.is_dir() else path.parent)
+
+
 def _run_plot(args: argparse.Namespace) -> int:
     if args.kind != "scatter" and len(args.runs) != 1:
         raise ValueError(f"--kind {args.kind} draws one run; several runs go with --kind scatter")
+    if args.kind == "audit":
+        from .audit_plots import audit_figure
+
+        ds, where = load_audit(args.runs[0])
+        return _save_plot(args, audit_figure(ds), {}, [(ds, where, where)])
     loaded = [load(r, args.probe) for r in args.runs]
     if args.kind == "scatter":
         names = [str(run_dir.name if run_dir is not None else trace.stem) for _, trace, run_dir in loaded]
@@ -274,6 +292,11 @@ def _run_plot(args: argparse.Namespace) -> int:
     if args.png is not None:  # a slider's static image would be its first frame: a grid of steps instead
         sliders = args.kind in ("attention", "eps_err")
         figures[args.png] = _figure(args, ds, run_dir, panels=PNG_PANELS) if sliders else fig
+    return _save_plot(args, fig, figures, loaded)
+
+
+def _save_plot(args: argparse.Namespace, fig, figures: dict, loaded: list) -> int:
+    """Write ``fig`` (``figures[path]`` where a path needs another) to --html / --png, else RUN/plots/<kind>.html."""
     targets = [p for p in (args.html, args.png) if p is not None]
     if args.png is not None and args.png.suffix.lower() != ".png":
         raise ValueError(f"--png {args.png}: the file name must end in .png")

@@ -1,4 +1,4 @@
-"""The ``unlearn`` command: ``unlearn world|mllm|sd|eval|demo|claims ...`` (``unlearn COMMAND --help``).
+"""The ``unlearn`` command: ``unlearn world|mllm|sd|eval|audit|demo|claims ...`` (``unlearn COMMAND --help``).
 Sub-commands register themselves in ``COMMANDS`` (name -> (help, add_arguments, run)); the run commands
 (``mllm``, ``sd``) share their flags, declared once in :func:`_add_run`.
 """
@@ -283,10 +283,50 @@ def _run_claims(args: argparse.Namespace) -> int:
     return 0
 
 
+AUDIT_HELP = """Audit an MLLM run: is its concept removed, or only hidden? Compares the original, the
+unlearned and (when there is one) the retain model under attacks (relearning, rephrased questions,
+quantization, ...) and writes RUN/audit/: audit.nc (the measurements), audit.json (a verdict per attack
+and overall, with rules and numbers), audit.html. The run's own files are only read (docs/audit.md)."""
+
+
+def _add_audit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="run directory of a complete MLLM run (holds manifest.json)")
+    parser.add_argument("--retain-model", metavar="PATH", help="a model that never saw the concept (a directory); "
+                        "default on the world: the world MLLM trained without it (built if missing), else none; "
+                        "'none': no retain model")
+    parser.add_argument("--attacks", help="comma-separated attacks to run (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="ATTACK.OPTION=VALUE", dest="settings",
+                        help="an attack's option, e.g. relearn.steps=5 (repeatable)")
+    parser.add_argument("--audit-data", type=Path, metavar="DIR", help="record-directory runs: the folder holding "
+                        "the audit's optional record files (default: the run's data directory)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world-dir", type=Path, help="world cache directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace RUN/audit (kept until the new one is done)")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from .audit.run import run_audit
+
+    options = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set {item!r} is not attack.option=value")
+        options[key] = value
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks is not None else None
+    report = run_audit(args.run, attacks, options, retain_model=args.retain_model, seed=args.seed,
+                       overwrite=args.overwrite, progress=not args.quiet, world_dir=args.world_dir,
+                       audit_data=args.audit_data)
+    print(json.dumps({"audit": str(Path(args.run) / "audit"), "overall": report["overall"]["verdict"],
+                      **{name: v["verdict"] for name, v in report["attacks"].items()}}, indent=1))
+    return 0
+
+
 COMMANDS = {"world": (WORLD_HELP, _add_world, _run_world),
             **{kind: (help_text, partial(_add_run, kind=kind), partial(_run, kind=kind))
                for kind, (help_text, _, _) in RUN_COMMANDS.items()},
-            "eval": (EVAL_HELP, _add_eval, _run_eval),
+            "eval": (EVAL_HELP, _add_eval, _run_eval), "audit": (AUDIT_HELP, _add_audit, _run_audit),
             "demo": (DEMO_HELP, _add_demo, _run_demo), "claims": (CLAIMS_HELP, _add_claims, _run_claims)}
 
 
