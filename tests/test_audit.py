@@ -89,7 +89,8 @@ def test_audit_end_to_end(audited):
     assert not (run / ".audit.partial").exists()
     report = json.loads((run / "audit" / "audit.json").read_text())
     assert report["models"] == ["original", "unlearned", "retain"]
-    assert set(report["attacks"]) == {"relearn", "rephrase", "quantize"}
+    assert set(report["attacks"]) == {"relearn", "rephrase", "quantize", "mia", "probes", "lens"}
+    assert report["attacks"]["mia"]["rule"].startswith("skipped")  # the fixture's data names no members
     assert all(v["verdict"] in ("removed", "hidden", "inconclusive") and v["rule"] for v in report["attacks"].values())
     assert report["overall"]["verdict"] == overall_verdict(
         [Verdict(a, v["verdict"], "", {}) for a, v in report["attacks"].items()])["verdict"]

@@ -106,7 +106,11 @@ class Attack:
 
     name: ClassVar[str]
     options: ClassVar[dict] = {}
-    needs_retain: ClassVar[bool] = False  # True: without a retain model the verdict is "inconclusive"
+    needs_data: ClassVar[tuple[str, ...]] = ()  # AuditData fields it reads: one empty -> skipped, "inconclusive"
+
+    @classmethod
+    def check_options(cls, values: dict) -> None:
+        """Raise ValueError for an option out of range (called before anything is written)."""
 
     def run(self, ctx: AuditContext):  # -> xarray.Dataset
         raise NotImplementedError

@@ -30,7 +30,7 @@ from .probes import layer_states, layer_verdict
 class LogitLens(Attack):
     name = "lens"
     options = {"batch_size": 16, "top_k": 10, "hit": 0.5, "margin": 0.3}
-    needs_retain = True
+    needs_data = ("test",)
 
     def run(self, ctx: AuditContext) -> xr.Dataset:
         data = ctx.data

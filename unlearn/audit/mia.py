@@ -50,7 +50,7 @@ def record_scores(adapter, records: list, batch_size: int, k: float) -> np.ndarr
 class MembershipInference(Attack):
     name = "mia"
     options = {"batch_size": 16, "k": 0.2, "score": "min_k", "tolerance": 10.0}
-    needs_retain = True
+    needs_data = ("members", "nonmembers")
 
     def run(self, ctx: AuditContext) -> xr.Dataset:
         data = ctx.data

@@ -76,7 +76,7 @@ def layer_verdict(attack: str, rule: str, numbers: dict, hidden, above_retain) -
 class LinearProbes(Attack):
     name = "probes"
     options = {"batch_size": 16, "near": 0.1, "margin": 0.2, "l2": 1e-2}
-    needs_retain = True
+    needs_data = ("probe_train", "probe_test")
 
     def run(self, ctx: AuditContext) -> xr.Dataset:
         data = ctx.data

@@ -24,7 +24,7 @@ import xarray as xr
 
 from .base import ATTACKS, MODELS, AuditContext, Verdict
 
-ATTACK_MODULES = ("relearn", "rephrase", "quantize")  # modules of unlearn.audit that register attacks
+ATTACK_MODULES = ("relearn", "rephrase", "quantize", "mia", "probes", "lens")  # modules of unlearn.audit that register attacks
 AUDIT_DIR, PARTIAL, OLD = "audit", ".audit.partial", ".audit.old"
 NO_RETAIN = "none"  # --retain-model none: audit without a retain model
 
@@ -101,8 +101,7 @@ def check_audit(run: Path, names: list[str] | None, options: dict, retain_model,
     typed = AuditContext(run, manifest, None, {}, None, options)  # reads every option as its attack will
     for name in chosen:
         values = {o: typed.option(name, o, d) for o, d in registry[name].options.items()}
-        if hasattr(registry[name], "check_options"):  # an attack's own limits (e.g. relearn.steps >= 1)
-            registry[name].check_options(values)
+        registry[name].check_options(values)  # an attack's own limits (e.g. relearn.steps >= 1)
     if (run / AUDIT_DIR).exists() and not overwrite:
         raise FileExistsError(f"{run / AUDIT_DIR} exists; pass --overwrite to replace it (it stays as it is until the "
                               f"new audit is complete)")
@@ -204,15 +203,12 @@ def run_audit(run: Path, attack_names: list[str] | None = None, options: dict | 
             for name in tqdm(chosen, desc="audit", disable=not progress):
                 attack, t = registry[name](), time.perf_counter()
                 resolved[name] = {o: ctx.option(name, o, d) for o, d in attack.options.items()}
-                missing = [f for f in getattr(attack, "needs_data", ()) if not getattr(data, f)]
+                missing = [f for f in attack.needs_data if not getattr(data, f)]
                 if missing:
                     where = "the world's audit data" if again.data is None else str(audit_data or again.data)
                     verdicts.append(Verdict(name, "inconclusive", "skipped: its data is absent",
                                             {"missing": [FILES.get(f, f) for f in missing], "in": where}))
-                elif attack.needs_retain and "retain" not in ctx.models:
-                    verdicts.append(Verdict(name, "inconclusive", "skipped: it needs a retain model (--retain-model)",
-                                            {}))
-                else:
+                else:  # without a retain model an attack still measures; its verdict then says inconclusive
                     seed_everything(seed)
                     results[name] = attack.run(ctx)
                     verdicts.append(attack.verdict(results[name], ctx))
