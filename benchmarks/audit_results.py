@@ -1,0 +1,144 @@
+"""Benchmark: the forgetting audit over every MLLM method x 3 world concepts x 3 seeds at the world's lr.
+
+    python benchmarks/audit_results.py --out runs/bench-audit                      # trains what is missing
+    python benchmarks/audit_results.py --out runs/bench-audit --runs runs/claims/mllm   # audit Table 1's runs
+
+The runs are Table 1's sweep (``benchmarks/mllm_results.py --set lr=3e-3``: LoRA, lr 3e-3, 10 steps, 1
+image); ``--runs DIR`` audits the runs of an existing sweep instead (DIR/runs/<concept>-<method>-...), training
+those it lacks into it. Each run is audited against the world's retain model of its concept (built and cached
+the first time: ``unlearn world build --retain CONCEPT``) into RUN/audit (``unlearn audit RUN``); a run already
+audited is skipped, so an interrupted benchmark resumes. Writes ``audits.jsonl`` (one line per audit),
+``results.md`` (verdict counts and the figures each rule read, per concept and method) and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mllm_sweep import add_arguments, sweep_of  # noqa: E402
+
+from unlearn.methods import METHODS  # noqa: E402
+from unlearn.sweep import run_sweep  # noqa: E402
+
+# column -> (attack, path to the number in its verdict): the figures the verdict rules read, mean over seeds
+FIGURES = {
+    "relearn gap vs retain (forget/unseen/unrelated)": ("relearn", ("gap_unlearned_minus_retain",)),
+    "rephrased id. % (unlearned)": ("rephrase", ("identified_on_rephrased", "unlearned")),
+    "rephrased id. % (retain)": ("rephrase", ("identified_on_rephrased", "retain")),
+    "int8 id. % (unlearned)": ("quantize", ("unlearned_int8",)),
+    "privleak (unlearned)": ("mia", ("privleak_unlearned",)),
+    "probe hidden layers": ("probes", ("hidden_layers",)),
+    "lens hidden layers": ("lens", ("hidden_layers",)),
+}
+
+
+def figure(row: dict, attack: str, path: tuple[str, ...]):
+    value = row["attacks"].get(attack, {}).get("numbers", {})
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return len(value) if isinstance(value, list) else value  # a list of layers: how many
+
+
+def audit_row(run: Path, name: str, args) -> dict:
+    from unlearn.audit.run import run_audit
+
+    report_path = run / "audit" / "audit.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+    else:
+        options = dict(kv.split("=", 1) for kv in args.audit_set)
+        report = run_audit(run, options=options, seed=args.audit_seed, world_dir=args.world_dir,
+                           progress=False)
+    concept, method, *_ = name.split("-")
+    return {"name": name, "concept": concept, "method": method, "overall": report["overall"]["verdict"],
+            "attacks": {a: {"verdict": v["verdict"], "numbers": v["numbers"]} for a, v in report["attacks"].items()},
+            "seconds": report["timings_seconds"]["total"]}
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float)) and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def summarise(rows: list[dict], concepts, methods) -> tuple[dict, str]:
+    """Per concept and method: overall and per-attack verdict counts over seeds, and the rules' figures."""
+    attacks = sorted({a for r in rows for a in r["attacks"]}, key=lambda a: list(rows[0]["attacks"]).index(a))
+    header = ["concept", "method", "overall", *attacks, *FIGURES]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = {}
+    for concept in concepts:
+        for method in methods:
+            got = [r for r in rows if r["concept"] == concept and r["method"] == method]
+            if not got:
+                continue
+
+            def counts(verdicts):
+                c = Counter(verdicts)
+                return " ".join(f"{k[0].upper()}{c[k]}" for k in ("removed", "hidden", "inconclusive") if c[k])
+
+            entry = {"n": len(got), "overall": dict(Counter(r["overall"] for r in got)),
+                     "attacks": {a: dict(Counter(r["attacks"][a]["verdict"] for r in got if a in r["attacks"]))
+                                 for a in attacks}, "figures": {}}
+            cells = [concept, method, counts([r["overall"] for r in got])]
+            cells += [counts([r["attacks"][a]["verdict"] for r in got if a in r["attacks"]]) for a in attacks]
+            for column, (attack, path) in FIGURES.items():
+                values = [figure(r, attack, path) for r in got]
+                if any(isinstance(v, dict) for v in values):  # per relearning set
+                    keys = next(v for v in values if isinstance(v, dict))
+                    mean = {k: _mean([v.get(k) for v in values if isinstance(v, dict)]) for k in keys}
+                    cell = "/".join("-" if m is None else f"{m:.0f}" for m in mean.values())
+                else:
+                    mean = _mean(values)
+                    cell = "-" if mean is None else f"{mean:.1f}"
+                entry["figures"][column] = mean
+                cells.append(cell)
+            table[f"{concept}/{method}"] = entry
+            lines.append("| " + " | ".join(cells) + " |")
+    legend = ("R/H/I: how many seeds' audits said removed / hidden / inconclusive. Figures: means over seeds of the "
+              "numbers the verdict rules read (docs/audit.md).")
+    return table, "\n".join(lines) + "\n\n" + legend
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap, methods_required=False)
+    ap.set_defaults(seeds=[0, 1, 2], set=["lr=0.003"])  # run names as Table 1's: <concept>-<method>-lr0.003-s<seed>
+    ap.add_argument("--runs", type=Path, help="an existing sweep's --out whose runs to audit (default: --out)")
+    ap.add_argument("--audit-set", action="append", default=[], metavar="ATTACK.OPTION=VALUE")
+    ap.add_argument("--audit-seed", type=int, default=0)
+    args = ap.parse_args()
+    args.methods = args.methods or sorted(METHODS)
+    runs_dir = args.runs or args.out
+    sweep = sweep_of(args)
+    sweep.out = runs_dir
+    trained = [r for r in run_sweep(sweep) if r["method"] in args.methods and r["concept"] in args.concepts
+               and r["seed"] in args.seeds]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "audits.jsonl"
+    done = {json.loads(line)["name"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
+    rows = []
+    for r in trained:
+        if r["name"] not in done:
+            done[r["name"]] = audit_row(runs_dir / "runs" / r["name"], r["name"], args)
+            with log.open("a") as f:
+                f.write(json.dumps(done[r["name"]]) + "\n")
+            print(f"{r['name']}: {done[r['name']]['overall']} "
+                  + " ".join(f"{a}={v['verdict']}" for a, v in done[r["name"]]["attacks"].items()), flush=True)
+        rows.append(done[r["name"]])
+    table, text = summarise(rows, args.concepts, args.methods)
+    settings = {"steps": args.steps, "seeds": args.seeds, "set": args.set, "audit_set": args.audit_set,
+                "audit_seed": args.audit_seed, "runs": str(runs_dir)}
+    (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": table}, indent=1))
+    (args.out / "results.md").write_text(f"settings: {json.dumps(settings)}\n\n{text}\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
