@@ -51,6 +51,21 @@ def test_claims_d_and_e():
     assert claims.verdict_e(_sd(0.6, 0.2, 60, 98)).verdict == "contradicted"
 
 
+def _audit(method, overall):
+    return {"method": method, "overall": {"verdict": overall}, "attacks": {"relearn": {"verdict": overall}}}
+
+
+@pytest.mark.parametrize("fttp, verdict", [(["removed", "removed", "hidden"], "supported"),
+                                           (["hidden", "hidden", "removed"], "contradicted"),
+                                           (["removed", "inconclusive", "inconclusive"], "inconclusive")])
+def test_claim_f_reads_fttp_audits(fttp, verdict):
+    audits = [_audit("fttp", v) for v in fttp] + [_audit("ga", "hidden")] * 3
+    v = claims.verdict_f(audits)
+    assert v.verdict == verdict and v.numbers["n"] == 3 and v.numbers["ga"]["overall"] == {"hidden": 3}
+    with pytest.raises(ValueError, match="FTTP"):
+        claims.verdict_f([_audit("ga", "removed")])
+
+
 def test_unknown_claim_is_a_clear_error(capsys, tmp_path):
     assert main(["claims", "--only", "az", "--runs", str(tmp_path)]) == 2
     assert "unknown claim(s) ['z']" in capsys.readouterr().err

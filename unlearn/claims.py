@@ -30,6 +30,8 @@ RULES = {
     "d": "mean shape IoU (original vs unlearned images of the concept's prompt) of vanilla FTTP > that of "
          "dilated FTTP",
     "e": "FTTP's UA >= max UA of ESD-x, ESD-u, SalUn - 5 while FTTP uses fewer steps and fewer images",
+    "f": "over FTTP's audits (unlearn audit, against the retain model): the overall verdict is 'removed' in >= 2/3 of "
+         "them: supported; 'hidden' in >= 1/2: contradicted; otherwise inconclusive",
 }
 CLAIMS = {
     "a": "GA collapses K_N and diversity while FTTP keeps them",
@@ -37,6 +39,7 @@ CLAIMS = {
     "c": "concepts with more tokens need more steps",
     "d": "vanilla pixel FTTP keeps the concept's shape and dilation erases it",
     "e": "FTTP needs far fewer steps and images than ESD/SalUn for the same UA",
+    "f": "FTTP removes the concept rather than hiding it",
 }
 
 
@@ -109,6 +112,38 @@ def verdict_e(sd: dict) -> Verdict:
     return Verdict("e", "supported" if ft["ua"] >= best - 5 and cheaper else "contradicted", mean)
 
 
+def verdict_f(audits: list[dict]) -> Verdict:
+    """``audits``: audit.json reports of FTTP runs (and of other methods, shown for comparison)."""
+    from collections import Counter
+
+    by_method = {}
+    for report in audits:
+        by_method.setdefault(report["method"], []).append(report)
+    if "fttp" not in by_method:
+        raise ValueError("claim (f) needs audits of FTTP runs")
+    numbers = {m: {"overall": dict(Counter(r["overall"]["verdict"] for r in reports)),
+                   "attacks": {a: dict(Counter(r["attacks"][a]["verdict"] for r in reports))
+                               for a in reports[0]["attacks"]}}
+               for m, reports in by_method.items()}
+    fttp = [r["overall"]["verdict"] for r in by_method["fttp"]]
+    share = {v: fttp.count(v) / len(fttp) for v in ("removed", "hidden")}
+    verdict = "supported" if share["removed"] >= 2 / 3 else "contradicted" if share["hidden"] >= 1 / 2 else "inconclusive"
+    return Verdict("f", verdict, {"fttp_share": share, "n": len(fttp), **numbers})
+
+
+def _audits(rows: list[dict], runs: Path, world_dir) -> list[dict]:
+    """The audit report of each sweep row's run (RUN/audit/audit.json), audited now where missing."""
+    from .audit.run import run_audit
+
+    reports = []
+    for row in rows:
+        run = runs / "runs" / row["name"]
+        path = run / "audit" / "audit.json"
+        reports.append(json.loads(path.read_text()) if path.exists() else
+                       run_audit(run, world_dir=world_dir, progress=False))
+    return reports
+
+
 def _sd_results(path: Path, quick: bool) -> dict:
     """The SD benchmark's results.json at ``path``, run now (benchmarks/sd_results.py) if missing."""
     if not path.exists():
@@ -124,7 +159,7 @@ def _sd_results(path: Path, quick: bool) -> dict:
     return json.loads(path.read_text())
 
 
-def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str = "abcde", world_dir=None,
+def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str = "abcdef", world_dir=None,
                sd_results: Path | None = None, progress: bool = False) -> list[Verdict]:
     from .methods import METHODS
     from .sweep import Sweep, run_sweep
@@ -135,11 +170,14 @@ def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str 
         raise ValueError(f"unknown claim(s) {unknown}; claims: {', '.join(CLAIMS)}")
     runs = Path(runs)
     verdicts = []
-    if "a" in only or "b" in only:
+    if set("abf") & set(only):
         sweep = Sweep(runs / "mllm", sorted(METHODS) if "b" in only else ["ga", "fttp"], MLLM_CONCEPTS,
                       [0] if quick else [0, 1, 2], fixed={"lr": str(WORLD_LR)}, world_dir=world_dir, progress=progress)
         rows = run_sweep(sweep)
         verdicts += [verdict(rows) for claim, verdict in (("a", verdict_a), ("b", verdict_b)) if claim in only]
+        if "f" in only:  # FTTP's audits, GA's beside them
+            audited = [r for r in rows if r["method"] in ("fttp", "ga") and r["seed"] in sweep.seeds]
+            verdicts.append(verdict_f(_audits(audited, runs / "mllm", world_dir)))
     if "c" in only:
         settings = StudySettings(max_steps=20 if quick else 30)
         study = run_study(runs / f"token-count-{settings.max_steps}", QUICK_TOKEN_CONCEPTS if quick else None,

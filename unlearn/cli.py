@@ -263,7 +263,7 @@ reused) and print a verdict per claim with its numbers: supported, contradicted 
 def _add_claims(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/claims"), help="experiments (read, written when missing)")
     parser.add_argument("--quick", action="store_true", help="fewer seeds, concepts and steps (minutes, not an hour)")
-    parser.add_argument("--only", default="abcde", help="claims to check, e.g. 'ab' (default abcde)")
+    parser.add_argument("--only", default="abcdef", help="claims to check, e.g. 'ab' (default abcdef)")
     parser.add_argument("--sd-results", type=Path, help="an SD benchmark results.json to read instead of running it")
     parser.add_argument("--json", type=Path, help="also write the verdicts to this file")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
