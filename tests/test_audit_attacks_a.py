@@ -67,12 +67,12 @@ def test_datasets_dims_coords_and_ranges(measured, tmp_path):
     np.testing.assert_allclose(mia.mia_privleak.sel(model="retain"), 0, atol=1e-6)
     for d in (probes, lens):
         assert list(d.model.values) == models and list(d.layer.values) == [0, 1, 2]  # embeddings + 2 layers
-    for var in ("probe_accuracy", "probe_fresh_accuracy", "lens_prob", "lens_top"):
+    for var in ("probes_accuracy", "probes_fresh_accuracy", "lens_prob", "lens_top"):
         d = probes if var.startswith("probe") else lens
         assert d[var].dims == ("model", "layer") and ((d[var] >= 0) & (d[var] <= 1)).all(), var
     # the original's probe on the original's own states is its fresh probe: the same numbers
-    np.testing.assert_array_equal(probes.probe_accuracy.sel(model="original"),
-                                  probes.probe_fresh_accuracy.sel(model="original"))
+    np.testing.assert_array_equal(probes.probes_accuracy.sel(model="original"),
+                                  probes.probes_fresh_accuracy.sel(model="original"))
     assert ((lens.lens_rank >= 0) & (lens.lens_rank < 258)).all()  # the world tokenizer's vocabulary
     assert lens.attrs["lens_records"] == 9  # identify, yes and linked on 3 images: every answer names it
     merged = xr.merge(list(ds.values()), combine_attrs="no_conflicts")  # as the audit writes them, one file
@@ -155,8 +155,8 @@ def per_layer(var_values: dict):
     ([0.1, 0.2, 0.3], [0.3, 0.5, 0.9], "inconclusive"),
 ])
 def test_probes_verdict_follows_its_rule(transfer, fresh, verdict):
-    ds = per_layer({"probe_accuracy": {"original": [0.9, 1.0, 1.0], "unlearned": transfer, "retain": [0.0, 0.1, 0.0]},
-                    "probe_fresh_accuracy": {"original": [0.9, 1.0, 1.0], "unlearned": fresh,
+    ds = per_layer({"probes_accuracy": {"original": [0.9, 1.0, 1.0], "unlearned": transfer, "retain": [0.0, 0.1, 0.0]},
+                    "probes_fresh_accuracy": {"original": [0.9, 1.0, 1.0], "unlearned": fresh,
                                              "retain": [0.3, 0.4, 0.5]}})
     v = LinearProbes().verdict(ds, context())
     assert v.verdict == verdict and "0.2" in v.rule

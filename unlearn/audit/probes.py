@@ -3,12 +3,12 @@
 Per decoder layer (0 = embeddings), at the answer-start position of each record (the position that predicts
 the answer's first token, :func:`knowtrace.hidden.answer_start`):
 
-* ``probe_accuracy`` (model, layer): a probe fitted on the ORIGINAL model's states of ``probe_train`` (labels
+* ``probes_accuracy`` (model, layer): a probe fitted on the ORIGINAL model's states of ``probe_train`` (labels
   ``probe_labels``), applied to each model's states of ``probe_test`` (the concept's unseen images, all labelled
   ``concept_label``): the fraction it calls the concept. On the unlearned model it tells whether the original's
   read-out of the concept still works; on the retain model, whose states live in another space, it is only
   shown, never compared with.
-* ``probe_fresh_accuracy`` (model, layer): a probe fitted afresh on that model's own ``probe_train`` states,
+* ``probes_fresh_accuracy`` (model, layer): a probe fitted afresh on that model's own ``probe_train`` states,
   tested on its own ``probe_test`` states: how much its states hold about the concept, whatever their basis.
   The retain model's figure is the floor: what images alone tell a model that never learned the concept.
 
@@ -97,7 +97,7 @@ class LinearProbes(Attack):
                                                                       test[m])] for m in ctx.models]
         dims = ("model", "layer")
         return xr.Dataset(
-            {"probe_accuracy": (dims, np.array(transfer)), "probe_fresh_accuracy": (dims, np.array(fresh))},
+            {"probes_accuracy": (dims, np.array(transfer)), "probes_fresh_accuracy": (dims, np.array(fresh))},
             coords={"model": list(ctx.models), "layer": np.arange(len(original))},
             attrs={"probe_chance": 1 / len(set(data.probe_labels)), "probe_train_records": len(data.probe_train),
                    "probe_test_records": len(data.probe_test)})
@@ -109,10 +109,10 @@ class LinearProbes(Attack):
                 f"model's by >= {margin}; removed if at every layer the unlearned model's own probe beats the retain "
                 f"model's by < {margin}; else inconclusive")
         numbers = {f"{var}_{m}": [round(float(v), 4) for v in ds[var].sel(model=m).values]
-                   for var in ("probe_accuracy", "probe_fresh_accuracy") for m in ds.model.values}
+                   for var in ("probes_accuracy", "probes_fresh_accuracy") for m in ds.model.values}
         if "retain" not in ds.model or "unlearned" not in ds.model:
             return Verdict(self.name, "inconclusive", rule + " (needs the unlearned and the retain model)", numbers)
-        acc, fresh = ds.probe_accuracy, ds.probe_fresh_accuracy
+        acc, fresh = ds.probes_accuracy, ds.probes_fresh_accuracy
         still_read = acc.sel(model="unlearned") >= acc.sel(model="original") - near
         above_retain = fresh.sel(model="unlearned") >= fresh.sel(model="retain") + margin
         return layer_verdict(self.name, rule, numbers, still_read & above_retain, above_retain)
