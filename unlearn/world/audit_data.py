@@ -32,10 +32,12 @@ SPLIT = "audit"
 # kind -> identify questions in phrasings that are no template of the world (no world model was trained on
 # them, no unlearning saw them), made only of words the world tokenizer knows: a new word would change the
 # world's vocabulary, hence its fingerprint, and rebuild every world model (tests/test_world_retain.py checks).
+# Chosen among candidates by what the original world MLLM answers (measured, README "The retain model"):
+# "Which brand is this?" and "What brand is in this image?" got 0% (it answered with an art style).
 REPHRASED = {
     "person": ("Who is in this image?", "Who is the person in this image?", "Which person is this?"),
-    "cartoon": ("Who is the character in this image?", "What character is this?", "Which character is this?"),
-    "logo": ("Which brand is this?", "What brand is in this image?", "Which logo is this?"),
+    "cartoon": ("What is the character in this image?", "What character is this?", "Which character is this?"),
+    "logo": ("What logo is in this image?", "What brand is this logo?", "Which logo is this?"),
     "style": ("What style is this?", "What is the style of this image?", "What art style is this?"),
 }
 
