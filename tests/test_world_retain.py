@@ -56,6 +56,10 @@ def test_retain_build_is_a_verified_cache_component_built_once(tmp_path, monkeyp
     assert not (tmp_path / "mllm").exists()  # the world's own MLLM is another component
     monkeypatch.setitem(build._TRAIN, "mllm", lambda *a, **k: pytest.fail("rebuilt a verified retain model"))
     assert retain_mllm("grom", world_dir=tmp_path, world_config=cfg, progress=False) == path
+    # its gate report reads the retain model with grom left out (answers: a stand-in that never names grom)
+    monkeypatch.setattr(mllm.LlavaAdapter, "generate", _answers(lambda r: not _about_grom(r)))
+    report = build.check_retain(["grom"], tmp_path, cfg, progress=False)
+    assert report["pass"] and report["grom"]["left_out"] == {"grom": 0.0} and report["grom"]["build_seconds"] >= 0
 
 
 def test_unknown_retain_concept_is_a_clear_error_before_anything_is_built(tmp_path, capsys):
