@@ -39,6 +39,9 @@ def _add_world(parser: argparse.ArgumentParser) -> None:
     x.add_argument("--world-dir", type=Path, help="world cache directory")
     for p in (b, c):
         p.add_argument("--out", type=Path, help="world cache directory")
+        p.add_argument("--retain", action="append", metavar="CONCEPT", help="the retain MLLM of CONCEPT (key or name; "
+                       "repeatable): the world MLLM's recipe with every image and text of CONCEPT left out, cached as "
+                       "mllm-retain-<key>; alone, only these are built / checked")
     for p in (b, c, e, x):
         p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
@@ -64,21 +67,30 @@ def _run_world(args: argparse.Namespace) -> int:
         print(export_sd_concept(args.concept, args.out, images=args.images, references=args.references,
                                 model=args.model, world_dir=args.world_dir))
         return 0
-    from .world.build import COMPONENTS, build_world, check_world
+    from .world.build import COMPONENTS, build_retain, build_world, check_retain, check_world, retain_component
+    from .world.concepts import get_concept
 
+    retain = [get_concept(c).key for c in args.retain or []]  # an unknown name fails here, before any build
     if args.action == "build":
-        paths = build_world(args.out, progress=not args.quiet, only=tuple(args.only or COMPONENTS))
+        paths = build_world(args.out, progress=not args.quiet, only=tuple(args.only or ([] if retain else COMPONENTS)))
+        paths.update({retain_component(key): path for key, path in build_retain(retain, args.out, progress=not args.quiet).items()})
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0
-    report = check_world(args.out, progress=not args.quiet, sd_seeds=args.sd_seeds)
+    if retain:
+        return _report_gates(check_retain(retain, args.out, progress=not args.quiet), args.json, retain)
+    return _report_gates(check_world(args.out, progress=not args.quiet, sd_seeds=args.sd_seeds), args.json, COMPONENTS)
+
+
+def _report_gates(report: dict, json_path: Path | None, parts) -> int:
+    """Print a gate report (and write it to ``json_path``); 1 and the failed gates on stderr if one fails."""
     text = json.dumps(report, indent=1)
     print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text)
     if not report["pass"]:
-        failed = [f"{part}.{gate}" for part in ("mllm", "classifier", "sd") for gate, ok in report[part]["gates"].items() if not ok]
+        failed = [f"{part}.{gate}" for part in parts for gate, ok in report[part]["gates"].items() if not ok]
         print(f"world quality gate FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0

@@ -6,7 +6,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import diffusers
@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from . import cache
+from .concepts import get_concept
 from .classifier import ClassifierConfig, evaluate_classifier, load_classifier, train_classifier
 from .mllm import MLLMConfig, evaluate_mllm, load_mllm, train_mllm
 from .sd import SDConfig, evaluate_sd, load_sd, train_sd
@@ -49,15 +50,21 @@ def world_fingerprint() -> str:
     return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
+def _key_config(part) -> dict:
+    """A component config as its cache key holds it. Fields added later whose value is the empty tuple
+    (MLLMConfig.left_out) are left out, so the key of a world built before they existed is unchanged."""
+    return {k: v for k, v in asdict(part).items() if v != ()}
+
+
 def component_key(name: str, cfg: WorldConfig) -> dict:
     """What a component's cache entry must have been built from."""
-    return {"config": asdict(getattr(cfg, name)), "world": world_fingerprint()}
+    return {"config": _key_config(getattr(cfg, name)), "world": world_fingerprint()}
 
 
-def _timed_builder(name: str, cfg, progress: bool):
+def _timed_builder(name: str, train: str, cfg, progress: bool):
     def build(tmp: Path) -> None:
         start = time.perf_counter()
-        _TRAIN[name](cfg, tmp, progress=progress)
+        _TRAIN[train](cfg, tmp, progress=progress)
         info = {"component": name, "build_seconds": round(time.perf_counter() - start, 1),
                 "torch_threads": torch.get_num_threads(), "versions": _versions()}
         (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1))
@@ -74,8 +81,48 @@ def build_world(root: Path | None = None, cfg: WorldConfig | None = None, progre
     if unknown:
         raise ValueError(f"unknown world component(s) {sorted(unknown)}; components are {list(COMPONENTS)}")
     return {name: cache.ensure_component(root, name, component_key(name, cfg),
-                                         _timed_builder(name, getattr(cfg, name), progress))
+                                         _timed_builder(name, name, getattr(cfg, name), progress))
             for name in COMPONENTS if name in only}
+
+
+# ----------------------------------------------------------------------------- retain models
+
+
+def retain_component(concept: str) -> str:
+    """Cache name of the retain MLLM of ``concept`` (a key or name): ``mllm-retain-<key>``."""
+    return f"mllm-retain-{get_concept(concept).key}"
+
+
+def retain_config(concept: str, cfg: WorldConfig | None = None) -> MLLMConfig:
+    """The world MLLM's config (recipe, seed, steps) with ``concept`` left out of its training."""
+    return replace((cfg or WorldConfig()).mllm, left_out=(get_concept(concept).key,))
+
+
+def build_retain(concepts, root: Path | None = None, cfg: WorldConfig | None = None,
+                 progress: bool = True) -> dict[str, Path]:
+    """Train what is missing of the retain MLLMs of ``concepts`` (keys or names); return key -> directory.
+    Every name is checked before anything is built (an unknown one is a KeyError listing the concepts)."""
+    root = Path(root) if root is not None else cache.default_cache_dir()
+    keys = list(dict.fromkeys(get_concept(c).key for c in concepts))
+    out = {}
+    for key in keys:
+        part = retain_config(key, cfg)
+        key_config = {"config": _key_config(part), "world": world_fingerprint()}
+        name = retain_component(key)
+        out[key] = cache.ensure_component(root, name, key_config, _timed_builder(name, "mllm", part, progress))
+    return out
+
+
+def check_retain(concepts, root: Path | None = None, cfg: WorldConfig | None = None, progress: bool = True) -> dict:
+    """Gate figures of the retain MLLMs of ``concepts`` (built first if missing): key -> report, and "pass"."""
+    paths = build_retain(concepts, root, cfg, progress=progress)
+    report = {}
+    for key, path in paths.items():
+        model, processor = load_mllm(path)
+        report[key] = evaluate_mllm(model, processor, world_seed=retain_config(key, cfg).world_seed, left_out=(key,))
+        report[key]["build_seconds"] = build_info(path)["build_seconds"]
+    report["pass"] = all(r["pass"] for r in report.values())
+    return report
 
 
 def build_info(path: Path) -> dict:

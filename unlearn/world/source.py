@@ -1,7 +1,8 @@
 """The world as a source of models: the spec ``"world"`` resolved to what a user would give instead.
 
 The run layer resolves a model spec here before the loaders, which take only local directories and hub
-ids: ``resolve_model("world", "mllm")`` is the cached world MLLM's directory (built if missing). The UA
+ids: ``resolve_model("world", "mllm")`` is the cached world MLLM's directory (built if missing), and
+``retain_mllm(key)`` that of the MLLM that never saw concept ``key`` (the forgetting audit's reference). The UA
 classifier spec ``"world"`` is the world classifier; ``"clip:PATH"`` a zero-shot CLIP.
 """
 
@@ -25,6 +26,16 @@ def resolve_model(model, component: str, world_dir=None, world_config=None):
     from .build import build_world  # local: it loads every world model's module (diffusers among them)
 
     return build_world(world_dir, world_config, only=(component,))[component]
+
+
+def retain_mllm(concept_key: str, world_dir=None, world_config=None, progress: bool = True) -> Path:
+    """The directory of the retain MLLM of ``concept_key`` (key or name): the world MLLM's recipe with the
+    concept left out of its training (:func:`unlearn.world.build.build_retain`), built if missing."""
+    from .build import build_retain
+    from .concepts import get_concept
+
+    key = get_concept(concept_key).key
+    return build_retain([key], world_dir, world_config, progress=progress)[key]
 
 
 class WorldConceptClassifier:
