@@ -2,7 +2,9 @@
 
 A variable over a ``model`` dimension is drawn with one colour per model: over a dimension named like
 ``*step`` or ``*layer`` as lines (one panel per value of any further dimension), else as grouped bars
-over its other dimension. Values are drawn as stored.
+over its other dimension. Values are drawn as stored. Per-record variables (a dimension named like
+``*record``, e.g. the membership scores of every record) stay in the dataset and get no panel: their summaries
+(e.g. the AUC) do.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from plotly.subplots import make_subplots
 MODEL_COLORS = {"original": "#1f77b4", "unlearned": "#d62728", "retain": "#2ca02c"}
 OTHER_COLOR = "#7f7f7f"
 LINE_DIMS = ("step", "layer")  # a dimension whose name ends so is drawn along the x axis as lines
+PER_RECORD = "record"  # a dimension whose name ends so: one value per record, not drawn
 
 
 def _line_dim(da: xr.DataArray) -> str | None:
@@ -27,6 +30,8 @@ def panels(ds: xr.Dataset) -> list[tuple[str, xr.DataArray]]:
     """(title, 1-d or 2-d slice with ``model`` first) per panel: a line variable split over its other dims."""
     out = []
     for name, da in ds.data_vars.items():
+        if any(str(d).endswith(PER_RECORD) for d in da.dims):
+            continue
         da = da.transpose("model", ...) if "model" in da.dims else da.expand_dims(model=["-"])
         line = _line_dim(da)
         split = [d for d in da.dims if d not in ("model", line)] if line else list(da.dims[2:])
@@ -45,7 +50,7 @@ def audit_figure(ds: xr.Dataset, columns: int = 3) -> go.Figure:
     cols = min(columns, len(items))
     rows = -(-len(items) // cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[t for t, _ in items],
-                        vertical_spacing=min(0.3 / rows + 0.05, 0.12))
+                        vertical_spacing=min(0.3 / rows + 0.05, 0.12, 0.9 / max(rows - 1, 1)))
     shown = set()
     for i, (_, da) in enumerate(items):
         row, col = i // cols + 1, i % cols + 1

@@ -124,7 +124,7 @@ def model_loaders(run: Path, manifest: dict, data, retain_model, world_dir, worl
 
     loaders = {"original": original, "unlearned": unlearned}
     if retain_model is None and MLLMRun.on_world(manifest["model"]) and manifest.get("data", "world") == "world":
-        from ..world.build import retain_mllm
+        from ..world.source import retain_mllm
 
         if progress:
             print(f"audit: the retain model (the world MLLM trained without {data.concept}) is built now if it is not "
