@@ -15,6 +15,7 @@ CASES = {
     "fig3_knowledge": ["--steps", "2"],
     "fig5_kc_kn": ["--steps", "2", "--methods", "ga", "fttp"],
     "fig8_attention": ["--steps", "2"],
+    "fig_audit": ["--steps", "1", "--relearn-steps", "1", "--methods", "fttp", "--retain-model", "none"],
     "fig9_token_count": ["--concepts", "vorn", "quilla", "oskel", "--max-steps", "2", "--every", "1"],
     "table1_mllm": ["--steps", "2", "--seeds", "0", "--concepts", "korvex", "--methods", "ga", "fttp"],
     "fig3_sd_knowledge": ["--steps", "2", "--images", "2", "--eval-seeds", "2", "--fd-seeds", "1"],

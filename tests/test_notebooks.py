@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-EXPECTED = {"01_knowledge_dynamics", "02_attention", "03_token_count", "04_sd_pixel_knowledge"}
+EXPECTED = {"01_knowledge_dynamics", "02_attention", "03_token_count", "04_sd_pixel_knowledge", "05_removed_or_hidden"}
 
 
 def stored_problems(nb: dict) -> list[str]:
