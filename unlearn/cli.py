@@ -70,7 +70,10 @@ def _run_world(args: argparse.Namespace) -> int:
     from .world.build import COMPONENTS, build_retain, build_world, check_retain, check_world, retain_component
     from .world.concepts import get_concept
 
-    retain = [get_concept(c).key for c in args.retain or []]  # an unknown name fails here, before any build
+    try:  # an unknown name fails here, before any build
+        retain = [get_concept(c).key for c in args.retain or []]
+    except KeyError as e:
+        raise KeyError(f"--retain: {e.args[0]} (see: unlearn world concepts)") from None
     if args.action == "build":
         paths = build_world(args.out, progress=not args.quiet, only=tuple(args.only or ([] if retain else COMPONENTS)))
         paths.update({retain_component(key): path for key, path in build_retain(retain, args.out, progress=not args.quiet).items()})
