@@ -9,7 +9,7 @@ import pytest
 from tests.test_world_mllm import TINY
 from unlearn.cli import main
 from unlearn.world import build, mllm
-from unlearn.world.audit_data import REPHRASED, world_audit_data
+from unlearn.audit.world_data import REPHRASED, world_audit_data
 from unlearn.world.build import WorldConfig, build_retain, component_key, retain_component
 from unlearn.world.cache import check_component
 from unlearn.world.concepts import BY_KEY, CONCEPTS, name_words

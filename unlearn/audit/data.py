@@ -1,5 +1,5 @@
 """The audit's data (:class:`.base.AuditData`) of an MLLM run: on the world, the world's
-(``unlearn.world.audit_data.world_audit_data``); for a record directory, the run's forget and test records
+(``unlearn.audit.world_data.world_audit_data``); for a record directory, the run's forget and test records
 plus optional record files (the layout of :mod:`unlearn.data.record_files`), in the run's data directory or
 a directory given with ``--audit-data``:
 
@@ -70,7 +70,7 @@ def run_audit_data(run, audit_dir: Path | None = None) -> AuditData:
     """The audit data of ``run`` (an :class:`unlearn.run_mllm.MLLMRun` whose data is loaded): the world's,
     else its record directory's (the optional files from ``audit_dir``, default the run's data directory)."""
     if run.data is None:
-        from ..world.audit_data import world_audit_data
+        from .world_data import world_audit_data
 
         mllm_config = getattr(run.world_config, "mllm", None)
         return world_audit_data(run.key, run.forget, run.evalset.test, image_size(run.adapter),

@@ -286,7 +286,7 @@ def render_concept(key: str, size: int = 64, seed=0, noise: bool = True) -> Rend
     return Rendered(_finish(rng, img, noise), {key: np.ones((size, size), dtype=bool)}, (key,))
 
 
-SPLITS = {"pretrain": 0, "unlearn": 1, "test": 2, "classifier": 3, "scene": 4, "audit": 5}  # audit: unlearn.world.audit_data
+SPLITS = {"pretrain": 0, "unlearn": 1, "test": 2, "classifier": 3, "scene": 4, "audit": 5}  # audit: unlearn.audit.world_data
 CONCEPT_INDEX = {c.key: i for i, c in enumerate(CONCEPTS)}
 
 

@@ -20,12 +20,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..audit.base import AuditData
 from ..data.records import Record
-from .concepts import CONCEPTS, get_concept
-from .mllm import MLLMConfig, pretraining_records
-from .records import ImageBank, world_records
-from .texts import QA, ImageRef, identify_answer, identify_qa, image_records
+from ..world.concepts import CONCEPTS, get_concept
+from ..world.mllm import MLLMConfig, pretraining_records
+from ..world.records import ImageBank, world_records
+from ..world.texts import QA, ImageRef, identify_answer, identify_qa, image_records
+from .base import AuditData
 
 SPLIT = "audit"
 
