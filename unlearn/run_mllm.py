@@ -87,12 +87,7 @@ class MLLMRun(Run):
         return adapter
 
     def load_data(self) -> None:
-        # world images are rendered at the world MLLM's image side; None for other processors
-        crop = getattr(self.adapter.processor.image_processor, "crop_size", None)
-        try:
-            image_size = int(crop["height"])
-        except (TypeError, KeyError):
-            image_size = None
+        image_size = self.adapter.crop_side  # world images are rendered at the world MLLM's image side
         if self.data is None:
             c, self.forget, self.retain = world_data(self.key, self.images, image_size=image_size)
             self.names, self.method_defaults = c.names, world_method_options(self.key)

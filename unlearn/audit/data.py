@@ -57,15 +57,6 @@ def probe_labels(records: list, names, path: Path) -> tuple[list[int], int]:
     return [order.index(r.concept) for r in records], own[0]
 
 
-def image_size(adapter) -> int | None:
-    """The side world images are rendered at for this model (its processor's crop), None for other processors."""
-    crop = getattr(adapter.processor.image_processor, "crop_size", None)
-    try:
-        return int(crop["height"])
-    except (TypeError, KeyError):
-        return None
-
-
 def run_audit_data(run, audit_dir: Path | None = None) -> AuditData:
     """The audit data of ``run`` (an :class:`unlearn.run_mllm.MLLMRun` whose data is loaded): the world's,
     else its record directory's (the optional files from ``audit_dir``, default the run's data directory)."""
@@ -73,6 +64,6 @@ def run_audit_data(run, audit_dir: Path | None = None) -> AuditData:
         from .world_data import world_audit_data
 
         mllm_config = getattr(run.world_config, "mllm", None)
-        return world_audit_data(run.key, run.forget, run.evalset.test, image_size(run.adapter),
+        return world_audit_data(run.key, run.forget, run.evalset.test, run.adapter.crop_side,
                                 mllm_config=mllm_config)
     return record_audit_data(run.key, run.names, run.forget, run.evalset.test, audit_dir or run.data)

@@ -83,6 +83,16 @@ class MLLMAdapter:
         return getattr(self.processor, "tokenizer", self.processor)
 
     @property
+    def crop_side(self) -> int | None:
+        """The side of the square the image processor crops to (the world renders its images at it); None for
+        processors without a fixed crop."""
+        crop = getattr(getattr(self.processor, "image_processor", None), "crop_size", None)
+        try:
+            return int(crop["height"])
+        except (TypeError, KeyError):
+            return None
+
+    @property
     def lora_targets(self) -> str:
         """peft's target regex: the language model's attention projections (:func:`attention_projections`)."""
         if self._lora_targets is None:
