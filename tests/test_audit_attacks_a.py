@@ -172,3 +172,12 @@ def test_probes_verdict_follows_its_rule(transfer, fresh, verdict):
 def test_lens_verdict_follows_its_rule(original, unlearned, verdict):
     ds = per_layer({"lens_top": {"original": original, "unlearned": unlearned, "retain": [0.0, 0.05, 0.0]}})
     assert LogitLens().verdict(ds, context()).verdict == verdict
+
+
+def test_layer_zero_is_read_only_when_asked():
+    """Layer 0 is the input token's embedding (a LoRA run cannot change it): by default no per-layer verdict reads
+    it, so a name ranked high there alone is not "hidden"; ``from_layer=0`` reads it."""
+    ds = per_layer({"lens_top": {"original": [1.0, 1.0, 1.0], "unlearned": [1.0, 0.0, 0.0], "retain": [0.0] * 3}})
+    assert LogitLens().verdict(ds, context()).verdict == "removed"
+    v = LogitLens().verdict(ds, context(options={"lens.from_layer": "0"}))
+    assert v.verdict == "hidden" and v.numbers["hidden_layers"] == [0]

@@ -11,7 +11,8 @@ Verdict (options ``top_k``, ``hit``, ``margin``), on ``lens_top`` of the unlearn
 (R) models: **inconclusive** without a retain model, or when no layer of the original ranks the name in the top
 ``top_k`` for at least ``hit`` of the records (the lens has nothing to find); **hidden** if at some layer
 ``U[l] >= hit`` and ``U[l] >= R[l] + margin``; **removed** if at every layer ``U[l] < R[l] + margin``;
-otherwise inconclusive.
+otherwise inconclusive. Layers from ``from_layer`` (default 1: layer 0 is the input token's embedding, a token
+prior; see :func:`.probes.layer_verdict`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from knowtrace.lens import logit_lens
 
 from ..data.names import names_in
 from .base import Attack, AuditContext, Verdict, register
-from .probes import layer_states, layer_verdict
+from .probes import FROM_LAYER, layer_states, layer_verdict
 
 
 @register
 class LogitLens(Attack):
     name = "lens"
-    options = {"batch_size": 16, "top_k": 10, "hit": 0.5, "margin": 0.3}
+    options = {"batch_size": 16, "top_k": 10, "hit": 0.5, "margin": 0.3, "from_layer": FROM_LAYER}
     needs_data = ("test",)
 
     def run(self, ctx: AuditContext) -> xr.Dataset:
@@ -61,9 +62,9 @@ class LogitLens(Attack):
             attrs={"lens_records": len(records), "lens_top_k": top_k})
 
     def verdict(self, ds: xr.Dataset, ctx: AuditContext) -> Verdict:
-        hit, margin = (ctx.option(self.name, k, self.options[k]) for k in ("hit", "margin"))
+        hit, margin, from_layer = (ctx.option(self.name, k, self.options[k]) for k in ("hit", "margin", "from_layer"))
         top_k = ds.attrs.get("lens_top_k", self.options["top_k"])
-        rule = (f"on the fraction of records whose name token ranks in the top {top_k}: hidden if at some layer the "
+        rule = (f"on the fraction of records whose name token ranks in the top {top_k}, over layers >= {from_layer}: hidden if at some layer the "
                 f"unlearned model's is >= {hit} and >= the retain model's + {margin}; removed if at every layer it is "
                 f"< the retain model's + {margin}; inconclusive without a retain model or when no layer of the "
                 f"original reaches {hit}")
@@ -75,4 +76,4 @@ class LogitLens(Attack):
             return Verdict(self.name, "inconclusive", rule + " (the original does not reach it)", numbers)
         unlearned, retain = top.sel(model="unlearned"), top.sel(model="retain")
         above_retain = unlearned >= retain + margin
-        return layer_verdict(self.name, rule, numbers, (unlearned >= hit) & above_retain, above_retain)
+        return layer_verdict(self.name, rule, numbers, (unlearned >= hit) & above_retain, above_retain, from_layer)
