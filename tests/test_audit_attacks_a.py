@@ -51,7 +51,7 @@ def context(models=tuple(SEEDS), data=None, options=None) -> AuditContext:
 @pytest.fixture(scope="module")
 def measured():
     ctx = context()
-    return ctx, {name: ATTACKS[name]().run(ctx) for name in ("mia", "probes", "lens")}
+    return ctx, {name: ATTACKS["mllm"][name]().run(ctx) for name in ("mia", "probes", "lens")}
 
 
 def test_datasets_dims_coords_and_ranges(measured, tmp_path):
@@ -85,7 +85,7 @@ def test_same_seed_same_numbers(measured):
     ctx, ds = measured
     again = context()
     for name in ("mia", "probes", "lens"):
-        xr.testing.assert_identical(ATTACKS[name]().run(again), ds[name])
+        xr.testing.assert_identical(ATTACKS["mllm"][name]().run(again), ds[name])
 
 
 def test_without_retain_every_verdict_is_inconclusive():

@@ -246,6 +246,7 @@ class SDRun(Run):
             raise ValueError(f"sd method {self.method!r} needs retain records; none were given"
                              + (f" (add {self.data}/retain.jsonl)" if self.data is not None else ""))
         clf = target.classifier(self.classifier, self.world_dir)  # loaded (and its labels checked) before any write
+        self.ua_classifier = clf  # kept: the forgetting audit asks it too
         self.evaluator = evaluator(self.adapter, target.key, self.forget, self.eval_seeds, self.fd_seeds,
                                    self.world_dir, target=target, classifier=clf)
         # one kept concept, to see what unlearning did to the others: on the world one of the same kind

@@ -22,14 +22,15 @@ from ..data.records import Record
 MODELS = ("original", "unlearned", "retain")  # the "model" coordinate, in this order
 VERDICTS = ("removed", "hidden", "inconclusive")
 
-ATTACKS: dict[str, type[Attack]] = {}  # name -> class, in registration order
+ATTACKS: dict[str, dict[str, type[Attack]]] = {}  # run kind ("mllm", "sd") -> name -> class, in registration order
 
 
 def register(cls):
-    """Class decorator: make an attack available by its ``name``."""
-    if cls.name in ATTACKS:
-        raise ValueError(f"audit attack name {cls.name!r} is registered twice")
-    ATTACKS[cls.name] = cls
+    """Class decorator: make an attack available by its ``name`` for runs of its ``kind``."""
+    table = ATTACKS.setdefault(cls.kind, {})
+    if cls.name in table:
+        raise ValueError(f"audit attack name {cls.name!r} is registered twice for {cls.kind} runs")
+    table[cls.name] = cls
     return cls
 
 
@@ -52,14 +53,32 @@ class AuditData:
     concept_label: int
 
 
+@dataclass(frozen=True)
+class SDAuditData:
+    """What the audit of a Stable Diffusion run asks the models about (images are SD records: image, prompt,
+    concept mask when known)."""
+
+    concept: str  # the concept's key (world) or name (record directory)
+    names: tuple[str, ...]  # its names (a prompt naming one asks for it)
+    label: str  # the classifier's label of the concept: UA = % of images NOT given this label
+    prompts: list[str]  # the run's UA prompts of the concept
+    forget: list  # SDRecord: the images the run unlearned on, with their masks (K_C / K_N)
+    unseen: list  # SDRecord: the concept's images the run never used (relearning, textual inversion)
+    retained: dict  # label -> prompt of the kept concepts (what must still be drawn)
+    scenes: list[str]  # prompts that place the concept among other concepts
+    classifier: object  # unlearn.eval.sd.ConceptClassifier: the UA classifier (labels, predict(images))
+    guidance_scale: float = 4.0  # sampling as the run's evaluation samples
+    inference_steps: int = 25
+
+
 @dataclass
 class AuditContext:
     """One audit: the run, its data, the models (loaded on first use, cached), options, seed."""
 
     run: Path
     manifest: dict  # the run's manifest.json
-    data: AuditData
-    loaders: dict[str, Callable[[], object]]  # model name -> a function returning a fresh MLLMAdapter
+    data: AuditData | SDAuditData  # by the run's kind
+    loaders: dict[str, Callable[[], object]]  # model name -> a function returning a fresh MLLMAdapter / SDAdapter
     train: object  # the run's TrainConfig (LoRA or full, lr, batch): relearning trains like the run did
     options: dict = field(default_factory=dict)  # "<attack>.<option>" -> value, as given on the command line
     seed: int = 0
@@ -105,6 +124,7 @@ class Attack:
     """One audit attack. ``options``: name -> default (settable as ``name.option=value``)."""
 
     name: ClassVar[str]
+    kind: ClassVar[str] = "mllm"  # the kind of run it audits ("mllm" or "sd")
     options: ClassVar[dict] = {}
     needs_data: ClassVar[tuple[str, ...]] = ()  # AuditData fields it reads: one empty -> skipped, "inconclusive"
 

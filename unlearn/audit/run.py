@@ -1,10 +1,11 @@
-"""``unlearn audit RUN``: is the concept an MLLM run unlearned removed, or only hidden?
+"""``unlearn audit RUN``: is the concept a run unlearned removed, or only hidden? For MLLM and SD runs alike;
+what differs per kind (attacks, data, how models load) is :mod:`unlearn.audit.kinds`'.
 
-Checks first (nothing is written before they pass): RUN is a complete MLLM run with intact trained files
-and a model that can be found, the attacks and their options exist, a --retain-model is a model directory,
-RUN/audit is absent unless ``overwrite``. Then the context (:class:`.base.AuditContext`): the models
-(original: the run's starting model; unlearned: the run reloaded, LoRA merged; retain: the given directory,
-on the world the world MLLM trained without the concept, else none), the data (:mod:`.data`), the run's
+Checks first (nothing is written before they pass): RUN is a complete MLLM or SD run with intact trained
+files and a model that can be found, the attacks and their options exist, a --retain-model is a model
+directory, RUN/audit is absent unless ``overwrite``. Then the context (:class:`.base.AuditContext`): the
+models (original: the run's starting model; unlearned: the run reloaded, LoRA merged; retain: the given
+directory, on the world the world model trained without the concept, else none), the data, the run's
 training settings; each attack runs and reads its dataset into a verdict; the datasets, namespaced by
 attack, merge into ``audit.nc``; ``audit.json`` holds the verdicts and the overall one; ``audit.html``
 shows them. Everything is written into ``RUN/.audit.partial`` and renamed to ``RUN/audit`` at the end:
@@ -23,19 +24,20 @@ from pathlib import Path
 import xarray as xr
 
 from .base import ATTACKS, MODELS, AuditContext, Verdict
+from .kinds import KINDS
 
-ATTACK_MODULES = ("relearn", "rephrase", "quantize", "mia", "probes", "lens")  # modules of unlearn.audit that register attacks
 AUDIT_DIR, PARTIAL, OLD = "audit", ".audit.partial", ".audit.old"
 NO_RETAIN = "none"  # --retain-model none: audit without a retain model
 
 
-def attacks() -> dict:
-    """name -> Attack class, every attack module imported, in ATTACK_MODULES order (the order they run in,
-    whatever order they were first imported in)."""
-    for module in ATTACK_MODULES:
+def attacks(kind: str = "mllm") -> dict:
+    """name -> Attack class of the audit of ``kind`` runs, its attack modules imported, in their order (the
+    order they run in, whatever order they were first imported in)."""
+    modules = KINDS[kind].attack_modules
+    for module in modules:
         importlib.import_module(f"{__package__}.{module}")
-    rank = {f"{__package__}.{m}": i for i, m in enumerate(ATTACK_MODULES)}
-    return dict(sorted(ATTACKS.items(), key=lambda item: rank.get(item[1].__module__, len(rank))))
+    rank = {f"{__package__}.{m}": i for i, m in enumerate(modules)}
+    return dict(sorted(ATTACKS.get(kind, {}).items(), key=lambda item: rank.get(item[1].__module__, len(rank))))
 
 
 def overall_verdict(verdicts: list[Verdict]) -> dict:
@@ -56,40 +58,38 @@ def overall_verdict(verdicts: list[Verdict]) -> dict:
 def check_audit(run: Path, names: list[str] | None, options: dict, retain_model, overwrite: bool,
                 audit_data: Path | None) -> tuple[dict, list[str]]:
     """Every check that needs no model; returns (the run's manifest, the attacks to run)."""
-    from ..models import CHECKPOINT_FILE
     from ..models.source import checked_source
     from ..runs import MANIFEST_KEYS, check_trained_files, describe_state, read_manifest, run_kind, run_state
 
     run = Path(run)
     manifest = read_manifest(run)
     kind = manifest.get("kind", "mllm")
-    if kind == "sd":
-        raise ValueError(f"{run} is a Stable Diffusion run: the audit is for MLLM runs (the SD audit is not there yet)")
-    if kind != "mllm":
-        raise ValueError(f"{run} is a run of kind {kind!r}: the audit is for MLLM runs")
+    if kind not in KINDS:
+        raise ValueError(f"{run} is a run of kind {kind!r}: the audit is for {' and '.join(KINDS)} runs")
+    audit_kind = KINDS[kind]
     lacking = [k for k in MANIFEST_KEYS if k not in manifest]
     if lacking:
         raise ValueError(f"run manifest {run / 'manifest.json'} lacks {', '.join(lacking)}: it is damaged")
     if run_state(run, manifest) != "complete":
         raise ValueError(describe_state(run, manifest))
     check_trained_files(run)
-    if not run_kind("mllm").on_world(manifest["model"]):
-        checked_source(manifest["model"], CHECKPOINT_FILE, what="the run's model")
+    if not run_kind(kind).on_world(manifest["model"]):
+        checked_source(manifest["model"], audit_kind.model_file(), what="the run's model")
     if retain_model not in (None, NO_RETAIN):
         if not Path(retain_model).is_dir():
             raise FileNotFoundError(f"--retain-model {retain_model}: no such directory; give the directory of a model "
                                     f"that never saw the concept (save_pretrained's), or 'none'")
-        checked_source(retain_model, CHECKPOINT_FILE, what="--retain-model")
+        checked_source(retain_model, audit_kind.model_file(), what="--retain-model")
     if audit_data is not None and manifest.get("data", "world") == "world":
         raise ValueError(f"--audit-data is for runs on a record directory; {run} ran on the world, whose audit data "
                          f"is the world's")
     if audit_data is not None and not Path(audit_data).is_dir():
         raise FileNotFoundError(f"--audit-data {audit_data}: no such directory")
-    registry = attacks()
+    registry = attacks(kind)
     chosen = list(names or registry)
     unknown = [a for a in chosen if a not in registry]
     if unknown:
-        raise KeyError(f"unknown audit attack(s) {', '.join(unknown)}; attacks: {', '.join(registry)}")
+        raise KeyError(f"unknown audit attack(s) {', '.join(unknown)} for {kind} runs; attacks: {', '.join(registry)}")
     for key in options:
         attack, _, option = key.partition(".")
         valid = registry[attack].options if attack in registry else None
@@ -106,35 +106,6 @@ def check_audit(run: Path, names: list[str] | None, options: dict, retain_model,
         raise FileExistsError(f"{run / AUDIT_DIR} exists; pass --overwrite to replace it (it stays as it is until the "
                               f"new audit is complete)")
     return manifest, chosen
-
-
-def model_loaders(run: Path, manifest: dict, data, retain_model, world_dir, world_config, progress: bool) -> dict:
-    """model name -> a function loading a fresh adapter of it (see the module docs)."""
-    from ..run_mllm import MLLMRun
-    from ..runs import reload
-
-    def original():
-        return MLLMRun.load_model(manifest["model"], world_dir, world_config)
-
-    def unlearned():
-        adapter, _ = reload(run, world_dir, world_config)
-        if hasattr(adapter.model, "merge_and_unload"):  # a LoRA run: its adapter merged into the weights
-            adapter.model = adapter.model.merge_and_unload()
-        return adapter
-
-    loaders = {"original": original, "unlearned": unlearned}
-    if retain_model is None and MLLMRun.on_world(manifest["model"]) and manifest.get("data", "world") == "world":
-        from ..world.source import retain_mllm
-
-        if progress:
-            print(f"audit: the retain model (the world MLLM trained without {data.concept}) is built now if it is not "
-                  f"cached yet (a few minutes, once)", file=sys.stderr)
-        retain_model = retain_mllm(data.concept, world_dir=world_dir, world_config=world_config, progress=progress)
-    if retain_model not in (None, NO_RETAIN):
-        loaders["retain"] = lambda: MLLMRun.load_model(str(retain_model))
-    elif progress:
-        print("audit: no retain model: the attacks that compare with one are inconclusive", file=sys.stderr)
-    return loaders
 
 
 def namespaced(name: str, ds: xr.Dataset, models: tuple[str, ...]) -> xr.Dataset:
@@ -176,22 +147,22 @@ def run_audit(run: Path, attack_names: list[str] | None = None, options: dict | 
     from tqdm.auto import tqdm
 
     from ..loop import TrainConfig, seed_everything
-    from ..run_mllm import MLLMRun
     from ..runs import git_commit, run_dir_lock, versions, write_json
-    from .data import FILES, run_audit_data
     from .report import write_audit_report
 
     run, options = Path(run), dict(options or {})
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"--seed {seed}: give an integer 0 .. 2**32-1")
     manifest, chosen = check_audit(run, attack_names, options, retain_model, overwrite, audit_data)
-    registry, start = attacks(), time.perf_counter()
+    kind = KINDS[manifest.get("kind", "mllm")]
+    registry, start = attacks(kind.kind), time.perf_counter()
     with run_dir_lock(run):  # no run or other audit writes this directory meanwhile
-        again = MLLMRun.from_manifest(run, manifest, world_dir, world_config=world_config, progress=False)
-        again.adapter = MLLMRun.load_model(manifest["model"], world_dir, world_config)
+        cls = kind.run_class()
+        again = cls.from_manifest(run, manifest, world_dir, world_config=world_config, progress=False)
+        again.adapter = cls.load_model(manifest["model"], world_dir, world_config)
         again.load_data()
-        data = run_audit_data(again, audit_data)
-        loaders = model_loaders(run, manifest, data, retain_model, world_dir, world_config, progress)
+        data = kind.data(again, audit_data)
+        loaders = kind.loaders(run, manifest, data, retain_model, world_dir, world_config, progress)
         ctx = AuditContext(run, manifest, data, loaders, TrainConfig(**manifest["train"]), options, seed, progress)
         ctx._adapters["original"] = again.adapter  # loaded once: the data needed it
         timings = {"load": time.perf_counter() - start}
@@ -207,7 +178,7 @@ def run_audit(run: Path, attack_names: list[str] | None = None, options: dict | 
                 if missing:
                     where = "the world's audit data" if again.data is None else str(audit_data or again.data)
                     verdicts.append(Verdict(name, "inconclusive", "skipped: its data is absent",
-                                            {"missing": [FILES.get(f, f) for f in missing], "in": where}))
+                                            {"missing": [kind.data_files.get(f, f) for f in missing], "in": where}))
                 else:  # without a retain model an attack still measures; its verdict then says inconclusive
                     seed_everything(seed)
                     results[name] = attack.run(ctx)
@@ -221,7 +192,9 @@ def run_audit(run: Path, attack_names: list[str] | None = None, options: dict | 
             timings["total"] = time.perf_counter() - start
             report = json_numbers({
                 "run": str(run), "concept": data.concept, "names": list(data.names), "method": manifest["method"],
-                "records": {f: len(getattr(data, f)) for f in ("forget", "test", *FILES)},  # what was asked
+                "kind": kind.kind,
+                "records": {f: len(getattr(data, f)) for f in ("forget", "test", *kind.data_files)
+                            if hasattr(data, f)},  # what was asked
                 "models": list(ctx.models), "retain_model": None if "retain" not in ctx.models else str(
                     retain_model if retain_model not in (None, NO_RETAIN) else "world"),
                 "attacks": {v.attack: {"verdict": v.verdict, "rule": v.rule, "numbers": v.numbers,
