@@ -174,7 +174,7 @@ def _manifest(run, **changes):
 
 @pytest.mark.parametrize("damage, argv, words", [
     (lambda run: (run / "manifest.json").unlink(), [], ("not a run directory",)),
-    (lambda run: _manifest(run, kind="sd"), [], ("Stable Diffusion", "not there yet")),
+    (lambda run: _manifest(run, kind="video"), [], ("of kind 'video'", "mllm and sd runs")),
     (lambda run: _manifest(run, state="failed", error="boom"), [], ("not complete", "failed")),
     (lambda run: shutil.rmtree(run / "adapter"), [], ("no trained parameters",)),
     (lambda run: _manifest(run, model=str(run / "gone")), [], ("no such directory",)),
