@@ -1,12 +1,16 @@
-"""Benchmark: the forgetting audit over every MLLM method x 3 world concepts x 3 seeds at the world's lr.
+"""Benchmark: the forgetting audit over every MLLM method x 3 world concepts x 3 seeds at the world's lr
+(``--kind sd``: every SD method x 3 concepts at the SD benchmark's budgets).
 
     python benchmarks/audit_results.py --out runs/bench-audit                      # trains what is missing
     python benchmarks/audit_results.py --out runs/bench-audit --runs runs/claims/mllm   # audit Table 1's runs
+    python benchmarks/audit_results.py --kind sd --out runs/bench-audit-sd --seeds 0
 
 The runs are Table 1's sweep (``benchmarks/mllm_results.py --set lr=3e-3``: LoRA, lr 3e-3, 10 steps, 1
-image); ``--runs DIR`` audits the runs of an existing sweep instead (DIR/runs/<concept>-<method>-...), training
+image); SD runs are the SD benchmark's (benchmarks/sd_results.py: full UNet fine-tuning, lr 3e-5, FTTP / FwD /
+GA / FMN 20 steps on 5 images, ESD-x / ESD-u / SalUn / SA 100 steps on 20), made by :func:`unlearn.sweep.run_sd_sweep`
+as run directories (DIR/runs/<concept>-<method>-s<seed>). ``--runs DIR`` audits the runs of an existing sweep instead (DIR/runs/<concept>-<method>-...), training
 those it lacks into it. Each run is audited against the world's retain model of its concept (built and cached
-the first time: ``unlearn world build --retain CONCEPT``) into RUN/audit (``unlearn audit RUN``); a run already
+the first time: ``unlearn world build --retain CONCEPT`` / ``--retain-sd CONCEPT``) into RUN/audit (``unlearn audit RUN``); a run already
 audited is skipped, so an interrupted benchmark resumes. Writes ``audits.jsonl`` (one line per audit),
 ``results.md`` (verdict counts and the figures each rule read, per concept and method) and ``results.json``.
 """
@@ -24,11 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from mllm_sweep import add_arguments, sweep_of  # noqa: E402
 
-from unlearn.methods import METHODS  # noqa: E402
-from unlearn.sweep import run_sweep  # noqa: E402
+from unlearn.methods import METHODS, SD_METHODS  # noqa: E402
+from unlearn.sweep import SDSweep, run_sd_sweep, run_sweep  # noqa: E402
 
-# column -> (attack, path to the number in its verdict): the figures the verdict rules read, mean over seeds
-FIGURES = {
+# kind -> column -> (attack, path to the number in its verdict): the figures the verdict rules read, mean over seeds
+FIGURES = {"mllm": {
     "relearn gap vs retain (forget/unseen/unrelated)": ("relearn", ("gap_unlearned_minus_retain",)),
     "rephrased id. % (unlearned)": ("rephrase", ("identified_on_rephrased", "unlearned")),
     "rephrased id. % (retain)": ("rephrase", ("identified_on_rephrased", "retain")),
@@ -36,7 +40,7 @@ FIGURES = {
     "privleak (unlearned)": ("mia", ("privleak_unlearned",)),
     "probe hidden layers": ("probes", ("hidden_layers",)),
     "lens hidden layers": ("lens", ("hidden_layers",)),
-}
+}, "sd": {}}
 
 
 def figure(row: dict, attack: str, path: tuple[str, ...]):
@@ -67,10 +71,11 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def summarise(rows: list[dict], concepts, methods) -> tuple[dict, str]:
+def summarise(rows: list[dict], concepts, methods, kind: str = "mllm") -> tuple[dict, str]:
     """Per concept and method: overall and per-attack verdict counts over seeds, and the rules' figures."""
     attacks = sorted({a for r in rows for a in r["attacks"]}, key=lambda a: list(rows[0]["attacks"]).index(a))
-    header = ["concept", "method", "overall", *attacks, *FIGURES]
+    figures = FIGURES[kind]
+    header = ["concept", "method", "overall", *attacks, *figures]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = {}
     for concept in concepts:
@@ -88,7 +93,7 @@ def summarise(rows: list[dict], concepts, methods) -> tuple[dict, str]:
                                  for a in attacks}, "figures": {}}
             cells = [concept, method, counts([r["overall"] for r in got])]
             cells += [counts([r["attacks"][a]["verdict"] for r in got if a in r["attacks"]]) for a in attacks]
-            for column, (attack, path) in FIGURES.items():
+            for column, (attack, path) in figures.items():
                 values = [figure(r, attack, path) for r in got]
                 if any(isinstance(v, dict) for v in values):  # per relearning set
                     keys = next(v for v in values if isinstance(v, dict))
@@ -113,12 +118,18 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, help="an existing sweep's --out whose runs to audit (default: --out)")
     ap.add_argument("--audit-set", action="append", default=[], metavar="ATTACK.OPTION=VALUE")
     ap.add_argument("--audit-seed", type=int, default=0)
+    ap.add_argument("--kind", choices=("mllm", "sd"), default="mllm", help="audit MLLM runs or SD runs (SD: --steps, "
+                    "--grid and --set do not apply; each method runs at the SD benchmark's budget)")
     args = ap.parse_args()
-    args.methods = args.methods or sorted(METHODS)
+    args.methods = args.methods or sorted(METHODS if args.kind == "mllm" else SD_METHODS)
     runs_dir = args.runs or args.out
-    sweep = sweep_of(args)
-    sweep.out = runs_dir
-    trained = [r for r in run_sweep(sweep) if r["method"] in args.methods and r["concept"] in args.concepts
+    if args.kind == "sd":
+        made = run_sd_sweep(SDSweep(runs_dir, args.methods, args.concepts, args.seeds, world_dir=args.world_dir))
+    else:
+        sweep = sweep_of(args)
+        sweep.out = runs_dir
+        made = run_sweep(sweep)
+    trained = [r for r in made if r["method"] in args.methods and r["concept"] in args.concepts
                and r["seed"] in args.seeds]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "audits.jsonl"
@@ -132,8 +143,8 @@ def main() -> None:
             print(f"{r['name']}: {done[r['name']]['overall']} "
                   + " ".join(f"{a}={v['verdict']}" for a, v in done[r["name"]]["attacks"].items()), flush=True)
         rows.append(done[r["name"]])
-    table, text = summarise(rows, args.concepts, args.methods)
-    settings = {"steps": args.steps, "seeds": args.seeds, "set": args.set, "audit_set": args.audit_set,
+    table, text = summarise(rows, args.concepts, args.methods, args.kind)
+    settings = {"kind": args.kind, "steps": args.steps, "seeds": args.seeds, "set": args.set, "audit_set": args.audit_set,
                 "audit_seed": args.audit_seed, "runs": str(runs_dir)}
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": table}, indent=1))
     (args.out / "results.md").write_text(f"settings: {json.dumps(settings)}\n\n{text}\n")

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 FG_THRESHOLD = 60.0
-FAST = {"steps": 20, "images": 5}
-BASELINES = ("esd_x", "esd_u", "salun", "sa")
+from unlearn.sweep import SD_BASELINE, SD_BASELINES as BASELINES, SD_FAST  # noqa: E402  (the budgets)
+
+FAST = {"steps": SD_FAST[0], "images": SD_FAST[1]}
 
 
 def foreground(images: np.ndarray, threshold: float = FG_THRESHOLD) -> np.ndarray:
@@ -78,8 +79,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--steps", type=int, default=FAST["steps"])
     ap.add_argument("--images", type=int, default=FAST["images"])
-    ap.add_argument("--baseline-steps", type=int, default=100)
-    ap.add_argument("--baseline-images", type=int, default=20)
+    ap.add_argument("--baseline-steps", type=int, default=SD_BASELINE[0])
+    ap.add_argument("--baseline-images", type=int, default=SD_BASELINE[1])
     ap.add_argument("--eval-seeds", type=int, default=20, help="UA images of the concept")
     ap.add_argument("--fd-seeds", type=int, default=5, help="FD images per retained (non-style) concept")
     ap.add_argument("--iou-seeds", type=int, default=20)

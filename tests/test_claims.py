@@ -58,12 +58,14 @@ def _audit(method, overall):
 @pytest.mark.parametrize("fttp, verdict", [(["removed", "removed", "hidden"], "supported"),
                                            (["hidden", "hidden", "removed"], "contradicted"),
                                            (["removed", "inconclusive", "inconclusive"], "inconclusive")])
-def test_claim_f_reads_fttp_audits(fttp, verdict):
+@pytest.mark.parametrize("read", [claims.verdict_f, claims.verdict_g])
+def test_claims_f_and_g_read_fttp_audits(fttp, verdict, read):
     audits = [_audit("fttp", v) for v in fttp] + [_audit("ga", "hidden")] * 3
-    v = claims.verdict_f(audits)
+    v = read(audits)
     assert v.verdict == verdict and v.numbers["n"] == 3 and v.numbers["ga"]["overall"] == {"hidden": 3}
+    assert v.claim == read.__name__[-1] and v.claim in v.text()[:3]
     with pytest.raises(ValueError, match="FTTP"):
-        claims.verdict_f([_audit("ga", "removed")])
+        read([_audit("ga", "removed")])
 
 
 def test_unknown_claim_is_a_clear_error(capsys, tmp_path):

@@ -32,6 +32,8 @@ RULES = {
     "e": "FTTP's UA >= max UA of ESD-x, ESD-u, SalUn - 5 while FTTP uses fewer steps and fewer images",
     "f": "over FTTP's audits (unlearn audit, against the retain model): the overall verdict is 'removed' in >= 2/3 of "
          "them: supported; 'hidden' in >= 1/2: contradicted; otherwise inconclusive",
+    "g": "over pixel FTTP's audits of SD runs (unlearn audit, against the retain SD): the overall verdict is 'removed' "
+         "in >= 2/3 of them: supported; 'hidden' in >= 1/2: contradicted; otherwise inconclusive",
 }
 CLAIMS = {
     "a": "GA collapses K_N and diversity while FTTP keeps them",
@@ -40,6 +42,7 @@ CLAIMS = {
     "d": "vanilla pixel FTTP keeps the concept's shape and dilation erases it",
     "e": "FTTP needs far fewer steps and images than ESD/SalUn for the same UA",
     "f": "FTTP removes the concept rather than hiding it",
+    "g": "pixel FTTP removes the concept rather than hiding it",
 }
 
 
@@ -112,15 +115,16 @@ def verdict_e(sd: dict) -> Verdict:
     return Verdict("e", "supported" if ft["ua"] >= best - 5 and cheaper else "contradicted", mean)
 
 
-def verdict_f(audits: list[dict]) -> Verdict:
-    """``audits``: audit.json reports of FTTP runs (and of other methods, shown for comparison)."""
+def verdict_f(audits: list[dict], claim: str = "f") -> Verdict:
+    """``audits``: audit.json reports of FTTP runs (and of other methods, shown for comparison); the same rule
+    reads MLLM audits (claim f) and SD audits (claim g)."""
     from collections import Counter
 
     by_method = {}
     for report in audits:
         by_method.setdefault(report["method"], []).append(report)
     if "fttp" not in by_method:
-        raise ValueError("claim (f) needs audits of FTTP runs")
+        raise ValueError(f"claim ({claim}) needs audits of FTTP runs")
     numbers = {m: {"overall": dict(Counter(r["overall"]["verdict"] for r in reports)),
                    "attacks": {a: dict(Counter(r["attacks"][a]["verdict"] for r in reports))
                                for a in reports[0]["attacks"]}}
@@ -128,7 +132,12 @@ def verdict_f(audits: list[dict]) -> Verdict:
     fttp = [r["overall"]["verdict"] for r in by_method["fttp"]]
     share = {v: fttp.count(v) / len(fttp) for v in ("removed", "hidden")}
     verdict = "supported" if share["removed"] >= 2 / 3 else "contradicted" if share["hidden"] >= 1 / 2 else "inconclusive"
-    return Verdict("f", verdict, {"fttp_share": share, "n": len(fttp), **numbers})
+    return Verdict(claim, verdict, {"fttp_share": share, "n": len(fttp), **numbers})
+
+
+def verdict_g(audits: list[dict]) -> Verdict:
+    """Claim (g): claim (f)'s rule over audits of SD runs."""
+    return verdict_f(audits, "g")
 
 
 def _audits(rows: list[dict], runs: Path, world_dir) -> list[dict]:
@@ -159,10 +168,10 @@ def _sd_results(path: Path, quick: bool) -> dict:
     return json.loads(path.read_text())
 
 
-def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str = "abcdef", world_dir=None,
+def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str = "abcdefg", world_dir=None,
                sd_results: Path | None = None, progress: bool = False) -> list[Verdict]:
     from .methods import METHODS
-    from .sweep import Sweep, run_sweep
+    from .sweep import SDSweep, Sweep, run_sd_sweep, run_sweep
     from .token_count import StudySettings, correlate, run_study
 
     unknown = sorted(set(only) - set(CLAIMS))
@@ -186,4 +195,8 @@ def run_claims(runs: Path = Path("runs/claims"), quick: bool = False, only: str 
     if "d" in only or "e" in only:
         sd = _sd_results(sd_results or runs / "sd" / "results.json", quick)
         verdicts += [verdict(sd) for claim, verdict in (("d", verdict_d), ("e", verdict_e)) if claim in only]
+    if "g" in only:  # pixel FTTP's SD runs audited, GA's beside them (quick: one concept, one seed)
+        sweep = SDSweep(runs / "sd-audit", ["fttp", "ga"], ["grom"] if quick else MLLM_CONCEPTS, [0] if quick else [0, 1, 2],
+                        world_dir=world_dir, progress=progress)
+        verdicts.append(verdict_g(_audits(run_sd_sweep(sweep), runs / "sd-audit", world_dir)))
     return verdicts

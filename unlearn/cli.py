@@ -278,7 +278,7 @@ reused) and print a verdict per claim with its numbers: supported, contradicted 
 def _add_claims(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/claims"), help="experiments (read, written when missing)")
     parser.add_argument("--quick", action="store_true", help="fewer seeds, concepts and steps (minutes, not an hour)")
-    parser.add_argument("--only", default="abcdef", help="claims to check, e.g. 'ab' (default abcdef)")
+    parser.add_argument("--only", default="abcdefg", help="claims to check, e.g. 'ab' (default abcdefg)")
     parser.add_argument("--sd-results", type=Path, help="an SD benchmark results.json to read instead of running it")
     parser.add_argument("--json", type=Path, help="also write the verdicts to this file")
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
@@ -298,22 +298,24 @@ def _run_claims(args: argparse.Namespace) -> int:
     return 0
 
 
-AUDIT_HELP = """Audit an MLLM run: is its concept removed, or only hidden? Compares the original, the
-unlearned and (when there is one) the retain model under attacks (relearning, rephrased questions,
-quantization, ...) and writes RUN/audit/: audit.nc (the measurements), audit.json (a verdict per attack
-and overall, with rules and numbers), audit.html. The run's own files are only read (docs/audit.md)."""
+AUDIT_HELP = """Audit an MLLM or SD run: is its concept removed, or only hidden? Compares the original, the
+unlearned and (when there is one) the retain model under attacks (MLLM: relearning, rephrased questions,
+quantization, membership inference, probes, logit lens; SD: K_C / K_N, seeds and guidance, relearning,
+textual inversion, adversarial prompts) and writes RUN/audit/: audit.nc (the measurements), audit.json (a
+verdict per attack and overall, with rules and numbers), audit.html. The run's own files are only read
+(docs/audit.md)."""
 
 
 def _add_audit(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=Path, help="run directory of a complete MLLM run (holds manifest.json)")
-    parser.add_argument("--retain-model", metavar="PATH", help="a model that never saw the concept (a directory); "
-                        "default on the world: the world MLLM trained without it (built if missing), else none; "
-                        "'none': no retain model")
+    parser.add_argument("run", type=Path, help="run directory of a complete MLLM or SD run (holds manifest.json)")
+    parser.add_argument("--retain-model", metavar="PATH", help="a model of the run's kind that never saw the concept "
+                        "(a directory); default on the world: the world MLLM / SD trained without it (built if "
+                        "missing), else none; 'none': no retain model")
     parser.add_argument("--attacks", help="comma-separated attacks to run (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="ATTACK.OPTION=VALUE", dest="settings",
                         help="an attack's option, e.g. relearn.steps=5 (repeatable)")
     parser.add_argument("--audit-data", type=Path, metavar="DIR", help="record-directory runs: the folder holding "
-                        "the audit's optional record files (default: the run's data directory)")
+                        "the audit's optional files (default: the run's data directory; docs/audit.md)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world-dir", type=Path, help="world cache directory")
     parser.add_argument("--overwrite", action="store_true", help="replace RUN/audit (kept until the new one is done)")

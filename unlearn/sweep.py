@@ -1,6 +1,7 @@
-"""Many world MLLM runs: methods x concepts x seeds x settings, one JSON line per finished run
-(``results.jsonl``), resumable; and the mean +- std table over seeds. Used by the benchmarks
-(benchmarks/mllm_sweep.py, mllm_results.py), Table 1 and ``unlearn claims``."""
+"""Many world runs: MLLM methods x concepts x seeds x settings (:class:`Sweep`), or SD methods x concepts x
+seeds at the SD benchmark's budgets (:class:`SDSweep`); one JSON line per finished run (``results.jsonl``),
+resumable; and the mean +- std table over seeds. Used by the benchmarks (benchmarks/mllm_sweep.py,
+mllm_results.py, audit_results.py), Table 1 and ``unlearn claims``."""
 
 from __future__ import annotations
 
@@ -51,6 +52,58 @@ def run_sweep(sweep: Sweep) -> list[dict]:
             with results.open("a") as f:
                 f.write(json.dumps(row, allow_nan=False) + "\n")
             print(f"{name}: " + "  ".join(f"{k} {m[k]:.1f}" for k in ("em", "specificity", "diversity")), flush=True)
+    return [json.loads(line) for line in results.read_text().splitlines()]
+
+
+SD_KEYS = ("ua", "fd", "K_C", "K_N", "retained_mean")
+# SD budgets (steps, images), the SD benchmark's (benchmarks/sd_results.py, docs/sd.md): the paper's relative budget
+# scaled to the world; the baselines the paper ran 1000 steps on 900 images get 100 steps on 20 images
+SD_FAST = (20, 5)
+SD_BASELINE = (100, 20)
+SD_BASELINES = ("esd_x", "esd_u", "salun", "sa")
+
+
+def sd_budget(method: str) -> tuple[int, int]:
+    """(steps, images) of an SD method in the benchmarks."""
+    return SD_BASELINE if method in SD_BASELINES else SD_FAST
+
+
+@dataclass
+class SDSweep:
+    out: Path
+    methods: list[str]
+    concepts: list[str] = field(default_factory=lambda: ["oskel", "grom", "korvex"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    lr: float = 3e-5  # the world SD's (unlearn.run_sd.WORLD_LR)
+    eval_seeds: int = 20
+    fd_seeds: int = 5
+    world_dir: Path | None = None
+    progress: bool = False
+
+
+def run_sd_sweep(sweep: SDSweep) -> list[dict]:
+    """Every world SD run (``out/runs/<concept>-<method>-s<seed>``) not in ``out/results.jsonl`` yet, each at
+    its method's :func:`sd_budget`; returns all its rows."""
+    from .run_sd import run_sd
+
+    out = Path(sweep.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {json.loads(line)["name"] for line in results.read_text().splitlines()} if results.exists() else set()
+    for concept, method, seed in itertools.product(sweep.concepts, sweep.methods, sweep.seeds):
+        name = f"{concept}-{method}-s{seed}"
+        if name in done:
+            continue
+        steps, images = sd_budget(method)
+        m = run_sd(concept, method, out / "runs" / name, steps=steps, images=images, seed=seed, options={"lr": sweep.lr},
+                   eval_seeds=sweep.eval_seeds, fd_seeds=sweep.fd_seeds, world_dir=sweep.world_dir,
+                   progress=sweep.progress, overwrite=True)
+        row = {"name": name, "concept": concept, "method": method, "seed": seed, "steps": steps, "images": images,
+               "lr": sweep.lr, **{k: m[k] for k in SD_KEYS}, "original": {k: m["original"][k] for k in SD_KEYS}}
+        with results.open("a") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        print(f"{name}: UA {m['ua']:.0f} (original {m['original']['ua']:.0f}), retained {m['retained_mean']:.0f}",
+              flush=True)
     return [json.loads(line) for line in results.read_text().splitlines()]
 
 
