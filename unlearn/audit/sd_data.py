@@ -77,7 +77,8 @@ def run_sd_audit_data(run, audit_dir: Path | None = None) -> SDAuditData:
     """The audit data of ``run`` (an :class:`unlearn.run_sd.SDRun` whose data is loaded)."""
     target = run.target
     if run.data is None:
+        sd_config = getattr(run.world_config, "sd", None)  # the world the run's model was built from
         return world_sd_audit_data(target.key, run.forget, target.prompts, target.retained, run.ua_classifier,
-                                   run.adapter.resolution)
+                                   run.adapter.resolution, world_seed=getattr(sd_config, "world_seed", 0))
     return record_sd_audit_data(target.key, tuple(target.names), target.label, target.prompts, run.forget,
                                 target.retained, run.ua_classifier, audit_dir or run.data)
