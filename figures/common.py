@@ -46,6 +46,42 @@ def mllm_run(runs: Path, concept: str, method: str, steps: int = 10, lr: float =
     return run
 
 
+def sd_run(runs: Path, concept: str, method: str, steps: int, images: int, lr: float, seed: int = 0,
+           eval_seeds: int = 20, world_dir=None, progress: bool = True) -> Path:
+    """The run directory of a world SD run, run now if it is not saved with these settings."""
+    from unlearn.run_sd import run_sd
+    from unlearn.runs import run_dir_lock, run_state
+
+    run = Path(runs) / f"sd-{concept}-{method}-{steps}steps-{images}img-lr{lr:g}-s{seed}"
+    manifest = run / "manifest.json"
+    with run_dir_lock(run, wait=True):
+        if manifest.exists() and run_state(run) == "complete":
+            m = json.loads(manifest.read_text())
+            if m["train"]["steps"] == steps and m["train"]["lr"] == lr and m["seed"] == seed and m["images"] == images:
+                return run
+        run_sd(concept, method, run, steps=steps, images=images, seed=seed, options={"lr": lr}, eval_seeds=eval_seeds,
+               world_dir=world_dir, progress=progress, overwrite=True)
+    return run
+
+
+def audited(run: Path, options: dict, retain_model, world_dir):
+    """(the run's audit dataset, its audit.json), audited now unless RUN/audit holds one made with these
+    options and this retain model ("none", a directory, or None: the world's)."""
+    import xarray as xr
+
+    from unlearn.audit.run import run_audit
+
+    report = run / "audit" / "audit.json"
+    same = report.exists() and json.loads(report.read_text()).get("options") == options and \
+        json.loads(report.read_text()).get("retain_model") == (None if retain_model == "none" else
+                                                               str(retain_model or "world"))
+    if not same:
+        run_audit(run, options=options, retain_model=retain_model, overwrite=True, world_dir=world_dir,
+                  progress=False)
+    with xr.open_dataset(run / "audit" / "audit.nc", engine="h5netcdf") as ds:
+        return ds.load(), json.loads(report.read_text())
+
+
 def probe_args(doc: str) -> argparse.Namespace:
     """The arguments of a figure drawn from the probe traces of world MLLM runs (Figs. 2, 3, 8)."""
     ap = parser(doc)

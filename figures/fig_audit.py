@@ -13,28 +13,9 @@ when it was audited with the same options), against the world's retain model of 
 
 from __future__ import annotations
 
-import json
-
-from common import mllm_run, parser, save
+from common import audited, mllm_run, parser, save
 
 MODEL_COLORS = {"original": "#1f77b4", "unlearned": "#d62728", "retain": "#2ca02c"}
-
-
-def audited(run, options: dict, retain_model, world_dir) -> "xr.Dataset":  # noqa: F821
-    """The run's audit dataset, audited now unless RUN/audit holds one made with these options."""
-    import xarray as xr
-
-    from unlearn.audit.run import run_audit
-
-    report = run / "audit" / "audit.json"
-    same = report.exists() and json.loads(report.read_text()).get("options") == options and \
-        json.loads(report.read_text()).get("retain_model") == (None if retain_model == "none" else
-                                                               str(retain_model or "world"))
-    if not same:
-        run_audit(run, options=options, retain_model=retain_model, overwrite=True, world_dir=world_dir,
-                  progress=False)
-    with xr.open_dataset(run / "audit" / "audit.nc", engine="h5netcdf") as ds:
-        return ds.load(), json.loads(report.read_text())
 
 
 def main() -> None:
