@@ -3,8 +3,8 @@
 A variable over a ``model`` dimension is drawn with one colour per model: over a dimension named like
 ``*step`` or ``*layer`` as lines (one panel per value of any further dimension), else as grouped bars
 over its other dimension. Values are drawn as stored. Per-record variables (a dimension named like
-``*record``, e.g. the membership scores of every record) stay in the dataset and get no panel: their summaries
-(e.g. the AUC) do.
+``*record``, e.g. the membership scores of every record) and text variables (e.g. the prompts an attack
+found) stay in the dataset and get no panel: their summaries (e.g. the AUC) do.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def panels(ds: xr.Dataset) -> list[tuple[str, xr.DataArray]]:
     """(title, 1-d or 2-d slice with ``model`` first) per panel: a line variable split over its other dims."""
     out = []
     for name, da in ds.data_vars.items():
-        if any(str(d).endswith(PER_RECORD) for d in da.dims):
+        if any(str(d).endswith(PER_RECORD) for d in da.dims) or not np.issubdtype(da.dtype, np.number):
             continue
         da = da.transpose("model", ...) if "model" in da.dims else da.expand_dims(model=["-"])
         line = _line_dim(da)

@@ -180,3 +180,18 @@ def test_auc_with_ties_and_privleak():
     assert auc([5, 6], [1, 2]) == 0.0 and auc([1, 2], [5, 6]) == 1.0
     assert privleak(0.9, 0.5) == pytest.approx(-80.0) and privleak(0.6, 0.6) == pytest.approx(0.0)
     assert privleak(0.3, 0.5) == pytest.approx(40.0)
+
+
+def test_audit_views_draw_numbers_only():
+    import xarray as xr
+
+    from knowtrace.audit_plots import audit_figure, panels
+
+    models = ["original", "unlearned", "retain"]
+    ds = xr.Dataset({"a_drawn": (("model", "a_step"), np.arange(6.0).reshape(3, 2)),
+                     "a_score": (("model", "a_record"), np.ones((3, 4))),
+                     "a_prompt": (("model", "a_target"), np.array([["x"], ["y"], ["z"]]))},
+                    coords={"model": models, "a_step": [0, 1]})
+    assert [title for title, _ in panels(ds)] == ["a_drawn"]  # per-record and text variables get no panel
+    fig = audit_figure(ds)
+    assert [t.name for t in fig.data] == models
