@@ -27,6 +27,19 @@ Measured with these defaults, built alone on 2 cores in 726 s: pooled 98.3%, low
 build; an earlier run of the same settings gave one concept 70%: with 10 seeds a single concept's
 share moves in steps of 10 points, which is why the gate is on the pooled share. Art styles are
 reported, not gated.
+
+Retain SD (``SDConfig.left_out``; ``unlearn world build --retain-sd CONCEPT``): the world SD trained
+with the same recipe and seed without a concept: its images and every scene showing it are dropped
+from the training pool (:func:`training_pool`), so no training prompt names it. What stays the same:
+the tokenizer (its vocabulary is every world name's words, the left-out name's too: those tokens exist
+but are never trained), the initial weights of the text encoder, VAE and UNet (same seed, same
+vocabulary size), every kept image (each is rendered from its own seed) and the torch draws (VAE
+posterior samples, UNet noise, timesteps: same shapes from the same generator, so the same tensors at
+every step). What changes: the numpy draws of which images form a batch and of each prompt (same seeded
+streams over a smaller pool, so the batches differ from the first step) and the VAE's scaling factor
+(from the kept pool's latents). Its gate (:func:`evaluate_sd` with ``left_out``): the pooled gate over
+the other non-style concepts, and the left-out concept's canonical prompt may draw it (the world
+classifier's label) on at most ``LEFT_OUT_MAX`` percent of ``LEFT_OUT_SEEDS`` images.
 """
 
 from __future__ import annotations
