@@ -70,7 +70,7 @@ GATES = {"non_style": 80.0}  # percent, pooled over the non-style concepts (the 
 # A retain SD's canonical prompt of the concept it never saw may draw it (the world classifier's label) on at
 # most this share of LEFT_OUT_SEEDS images (percent; the module docs, "Retain SD", give the measurement).
 LEFT_OUT_MAX = 10.0
-LEFT_OUT_SEEDS = 50
+LEFT_OUT_SEEDS = 100  # 1-point steps; at 10% the binomial standard error is 3 points (10 seeds: 10-point steps)
 CONFIG_FILE = "world_sd_config.json"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 OBJECTS = tuple(c for c in CONCEPTS if c.kind != "style")  # what a scene can hold
