@@ -39,7 +39,15 @@ every step). What changes: the numpy draws of which images form a batch and of e
 streams over a smaller pool, so the batches differ from the first step) and the VAE's scaling factor
 (from the kept pool's latents). Its gate (:func:`evaluate_sd` with ``left_out``): the pooled gate over
 the other non-style concepts, and the left-out concept's canonical prompt may draw it (the world
-classifier's label) on at most ``LEFT_OUT_MAX`` percent of ``LEFT_OUT_SEEDS`` images.
+classifier's label) on at most ``LEFT_OUT_MAX`` percent of ``LEFT_OUT_SEEDS`` images. Measured on oskel's
+prompt, seeds 0-99: the world SD draws oskel on 94 of 100 images, the retain SD of oskel on 1 (it draws
+teodric, another person, on 64; `unlearn world check --retain-sd oskel`). A prompt whose name was never
+trained goes to one or two other concepts and scatters the rest: on the world SD, names spelled outside
+the world's words (byte-level tokens no training prompt uses; 50 seeds each) drew ostra 42/50 (Xqzv
+Wplk), tenzo 24 and blip 16 (Brunt Fazzle), yip 11, ostra 10, "none" 10 (Pogra Dilvish Tenk), and no
+other concept more than 7 of 50. The threshold 10% is far below the trained 94% and above the retain
+SD's 1%; at 100 seeds the share moves in 1-point steps (binomial standard error 3 points at 10%),
+where 10 seeds would make it a 10-point lottery.
 """
 
 from __future__ import annotations
