@@ -15,6 +15,7 @@ from unlearn.world.cache import check_component
 from unlearn.world.concepts import BY_KEY, CONCEPTS, name_words
 from unlearn.world.mllm import MLLMConfig, build_model, evaluate_mllm, pretraining_records
 from unlearn.world.records import world_eval_set
+from unlearn.world.sd import SDConfig
 from unlearn.world.render import world_image
 from unlearn.world.source import retain_mllm
 from unlearn.world.texts import world_corpus
@@ -23,12 +24,16 @@ from unlearn.world.tokenizer import build_processor, build_tokenizer
 # ----------------------------------------------------------------------------- the retain model
 
 
-def test_the_world_mllm_cache_key_is_unchanged_and_a_retain_key_differs():
-    key = component_key("mllm", WorldConfig())["config"]
+@pytest.mark.parametrize("component, config", [("mllm", MLLMConfig), ("sd", SDConfig)])
+def test_the_world_cache_keys_are_unchanged_and_a_retain_key_differs(component, config):
+    key = component_key(component, WorldConfig())["config"]
     # the key of the world built before left_out existed: every field but it, with its default value
-    assert key == {f.name: f.default for f in fields(MLLMConfig) if f.name != "left_out"}
-    retain = build._key_config(build.retain_config("Grom Tibble Wuzz"))  # by name, too
+    assert key == {f.name: f.default for f in fields(config) if f.name != "left_out"}
+    retain = build._key_config(build.retain_config("Grom Tibble Wuzz", component=component))  # by name, too
     assert retain == {**key, "left_out": ("grom",)}
+    assert retain_component("Tibble", component) == f"{component}-retain-grom"
+    with pytest.raises(ValueError, match="no retain model for world component 'classifier'"):
+        build.retain_config("grom", component="classifier")
 
 
 def test_pretraining_leaves_out_the_concept_and_keeps_every_other_record_as_it_was():
@@ -59,7 +64,8 @@ def test_retain_build_is_a_verified_cache_component_built_once(tmp_path, monkeyp
     # its gate report reads the retain model with grom left out (answers: a stand-in that never names grom)
     monkeypatch.setattr(mllm.LlavaAdapter, "generate", _answers(lambda r: not _about_grom(r)))
     report = build.check_retain(["grom"], tmp_path, cfg, progress=False)
-    assert report["pass"] and report["grom"]["left_out"] == {"grom": 0.0} and report["grom"]["build_seconds"] >= 0
+    gate = report["mllm-retain-grom"]
+    assert report["pass"] and gate["left_out"] == {"grom": 0.0} and gate["build_seconds"] >= 0
 
 
 def test_unknown_retain_concept_is_a_clear_error_before_anything_is_built(tmp_path, capsys):

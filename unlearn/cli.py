@@ -41,7 +41,11 @@ def _add_world(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--out", type=Path, help="world cache directory")
         p.add_argument("--retain", action="append", metavar="CONCEPT", help="the retain MLLM of CONCEPT (key or name; "
                        "repeatable): the world MLLM's recipe with every image and text of CONCEPT left out, cached as "
-                       "mllm-retain-<key>; alone, only these are built / checked")
+                       "mllm-retain-<key>; alone (or with --retain-sd), only these are built / checked")
+        p.add_argument("--retain-sd", action="append", metavar="CONCEPT", help="the retain SD of CONCEPT (key or name; "
+                       "repeatable): the world SD's recipe with CONCEPT's images, the scenes showing it and every prompt "
+                       "naming it left out, cached as sd-retain-<key>; alone (or with --retain), only these are built / "
+                       "checked (the check uses --sd-seeds per kept concept)")
     for p in (b, c, e, x):
         p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
@@ -70,18 +74,27 @@ def _run_world(args: argparse.Namespace) -> int:
     from .world.build import COMPONENTS, build_retain, build_world, check_retain, check_world, retain_component
     from .world.concepts import get_concept
 
-    try:  # an unknown name fails here, before any build
-        retain = [get_concept(c).key for c in args.retain or []]
-    except KeyError as e:
-        raise KeyError(f"--retain: {e.args[0]} (see: unlearn world concepts)") from None
+    retain = {}  # world component -> the concept keys of its retain models
+    for component, option in (("mllm", "retain"), ("sd", "retain_sd")):
+        try:  # an unknown name fails here, before any build
+            retain[component] = [get_concept(c).key for c in getattr(args, option) or []]
+        except KeyError as e:
+            raise KeyError(f"--{option.replace('_', '-')}: {e.args[0]} (see: unlearn world concepts)") from None
+    any_retain = any(retain.values())
     if args.action == "build":
-        paths = build_world(args.out, progress=not args.quiet, only=tuple(args.only or ([] if retain else COMPONENTS)))
-        paths.update({retain_component(key): path for key, path in build_retain(retain, args.out, progress=not args.quiet).items()})
+        paths = build_world(args.out, progress=not args.quiet, only=tuple(args.only or ([] if any_retain else COMPONENTS)))
+        for component, keys in retain.items():
+            built = build_retain(keys, args.out, progress=not args.quiet, component=component)
+            paths.update({retain_component(key, component): path for key, path in built.items()})
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0
-    if retain:
-        return _report_gates(check_retain(retain, args.out, progress=not args.quiet), args.json, retain)
+    if any_retain:
+        reports = [check_retain(keys, args.out, progress=not args.quiet, component=component, sd_seeds=args.sd_seeds)
+                   for component, keys in retain.items() if keys]
+        report = {name: r for rep in reports for name, r in rep.items() if name != "pass"}
+        report["pass"] = all(rep["pass"] for rep in reports)
+        return _report_gates(report, args.json, [name for name in report if name != "pass"])
     return _report_gates(check_world(args.out, progress=not args.quiet, sd_seeds=args.sd_seeds), args.json, COMPONENTS)
 
 

@@ -52,13 +52,19 @@ def world_fingerprint() -> str:
 
 def _key_config(part) -> dict:
     """A component config as its cache key holds it. Fields added later whose value is the empty tuple
-    (MLLMConfig.left_out) are left out, so the key of a world built before they existed is unchanged."""
+    (``left_out`` of MLLMConfig and SDConfig) are left out, so the key of a world built before they existed
+    is unchanged."""
     return {k: v for k, v in asdict(part).items() if v != ()}
+
+
+def _cache_key(part) -> dict:
+    """What a component's cache entry built from config ``part`` must have been built from."""
+    return {"config": _key_config(part), "world": world_fingerprint()}
 
 
 def component_key(name: str, cfg: WorldConfig) -> dict:
     """What a component's cache entry must have been built from."""
-    return {"config": _key_config(getattr(cfg, name)), "world": world_fingerprint()}
+    return _cache_key(getattr(cfg, name))
 
 
 def _timed_builder(name: str, train: str, cfg, progress: bool):
@@ -87,40 +93,65 @@ def build_world(root: Path | None = None, cfg: WorldConfig | None = None, progre
 
 # ----------------------------------------------------------------------------- retain models
 
-
-def retain_component(concept: str) -> str:
-    """Cache name of the retain MLLM of ``concept`` (a key or name): ``mllm-retain-<key>``."""
-    return f"mllm-retain-{get_concept(concept).key}"
+RETAIN_COMPONENTS = ("mllm", "sd")  # the world models that have retain versions (their configs have left_out)
 
 
-def retain_config(concept: str, cfg: WorldConfig | None = None) -> MLLMConfig:
-    """The world MLLM's config (recipe, seed, steps) with ``concept`` left out of its training."""
-    return replace((cfg or WorldConfig()).mllm, left_out=(get_concept(concept).key,))
+def _retain_part(component: str) -> str:
+    if component not in RETAIN_COMPONENTS:
+        raise ValueError(f"no retain model for world component {component!r}; retain models: {list(RETAIN_COMPONENTS)}")
+    return component
 
 
-def build_retain(concepts, root: Path | None = None, cfg: WorldConfig | None = None,
-                 progress: bool = True) -> dict[str, Path]:
-    """Train what is missing of the retain MLLMs of ``concepts`` (keys or names); return key -> directory.
-    Every name is checked before anything is built (an unknown one is a KeyError listing the concepts)."""
+def retain_component(concept: str, component: str = "mllm") -> str:
+    """Cache name of the retain model of ``concept`` (a key or name): ``<component>-retain-<key>``."""
+    return f"{_retain_part(component)}-retain-{get_concept(concept).key}"
+
+
+def retain_config(concept: str, cfg: WorldConfig | None = None, component: str = "mllm"):
+    """The world ``component``'s config (recipe, seed, steps) with ``concept`` left out of its training."""
+    return replace(getattr(cfg or WorldConfig(), _retain_part(component)), left_out=(get_concept(concept).key,))
+
+
+def build_retain(concepts, root: Path | None = None, cfg: WorldConfig | None = None, progress: bool = True,
+                 component: str = "mllm") -> dict[str, Path]:
+    """Train what is missing of the retain models (world ``component``: "mllm" or "sd") of ``concepts`` (keys
+    or names); return key -> directory. Every name is checked before anything is built (an unknown one is a
+    KeyError listing the concepts)."""
     root = Path(root) if root is not None else cache.default_cache_dir()
     keys = list(dict.fromkeys(get_concept(c).key for c in concepts))
+    _retain_part(component)
     out = {}
     for key in keys:
-        part = retain_config(key, cfg)
-        key_config = {"config": _key_config(part), "world": world_fingerprint()}
-        name = retain_component(key)
-        out[key] = cache.ensure_component(root, name, key_config, _timed_builder(name, "mllm", part, progress))
+        part, name = retain_config(key, cfg, component), retain_component(key, component)
+        out[key] = cache.ensure_component(root, name, _cache_key(part), _timed_builder(name, component, part, progress))
     return out
 
 
-def check_retain(concepts, root: Path | None = None, cfg: WorldConfig | None = None, progress: bool = True) -> dict:
-    """Gate figures of the retain MLLMs of ``concepts`` (built first if missing): key -> report, and "pass"."""
-    paths = build_retain(concepts, root, cfg, progress=progress)
+def _mllm_gate(path: Path, cfg: WorldConfig, root, progress: bool, sd_seeds: int, left_out=()) -> dict:
+    model, processor = load_mllm(path)
+    return evaluate_mllm(model, processor, world_seed=cfg.mllm.world_seed, left_out=left_out)
+
+
+def _sd_gate(path: Path, cfg: WorldConfig, root, progress: bool, sd_seeds: int, left_out=()) -> dict:
+    classifier = load_classifier(build_world(root, cfg, progress=progress, only=("classifier",))["classifier"])
+    return evaluate_sd(load_sd(path), classifier, seeds_per_concept=sd_seeds, world_seed=cfg.sd.world_seed,
+                       progress=progress, left_out=left_out)
+
+
+_RETAIN_GATE = {"mllm": _mllm_gate, "sd": _sd_gate}
+
+
+def check_retain(concepts, root: Path | None = None, cfg: WorldConfig | None = None, progress: bool = True,
+                 component: str = "mllm", sd_seeds: int = 10) -> dict:
+    """Gate figures of the retain models (world ``component``) of ``concepts`` (built first if missing):
+    cache name (``<component>-retain-<key>``) -> report, and "pass"."""
+    cfg = cfg or WorldConfig()
+    paths = build_retain(concepts, root, cfg, progress=progress, component=component)
     report = {}
     for key, path in paths.items():
-        model, processor = load_mllm(path)
-        report[key] = evaluate_mllm(model, processor, world_seed=retain_config(key, cfg).world_seed, left_out=(key,))
-        report[key]["build_seconds"] = build_info(path)["build_seconds"]
+        name = retain_component(key, component)
+        report[name] = _RETAIN_GATE[component](path, cfg, root, progress, sd_seeds, left_out=(key,))
+        report[name]["build_seconds"] = build_info(path)["build_seconds"]
     report["pass"] = all(r["pass"] for r in report.values())
     return report
 
@@ -134,11 +165,9 @@ def check_world(root: Path | None = None, cfg: WorldConfig | None = None, progre
     """Gate figures of every component (building what is missing first): {"mllm", "classifier", "sd"}."""
     cfg = cfg or WorldConfig()
     paths = build_world(root, cfg, progress=progress)
-    model, processor = load_mllm(paths["mllm"])
-    report = {"mllm": evaluate_mllm(model, processor, world_seed=cfg.mllm.world_seed)}
-    classifier = load_classifier(paths["classifier"])
-    report["classifier"] = evaluate_classifier(classifier)
-    report["sd"] = evaluate_sd(load_sd(paths["sd"]), classifier, seeds_per_concept=sd_seeds, progress=progress)
+    report = {"mllm": _mllm_gate(paths["mllm"], cfg, root, progress, sd_seeds),
+              "classifier": evaluate_classifier(load_classifier(paths["classifier"])),
+              "sd": _sd_gate(paths["sd"], cfg, root, progress, sd_seeds)}
     for name in COMPONENTS:
         report[name]["build_seconds"] = build_info(paths[name])["build_seconds"]
     report["pass"] = all(report[name]["pass"] for name in COMPONENTS)

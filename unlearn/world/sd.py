@@ -27,6 +27,27 @@ Measured with these defaults, built alone on 2 cores in 726 s: pooled 98.3%, low
 build; an earlier run of the same settings gave one concept 70%: with 10 seeds a single concept's
 share moves in steps of 10 points, which is why the gate is on the pooled share. Art styles are
 reported, not gated.
+
+Retain SD (``SDConfig.left_out``; ``unlearn world build --retain-sd CONCEPT``): the world SD trained
+with the same recipe and seed without a concept: its images and every scene showing it are dropped
+from the training pool (:func:`training_pool`), so no training prompt names it. What stays the same:
+the tokenizer (its vocabulary is every world name's words, the left-out name's too: those tokens exist
+but are never trained), the initial weights of the text encoder, VAE and UNet (same seed, same
+vocabulary size), every kept image (each is rendered from its own seed) and the torch draws (VAE
+posterior samples, UNet noise, timesteps: same shapes from the same generator, so the same tensors at
+every step). What changes: the numpy draws of which images form a batch and of each prompt (same seeded
+streams over a smaller pool, so the batches differ from the first step) and the VAE's scaling factor
+(from the kept pool's latents). Its gate (:func:`evaluate_sd` with ``left_out``): the pooled gate over
+the other non-style concepts, and the left-out concept's canonical prompt may draw it (the world
+classifier's label) on at most ``LEFT_OUT_MAX`` percent of ``LEFT_OUT_SEEDS`` images. Measured on oskel's
+prompt, seeds 0-99: the world SD draws oskel on 94 of 100 images, the retain SD of oskel on 1 (it draws
+teodric, another person, on 64; `unlearn world check --retain-sd oskel`). A prompt whose name was never
+trained goes to one or two other concepts and scatters the rest: on the world SD, names spelled outside
+the world's words (byte-level tokens no training prompt uses; 50 seeds each) drew ostra 42/50 (Xqzv
+Wplk), tenzo 24 and blip 16 (Brunt Fazzle), yip 11, ostra 10, "none" 10 (Pogra Dilvish Tenk), and no
+other concept more than 7 of 50. The threshold 10% is far below the trained 94% and above the retain
+SD's 1%; at 100 seeds the share moves in 1-point steps (binomial standard error 3 points at 10%),
+where 10 seeds would make it a 10-point lottery.
 """
 
 from __future__ import annotations
@@ -49,11 +70,15 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP's
 from ..models.sd import encode_prompts, generate_images
 from ..models.sd import load_sd_pipeline as load_sd  # noqa: F401  (the world SD is an SD directory like any other)
 from .classifier import CLASSES
-from .concepts import BY_KEY, CONCEPTS, Concept
+from .concepts import BY_KEY, CONCEPTS, Concept, get_concept, name_words
 from .render import CONCEPT_INDEX, SPLITS, render_scene, world_image
 from .schedule import optimizer_step, warmup_cosine
 
 GATES = {"non_style": 80.0}  # percent, pooled over the non-style concepts (the module docs)
+# A retain SD's canonical prompt of the concept it never saw may draw it (the world classifier's label) on at
+# most this share of LEFT_OUT_SEEDS images (percent; the module docs, "Retain SD", give the measurement).
+LEFT_OUT_MAX = 10.0
+LEFT_OUT_SEEDS = 100  # 1-point steps; at 10% the binomial standard error is 3 points (10 seeds: 10-point steps)
 CONFIG_FILE = "world_sd_config.json"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 OBJECTS = tuple(c for c in CONCEPTS if c.kind != "style")  # what a scene can hold
@@ -100,6 +125,10 @@ class SDConfig:
     # sampling defaults (the gate uses them)
     guidance_scale: float = 4.0
     inference_steps: int = 25
+    # concept keys whose images, scenes and prompts are left out of training: a retain SD, one that never
+    # saw them (the SD audit's reference; :func:`training_pool`). Empty for the world's own SD, and then not
+    # part of its cache key (:func:`unlearn.world.build.component_key`), so adding this field did not rebuild it.
+    left_out: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -229,8 +258,19 @@ class Pool:
 
 
 def training_pool(cfg: SDConfig) -> Pool:
-    singles = [((c.key,), i) for c in CONCEPTS for i in range(cfg.images_per_concept)]
-    scenes = [((a.key, b.key), i) for a, b in combinations(OBJECTS, 2) for i in range(cfg.scenes_per_pair)]
+    """Every concept's "pretrain" images and every pair's scenes. With ``cfg.left_out``: the same pool (each
+    image is rendered from its own seed, so every kept image is pixel for pixel the world's, in its order)
+    less the left-out concepts' images and every scene showing one of them; prompts are drawn from the
+    kept images' concepts only, so no prompt names a left-out concept."""
+    left_out = {get_concept(key).key for key in cfg.left_out}  # an unknown key is a KeyError listing the concepts
+    kept = [c for c in CONCEPTS if c.key not in left_out]
+    words = {w.lower() for c in CONCEPTS if c.key in left_out for w in name_words(c)}
+    named = words & {w.lower() for c in kept for w in name_words(c)}
+    if named:  # the world's name rule makes this impossible; checked because a leak would void the retain SD
+        raise ValueError(f"kept concepts' names use left-out concept word(s) {sorted(named)}")
+    singles = [((c.key,), i) for c in kept for i in range(cfg.images_per_concept)]
+    scenes = [((a.key, b.key), i) for a, b in combinations(OBJECTS, 2) for i in range(cfg.scenes_per_pair)
+              if not {a.key, b.key} & left_out]
     images = [world_image(k[0], "pretrain", i, cfg.image_size, cfg.world_seed).image for k, i in singles]
     images += [render_scene(k, cfg.image_size, scene_seed(cfg.world_seed, *k, i)).image for k, i in scenes]
     return Pool(np.stack(images), [k for k, _ in singles + scenes])
@@ -384,29 +424,43 @@ def vae_psnr(vae: AutoencoderKL, images: np.ndarray) -> float:
 
 def evaluate_sd(pipe: StableDiffusionPipeline, classifier, seeds_per_concept: int = 10, world_seed: int = 0,
                 guidance_scale: float = SDConfig.guidance_scale, num_inference_steps: int = SDConfig.inference_steps,
-                progress: bool = False) -> dict:
+                progress: bool = False, left_out: tuple[str, ...] = (), left_out_seeds: int = LEFT_OUT_SEEDS) -> dict:
     """Gate figures (percent, seeds 0..seeds_per_concept-1; the gate: the module docs), what the mistakes
-    were labelled, and the VAE's PSNR on unseen test images (not gated)."""
-    prompts = [concept_prompt(c) for c in CONCEPTS for _ in range(seeds_per_concept)]
-    seeds = [i for _ in CONCEPTS for i in range(seeds_per_concept)]
+    were labelled, and the VAE's PSNR on unseen test images (not gated).
+
+    ``left_out``: the concepts a retain SD never saw. The pooled gate then reads the other non-style
+    concepts only, and one more gate reads how often each left-out concept's canonical prompt draws it
+    (``left_out_seeds`` seeds): at most ``LEFT_OUT_MAX`` percent (the module docs)."""
+    left_out = tuple(get_concept(key).key for key in left_out)
+    seeds_of = {c.key: left_out_seeds if c.key in left_out else seeds_per_concept for c in CONCEPTS}
+    prompts = [concept_prompt(c) for c in CONCEPTS for _ in range(seeds_of[c.key])]
+    seeds = [i for c in CONCEPTS for i in range(seeds_of[c.key])]
     images = generate_images(pipe, prompts, seeds, guidance_scale, num_inference_steps, progress=progress)
     labels = classifier.predict(images)
-    per_concept, mistakes = {}, {}
+    per_concept, mistakes, start = {}, {}, 0
     for ci, c in enumerate(CONCEPTS):
-        got = labels[ci * seeds_per_concept:(ci + 1) * seeds_per_concept]
+        got, start = labels[start:start + seeds_of[c.key]], start + seeds_of[c.key]
         per_concept[c.key] = round(100.0 * float(np.mean(got == ci)), 2)
         wrong = [CLASSES[g] for g in got if g != ci]
         if wrong:
             mistakes[c.key] = {k: wrong.count(k) for k in sorted(set(wrong))}
-    gated = {c.key: per_concept[c.key] for c in CONCEPTS if c.kind != "style"}
+    gated = {c.key: per_concept[c.key] for c in CONCEPTS if c.kind != "style" and c.key not in left_out}
     size = pipe.vae.config.sample_size
     test = np.stack([world_image(c.key, "test", i, size, world_seed).image for c in CONCEPTS for i in range(4)])
     pooled = round(float(np.mean(list(gated.values()))), 2)  # equal seeds per concept: the pooled share
     gates = {"non_style": pooled >= GATES["non_style"]}
-    return {
-        "per_concept": gated, "styles": {c.key: per_concept[c.key] for c in CONCEPTS if c.kind == "style"},
+    report = {
+        "per_concept": gated,
+        "styles": {c.key: per_concept[c.key] for c in CONCEPTS if c.kind == "style" and c.key not in left_out},
         "non_style": pooled, "min_non_style": min(gated.values()),
         "mistakes": mistakes, "vae_psnr_db": vae_psnr(pipe.vae, test), "thresholds": GATES, "gates": gates,
         "pass": all(gates.values()),
         "n": {"seeds_per_concept": seeds_per_concept, "guidance_scale": guidance_scale, "steps": num_inference_steps},
     }
+    if left_out:
+        report["left_out"] = {key: per_concept[key] for key in left_out}
+        report["left_out_max"] = LEFT_OUT_MAX
+        report["n"]["left_out_seeds"] = left_out_seeds
+        gates["left_out_not_drawn"] = all(v <= LEFT_OUT_MAX for v in report["left_out"].values())
+        report["pass"] = all(gates.values())
+    return report

@@ -2,8 +2,9 @@
 
 The run layer resolves a model spec here before the loaders, which take only local directories and hub
 ids: ``resolve_model("world", "mllm")`` is the cached world MLLM's directory (built if missing), and
-``retain_mllm(key)`` that of the MLLM that never saw concept ``key`` (the forgetting audit's reference). The UA
-classifier spec ``"world"`` is the world classifier; ``"clip:PATH"`` a zero-shot CLIP.
+``retain_mllm(key)`` / ``retain_sd(key)`` that of the MLLM / SD that never saw concept ``key`` (the forgetting
+audit's reference). The UA classifier spec ``"world"`` is the world classifier; ``"clip:PATH"`` a zero-shot
+CLIP.
 """
 
 from __future__ import annotations
@@ -31,11 +32,21 @@ def resolve_model(model, component: str, world_dir=None, world_config=None):
 def retain_mllm(concept_key: str, world_dir=None, world_config=None, progress: bool = True) -> Path:
     """The directory of the retain MLLM of ``concept_key`` (key or name): the world MLLM's recipe with the
     concept left out of its training (:func:`unlearn.world.build.build_retain`), built if missing."""
+    return _retain(concept_key, "mllm", world_dir, world_config, progress)
+
+
+def retain_sd(concept_key: str, world_dir=None, world_config=None, progress: bool = True) -> Path:
+    """The directory of the retain SD of ``concept_key`` (key or name): the world SD's recipe with the
+    concept's images, scenes and prompts left out of its training, built if missing."""
+    return _retain(concept_key, "sd", world_dir, world_config, progress)
+
+
+def _retain(concept_key: str, component: str, world_dir, world_config, progress: bool) -> Path:
     from .build import build_retain
     from .concepts import get_concept
 
     key = get_concept(concept_key).key
-    return build_retain([key], world_dir, world_config, progress=progress)[key]
+    return build_retain([key], world_dir, world_config, progress=progress, component=component)[key]
 
 
 class WorldConceptClassifier:
