@@ -13,7 +13,6 @@ import xarray as xr
 
 from tests.sd_audit import make_sd_run, sd_context
 from unlearn.audit.base import ATTACKS, MODELS
-from unlearn.audit.run import check_audit
 from unlearn.audit.sd_knowledge import knowledge_verdict, run_ua_rise
 from unlearn.audit.sd_relearn import sd_relearn_verdict
 from unlearn.audit.sd_sampling import guidance_scales, sampling_verdict
@@ -81,7 +80,9 @@ def test_datasets_dims_and_ranges(ctx, measured, tmp_path):
     # the models differ: the unlearned model's K_C on its forget images is below the original's
     forget = k.knowledge_K_C.where(k["set"] == "forget", drop=True)
     assert float(forget.sel(model="unlearned").mean()) < float(forget.sel(model="original").mean())
-    # the relearn step 0 measures the models as they are: K_C of the forget images as the knowledge attack's
+    # the forget images are scored as the run scored them (its metrics) and as relearning does before its first step
+    metrics = json.loads((ctx.run / "metrics.json").read_text())
+    assert float(forget.sel(model="unlearned").mean()) == pytest.approx(metrics["K_C"], rel=1e-5)
     np.testing.assert_allclose(r.relearn_K_C.sel(step=0), forget.sel(model=["unlearned", "retain"]).mean("image"),
                                rtol=1e-5)
     # every verdict reads its own dataset
@@ -115,15 +116,22 @@ def test_same_seed_same_datasets(run, measured):
         xr.testing.assert_identical(ATTACKS["sd"][name]().run(again), results[name])
 
 
-def test_options_are_checked(run):
+def test_options_are_checked(ctx):
+    sampling, relearn, knowledge = (ATTACKS["sd"][n] for n in ("sampling", "relearn", "knowledge"))
+    typed = dataclasses.replace(ctx, options={"sampling.guidances": "4,strong", "relearn.steps": "0",
+                                              "knowledge.min_separation": "1.5"})  # as given on the command line
+
+    def values(attack):
+        return {o: typed.option(attack.name, o, d) for o, d in attack.options.items()}
+
     with pytest.raises(ValueError, match="sampling.guidances"):
-        check_audit(run, ["sampling"], {"sampling.guidances": "4,strong"}, "none", False, None)
+        sampling.check_options(values(sampling))
+    with pytest.raises(ValueError, match="relearn.steps=0"):
+        relearn.check_options(values(relearn))
+    with pytest.raises(ValueError, match="min_separation"):
+        knowledge.check_options(values(knowledge))
     with pytest.raises(ValueError, match="guidance scales > 0"):
         guidance_scales("0,4")
-    with pytest.raises(ValueError, match="relearn.steps=0"):
-        check_audit(run, ["relearn"], {"relearn.steps": "0"}, "none", False, None)
-    with pytest.raises(ValueError, match="min_separation"):
-        check_audit(run, ["knowledge"], {"knowledge.min_separation": "1.5"}, "none", False, None)
     assert guidance_scales("12, 1.5,4", 4.0) == [1.5, 4.0, 12.0]
 
 

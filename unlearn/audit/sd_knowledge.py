@@ -1,7 +1,8 @@
 """The knowledge attack on a Stable Diffusion run: K_C / K_N (Eq. 4, 6: ``exp(-error)`` of the UNet's
 denoising on the concept's pixels / on the other pixels, at fixed timesteps and noise,
 :func:`unlearn.eval.sd.forget_knowledge`) of the three models on the forget images (what the run trained
-on) and on the concept's images the run never used (``data.unseen``), every image scored on the same
+on; scored on the noise the run's own K_C / K_N used, so at seed 0 the unlearned model's mean is the run's
+figure) and on the concept's images the run never used (``data.unseen``), every image scored on the same
 noisy inputs by every model.
 
 Not drawing a concept is not the same as not knowing it: a UNet that still denoises the concept's pixels
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ..eval.sd import forget_knowledge
+from ..eval.sd import DEFAULT_TIMESTEPS, forget_knowledge
 from .answers import check_at_least, pick
 from .base import Attack, AuditContext, Verdict, register
 
@@ -52,16 +53,20 @@ class SDKnowledge(Attack):
 
     def run(self, ctx: AuditContext) -> xr.Dataset:
         unseen = pick(ctx.data.unseen, ctx.option(self.name, "images", self.options["images"]))  # 0: all of them
-        images = [*ctx.data.forget, *unseen]
+        sets = {"forget": ctx.data.forget, "unseen": unseen}
         values = {"K_C": [], "K_N": []}
         for model in ctx.models:
-            k = forget_knowledge(ctx.adapter(model).pipe, images, noise_seed=ctx.seed, adapter=ctx.adapter(model))
+            adapter = ctx.adapter(model)
+            # each set on its own: the forget images scored on the noise the run's own K_C / K_N used
+            k = {s: forget_knowledge(adapter.pipe, images, noise_seed=ctx.seed, adapter=adapter)["per_record"]
+                 for s, images in sets.items()}
             for v in values:
-                values[v].append([k["per_record"][r.id][v] for r in images])
-        sets = ["forget"] * len(ctx.data.forget) + ["unseen"] * len(unseen)
+                values[v].append([k[s][r.id][v] for s, images in sets.items() for r in images])
+        ids = [r.id for images in sets.values() for r in images]
+        labels = [s for s, images in sets.items() for _ in images]
         return xr.Dataset({f"knowledge_{v}": (("model", "image"), np.array(a)) for v, a in values.items()},
-                          coords={"model": list(ctx.models), "image": [r.id for r in images], "set": ("image", sets)},
-                          attrs={"noise_seed": ctx.seed, "timesteps": " ".join(map(str, k["settings"]["timesteps"]))})
+                          coords={"model": list(ctx.models), "image": ids, "set": ("image", labels)},
+                          attrs={"noise_seed": ctx.seed, "timesteps": " ".join(map(str, DEFAULT_TIMESTEPS))})
 
     def verdict(self, ds: xr.Dataset, ctx: AuditContext) -> Verdict:
         return knowledge_verdict(ds, *(ctx.option(self.name, o, self.options[o])
