@@ -90,12 +90,10 @@ def knowledge_verdict(ds: xr.Dataset, hidden_share: float, min_separation: float
     over image) into a verdict (the rule: the module's docs). ``ua_rise``: the run's own UA rise (None: not
     known, the check is skipped)."""
     models = list(ds["model"].values)
-    rule = (f"K_C / K_N at fixed noise on the concept's unseen images; share = (K_C unlearned - K_C retain) / "
-            f"(K_C original - K_C retain). Inconclusive without a retain model, when the original beats the retain "
-            f"model's K_C on under {min_separation:.0%} of the images (K_C does not separate them), when the run's "
-            f"UA rose by under {min_ua_rise} points (nothing was made to stop drawing), or when the unlearned model "
-            f"lost more K_N than the concept's K_C margin (original - retain: damage, not removal). Hidden when "
-            f"share >= {hidden_share}; else removed")
+    rule = (f"share = (K_C unlearned - K_C retain) / (K_C original - K_C retain), K_C at fixed noise on the unseen "
+            f"images. Inconclusive without a retain model, if the original beats the retain model on "
+            f"< {min_separation:.0%} of them, if the run's UA rose < {min_ua_rise} points, or if the unlearned model lost more K_N than the "
+            f"margin K_C original - retain (damage). Hidden if share >= {hidden_share}; else removed")
     mean = {v: {s: {m: float(ds[f"knowledge_{v}"].sel(model=m).where(ds["set"] == s, drop=True).mean())
                     for m in models} for s in SETS if (ds["set"] == s).any()} for v in ("K_C", "K_N")}
     numbers = {"K_C": mean["K_C"], "K_N": mean["K_N"], "run_ua_rise": ua_rise}

@@ -77,13 +77,10 @@ def sampling_verdict(ds: xr.Dataset, margin: float, min_original: float) -> Verd
     d = ds["sampling_drawn"]
     own = float(ds.attrs["run_guidance"])
     models = list(ds["model"].values)
-    rule = (f"drawn = % of images the UA classifier labels as the concept, from the concept's prompts over many seeds "
-            f"at each guidance scale, and from scene prompts (the concept beside another) at the run's scale {own}. "
-            f"Inconclusive without a retain model (no reference), when the original model draws it in under "
-            f"{min_original}% at the run's scale (nothing to forget), or when the unlearned model draws it there "
-            f">= {margin} points more than the retain model (the run did not make it forget). Hidden when at some "
-            f"guidance scale, or over the scene prompts, the unlearned model draws it >= {margin} points more than the "
-            f"retain model; else removed")
+    rule = (f"drawn = % of images labelled as the concept: its prompts at each guidance, scene prompts at the run's "
+            f"{own}. Inconclusive without a retain model, if the original draws it < {min_original}% at {own}, or if "
+            f"the unlearned model draws it there >= {margin} points more than the retain model. Hidden if at some "
+            f"guidance or over the scenes the unlearned model draws it >= {margin} points more; else removed")
     numbers = {"drawn_at_run_guidance": {m: float(d.sel(model=m, guidance=own)) for m in models},
                "drawn": {m: {str(g): float(d.sel(model=m, guidance=g)) for g in d["guidance"].values} for m in models}}
     scenes = ds.get("sampling_scene_drawn")
