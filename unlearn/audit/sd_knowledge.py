@@ -93,7 +93,8 @@ def knowledge_verdict(ds: xr.Dataset, hidden_share: float, min_separation: float
     rule = (f"share = (K_C unlearned - K_C retain) / (K_C original - K_C retain), K_C at fixed noise on the unseen "
             f"images. Inconclusive without a retain model, if the original beats the retain model on "
             f"< {min_separation:.0%} of them, if the run's UA rose < {min_ua_rise} points, or if the unlearned "
-            f"model lost more K_N than the margin K_C original - retain (damage). Hidden if share >= {hidden_share}; else removed")
+            f"model lost more K_N than the margin K_C original - retain (damage). Hidden if share >= {hidden_share}; "
+            f"else removed")
     mean = {v: {s: {m: float(ds[f"knowledge_{v}"].sel(model=m).where(ds["set"] == s, drop=True).mean())
                     for m in models} for s in SETS if (ds["set"] == s).any()} for v in ("K_C", "K_N")}
     numbers = {"K_C": mean["K_C"], "K_N": mean["K_N"], "run_ua_rise": ua_rise}
