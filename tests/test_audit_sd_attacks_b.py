@@ -132,7 +132,7 @@ def test_options_are_checked(ctx):
         knowledge.check_options(values(knowledge))
     with pytest.raises(ValueError, match="guidance scales > 0"):
         guidance_scales("0,4")
-    assert guidance_scales("12, 1.5,4", 4.0) == [1.5, 4.0, 12.0]
+    assert guidance_scales("12, 1.5,4", 4.0) == guidance_scales([12, 1.5], 4.0) == [1.5, 4.0, 12.0]
 
 
 # ----------------------------------------------------------------------------- verdicts on constructed data

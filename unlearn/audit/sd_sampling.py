@@ -19,10 +19,12 @@ from .base import Attack, AuditContext, Verdict, register
 from .sd_drawn import drawn_flags
 
 
-def guidance_scales(text: str, own: float | None = None) -> list[float]:
-    """The guidance scales of a comma list ("1.5,4,7.5,12"), with ``own`` (the run's) added, sorted."""
+def guidance_scales(text, own: float | None = None) -> list[float]:
+    """The guidance scales of a comma list ("1.5,4,7.5,12", or numbers given in Python), with ``own`` (the
+    run's) added, sorted."""
+    parts = text if isinstance(text, (list, tuple)) else str(text).split(",")
     try:
-        scales = [float(x) for x in str(text).split(",") if x.strip()]
+        scales = [float(x) for x in parts if str(x).strip()]
     except ValueError:
         raise ValueError(f"sampling.guidances={text!r}: give guidance scales as a comma list of numbers, "
                          f"e.g. 1.5,4,7.5,12") from None
