@@ -47,7 +47,7 @@ def mllm_run(runs: Path, concept: str, method: str, steps: int = 10, lr: float =
 
 
 def sd_run(runs: Path, concept: str, method: str, steps: int, images: int, lr: float, seed: int = 0,
-           eval_seeds: int = 20, world_dir=None, progress: bool = True) -> Path:
+           eval_seeds: int = 20, fd_seeds: int = 5, world_dir=None, progress: bool = True) -> Path:
     """The run directory of a world SD run, run now if it is not saved with these settings."""
     from unlearn.run_sd import run_sd
     from unlearn.runs import run_dir_lock, run_state
@@ -60,7 +60,7 @@ def sd_run(runs: Path, concept: str, method: str, steps: int, images: int, lr: f
             if m["train"]["steps"] == steps and m["train"]["lr"] == lr and m["seed"] == seed and m["images"] == images:
                 return run
         run_sd(concept, method, run, steps=steps, images=images, seed=seed, options={"lr": lr}, eval_seeds=eval_seeds,
-               world_dir=world_dir, progress=progress, overwrite=True)
+               fd_seeds=fd_seeds, world_dir=world_dir, progress=progress, overwrite=True)
     return run
 
 

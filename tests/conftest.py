@@ -16,3 +16,12 @@ def default_world():
     root = default_cache_dir()
     build_world(root, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def finished_sd_run(tmp_path_factory, default_world):
+    """A complete 3-step FTTP run on grom on the default world SD (tests/sd_audit.py), made once for every
+    SD audit test. Read only: a test that writes into a run (an audit) copies it first."""
+    from tests.sd_audit import make_sd_run
+
+    return make_sd_run(tmp_path_factory.mktemp("sd-run") / "run")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import xarray as xr
 
-from tests.sd_audit import make_sd_run, sd_context
+from tests.sd_audit import sd_context
 from unlearn.audit.base import ATTACKS, MODELS
 from unlearn.audit.sd_knowledge import knowledge_verdict, run_ua_rise
 from unlearn.audit.sd_relearn import sd_relearn_verdict
@@ -30,8 +30,8 @@ def cheap(ctx):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_sd_run(tmp_path_factory.mktemp("sd-audit-b") / "run")
+def run(finished_sd_run):
+    return finished_sd_run
 
 
 @pytest.fixture(scope="module")
