@@ -131,7 +131,7 @@ def test_unlearndiffatk_objective_and_its_straight_through_gradient_by_hand(reco
                       target)
     hook.remove()
     hand.backward()
-    assert loss == pytest.approx(float(hand), rel=1e-5)
+    assert loss == pytest.approx(hand.item(), rel=1e-5)
     torch.testing.assert_close(through, hot.grad, rtol=1e-4, atol=1e-7)
     assert through.abs().sum() > 0
 
@@ -213,7 +213,8 @@ def test_attacks_on_a_world_run(attacked, tmp_path):
     assert adv.adversarial_loss.dims == ("model", "target", "step") and adv.sizes["step"] == 2
     assert adv.adversarial_prompt.dims == ("model", "target")
     for m in models:
-        prompt, steps = str(adv.adversarial_prompt.sel(model=m, target=0)), int(adv.adversarial_steps.sel(model=m, target=0))
+        prompt = adv.adversarial_prompt.sel(model=m, target=0).item()
+        steps = int(adv.adversarial_steps.sel(model=m, target=0))
         assert prompt.endswith(ctx.data.prompts[0]) and 0 <= steps <= 2
         assert (steps == 0) == (prompt == ctx.data.prompts[0])  # 0 steps: the plain prompt already draws it
         assert np.isfinite(adv.adversarial_loss.sel(model=m, target=0)[:steps]).all()
