@@ -107,6 +107,20 @@ def test_inversion_needs_a_new_token_and_a_one_token_initializer():
             Adversarial.check_options({**Adversarial.options, **bad})
 
 
+def test_new_tokens_keep_sdxl_pooling_at_the_end_token():
+    """A legacy CLIP config (eos_token_id 2, as SD 1.x / SDXL checkpoints have) pools at the highest id:
+    with new tokens that would be a new token's position; the copy pools at the end token instead."""
+    adapter = make_adapter(tiny_sd_pipeline("sdxl"))
+    encoder, tokenizer = adapter.pipe.text_encoder_2, adapter.pipe.tokenizer_2
+    encoder.text_model.eos_token_id = 2
+    NewTokens(adapter, ["<new>"])
+    ids = token_ids(tokenizer, ["a picture of <new>"])
+    out = encoder(ids, output_hidden_states=True)
+    end = (ids[0] == tokenizer.eos_token_id).nonzero()[0, 0]
+    assert ids[0].argmax() != end  # the new token has the highest id
+    torch.testing.assert_close(out.text_embeds[0], encoder.text_projection(out.last_hidden_state[0, end]))
+
+
 def test_unlearndiffatk_objective_and_its_straight_through_gradient_by_hand(records):
     """The slots holding drawn tokens read as those words typed before the prompt; the objective is the
     denoising MSE of the target image; the gradient on the one-hot draw is autograd's through one_hot @ W."""

@@ -76,6 +76,10 @@ class NewTokens:
                     raise ValueError(f"the tokenizer already has the token(s) {clash}; a new token must be new")
                 tokenizer.add_tokens(list(tokens))
                 added.add(id(tokenizer))
+            text_model = getattr(encoder, "text_model", None)
+            if getattr(text_model, "eos_token_id", None) == 2 and tokenizer.eos_token_id != 2:
+                # a legacy CLIP config pools at the highest id, which is now a new token's: pool at the end token
+                text_model.eos_token_id = tokenizer.eos_token_id
             self.vocab.append(encoder.get_input_embeddings().num_embeddings)
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             self.ids.append(torch.tensor(tokenizer.convert_tokens_to_ids(list(tokens))))
