@@ -79,7 +79,7 @@ def test_inversion_trains_only_the_new_row_of_every_text_encoder(kind, records):
     weights = {(i, name): p.detach().clone() for i, part in enumerate([adapter.pipe.unet, adapter.pipe.vae]
                                                                         + [enc for _, enc in pairs])
                for name, p in part.named_parameters() if "token_embedding" not in name}
-    prompts = [f"a picture of <vorn-inverted>"] * len(records)
+    prompts = ["a picture of <vorn-inverted>"] * len(records)
     tokens, losses = invert(adapter, records, prompts, "<vorn-inverted>", "picture", steps=3, lr=0.1, batch=2, seed=0)
     assert losses.shape == (3,) and np.isfinite(losses).all()
     for e, table in enumerate(tokens.tables):
@@ -272,7 +272,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("values, verdict", CASES)
-@pytest.mark.parametrize("read, var", [(inversion_verdict, "inversion_drawn"), (adversarial_verdict, "adversarial_drawn")])
+@pytest.mark.parametrize("read, var", [(inversion_verdict, "inversion_drawn"),
+                                       (adversarial_verdict, "adversarial_drawn")])
 def test_verdicts(read, var, values, verdict):
     v = read(drawn_dataset(var, values), margin=25.0, min_original=50.0)
     assert v.verdict == verdict and v.attack == var.split("_")[0]

@@ -113,7 +113,8 @@ class Slots:
         self.adapter = adapter
         self.tokens = NewTokens(adapter, [SLOT.format(i) for i in range(k)])
         self.candidates = candidate_tokens(adapter.pipe)  # (C,)
-        self.rows = [table[self.candidates.to(table.device)].detach().clone() for table in self.tokens.tables]  # (C, D_e)
+        # each text encoder's rows of the candidate tokens: (C, D_e)
+        self.rows = [table[self.candidates.to(table.device)].detach().clone() for table in self.tokens.tables]
         self.prefix = " ".join(self.tokens.tokens)
         for table in self.tokens.tables:
             table.requires_grad_(True)

@@ -193,7 +193,8 @@ class Inversion(Attack):
             del adapter
         return xr.Dataset({"inversion_drawn": (("model", "asked"), drawn_pct),
                            "inversion_loss": (("model", "step"), losses)},
-                          coords={"model": list(ctx.models), "asked": list(ASKED), "step": np.arange(1, opt["steps"] + 1)},
+                          coords={"model": list(ctx.models), "asked": list(ASKED),
+                                  "step": np.arange(1, opt["steps"] + 1)},
                           attrs={"token": token, "prompts": " | ".join(asked["attack"]), "images": len(records)})
 
     def verdict(self, ds: xr.Dataset, ctx: AuditContext) -> Verdict:
