@@ -15,7 +15,7 @@ from knowtrace.cli import main as knowtrace_main
 from unlearn.audit.run import attacks
 from unlearn.audit.sd_data import record_sd_audit_data
 from unlearn.cli import main
-from unlearn.data.sd_records import SDRecord
+from unlearn.data.sd_records import SDRecord, load_image
 from unlearn.world.source import resolve_model
 
 # tiny budgets: every SD attack exercised in seconds
@@ -53,8 +53,8 @@ def test_sd_audit_end_to_end(audited, tmp_path):
     assert sorted(p.name for p in (run / "audit").iterdir()) == ["audit.html", "audit.json", "audit.nc"]
     report = json.loads((run / "audit" / "audit.json").read_text())
     assert report["kind"] == "sd" and report["models"] == ["original", "unlearned", "retain"]
-    assert list(report["attacks"]) == list(attacks("sd")) == ["knowledge", "sampling", "relearn", "inversion",
-                                                             "adversarial"]
+    assert list(attacks("sd")) == ["knowledge", "sampling", "relearn", "inversion", "adversarial"]  # run order
+    assert set(report["attacks"]) == set(attacks("sd"))
     assert all(v["verdict"] in ("removed", "hidden", "inconclusive") and v["rule"] for v in report["attacks"].values())
     assert report["records"]["unseen"] == 20 and report["records"]["scenes"] > 0
     ds = xr.open_dataset(run / "audit" / "audit.nc", engine="h5netcdf")
@@ -94,7 +94,7 @@ def test_record_directory_audit_files(tmp_path):
     (tmp_path / "scenes.txt").write_text("Zorp beside a cat\n\nZorp and a dog\n")
     data = record_sd_audit_data("Zorp", ("Zorp",), "Zorp", ["a photo of Zorp"], forget, {"cat": "a cat"}, None,
                                 tmp_path)
-    assert [r.id for r in data.unseen] == ["u0"] and data.unseen[0].image.shape == (8, 8, 3)
+    assert [r.id for r in data.unseen] == ["u0"] and load_image(data.unseen[0]).shape == (8, 8, 3)
     assert data.scenes == ["Zorp beside a cat", "Zorp and a dog"]
     empty = tmp_path / "empty"
     empty.mkdir()
