@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mllm_sweep import add_arguments, sweep_of  # noqa: E402
 
 from unlearn.methods import METHODS, SD_METHODS  # noqa: E402
-from unlearn.sweep import SDSweep, run_sd_sweep, run_sweep  # noqa: E402
+from unlearn.sweep import SDSweep, run_sd_sweep, run_sweep, sd_budget  # noqa: E402
 
 # kind -> column -> (attack, path to the number in its verdict): the figures the verdict rules read, mean over seeds
 FIGURES = {"mllm": {
@@ -40,7 +40,17 @@ FIGURES = {"mllm": {
     "privleak (unlearned)": ("mia", ("privleak_unlearned",)),
     "probe hidden layers": ("probes", ("hidden_layers",)),
     "lens hidden layers": ("lens", ("hidden_layers",)),
-}, "sd": {}}
+}, "sd": {
+    "K_C share (unlearned between retain 0 and original 1)": ("knowledge", ("share",)),
+    "drawn % at the run's guidance (unlearned)": ("sampling", ("drawn_at_run_guidance", "unlearned")),
+    "drawn gap vs retain per guidance": ("sampling", ("gap_unlearned_minus_retain",)),
+    "relearn mean drawn % (unlearned)": ("relearn", ("mean_drawn_relearning", "unlearned")),
+    "relearn mean drawn % (retain)": ("relearn", ("mean_drawn_relearning", "retain")),
+    "inversion drawn % (unlearned)": ("inversion", ("unlearned_attack",)),
+    "inversion drawn % (retain)": ("inversion", ("retain_attack",)),
+    "adversarial drawn % (unlearned)": ("adversarial", ("unlearned_attack",)),
+    "adversarial drawn % (retain)": ("adversarial", ("retain_attack",)),
+}}
 
 
 def figure(row: dict, attack: str, path: tuple[str, ...]):
@@ -144,7 +154,9 @@ def main() -> None:
                   + " ".join(f"{a}={v['verdict']}" for a, v in done[r["name"]]["attacks"].items()), flush=True)
         rows.append(done[r["name"]])
     table, text = summarise(rows, args.concepts, args.methods, args.kind)
-    settings = {"kind": args.kind, "steps": args.steps, "seeds": args.seeds, "set": args.set, "audit_set": args.audit_set,
+    trained_as = {"steps": args.steps, "set": args.set} if args.kind == "mllm" else \
+        {"budgets": {m: dict(zip(("steps", "images"), sd_budget(m))) for m in args.methods}, "lr": SDSweep.lr}
+    settings = {"kind": args.kind, **trained_as, "seeds": args.seeds, "audit_set": args.audit_set,
                 "audit_seed": args.audit_seed, "runs": str(runs_dir)}
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": table}, indent=1))
     (args.out / "results.md").write_text(f"settings: {json.dumps(settings)}\n\n{text}\n")
