@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..eval.sd import ua_from_labels, ua_labels
+from ..eval.sd import ua_labels
 
 
 def drawn(adapter, prompts: list[str], seeds, data, guidance_scale: float | None = None,
@@ -26,7 +26,3 @@ def drawn_flags(adapter, prompts: list[str], seeds, data, guidance_scale: float 
                               data.inference_steps if inference_steps is None else inference_steps)
     return np.array([label == data.label for label in labels])
 
-
-def percent_drawn(labels, label: str) -> float:
-    """% of ``labels`` equal to ``label`` (100 - UA)."""
-    return 100.0 - ua_from_labels(labels, label)
