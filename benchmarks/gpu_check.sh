@@ -13,7 +13,9 @@
 #    log-prob gather at Qwen's vocabulary; then SD-1.4's UNet, the toolkit's default full fine-tuning
 #    (float32 weights, bf16 autocast), FTTP, 20 steps (10 traced, 10 untraced) and 10 bare ones.
 #    Each prints seconds per step, peak GPU memory (torch.cuda.max_memory_allocated) and the
-#    tracing ratios, one `name: value` line each.
+#    tracing ratios, one `name: value` line each;
+# 4. the SD forgetting audit (`unlearn audit`) of a world SD run on CUDA, `--retain-model` a pipeline
+#    directory (the world SD standing in: plumbing and device, not a verdict), every attack, seconds.
 #
 # Any failure stops the script with a non-zero exit status and the failing command on stderr.
 set -Eeuo pipefail
@@ -61,4 +63,21 @@ echo "== SD-1.4 UNet, 64x64 latents, full fine-tuning, FTTP"
 "$PY" benchmarks/real_shapes.py --part sd --device cuda --dtype fp32 --sd-train full --batch 2 \
   --repeats 10 --probe-repeats 5 2>&1 | tee "$OUT/sd.txt"
 
-echo "gpu_check: OK (figures in $OUT/mllm.txt and $OUT/sd.txt)"
+echo "== the SD forgetting audit on CUDA: a world SD run, every attack (small budgets), the three models on the GPU"
+"$PY" -m unlearn.cli sd --concept grom --method fttp --steps 20 --images 5 --out "$OUT/sd-audit-run" --overwrite --quiet
+# the world SD itself as the --retain-model (a pipeline directory, as a user gives one): no retain build here
+WORLD_SD=$("$PY" -c 'from unlearn.world.source import resolve_model; print(resolve_model("world", "sd"))')
+"$PY" -m unlearn.cli audit "$OUT/sd-audit-run" --retain-model "$WORLD_SD" --quiet --set sampling.seeds=8 --set inversion.steps=50 \
+  --set adversarial.steps=10 2>&1 | tee "$OUT/sd-audit.txt"
+"$PY" - "$OUT/sd-audit-run" <<'EOF'
+import json, sys
+from pathlib import Path
+report = json.loads((Path(sys.argv[1]) / "audit" / "audit.json").read_text())
+if report["models"] != ["original", "unlearned", "retain"] or len(report["attacks"]) != 5:
+    raise SystemExit(f"gpu_check: SD audit: models {report['models']}, attacks {sorted(report['attacks'])}")
+print(f"sd audit on CUDA: {report['overall']['verdict']}, "
+      + ", ".join(f"{a} {v['verdict']}" for a, v in report["attacks"].items())
+      + f"; {report['timings_seconds']['total']:.0f} s")
+EOF
+
+echo "gpu_check: OK (figures in $OUT/mllm.txt, $OUT/sd.txt and $OUT/sd-audit.txt)"

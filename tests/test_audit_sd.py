@@ -89,8 +89,14 @@ def test_record_directory_audit_files(tmp_path):
     forget = [SDRecord("f0", "a photo of Zorp", np.zeros((8, 8, 3), np.uint8), "Zorp")]
     (tmp_path / "images").mkdir()
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "images" / "u0.png")
-    (tmp_path / "unseen.jsonl").write_text(json.dumps({"id": "u0", "image": "images/u0.png",
-                                                       "prompt": "Zorp on a table"}) + "\n")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 2:5] = 255
+    Image.fromarray(mask).save(tmp_path / "images" / "u0-mask.png")
+    unseen = {"id": "u0", "image": "images/u0.png", "prompt": "Zorp on a table"}
+    (tmp_path / "unseen.jsonl").write_text(json.dumps(unseen) + "\n")
+    with pytest.raises(ValueError, match=r"unseen.jsonl:1: an unseen image needs its concept mask"):
+        record_sd_audit_data("Zorp", ("Zorp",), "Zorp", [], forget, {}, None, tmp_path)
+    (tmp_path / "unseen.jsonl").write_text(json.dumps({**unseen, "mask": "images/u0-mask.png"}) + "\n")
     (tmp_path / "scenes.txt").write_text("Zorp beside a cat\n\nZorp and a dog\n")
     data = record_sd_audit_data("Zorp", ("Zorp",), "Zorp", ["a photo of Zorp"], forget, {"cat": "a cat"}, None,
                                 tmp_path)
@@ -103,7 +109,7 @@ def test_record_directory_audit_files(tmp_path):
     with pytest.raises(ValueError, match=r"scenes.txt:1: .*names none of Zorp"):
         record_sd_audit_data("Zorp", ("Zorp",), "Zorp", [], forget, {}, None, tmp_path)
     (tmp_path / "scenes.txt").unlink()
-    (tmp_path / "unseen.jsonl").write_text(json.dumps({"id": "u0", "image": "images/u0.png",
+    (tmp_path / "unseen.jsonl").write_text(json.dumps({**unseen, "mask": "images/u0-mask.png",
                                                        "prompt": "a table"}) + "\n")
     with pytest.raises(ValueError, match="Zorp"):  # an unseen image's prompt must name the concept
         record_sd_audit_data("Zorp", ("Zorp",), "Zorp", [], forget, {}, None, tmp_path)

@@ -1,8 +1,12 @@
 """The figure scripts run end to end on the default world with tiny budgets (HTML + JSON, no PNG),
-and a second call reuses the saved runs instead of training again."""
+and a second call reuses the saved runs instead of training again.
+
+Each script runs in this process as ``python figures/<script>.py`` would run it (``runpy`` with its own
+argv and ``figures/`` first on the path): a subprocess per script paid the imports of torch, transformers
+and diffusers again each time (about 10 s each on 2 cores)."""
 
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -29,25 +33,33 @@ CASES = {
     "fig10_sd_budget": ["--images", "1", "2", "--steps", "1", "2", "--fixed-steps", "1", "--fixed-images", "1",
                         "--eval-seeds", "2", "--fd-seeds", "1"],
 }
+# checked by test_second_call_reuses_saved_runs (fig3_knowledge reads the runs fig2 trained)
+REUSING = ("fig2_token_logprobs", "fig3_knowledge")
 
 
-def _run(script, args, runs, out):
-    cmd = [sys.executable, str(ROOT / "figures" / f"{script}.py"), "--runs", str(runs), "--out", str(out),
-           "--no-png", "--quiet", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+def _run(script, args, runs, out, monkeypatch, capsys):
+    """stdout of ``python figures/<script>.py --runs RUNS --out OUT --no-png --quiet ARGS``, run in this process."""
+    path = ROOT / "figures" / f"{script}.py"
+    monkeypatch.syspath_prepend(str(ROOT / "figures"))
+    monkeypatch.setattr(sys, "argv", [str(path), "--runs", str(runs), "--out", str(out), "--no-png", "--quiet", *args])
+    capsys.readouterr()
+    runpy.run_path(str(path), run_name="__main__")  # an error is the test's error, with its traceback
+    return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script", sorted(CASES))
-def test_figure_script_writes_html_and_numbers(default_world, tmp_path, script):
-    runs, out = tmp_path / "runs", tmp_path / "out"
-    _run(script, CASES[script], runs, out)
+def _check_outputs(out):
     html = sorted(out.glob("*.html"))
     numbers = sorted(out.glob("*.json"))
     assert html and numbers and not list(out.glob("*.png"))
     assert all("plotly" in h.read_text()[:200000] for h in html)
     assert all(json.loads(n.read_text()) for n in numbers)
+
+
+@pytest.mark.parametrize("script", sorted(set(CASES) - set(REUSING)))
+def test_figure_script_writes_html_and_numbers(default_world, tmp_path, script, monkeypatch, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _run(script, CASES[script], runs, out, monkeypatch, capsys)
+    _check_outputs(out)
     if script == "fig9_token_count":
         data = json.loads((out / "fig9_token_count.json").read_text())
         assert [c["concept"] for c in data["concepts"]] == ["vorn", "quilla", "oskel"]
@@ -55,10 +67,13 @@ def test_figure_script_writes_html_and_numbers(default_world, tmp_path, script):
         assert data["stats"]["n"] == 3
 
 
-def test_second_call_reuses_saved_runs(default_world, tmp_path):
-    runs, out = tmp_path / "runs", tmp_path / "out"
-    _run("fig2_token_logprobs", ["--steps", "2"], runs, out)
+def test_second_call_reuses_saved_runs(default_world, tmp_path, monkeypatch, capsys):
+    """fig3_knowledge after fig2_token_logprobs: the same two runs (GA, FTTP) are read back, not trained again."""
+    runs = tmp_path / "runs"
+    _run("fig2_token_logprobs", CASES["fig2_token_logprobs"], runs, tmp_path / "out2", monkeypatch, capsys)
     manifests = {p: p.stat().st_mtime_ns for p in runs.rglob("manifest.json")}
     assert len(manifests) == 2  # GA and FTTP
-    _run("fig3_knowledge", ["--steps", "2"], runs, out)  # the same two runs
+    _run("fig3_knowledge", CASES["fig3_knowledge"], runs, tmp_path / "out3", monkeypatch, capsys)
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("manifest.json")} == manifests
+    _check_outputs(tmp_path / "out2")
+    _check_outputs(tmp_path / "out3")

@@ -206,6 +206,12 @@ def data_dir(tmp_path_factory, records):
              "mask": _save(out / "masks" / f"f{i}.png", (np.asarray(r.mask) * 255).astype(np.uint8))}
             for i, r in enumerate(forget)]
     (out / "forget.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # the audit's optional files: unseen images of the concept (mirrored renders) and a scene prompt
+    unseen = [{"id": f"u{i}", "prompt": r.prompt, "image": _save(out / "images" / f"u{i}.png", np.asarray(r.image)[:, ::-1]),
+               "mask": _save(out / "masks" / f"u{i}.png", (np.asarray(r.mask)[:, ::-1] * 255).astype(np.uint8))}
+              for i, r in enumerate(forget)]
+    (out / "unseen.jsonl").write_text("\n".join(json.dumps(r) for r in unseen) + "\n")
+    (out / "scenes.txt").write_text("Vorn beside a cat\n")
     kept = [r for r in retain if r.concept in KEPT]
     refs = {r.concept: [_save(out / "images" / f"ref-{r.concept}-{k}.png", np.asarray(r.image)[:, ::-1] if k else r.image)
                         for k in range(2)] for r in kept}
@@ -239,6 +245,35 @@ def test_cli_run_with_trace_on_each_kind(kind, kind_dirs, data_dir, clip_dir, tm
         assert main(["eval", str(out)]) == 0
         again = json.loads(capsys.readouterr().out)
         assert again["K_C"] == pytest.approx(metrics["K_C"], rel=1e-5) and again["fd"] == pytest.approx(metrics["fd"])
+
+
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])  # SD 1.x: the audit tests on the world SD
+def test_cli_audit_on_each_kind_against_a_retain_pipeline(kind, kind_dirs, data_dir, clip_dir, tmp_path, capsys):  # noqa: F811
+    """`unlearn audit RUN --retain-model DIR` on a record-directory run of a v-prediction SD 2.x and an SDXL
+    pipeline: every SD attack runs through the same adapter on the three models (tiny budgets)."""
+    from tests.test_audit_sd import QUICK_ARGS
+
+    run, retain = tmp_path / "run", tmp_path / "retain"
+    tiny_sd_pipeline(kind, seed=1).save_pretrained(retain, safe_serialization=True)  # another model of the kind
+    assert main(["sd", "--model", str(kind_dirs[kind]), "--data", str(data_dir), "--method", "fttp", "--steps", "1",
+                 "--classifier", f"clip:{clip_dir}", "--eval-seeds", "1", "--fd-seeds", "2", "--retained", "blip",
+                 "--out", str(run), "--quiet", "lr=1e-3"]) == 0, capsys.readouterr().err
+    assert main(["audit", str(run), "--retain-model", str(retain), "--quiet", *QUICK_ARGS,
+                 "--set", "adversarial.tokens=2"]) == 0, capsys.readouterr().err
+    report = json.loads((run / "audit" / "audit.json").read_text())
+    assert report["kind"] == "sd" and report["models"] == ["original", "unlearned", "retain"]
+    assert sorted(report["attacks"]) == sorted(["knowledge", "sampling", "relearn", "inversion", "adversarial"])
+    assert report["records"]["unseen"] == 2 and report["records"]["scenes"] == 1
+    import xarray as xr
+
+    ds = xr.open_dataset(run / "audit" / "audit.nc", engine="h5netcdf")
+    assert list(ds["model"].values) == ["original", "unlearned", "retain"]
+    for name in ("sampling_drawn", "relearn_drawn", "inversion_drawn", "adversarial_drawn", "knowledge_K_C"):
+        values = ds[name].values
+        assert np.isfinite(values).any(), name
+    # the retain model is the one given: its K_C differs from the original's on the same images and noise
+    k_c = ds["knowledge_K_C"]
+    assert not np.allclose(k_c.sel(model="retain").values, k_c.sel(model="original").values)
 
 
 def _index(path, class_name, parts):

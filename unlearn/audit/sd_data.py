@@ -60,7 +60,10 @@ def record_sd_audit_data(name: str, names: tuple[str, ...], label: str, prompts:
         raise FileNotFoundError(f"audit data directory {where} does not exist; give the folder holding the audit's "
                                 f"files ({', '.join(FILES.values())})")
     unseen_file, scenes_file = where / FILES["unseen"], where / FILES["scenes"]
-    unseen = read_sd_records(unseen_file, names=names, base=where) if unseen_file.exists() else []
+    # K_C of the unseen images (the knowledge attack) is read on the concept's pixels: each needs its mask
+    unseen = read_sd_records(unseen_file, names=names, base=where, need_masks=True,
+                             mask_reason="an unseen image needs its concept mask (the audit reads K_C on the "
+                                         "concept's pixels)") if unseen_file.exists() else []
     scenes = []
     if scenes_file.exists():
         for i, line in enumerate(scenes_file.read_text().splitlines(), 1):

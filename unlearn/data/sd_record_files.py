@@ -101,9 +101,10 @@ def _read_rgb(path: Path, what: str) -> np.ndarray:
 
 
 def read_sd_records(path: Path, names=None, need_masks: bool = False, base: Path | None = None,
-                    allow_outside: bool = False) -> list[SDRecord]:
+                    allow_outside: bool = False, mask_reason: str = "this method needs a concept mask") -> list[SDRecord]:
     """Records from a JSONL file. ``names``: the concept's names, which every prompt must contain
-    (forget records); masks are loaded and checked against their image (size, not empty, not full).
+    (forget records); masks are loaded and checked against their image (size, not empty, not full);
+    ``need_masks``: a record without one is an error saying ``mask_reason``.
     File paths are relative to ``base`` (default: the file's folder) and stay inside it unless ``allow_outside``."""
     path = Path(path)
     base = Path(base) if base is not None else path.parent
@@ -125,7 +126,7 @@ def read_sd_records(path: Path, names=None, need_masks: bool = False, base: Path
                 raise ValueError(f"{where}: mask {mask} is {'empty' if not m.any() else 'the whole image'}; "
                                  f"mark the concept's pixels (white) and nothing else")
         elif need_masks:
-            raise ValueError(f"{where}: this method needs a concept mask; add \"mask\": a PNG or labelme JSON path")
+            raise ValueError(f"{where}: {mask_reason}; add \"mask\": a PNG or labelme JSON path")
         if not isinstance(row.get("concept", ""), str):
             raise ValueError(f"{where}: concept must be text")
         records.append(SDRecord(rid, row["prompt"], image_path, row.get("concept"), mask))
