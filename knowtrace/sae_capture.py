@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .capture import Capture
 from .hidden import forward_hidden
 from .logprobs import IGNORE_INDEX
 from .mllm_attention import image_token_id, language_model
@@ -99,7 +100,12 @@ def capture_residuals(model: torch.nn.Module, batches: Iterable[dict], layer: in
     selected rows are kept (float32, on the CPU); rows in record order, then sequence order."""
     kinds = check_kinds(positions)
     index = layer_index(model, layer)
-    image_id = image_token_id(model.config) if "image" in kinds else None  # ValueError without one
+    try:  # image positions are never question positions, asked for or not
+        image_id = image_token_id(model.config)
+    except ValueError:
+        if "image" in kinds:
+            raise
+        image_id = None  # a text model
     device = next(model.parameters()).device
     # the logits are not needed: only the last position's where the model can skip the others
     skip_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -126,3 +132,82 @@ def capture_residuals(model: torch.nn.Module, batches: Iterable[dict], layer: in
         raise ValueError("no batches were given")
     return Residuals(torch.cat(acts), np.array(kinds)[torch.cat(kind).numpy()], torch.cat(record).numpy(),
                      torch.cat(position).numpy(), longest)
+
+
+# ---------------------------------------------------------------------------------------------- traces
+@dataclass(frozen=True)
+class SAEOptions:
+    """What a trace records of a sparse autoencoder: ``sae`` (:class:`knowtrace.sae.TopKSAE`) reading the
+    residual of decoder layer ``layer``; ``features``: the feature indices recorded (``sae_act``)."""
+
+    sae: torch.nn.Module
+    layer: int
+    features: tuple[int, ...]
+
+    def __post_init__(self):
+        features = tuple(int(f) for f in self.features)
+        d_sae = self.sae.W_enc.shape[1]
+        bad = [f for f in features if not 0 <= f < d_sae]
+        if not features or bad or len(set(features)) != len(features):
+            raise ValueError(f"features must be distinct indices in 0..{d_sae - 1} (the SAE's d_sae = {d_sae}), "
+                             f"got {list(self.features)}")
+        object.__setattr__(self, "features", features)
+
+
+@torch.no_grad()
+def answer_feature_acts(sae: torch.nn.Module, state: torch.Tensor, labels: torch.Tensor, features: Sequence[int],
+                        ignore_index: int = IGNORE_INDEX) -> list[torch.Tensor]:
+    """Per batch row, (n_answer, n_features) float32: the SAE's activations of ``features`` on ``state``
+    (batch, seq, d) at the position that *predicts* each answer token (labelled position - 1: entry t goes
+    with ``logprob[t]`` and ``xattn``'s row t), computed on the SAE's device."""
+    answer = labels[:, 1:] != ignore_index  # (batch, seq - 1): position p predicts the token at p + 1
+    if (labels[:, 0] != ignore_index).any():
+        raise ValueError("an answer token at position 0 has no position that predicts it")
+    rows, cols = answer.nonzero(as_tuple=True)
+    param = sae.W_enc
+    acts = sae.encode(state[rows, cols].to(param.device, param.dtype))  # (n_answer in all rows, d_sae)
+    chosen = acts[:, torch.as_tensor(features, device=param.device)].float()
+    return list(chosen.split(answer.sum(1).tolist()))
+
+
+class SAEActCapture(Capture):
+    """A :class:`~knowtrace.capture.Capture` of :func:`answer_feature_acts` on the output of the residual
+    module of ``options.layer``, for the forward that :meth:`begin` (given its labels) opened;
+    :class:`~knowtrace.logprobs.LogProbCapture` calls ``begin`` and ``read`` around each forward."""
+
+    def __init__(self, model: torch.nn.Module, options: SAEOptions):
+        super().__init__(model)
+        self.options = options
+        self.hook_name, self.module = residual_module(model, options.layer)
+        width = int(text_config(model).hidden_size)
+        if options.sae.W_enc.shape[0] != width:
+            raise ValueError(f"the SAE reads width {options.sae.W_enc.shape[0]}, the language model's residual "
+                             f"stream is {width} wide: it was trained for another model")
+        self.features = options.features
+        self.recording = False
+        self._labels, self._acts = None, None
+
+    def _install(self) -> None:
+        self._handles = [self.module.register_forward_hook(self._hook)]
+
+    def _remove(self) -> None:
+        super()._remove()
+        self.recording, self._labels, self._acts = False, None, None
+
+    def begin(self, labels: torch.Tensor) -> None:
+        self._labels, self._acts, self.recording = labels, None, True
+
+    def _hook(self, module, args, output):
+        if not self.recording:
+            return
+        state = output[0] if isinstance(output, tuple) else output  # (batch, seq, d)
+        if state.shape[:2] == self._labels.shape:  # not a cached generation step
+            self._acts = answer_feature_acts(self.options.sae, state, self._labels, self.features)
+
+    def read(self) -> list[torch.Tensor]:
+        """Per batch row of the recorded forward, (n_answer, n_features) on the CPU; recording stops."""
+        acts, self._acts, self._labels, self.recording = self._acts, None, None, False
+        if acts is None:
+            raise RuntimeError(f"{self.hook_name} produced no output of the recorded forward's shape: the SAE's "
+                               f"layer did not run on it")
+        return list(torch.cat(acts).cpu().split([a.shape[0] for a in acts]))  # one transfer

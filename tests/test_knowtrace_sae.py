@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from knowtrace import ProbeSet, open_probe_trace, open_trace, trace
 from knowtrace.sae import SAE_CFG_FILE, SAE_WEIGHTS_FILE, TopKSAE, load_sae, sae_quality, save_sae, train_sae
-from knowtrace.sae_capture import capture_residuals, residual_module
+from knowtrace.sae_capture import SAEOptions, capture_residuals, residual_module
 from tests.test_models import _records
 from tests.tiny_models import tiny_llava, tiny_qwen2vl
 from unlearn.models import adapter_for
+from unlearn.tracing import traced_samples
 
 FAMILIES = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2vl}
 
@@ -56,6 +58,9 @@ def test_topk_encode_keeps_the_k_largest_and_equals_a_hand_computation():
     positive = np.sort(pre, 1)[:, -3] > 0
     assert positive.any() and ((z != 0).sum(1).numpy()[positive] == 3).all()
     assert ((z != 0).sum(1) <= 3).all()
+    with torch.no_grad():
+        sae.b_enc -= 1e3  # every pre-activation negative: ReLU leaves nothing
+    assert not sae.encode(x).any()
     with pytest.raises(ValueError, match="k must be in 1..d_sae=10"):
         TopKSAE(6, 10, 11)
 
@@ -76,6 +81,35 @@ def test_training_reaches_high_explained_variance_on_a_known_sparse_dictionary_a
                                                   progress=False).W_dec)
     with pytest.raises(ValueError, match="NaN"):
         train_sae(torch.full((4, 3), float("nan")), 8, 2, progress=False)
+
+
+def test_one_training_step_by_hand_and_the_scale_fold():
+    """Step 1 of Adam moves each parameter by lr * g / (|g| + eps); the decoder's gradient loses its component
+    along each row before, and the rows are renormalised after. Computed here with a dense decode."""
+    x = sparse_data(n=64, d=8, atoms=12, active=2, seed=5)
+    lr, seed, n_batch = 1e-2, 7, 32
+    sae = train_sae(x, 16, 3, steps=1, lr=lr, batch_size=n_batch, seed=seed, progress=False)
+    gen = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(16, 8, generator=gen)
+    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+    scale = 8 ** 0.5 / x.pow(2).sum(1).mean().sqrt()
+    batch = x[torch.randint(64, (n_batch,), generator=gen)] * scale
+    params = {"W_enc": w_dec.T.clone(), "b_enc": torch.zeros(16), "W_dec": w_dec.clone(), "b_dec": x.mean(0) * scale}
+    for p in params.values():
+        p.requires_grad_(True)
+    pre = (batch - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    top, index = pre.topk(3, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, index, top.relu())
+    ((z @ params["W_dec"] + params["b_dec"] - batch).pow(2).sum(1).mean() / 8).backward()
+    g = params["W_dec"].grad
+    g = g - (g * w_dec).sum(1, keepdim=True) * w_dec
+    step = {name: p.grad for name, p in params.items()} | {"W_dec": g}
+    new = {name: (params[name] - lr * step[name] / (step[name].abs() + 1e-8)).detach() for name in params}
+    new["W_dec"] = new["W_dec"] / new["W_dec"].norm(dim=1, keepdim=True)
+    torch.testing.assert_close(sae.W_dec, new["W_dec"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sae.W_enc, new["W_enc"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sae.b_enc, new["b_enc"] / scale, rtol=1e-4, atol=1e-6)  # folded back
+    torch.testing.assert_close(sae.b_dec, new["b_dec"] / scale, rtol=1e-4, atol=1e-6)
 
 
 def test_quality_figures_equal_a_hand_computation():
@@ -195,7 +229,13 @@ def test_capture_gives_the_hidden_states_at_image_question_and_answer_positions(
                 assert tok.decode(ids[pos], skip_special_tokens=True).strip() == record.answer
             else:  # the prompt: the question is in it, the answer starts right after
                 assert record.question in tok.decode(ids[pos], skip_special_tokens=True)
+                assert not (ids[pos] == model.config.image_token_id).any() and pos.min() == 0
                 assert pos.max() + 1 == res.position[(res.record == i) & (res.kind == "answer")].min()
+    question = capture_residuals(model, batches, layer=0, positions="question", progress=False)
+    for i in range(len(records)):
+        b, r = at[i]
+        assert not (batches[b]["input_ids"][r, question.position[question.record == i]]
+                    == model.config.image_token_id).any()
     only = capture_residuals(model, batches, layer=-1, positions="answer", progress=False)
     assert set(only.kind) == {"answer"}
     assert len(only.kind) == sum(int((b["labels"] != -100).sum()) for b in batches)
@@ -227,3 +267,34 @@ def test_a_text_model_captures_question_and_answer_but_has_no_image_positions():
     assert torch.equal(res.acts, hidden.reshape(14, 16))
     with pytest.raises(ValueError, match="no image_token_id / image_token_index"):
         capture_residuals(model, [{"input_ids": ids, "labels": labels}], 1, "image", progress=False)
+
+
+def test_probes_record_sae_feature_activations_at_the_answer_predicting_positions(family, tmp_path):
+    model, adapter, records, batch = family
+    d = model.config.text_config.hidden_size
+    sae = random_sae(d_in=d, d_sae=24, k=6, seed=4)
+    features = (3, 0, 17, 9)
+    samples = traced_samples(adapter, records, ("Vorn",))
+    probes = ProbeSet([adapter.encode(records[:2]), adapter.encode(records[2:])], samples, every=1)
+    with trace(model, tmp_path / "t.zarr", samples, probes=probes, sae=SAEOptions(sae, 1, features)) as tr:
+        with torch.no_grad():
+            model(**batch)
+        assert tr.record(0, [r.id for r in records])
+    main, probe = open_trace(tmp_path / "t.zarr"), open_probe_trace(tmp_path / "t.zarr")
+    assert "sae_act" not in main and probe.sae_act.dims == ("step", "sample", "token", "feature")
+    assert probe.feature.values.tolist() == list(features)
+    for b, (start, sub) in enumerate(((0, probes.batches[0]), (2, probes.batches[1]))):
+        with torch.no_grad():  # layer 1 is the last: its residual is the state after the final norm
+            state = model(**sub, output_hidden_states=True).hidden_states[2]
+        for r in range(sub["input_ids"].shape[0]):
+            answer = (sub["labels"][r] != -100).nonzero().squeeze(1)
+            expected = sae.encode(state[r, answer - 1])[:, list(features)].detach()
+            got = probe.sae_act.values[0, start + r]
+            np.testing.assert_allclose(got[: len(answer)], expected.numpy(), rtol=1e-5, atol=1e-6)
+            assert np.isnan(got[len(answer):]).all() and (got[: len(answer)] != 0).any()
+    with pytest.raises(ValueError, match="give probes= with sae="):
+        trace(model, tmp_path / "u.zarr", samples, sae=SAEOptions(sae, 1, features))
+    with pytest.raises(ValueError, match=r"distinct indices in 0..23"):
+        SAEOptions(sae, 1, (24,))
+    with pytest.raises(ValueError, match="another model"):
+        trace(model, tmp_path / "v.zarr", samples, probes=probes, sae=SAEOptions(random_sae(d_in=d + 1), 0, (1,)))
