@@ -4,8 +4,9 @@
 
 The data: the forget and retain records of ``--concepts`` (as ``unlearn mllm`` builds them, ``--images``
 unlearning images each; records shared between concepts counted once), encoded by the world MLLM's
-adapter, residual of decoder layer ``--layer`` at image, question and answer positions. Prints the
-figures as JSON (capture and training seconds, rows, explained variance, L0, dead fraction, MSE).
+adapter, residual of decoder layer ``--layer`` at image, question and answer positions; every fifth record is
+held out. Prints the figures as JSON (capture and training seconds, rows, explained variance, L0, dead
+fraction, MSE on the training rows and on the held-out ones).
 """
 
 from __future__ import annotations
@@ -49,21 +50,23 @@ def main() -> None:
     res = capture_residuals(adapter.model, batches, args.layer)
     captured = time.perf_counter() - start
     d_in = res.acts.shape[1]
+    held = torch.from_numpy(res.record % 5 == 4)  # every fifth record held out: quality on rows not trained on
     start = time.perf_counter()
-    sae = train_sae(res.acts, args.expansion * d_in, args.k, steps=args.steps, lr=args.lr,
+    sae = train_sae(res.acts[~held], args.expansion * d_in, args.k, steps=args.steps, lr=args.lr,
                     batch_size=args.batch_size, seed=args.seed)
     trained = time.perf_counter() - start
-    quality = sae_quality(sae, res.acts)
+    quality = sae_quality(sae, res.acts[~held])
+    held_out = {f"held_out_{key}": round(v, 4) for key, v in sae_quality(sae, res.acts[held]).items()}
     kinds = {k: int((res.kind == k).sum()) for k in sorted(set(res.kind))}
     figures = {"records": len(records), "positions": kinds, "d_in": d_in, "d_sae": sae.d_sae, "k": sae.k,
                "layer": args.layer, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
                "capture_s": round(captured, 2), "train_s": round(trained, 2), "threads": torch.get_num_threads(),
-               **{key: round(v, 4) if isinstance(v, float) else v for key, v in quality.items()}}
+               **{key: round(v, 4) if isinstance(v, float) else v for key, v in quality.items()}, **held_out}
     print(json.dumps(figures, indent=1))
     if args.out:
         save_sae(sae, args.out, model_name="world", hook_name=residual_module(adapter.model, args.layer)[0],
                  layer=args.layer, positions=("image", "question", "answer"), context_size=res.context_size,
-                 dataset_path=f"world:{args.concepts}", extra={"quality": quality})
+                 dataset_path=f"world:{args.concepts}", extra={"quality": quality, **held_out})
 
 
 if __name__ == "__main__":
