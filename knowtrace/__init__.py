@@ -20,6 +20,8 @@ _EXPORTS = {
     "MLLMTracer": "tracer", "TracedSample": "answers", "trace": "tracer",
     "answer_start": "hidden", "states_at": "hidden", "logit_lens": "lens", "fit_probe": "linear_probe",
     "probe_layers": "linear_probe", "token_stats": "mia", "mia_scores": "mia",
+    "TopKSAE": "sae", "train_sae": "sae", "sae_quality": "sae", "save_sae": "sae", "load_sae": "sae",
+    "capture_residuals": "sae_capture", "SAEOptions": "sae_capture",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -36,10 +36,11 @@ class TracedSample:
 class SampleTrace:
     """The store of one sample set (the traced samples, or a probe set): static coords once, then
     one slice per step built from matched rows of captured forwards. ``attention``: the capture whose
-    maps the rows carry (None: no attention variables)."""
+    maps the rows carry (None: no attention variables); ``sae``: the SAEActCapture whose feature
+    activations they carry (None: no ``sae_act``)."""
 
     def __init__(self, path, samples: Sequence[TracedSample], attrs: dict | None, map_dtype: str,
-                 attention: AttentionCapture | None = None, flush_seconds: float = 0.0):
+                 attention: AttentionCapture | None = None, flush_seconds: float = 0.0, sae=None):
         self.samples = list(samples)
         self.index = index_samples(self.samples)
         self.attention = attention
@@ -47,6 +48,9 @@ class SampleTrace:
                   "concept": np.array([s.concept for s in self.samples])}
         if attention is not None:
             static["layer"] = np.array(attention.layers, dtype=np.int64)
+        self.sae = sae
+        if sae is not None:
+            static["feature"] = np.array(sae.features, dtype=np.int64)
         self.width = static["token_id"].shape[1]
         self._concept = torch.from_numpy(static["is_concept"])
         self.store = TraceStore(path, static=static, attrs=attrs, map_dtype=map_dtype, flush_seconds=flush_seconds)
@@ -62,6 +66,7 @@ class SampleTrace:
                                  "AttentionOptions(grid=(y, x))")
             shape = (n, len(self.attention.layers), self.attention.n_heads, self.width, *self.attention.grid)
             head = np.full(shape, np.nan, dtype=np.float32)
+        sae_act = None if self.sae is None else np.full((n, self.width, len(self.sae.features)), np.nan, np.float32)
         for si, call, r in rows:
             values = call.logp[r][call.labels[r] != IGNORE_INDEX]
             logprob[si, : len(values)] = values.float().cpu().numpy()
@@ -69,10 +74,14 @@ class SampleTrace:
                 # (layer, heads, n_answer, gy, gx); float: maps computed under bf16 autocast are bf16, which numpy lacks
                 m = stack_layers(call.maps[r], self.attention.layers).float().numpy()
                 head[si, :, : m.shape[1], : m.shape[2]] = m
+            if sae_act is not None and call.sae_acts is not None:
+                sae_act[si, : call.sae_acts[r].shape[0]] = call.sae_acts[r].numpy()
         k_c, k_n = mllm_knowledge(torch.from_numpy(logprob), self._concept)
         unseen = np.isnan(logprob).all(1)  # samples not in this step: K is NaN, not an empty sum
         values = {"logprob": logprob, "K_C": np.where(unseen, np.nan, k_c.numpy()),
                   "K_N": np.where(unseen, np.nan, k_n.numpy())}
+        if sae_act is not None:
+            values["sae_act"] = sae_act
         for key in ("loss_forget", "loss_retain"):
             values[key] = np.float32((losses or {}).get(key, np.nan))
         if head is not None:

@@ -59,6 +59,7 @@ class Forward:
     input_ids: torch.Tensor | None  # (batch, seq)
     attention_mask: torch.Tensor | None  # (batch, seq)
     maps: list[dict[int, torch.Tensor]] | None  # per row: layer -> (heads, n_answer, gy, gx)
+    sae_acts: list[torch.Tensor] | None = None  # per row: (n_answer, n_features) (knowtrace.sae_capture)
 
     def answer(self, row: int) -> list[int]:
         return self.labels[row][self.labels[row] != IGNORE_INDEX].tolist()
@@ -76,11 +77,12 @@ class LogProbCapture(Capture):
     """A :class:`~knowtrace.capture.Capture` keeping a :class:`Forward` per forward of ``model`` made
     with labels; ``read()`` returns them. ``attention``: an
     :class:`~knowtrace.mllm_attention.AttentionCapture` whose maps are recorded during the very forward
-    while it is attached."""
+    while it is attached; ``sae``: likewise a :class:`~knowtrace.sae_capture.SAEActCapture`."""
 
-    def __init__(self, model: torch.nn.Module, attention=None):
+    def __init__(self, model: torch.nn.Module, attention=None, sae=None):
         super().__init__(model)
         self.attention = attention
+        self.sae = sae
         self._forwards: list[Forward] = []
 
     def _install(self) -> None:
@@ -108,14 +110,18 @@ class LogProbCapture(Capture):
             if input_ids is None:
                 raise ValueError("attention capture needs input_ids (image positions are found from them)")
             self.attention.begin(input_ids, labels, kwargs.get("image_grid_thw"), kwargs.get("aspect_ratio_ids"))
+        if self.sae is not None and self.sae.attached and labels is not None:
+            self.sae.begin(labels)
 
     def _end(self, module, args, kwargs, output):
         labels = kwargs.get("labels")
         logits = getattr(output, "logits", None)
         maps = self.attention.read() if self.attention is not None and self.attention.recording else None
+        sae_acts = self.sae.read() if self.sae is not None and self.sae.recording else None
         if labels is not None and logits is not None:
             # keep the log-probs only (batch, seq), not the logits: computed now, chunked and detached
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             logp = token_logprobs(logits.detach(), labels)
             # to the host in one transfer: matching rows and writing the trace then read no device memory
-            self._forwards.append(Forward(*host_copies([logp, labels, input_ids, kwargs.get("attention_mask")]), maps))
+            self._forwards.append(Forward(*host_copies([logp, labels, input_ids, kwargs.get("attention_mask")]), maps,
+                                          sae_acts))

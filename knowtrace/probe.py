@@ -61,11 +61,12 @@ class ProbeRunner:
         self.probes, self.trace, self.forwards = probes, trace, forwards
 
     def run(self, step: int) -> None:
-        model, attention = self.forwards.model, self.forwards.attention
+        model = self.forwards.model
         device = next(model.parameters()).device
         with ExitStack() as stack:
-            if attention is not None and not attention.attached:
-                stack.enter_context(attention)
+            for capture in (self.forwards.attention, self.forwards.sae):  # those attached for probes alone
+                if capture is not None and not capture.attached:
+                    stack.enter_context(capture)
             calls = stack.enter_context(self.forwards.separately())
             stack.enter_context(eval_mode(model))
             stack.enter_context(torch.inference_mode())

@@ -9,6 +9,7 @@ dims
              attention): position of a prompt's text token, BOS to EOS. Samples shorter than the
              longest are padded (token_id -1, token_str "", NaN values)
     layer, head, y, x   attention / pixel grids, where recorded
+    feature  a sparse autoencoder's feature, where recorded (probe mode)
 
 coords (static: written with the first step)
     sample_id(sample)          str: the traced record's id
@@ -18,6 +19,7 @@ coords (static: written with the first step)
     is_concept(sample, token)  bool: the token belongs to the concept's name
     concept(sample)            str: the concept the sample is about
     mask(sample, y, x)         bool: the concept's pixels (SD traces)
+    feature(feature)           int: the SAE feature indices of ``sae_act`` (when recorded)
 
 variables (per step)
     logprob(step, sample, token)   float: log p of the answer token given its prefix
@@ -27,6 +29,10 @@ variables (per step)
              mean (knowtrace.mllm_attention): token t's row is the query position predicting answer
              token t (the logprob convention); y, x the patch grid; NaN where not recorded
     xattn_head(step, sample, layer, head, token, y, x)   the same per head (``heads="all"``)
+    sae_act(step, sample, token, feature)   probe mode only (``trace(..., probes=, sae=SAEOptions)``): the
+             activation of an SAE feature (knowtrace.sae: a TopK SAE on the residual stream of one decoder
+             layer, named in the SAE's cfg.json) at the position predicting answer token t (the logprob
+             convention, as xattn); 0 where the feature is not among the k active ones; NaN on padding
     eps_err(step, sample, y, x)    SD per-latent-pixel squared noise error, mean over channels
              (knowtrace.sd_tracer); K_C / K_N of SD traces are Eq. 4, 6 over it and ``mask``
     xattn(step, sample, layer, token, y, x)   SD: cross-attention of the prompt's text tokens (token =
@@ -62,6 +68,7 @@ STATIC_COORDS = {
     "is_concept": (SAMPLE, TOKEN),
     "concept": (SAMPLE,),
     "mask": (SAMPLE, "y", "x"),
+    "feature": ("feature",),
 }
 
 STEP_VARIABLES = {
@@ -73,6 +80,7 @@ STEP_VARIABLES = {
     "xattn": (STEP, SAMPLE, "layer", TOKEN, "y", "x"),
     "xattn_head": (STEP, SAMPLE, "layer", "head", TOKEN, "y", "x"),
     "eps_err": (STEP, SAMPLE, "y", "x"),
+    "sae_act": (STEP, SAMPLE, TOKEN, "feature"),
 }
 
 MAP_VARIABLES = frozenset({"xattn", "xattn_head", "eps_err"})  # large: float16 when asked (map_dtype)

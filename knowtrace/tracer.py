@@ -29,6 +29,7 @@ from .answers import SampleTrace, TracedSample
 from .logprobs import Forward, LogProbCapture
 from .mllm_attention import AttentionCapture, AttentionOptions
 from .probe import ProbeRunner, ProbeSet
+from .sae_capture import SAEActCapture, SAEOptions
 from .schema import PROBE_GROUP
 
 __all__ = ["MLLMTracer", "TracedSample", "trace"]
@@ -39,15 +40,19 @@ class MLLMTracer:
 
     ``attention``: :class:`~knowtrace.mllm_attention.AttentionOptions` (None: none); ``probes``: a
     :class:`~knowtrace.probe.ProbeSet`; ``map_dtype``: storage type of the attention maps; steps are
-    buffered and written at most every ``flush_seconds`` (0: at once; always on exit).
+    buffered and written at most every ``flush_seconds`` (0: at once; always on exit); ``sae``:
+    :class:`~knowtrace.sae_capture.SAEOptions`, whose features' activations the probes record (``sae_act``).
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample],
                  attrs: dict | None = None, map_dtype: str = "float32", attention: AttentionOptions | None = None,
-                 probes: ProbeSet | None = None, flush_seconds: float = 5.0):
+                 probes: ProbeSet | None = None, flush_seconds: float = 5.0, sae: SAEOptions | None = None):
+        if sae is not None and probes is None:
+            raise ValueError("sae_act is recorded by the probes (probe mode): give probes= with sae=")
         self.model = model
         self.attention = AttentionCapture(model, attention) if attention is not None else None
-        self.forwards = LogProbCapture(model, self.attention)
+        self.sae = SAEActCapture(model, sae) if sae is not None else None  # attached for the probes alone
+        self.forwards = LogProbCapture(model, self.attention, self.sae)
         # attached with the tracer: the log-prob hook, and the attention function when steps record it
         # (else the probe attaches it for its own forwards only)
         on_steps = self.attention if attention is not None and attention.on_steps else None
@@ -57,7 +62,7 @@ class MLLMTracer:
         self.probe = None
         if probes is not None:
             probe_trace = SampleTrace(Path(path) / PROBE_GROUP, probes.samples, attrs, map_dtype, self.attention,
-                                      flush_seconds)
+                                      flush_seconds, self.sae)
             self.probe = ProbeRunner(probes, probe_trace, self.forwards)
         self._warned = False
 
@@ -167,11 +172,13 @@ class MLLMTracer:
 
 def trace(model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample], *,
           attention: AttentionOptions | bool | None = None, probes: ProbeSet | None = None,
-          attrs: dict | None = None, map_dtype: str = "float32", flush_seconds: float = 5.0) -> MLLMTracer:
+          attrs: dict | None = None, map_dtype: str = "float32", flush_seconds: float = 5.0,
+          sae: SAEOptions | None = None) -> MLLMTracer:
     """A tracer to use as a context manager: ``with knowtrace.trace(model, path, samples) as tr: ...``.
 
-    ``attention=True`` records the last layer's head-mean maps; pass AttentionOptions for more."""
+    ``attention=True`` records the last layer's head-mean maps; pass AttentionOptions for more; ``sae``:
+    SAE feature activations in probe mode (SAEOptions)."""
     if attention is True:
         attention = AttentionOptions()
     return MLLMTracer(model, path, samples, attrs=attrs, map_dtype=map_dtype, attention=attention or None,
-                      probes=probes, flush_seconds=flush_seconds)
+                      probes=probes, flush_seconds=flush_seconds, sae=sae)
