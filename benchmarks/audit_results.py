@@ -121,6 +121,17 @@ def summarise(rows: list[dict], concepts, methods, kind: str = "mllm") -> tuple[
     return table, "\n".join(lines) + "\n\n" + legend
 
 
+def claim_over(rows: list[dict], runs_dir: Path, kind: str):
+    """The paper claim these audits test, by unlearn.claims' rule: (f) "FTTP removes the concept rather than
+    hiding it" on MLLM runs, (g) the same for pixel FTTP on SD runs; None when no FTTP run was audited."""
+    from unlearn.claims import verdict_f, verdict_g
+
+    if not any(r["method"] == "fttp" for r in rows):
+        return None
+    reports = [json.loads((runs_dir / "runs" / r["name"] / "audit" / "audit.json").read_text()) for r in rows]
+    return {"mllm": verdict_f, "sd": verdict_g}[kind](reports)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap, methods_required=False)
@@ -154,11 +165,16 @@ def main() -> None:
                   + " ".join(f"{a}={v['verdict']}" for a, v in done[r["name"]]["attacks"].items()), flush=True)
         rows.append(done[r["name"]])
     table, text = summarise(rows, args.concepts, args.methods, args.kind)
+    claim = claim_over(rows, runs_dir, args.kind)
+    if claim is not None:
+        text += (f"\n\nclaim ({claim.claim}) over these audits (unlearn.claims' rule; FTTP: {claim.numbers['n']} audits, "
+                 f"shares {claim.numbers['fttp_share']}): **{claim.verdict}**")
     trained_as = {"steps": args.steps, "set": args.set} if args.kind == "mllm" else \
         {"budgets": {m: dict(zip(("steps", "images"), sd_budget(m))) for m in args.methods}, "lr": SDSweep.lr}
     settings = {"kind": args.kind, **trained_as, "seeds": args.seeds, "audit_set": args.audit_set,
                 "audit_seed": args.audit_seed, "runs": str(runs_dir)}
-    (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": table}, indent=1))
+    (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": table,
+                                                       "claim": None if claim is None else claim.__dict__}, indent=1))
     (args.out / "results.md").write_text(f"settings: {json.dumps(settings)}\n\n{text}\n")
     print(text)
 
