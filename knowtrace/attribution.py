@@ -106,9 +106,9 @@ class ImageAttribution:
         ids, labels, grid_thw = host_copies([batch["input_ids"], batch["labels"], batch.get("image_grid_thw")])
         return targets(ids, labels, self.image_id, grid_thw, self.merge, layout=self.layout, side=self.side)
 
-    def grid(self, batch: dict) -> tuple[int, int]:
-        """The patch grid of a batch's images (one for all rows)."""
-        grids = {t.grid for t in self.targets(batch) if t is not None}
+    def grid(self, batches: Sequence[dict]) -> tuple[int, int]:
+        """The patch grid of the batches' images (one for all rows)."""
+        grids = {t.grid for batch in batches for t in self.targets(batch) if t is not None}
         if len(grids) != 1:
             raise ValueError(f"attribution needs rows with an image and an answer, all on one patch grid; found grids "
                              f"{sorted(grids)}")
