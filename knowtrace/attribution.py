@@ -67,6 +67,8 @@ class AttributionOptions:
                              f"{self.n_steps!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of captum's {METHODS}, got {self.method!r}")
+        if self.method != "gausslegendre" and self.n_steps < 2:
+            raise ValueError(f"captum's Riemann sums need n_steps >= 2, got {self.n_steps}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.internal_batch_size is not None and self.internal_batch_size < 1:
