@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from knowtrace import plots
 from knowtrace import AttributionOptions, ImageAttribution, ProbeSet, open_probe_trace, open_trace, trace
 from knowtrace.mllm_attention import language_model
 from tests.test_models import _records
@@ -155,6 +156,16 @@ def test_probe_mode_writes_attr_on_the_patch_grid_at_its_steps_and_is_determinis
             np.testing.assert_allclose(probe.attr_delta.values[0, start + r, :2], delta[:2].numpy(), rtol=1e-4,
                                        atol=1e-9)
             assert np.isnan(got[2:]).all() and np.isfinite(got[:2]).all()
+    # the Plotly view: one frame per step with attribution, the sum over the chosen tokens, a symmetric scale
+    fig = plots.attribution_slider(probe, sample=0, tokens=[0, 1])
+    assert [f.name for f in fig.frames] == ["0", "2"]
+    np.testing.assert_allclose(np.asarray(fig.frames[1].data[0].z), attr[2, 0, :2].sum(0), rtol=1e-6)
+    heat = fig.data[0]
+    assert heat.zmin == -heat.zmax and heat.zmax == pytest.approx(np.abs(attr[[0, 2], 0, :2].sum(1)).max())
+    with pytest.raises(ValueError, match="no answer token of sample 1"):
+        plots.attribution_slider(probe, sample=1)  # the text-only record
+    with pytest.raises(plots.MissingVariableError, match="this trace has no attr: trace with probes and attribution"):
+        plots.attribution_slider(main)
 
 
 def test_errors_come_before_anything_is_written(family, tmp_path):
