@@ -66,17 +66,19 @@ def main() -> None:
     from unlearn.runs import read_manifest, reload, run_kind
 
     maps, attrs, numbers = {}, {}, {}
+    start = None  # the starting model (step -1), the same for both methods: loaded and attributed once
     for method in ("ga", "fttp"):
         ds = probe_trace(args, method)
         run = mllm_run(args.runs, args.concept, method, args.steps, attention=True, world_dir=args.world_dir,
                        progress=not args.quiet)
-        manifest = read_manifest(run)
-        models = {"before": run_kind("mllm").load_model(manifest["model"], args.world_dir),
-                  "after": reload(run, args.world_dir)[0]}
+        images = read_manifest(run)["images"]
+        if start is None:
+            start = attribution_map(run_kind("mllm").load_model(read_manifest(run)["model"], args.world_dir), ds,
+                                    args.concept, images)
         inside = concept_patches(args.concept, (ds.sizes["y"], ds.sizes["x"]))
         for label, index in (("before", 0), ("after", -1)):
             m = token_map(ds, index)
-            a = attribution_map(models[label], ds, args.concept, manifest["images"])
+            a = start if label == "before" else attribution_map(reload(run, args.world_dir)[0], ds, args.concept, images)
             maps[(method, label)], attrs[(method, label)] = m, a
             numbers[f"{method}_{label}"] = {"step": int(ds.step.values[index]),
                                             "share_on_concept": float(m[inside].sum() / m.sum()),
