@@ -2,7 +2,7 @@
 unlearning, and what attribution probes cost a training run.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/attribution_world.py shares [--concepts grom,oskel,vorn] [--steps 10]
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/attribution_world.py cost [--pairs 60] [--n-steps 16]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/attribution_world.py cost [--pairs 60] [--n-steps 16] [--tokens 0] [--every 10]
 
 ``shares``: per concept, the GA and FTTP runs Fig. 8 uses (``--trace-attention``, saved under ``--runs`` and reused),
 and Fig. 8's numbers: the share of the concept's answer tokens' attention (last layer, head mean, probe sample 0: a
@@ -13,7 +13,7 @@ starting model and after the run; with the concept's share of the patches (what 
 ``cost``: the world MLLM with LoRA, FTTP's step on 2 forget records (knowtrace_overhead.py's step and schedule:
 untraced and traced steps alternate in pairs of random order, same model and batch); traced steps record log-probs
 and, after every 10th traced step, probes of 2 records with attribution of the concept's answer tokens
-(``AttributionOptions(n_steps=--n-steps, tokens=...)``). The ratio of the traced steps' total time (probes
+(``AttributionOptions(every=--every, n_steps=--n-steps, tokens=...)``). The ratio of the traced steps' total time (probes
 included) to the untraced ones'; and one probe's median time.
 """
 
@@ -89,8 +89,9 @@ def cost(args) -> None:
     probe_samples = traced_samples(adapter, probe_records, concept.names)
     shortest = min(len(s.token_ids) for s in probe_samples)
     tokens = sorted({i for s in probe_samples for i, c in enumerate(s.is_concept) if c and i < shortest}) or [0]
+    tokens = tokens[:args.tokens] if args.tokens else tokens
     probes = ProbeSet([adapter.encode(probe_records)], probe_samples, every=10)
-    options = AttributionOptions(n_steps=args.n_steps, tokens=tuple(tokens))
+    options = AttributionOptions(every=args.every, n_steps=args.n_steps, tokens=tuple(tokens))
     for _ in range(3):
         step()
     timings, probe_seconds, counter = Timings(schedule(args.pairs, 3)), [], 0
@@ -119,7 +120,8 @@ def cost(args) -> None:
             counter += 1
     plain, traced = timings.split(timings.times)
     print(f"world MLLM + LoRA, batch 2, torch threads {torch.get_num_threads()}, {args.pairs} pairs; attribution of "
-          f"answer tokens {tokens} of 2 probe records, n_steps {args.n_steps} ({options.method}), every 10 traced steps")
+          f"answer tokens {tokens} of 2 probe records, n_steps {args.n_steps} ({options.method}), every {args.every} "
+          f"traced steps (probes every 10)")
     print(f"  untraced step median {statistics.median(plain) * 1e3:.1f} ms; one probe with attribution median "
           f"{statistics.median(probe_seconds[1:]) * 1e3:.0f} ms ({len(probe_seconds)} probes)")
     print(f"  ratio traced / untraced: {sum(traced) / sum(plain):.3f} of totals (amortised; target <= 1.15)")
@@ -134,6 +136,8 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/figures"))
     ap.add_argument("--pairs", type=int, default=60)
     ap.add_argument("--n-steps", type=int, default=16)
+    ap.add_argument("--every", type=int, default=10, help="cost: attribution at every N-th traced step (probes: 10)")
+    ap.add_argument("--tokens", type=int, default=0, help="cost: attribute only the first N concept tokens (0: all)")
     args = ap.parse_args()
     shares(args) if args.part == "shares" else cost(args)
 
