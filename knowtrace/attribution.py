@@ -33,7 +33,6 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from captum.attr import LayerIntegratedGradients
 
 from .capture import host_copies
 from .mllm_attention import LAYOUTS, ImageLayout, image_side, image_token_id, language_model, targets
@@ -161,6 +160,9 @@ class ImageAttribution:
         """Per row of ``batch`` (model inputs with ``labels``, on the model's device): ``(maps, delta)`` with maps
         (n_answer, gy, gx) and delta (n_answer,) float32 on the CPU, NaN for tokens not attributed; None for a row
         without an image or an answer. ``precision``: the context of the model's forwards (e.g. autocast)."""
+        from captum.attr import LayerIntegratedGradients  # here: captum imports matplotlib (~1 s), tracers without
+        # attribution do not pay for it
+
         found = self.targets(batch)
         present = [t for t in found if t is not None]
         if not present:
