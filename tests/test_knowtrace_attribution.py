@@ -92,6 +92,11 @@ def test_attribution_equals_a_hand_riemann_sum_of_autograd_gradients(family):
         assert expected.abs().max() > 1e-5  # not a trivially zero map
         assert torch.isnan(maps[:t]).all() and torch.isnan(maps[t + 1:]).all() and torch.isnan(delta[:t]).all()
     assert [r for r, o in enumerate(got) if o is None] == [r for r in range(len(got)) if r not in image_rows(model, batch)]
+    rows = batch["input_ids"].shape[0]  # the path in chunks of 2 points (captum's internal batches): the same maps
+    chunked = ImageAttribution(model, AttributionOptions(n_steps=n, method="riemann_middle", tokens=(t,),
+                                                         internal_batch_size=2 * rows)).attribute(batch)
+    for r in image_rows(model, batch):
+        torch.testing.assert_close(chunked[r][0][t], got[r][0][t], rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("baseline", ["zeros", "mean"])
