@@ -110,6 +110,36 @@ class Timings:
         print(f"  ratio {'peak memory (RSS):':<44} {max(traced) / max(plain):.3f}  (target <= 1.10)")
 
 
+def run_schedule(tracer, step, ids, pairs: int, seed: int) -> tuple[Timings, list[float]]:
+    """``step()`` by the schedule; traced steps record the batch ``ids`` (and probe when due) inside the tracer.
+    Returns the timings and the probe runs' seconds."""
+    timings, probe_seconds, counter = Timings(schedule(pairs, seed)), [], 0
+    if tracer.probe is not None:  # time the probe runs that record() makes
+        run_probe = tracer.probe.run
+
+        def timed_probe(at: int) -> None:
+            t = time.perf_counter()
+            run_probe(at)
+            probe_seconds.append(time.perf_counter() - t)
+
+        tracer.probe.run = timed_probe
+    with tracer:
+        for traced in timings.traced:
+            peak_rss_reset()
+            if not traced:
+                with tracer.paused():  # untraced: no hooks, original attention
+                    t = time.perf_counter()
+                    step()
+                    timings.add(time.perf_counter() - t, _status("VmHWM"))
+                continue
+            t = time.perf_counter()
+            loss = step()
+            tracer.record(counter, ids, {"loss_forget": loss.item()})  # probes run when counter % 10 == 0
+            timings.add(time.perf_counter() - t, _status("VmHWM"))
+            counter += 1
+    return timings, probe_seconds
+
+
 def report(setting: str, pairs: int, one: Timings, per_step: str, two: Timings, probe: str,
            probe_seconds: list[float]) -> None:
     """Print measurement 1 (per-step tracing, ``per_step``), 2 (+ probes every 10 steps) and 3 (RSS)."""
@@ -123,15 +153,21 @@ def report(setting: str, pairs: int, one: Timings, per_step: str, two: Timings, 
     two.report_memory()
 
 
-def mllm(args, tmp: Path) -> None:
+def world_fttp_step(concept_key: str):
+    """(adapter, concept, forget records, base model, step): the world MLLM with LoRA and a bare FTTP step (batch: the
+    first 2 forget records; ``step()`` returns the loss); hooks go on the base model."""
     torch.manual_seed(0)
     adapter = load_mllm(resolve_model("world", "mllm"))
     size = adapter.processor.image_processor.crop_size["height"]
-    concept, forget, _ = world_data(args.concept, 1, image_size=size)
-    records = forget[:2]
+    concept, forget, _ = world_data(concept_key, 1, image_size=size)
     model = apply_lora(adapter.model, 8, 16, adapter.lora_targets)
     base = adapter.model  # peft injects LoRA in place: hooks on the base model see the trained model
-    step = bare_fttp_step(model, adapter, records, concept.names, 1.0, 1.0, lr=1e-5)
+    return adapter, concept, forget, base, bare_fttp_step(model, adapter, forget[:2], concept.names, 1.0, 1.0, lr=1e-5)
+
+
+def mllm(args, tmp: Path) -> None:
+    adapter, concept, forget, base, step = world_fttp_step(args.concept)
+    records = forget[:2]
     samples = traced_samples(adapter, forget, concept.names)
     ids = [r.id for r in records]
     probe_records = forget[2:4]  # a probe set the size of a training batch
@@ -141,39 +177,12 @@ def mllm(args, tmp: Path) -> None:
     for _ in range(3):  # warm-up
         step()
 
-    def run(tracer, pairs: int, seed: int) -> tuple[Timings, list[float]]:
-        """Steps by the schedule; traced ones record (and probe when due) inside the tracer."""
-        timings, probe_seconds, counter = Timings(schedule(pairs, seed)), [], 0
-        if tracer.probe is not None:  # time the probe runs that record() makes
-            run_probe = tracer.probe.run
-
-            def timed_probe(at: int) -> None:
-                t = time.perf_counter()
-                run_probe(at)
-                probe_seconds.append(time.perf_counter() - t)
-
-            tracer.probe.run = timed_probe
-        with tracer:
-            for traced in timings.traced:
-                peak_rss_reset()
-                if not traced:
-                    with tracer.paused():  # untraced: no hooks, original attention
-                        t = time.perf_counter()
-                        step()
-                        timings.add(time.perf_counter() - t, _status("VmHWM"))
-                    continue
-                t = time.perf_counter()
-                loss = step()
-                tracer.record(counter, ids, {"loss_forget": loss.item()})  # probes run when counter % 10 == 0
-                timings.add(time.perf_counter() - t, _status("VmHWM"))
-                counter += 1
-        return timings, probe_seconds
-
     # 1. per-step log-probs + K
-    one, _ = run(trace(base, tmp / "mllm.zarr", samples), args.pairs, 1)
+    one, _ = run_schedule(trace(base, tmp / "mllm.zarr", samples), step, ids, args.pairs, 1)
     # 2. + attention probes every 10 traced steps, amortised; 3. peak RSS
-    two, probe_seconds = run(trace(base, tmp / "mllm_probe.zarr", samples, probes=probes,
-                                   attention=AttentionOptions(layers=(0, n_layers - 1), on_steps=False)), args.pairs, 2)
+    two, probe_seconds = run_schedule(trace(base, tmp / "mllm_probe.zarr", samples, probes=probes,
+                                            attention=AttentionOptions(layers=(0, n_layers - 1), on_steps=False)),
+                                      step, ids, args.pairs, 2)
     report(f"world MLLM + LoRA, batch 2, torch threads {torch.get_num_threads()}", args.pairs, one, "log-probs + K",
            two, "2 records, attention of 2 layers", probe_seconds[1:])  # the first probe creates its group
 

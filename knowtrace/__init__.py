@@ -22,6 +22,7 @@ _EXPORTS = {
     "probe_layers": "linear_probe", "token_stats": "mia", "mia_scores": "mia",
     "TopKSAE": "sae", "train_sae": "sae", "sae_quality": "sae", "save_sae": "sae", "load_sae": "sae",
     "capture_residuals": "sae_capture", "SAEOptions": "sae_capture",
+    "AttributionOptions": "attribution", "ImageAttribution": "attribution",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -37,10 +37,12 @@ class SampleTrace:
     """The store of one sample set (the traced samples, or a probe set): static coords once, then
     one slice per step built from matched rows of captured forwards. ``attention``: the capture whose
     maps the rows carry (None: no attention variables); ``sae``: the SAEActCapture whose feature
-    activations they carry (None: no ``sae_act``)."""
+    activations they carry (None: no ``sae_act``); ``attr_grid``: the patch grid of the attribution maps the
+    rows carry (probe mode with attribution; None: no ``attr``)."""
 
     def __init__(self, path, samples: Sequence[TracedSample], attrs: dict | None, map_dtype: str,
-                 attention: AttentionCapture | None = None, flush_seconds: float = 0.0, sae=None):
+                 attention: AttentionCapture | None = None, flush_seconds: float = 0.0, sae=None,
+                 attr_grid: tuple[int, int] | None = None):
         self.samples = list(samples)
         self.index = index_samples(self.samples)
         self.attention = attention
@@ -52,6 +54,7 @@ class SampleTrace:
         if sae is not None:
             static["feature"] = np.array(sae.features, dtype=np.int64)
         self.width = static["token_id"].shape[1]
+        self.attr_grid = attr_grid
         self._concept = torch.from_numpy(static["is_concept"])
         self.store = TraceStore(path, static=static, attrs=attrs, map_dtype=map_dtype, flush_seconds=flush_seconds)
 
@@ -67,6 +70,8 @@ class SampleTrace:
             shape = (n, len(self.attention.layers), self.attention.n_heads, self.width, *self.attention.grid)
             head = np.full(shape, np.nan, dtype=np.float32)
         sae_act = None if self.sae is None else np.full((n, self.width, len(self.sae.features)), np.nan, np.float32)
+        attr = None if self.attr_grid is None else np.full((n, self.width, *self.attr_grid), np.nan, np.float32)
+        attr_delta = None if attr is None else np.full((n, self.width), np.nan, np.float32)
         for si, call, r in rows:
             values = call.logp[r][call.labels[r] != IGNORE_INDEX]
             logprob[si, : len(values)] = values.float().cpu().numpy()
@@ -76,12 +81,17 @@ class SampleTrace:
                 head[si, :, : m.shape[1], : m.shape[2]] = m
             if sae_act is not None and call.sae_acts is not None:
                 sae_act[si, : call.sae_acts[r].shape[0]] = call.sae_acts[r].numpy()
+            if attr is not None and call.attr is not None and call.attr[r] is not None:
+                maps, delta = call.attr[r]  # (n_answer, gy, gx), (n_answer,)
+                attr[si, : maps.shape[0]], attr_delta[si, : delta.shape[0]] = maps.numpy(), delta.numpy()
         k_c, k_n = mllm_knowledge(torch.from_numpy(logprob), self._concept)
         unseen = np.isnan(logprob).all(1)  # samples not in this step: K is NaN, not an empty sum
         values = {"logprob": logprob, "K_C": np.where(unseen, np.nan, k_c.numpy()),
                   "K_N": np.where(unseen, np.nan, k_n.numpy())}
         if sae_act is not None:
             values["sae_act"] = sae_act
+        if attr is not None:  # NaN at probe steps without attribution
+            values["attr"], values["attr_delta"] = attr, attr_delta
         for key in ("loss_forget", "loss_retain"):
             values[key] = np.float32((losses or {}).get(key, np.nan))
         if head is not None:

@@ -60,6 +60,7 @@ class Forward:
     attention_mask: torch.Tensor | None  # (batch, seq)
     maps: list[dict[int, torch.Tensor]] | None  # per row: layer -> (heads, n_answer, gy, gx)
     sae_acts: list[torch.Tensor] | None = None  # per row: (n_answer, n_features) (knowtrace.sae_capture)
+    attr: list | None = None  # per row: ((n_answer, gy, gx) maps, (n_answer,) deltas) or None (knowtrace.attribution)
 
     def answer(self, row: int) -> list[int]:
         return self.labels[row][self.labels[row] != IGNORE_INDEX].tolist()

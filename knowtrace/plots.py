@@ -30,6 +30,7 @@ HOW_TO_RECORD = {
     "xattn": "run with attention capture enabled (the tracer's cross-attention capture of answer tokens "
              "to image patches)",
     "eps_err": "record an SD trace (per-latent-pixel noise error, eps_err)",
+    "attr": "trace with probes and attribution (knowtrace.trace(..., probes=, attribution=AttributionOptions()))",
 }
 
 
@@ -282,11 +283,12 @@ def mask_outline(mask: np.ndarray, x0: float, dx: float, y0: float, dy: float) -
 
 
 def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = "", opacity: float = 0.55,
-               contour: np.ndarray | None = None, panels: int | None = None) -> go.Figure:
+               contour: np.ndarray | None = None, panels: int | None = None, signed: bool = False) -> go.Figure:
     """A heatmap per step with a step slider; one colour range over all steps, so frames compare.
     ``maps``: (step, y, x); ``image`` (H, W, 3) is drawn under it, each map cell stretched over its pixels;
     ``contour`` (y, x) bool is outlined on top (cell edges). ``panels=n``: a static grid of n evenly spaced
-    steps instead (first and last included): what a PNG can show (a slider's image is its first frame)."""
+    steps instead (first and last included): what a PNG can show (a slider's image is its first frame).
+    ``signed``: a diverging colour scale centred on 0 (attributions: blue lowers, red raises the log-prob)."""
     maps = maps.transpose(STEP, "y", "x")
     z = _values(maps)  # (step, y, x)
     steps = maps[STEP].values.tolist()
@@ -295,6 +297,10 @@ def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = 
         raise ValueError(f"nothing recorded for this map: all values are NaN ({title.split('<br>')[-1]}); "
                          f"a text-only sample has no image maps, and a sample that was in no traced batch none at all")
     zmin, zmax = float(finite.min()), float(finite.max())
+    if signed:
+        zmax = max(abs(zmin), abs(zmax))
+        zmin = -zmax
+    colorscale = "RdBu_r" if signed else "Inferno"
     ny, nx = z.shape[1:]
     img = _as_image(image) if image is not None else None
     if img is not None:
@@ -307,7 +313,7 @@ def map_slider(maps: xr.DataArray, image=None, title: str = "", colorbar: str = 
     x_range = [cell["x0"] - cell["dx"] / 2, cell["x0"] + (nx - 0.5) * cell["dx"]]
 
     def heat(k, show_scale=True):
-        return go.Heatmap(z=z[k], zmin=zmin, zmax=zmax, colorscale="Inferno", opacity=opacity if img is not None else 1.0,
+        return go.Heatmap(z=z[k], zmin=zmin, zmax=zmax, colorscale=colorscale, opacity=opacity if img is not None else 1.0,
                           colorbar=dict(title=colorbar), showscale=show_scale,
                           hovertemplate="x %{x}<br>y %{y}<br>%{z:.4g}<extra></extra>", **cell)
 
@@ -415,6 +421,31 @@ def attention_slider(xattn: xr.DataArray | xr.Dataset, sample: int | str = 0,
     title = f"Attention of [{names}] over the image<br><sub>{_sample_text(da, sample)}, {layer_text}</sub>"
     return map_slider(maps, image=image, opacity=opacity, colorbar="attention", title=_title(xattn, title),
                       panels=panels)
+
+
+def attribution_slider(attr: xr.DataArray | xr.Dataset, sample: int | str = 0,
+                       tokens: int | Sequence[int] | None = None, image=None, opacity: float = 0.55,
+                       panels: int | None = None) -> go.Figure:
+    """Integrated-gradients attribution (``attr``, probe mode) of answer tokens to the image patches, one frame per
+    step that has one (slider; ``panels=n``: a static grid). The map is the *sum* over ``tokens`` (default: the
+    concept's tokens, else all attributed ones): by IG's linearity, the attribution of their summed log-prob (the
+    whole name). Signed, on a diverging scale centred on 0; ``image`` is drawn under it."""
+    full = variable(attr, "attr")
+    sample, da = _pick_sample(full, sample)
+    da = da.astype(np.float64)  # (step, token, y, x)
+    attributed = np.isfinite(_values(da)).any(axis=(0, 2, 3))
+    positions = [p for p in _select_tokens(da, tokens) if attributed[p]] if tokens is None else _select_tokens(da, tokens)
+    positions = positions or [int(p) for p in np.flatnonzero(attributed)]
+    if not positions:
+        raise ValueError(f"nothing recorded for this map: no answer token of {_sample_text(da, sample)} was attributed "
+                         f"(a text-only sample has no image)")
+    maps = da.isel({TOKEN: positions}).sum(TOKEN, skipna=False)  # (step, y, x); NaN at steps without attribution
+    maps = maps.isel({STEP: np.flatnonzero(np.isfinite(_values(maps)).any(axis=(1, 2)))})
+    strs = da.coords["token_str"].values.astype(object) if "token_str" in da.coords else None
+    names = ", ".join(f"{p}:{clean_token(strs[p])}" if strs is not None else str(p) for p in positions)
+    title = f"Attribution of [{names}] to the image patches (integrated gradients)<br><sub>{_sample_text(da, sample)}</sub>"
+    return map_slider(maps, image=image, opacity=opacity, colorbar="attribution", title=_title(attr, title),
+                      panels=panels, signed=True)
 
 
 def eps_err_slider(eps_err: xr.DataArray | xr.Dataset, sample: int | str = 0, image=None,

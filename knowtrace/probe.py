@@ -55,10 +55,12 @@ class ProbeRunner:
 
     The probe forwards are captured apart from the training step's (:meth:`LogProbCapture.separately`);
     the forwards' attention capture, when training steps do not attach it, is attached for the probe
-    alone (training forwards keep the original attention function and pay nothing for it)."""
+    alone (training forwards keep the original attention function and pay nothing for it). ``attribution``:
+    a :class:`~knowtrace.attribution.ImageAttribution` run on the probe batches at the probe steps its
+    options' ``every`` divides (gradients: outside inference mode, in eval mode and the probes' precision)."""
 
-    def __init__(self, probes: ProbeSet, trace: SampleTrace, forwards: LogProbCapture):
-        self.probes, self.trace, self.forwards = probes, trace, forwards
+    def __init__(self, probes: ProbeSet, trace: SampleTrace, forwards: LogProbCapture, attribution=None):
+        self.probes, self.trace, self.forwards, self.attribution = probes, trace, forwards, attribution
 
     def run(self, step: int) -> None:
         model = self.forwards.model
@@ -76,6 +78,10 @@ class ProbeRunner:
         if len(calls) != len(self.probes.batches):
             raise RuntimeError(f"{len(self.probes.batches)} probe batches ran but {len(calls)} forwards were captured; "
                                f"is the tracer attached (inside its `with` block)?")
+        if self.attribution is not None and step % (self.attribution.options.every or self.probes.every) == 0:
+            for call, batch in zip(calls, self.probes.batches):
+                call.attr = self.attribution.attribute({k: v.to(device) if torch.is_tensor(v) else v
+                                                        for k, v in batch.items()}, self.probes.precision)
         rows, i = [], 0
         for call in calls:
             for r in range(call.labels.shape[0]):

@@ -33,6 +33,14 @@ variables (per step)
              activation of an SAE feature (knowtrace.sae: a TopK SAE on the residual stream of one decoder
              layer, named in the SAE's cfg.json) at the position predicting answer token t (the logprob
              convention, as xattn); 0 where the feature is not among the k active ones; NaN on padding
+    attr(step, sample, token, y, x)   probe mode only (``trace(..., probes=, attribution=AttributionOptions)``):
+             integrated-gradients attribution (captum's LayerIntegratedGradients; knowtrace.attribution) of
+             answer token t's log-prob to the image patch representations the language model receives
+             (its first decoder layer's input at the image-token positions; baseline zeros by default),
+             summed over the hidden dimension, on the xattn patch grid; signed; a map sums to
+             logprob[t] minus its value at the baseline, up to attr_delta. NaN for tokens not attributed
+             and at probe steps without attribution (``every``)
+    attr_delta(step, sample, token)   captum's convergence delta of that map: sum(attr) - (f(input) - f(baseline))
     eps_err(step, sample, y, x)    SD per-latent-pixel squared noise error, mean over channels
              (knowtrace.sd_tracer); K_C / K_N of SD traces are Eq. 4, 6 over it and ``mask``
     xattn(step, sample, layer, token, y, x)   SD: cross-attention of the prompt's text tokens (token =
@@ -81,6 +89,8 @@ STEP_VARIABLES = {
     "xattn_head": (STEP, SAMPLE, "layer", "head", TOKEN, "y", "x"),
     "eps_err": (STEP, SAMPLE, "y", "x"),
     "sae_act": (STEP, SAMPLE, TOKEN, "feature"),
+    "attr": (STEP, SAMPLE, TOKEN, "y", "x"),
+    "attr_delta": (STEP, SAMPLE, TOKEN),
 }
 
 MAP_VARIABLES = frozenset({"xattn", "xattn_head", "eps_err"})  # large: float16 when asked (map_dtype)

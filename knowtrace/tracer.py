@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .answers import SampleTrace, TracedSample
+from .attribution import AttributionOptions, ImageAttribution
 from .logprobs import Forward, LogProbCapture
 from .mllm_attention import AttentionCapture, AttentionOptions
 from .probe import ProbeRunner, ProbeSet
@@ -41,14 +42,18 @@ class MLLMTracer:
     ``attention``: :class:`~knowtrace.mllm_attention.AttentionOptions` (None: none); ``probes``: a
     :class:`~knowtrace.probe.ProbeSet`; ``map_dtype``: storage type of the attention maps; steps are
     buffered and written at most every ``flush_seconds`` (0: at once; always on exit); ``sae``:
-    :class:`~knowtrace.sae_capture.SAEOptions`, whose features' activations the probes record (``sae_act``).
+    :class:`~knowtrace.sae_capture.SAEOptions`, whose features' activations the probes record (``sae_act``);
+    ``attribution``: :class:`~knowtrace.attribution.AttributionOptions`, integrated-gradients maps the probes
+    record (``attr``, ``attr_delta``).
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample],
                  attrs: dict | None = None, map_dtype: str = "float32", attention: AttentionOptions | None = None,
-                 probes: ProbeSet | None = None, flush_seconds: float = 5.0, sae: SAEOptions | None = None):
+                 probes: ProbeSet | None = None, flush_seconds: float = 5.0, sae: SAEOptions | None = None,
+                 attribution: AttributionOptions | None = None):
         if sae is not None and probes is None:
             raise ValueError("sae_act is recorded by the probes (probe mode): give probes= with sae=")
+        attributor = None if attribution is None else self._attributor(model, attribution, probes)
         self.model = model
         self.attention = AttentionCapture(model, attention) if attention is not None else None
         self.sae = SAEActCapture(model, sae) if sae is not None else None  # attached for the probes alone
@@ -61,10 +66,23 @@ class MLLMTracer:
         self.samples, self.index, self.store = self.trace.samples, self.trace.index, self.trace.store
         self.probe = None
         if probes is not None:
+            grid = None if attributor is None else attributor.grid(probes.batches)
             probe_trace = SampleTrace(Path(path) / PROBE_GROUP, probes.samples, attrs, map_dtype, self.attention,
-                                      flush_seconds, self.sae)
-            self.probe = ProbeRunner(probes, probe_trace, self.forwards)
+                                      flush_seconds, self.sae, grid)
+            self.probe = ProbeRunner(probes, probe_trace, self.forwards, attributor)
         self._warned = False
+
+    @staticmethod
+    def _attributor(model, options: AttributionOptions, probes: ProbeSet | None) -> ImageAttribution:
+        """The probes' attribution, checked against them before anything is written."""
+        if probes is None:
+            raise ValueError("attr is recorded by the probes (probe mode): give probes= with attribution=")
+        if options.every is not None and options.every % probes.every:
+            raise ValueError(f"attribution every={options.every} must be a multiple of the probes' every="
+                             f"{probes.every} (attribution runs at probe steps)")
+        attributor = ImageAttribution(model, options)
+        attributor.check_tokens([len(s.token_ids) for s in probes.samples], [s.id for s in probes.samples])
+        return attributor
 
     @property
     def attached(self) -> bool:
@@ -173,12 +191,13 @@ class MLLMTracer:
 def trace(model: torch.nn.Module, path: str | os.PathLike, samples: Sequence[TracedSample], *,
           attention: AttentionOptions | bool | None = None, probes: ProbeSet | None = None,
           attrs: dict | None = None, map_dtype: str = "float32", flush_seconds: float = 5.0,
-          sae: SAEOptions | None = None) -> MLLMTracer:
+          sae: SAEOptions | None = None, attribution: AttributionOptions | None = None) -> MLLMTracer:
     """A tracer to use as a context manager: ``with knowtrace.trace(model, path, samples) as tr: ...``.
 
     ``attention=True`` records the last layer's head-mean maps; pass AttentionOptions for more; ``sae``:
-    SAE feature activations in probe mode (SAEOptions)."""
+    SAE feature activations in probe mode (SAEOptions); ``attribution``: integrated-gradients maps of answer
+    tokens over the image patches in probe mode (AttributionOptions)."""
     if attention is True:
         attention = AttentionOptions()
     return MLLMTracer(model, path, samples, attrs=attrs, map_dtype=map_dtype, attention=attention or None,
-                      probes=probes, flush_seconds=flush_seconds, sae=sae)
+                      probes=probes, flush_seconds=flush_seconds, sae=sae, attribution=attribution)
