@@ -504,6 +504,15 @@ def save(figures: Mapping[str | os.PathLike, go.Figure]) -> list[Path]:
             import plotly.io as pio
 
             pio.write_images([f for _, f in static], [tmps[p] for p, _ in static])  # one browser start for all
+            # kaleido can return without writing a file when its browser fails (seen on a machine loaded to
+            # 4 on 2 cores): try those once more, then say which figure is missing instead of failing on rename
+            missing = [(p, f) for p, f in static if not tmps[p].exists()]
+            if missing:
+                pio.write_images([f for _, f in missing], [tmps[p] for p, _ in missing])
+            still = [str(p) for p, _ in missing if not tmps[p].exists()]
+            if still:
+                raise ExportUnavailable(f"kaleido wrote no image for {', '.join(still)} (twice): its Chromium "
+                                        f"failed or timed out; try again, or save as .html")
         for path, tmp in tmps.items():
             os.replace(tmp, path)
     finally:
