@@ -103,7 +103,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(world_dir):
 def test_every_registered_method_runs_a_step(tmp_path, world_dir):
     for name in sorted(METHODS):
         metrics = _run(tmp_path, world_dir, name)
-        assert metrics["steps"] == 2, name
+        assert metrics["steps"] == (2 if METHODS[name].trains_weights else 0), name  # SAUCE trains nothing
 
 
 def test_cli_errors_write_nothing(tmp_path, capsys):

@@ -154,6 +154,8 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    if not method.trains_weights:
+        raise ValueError(f"method {method.name!r} trains no weight: run it with unlearn.intervene.apply_method")
     if not forget:
         raise ValueError("the forget set is empty: give at least one record")
     if method.needs_retain and not retain:

@@ -34,6 +34,7 @@ from typing import ClassVar
 
 import torch
 
+from .intervene import apply_method
 from .loop import TrainConfig, run_loop
 from .methods import get_method
 from .methods.base import _coerce
@@ -78,7 +79,8 @@ def mark_non_finite(metrics: dict) -> dict:
 # what a run writes into its directory; --overwrite removes these (and nothing else) first, and so
 # does a failed run
 RUN_ARTIFACTS = ("manifest.json", "metrics.json", "trace.zarr", "adapter", "weights", "samples", "plots",
-                 "report.html", "summary.txt", "checkpoint", ".checkpoint.old", ".checkpoint.partial")
+                 "report.html", "summary.txt", "checkpoint", ".checkpoint.old", ".checkpoint.partial",
+                 "intervention.json", "sae")  # the last two: an inference-time method's (SAUCE)
 RUN_ARTIFACT_PATTERNS = ("eval-*.json",)  # cached re-evaluations (figures/sd_common.py)
 
 
@@ -428,6 +430,7 @@ class Run:
             with state.main_process_first():  # the main process builds the world first; the others reuse it
                 self.adapter = self.load_model(self.model, self.world_dir, self.world_config)
                 self.load_data()
+                self.algo.check_model(self.adapter, self.model)
             timings = {"load": time.perf_counter() - t}
             if main and checkpoint is None:  # a new run never appends to or mixes with an old one's files
                 remove_run_files(self.out)
@@ -466,6 +469,7 @@ class Run:
                 "method": self.method, "data": str(self.data) if self.data is not None else "world",
                 "method_options": dataclasses.asdict(self.algo), "train": dataclasses.asdict(self.cfg),
                 "seed": self.seed, "images": self.images, "versions": versions(), "git_commit": git_commit(),
+                "trains_weights": self.algo.trains_weights,
                 "settings": self.settings, "checkpoint_every": self.checkpoint_every,
                 "defaults": {"world-calibrated": calibrated} if calibrated else "paper", **self.manifest_extras()}
 
@@ -500,19 +504,24 @@ class Run:
             # the manifest keeps the options as given; training sees the data's defaults for the empty ones
             filled = {k: v for k, v in self.method_defaults.items() if getattr(self.algo, k, None) == ""}
             algo = dataclasses.replace(self.algo, **filled) if filled else self.algo
-            result = run_loop(self.adapter, algo, self.forget, self.retain if self.algo.needs_retain else [],
+            apply = run_loop if algo.trains_weights else apply_method  # apply_method: an inference-time method
+            result = apply(self.adapter, algo, self.forget, self.retain if self.algo.needs_retain else [],
                               self.cfg, self.key, self.names, callbacks=callbacks, progress=self.progress,
                               checkpoint_every=self.checkpoint_every, checkpoint_dir=self.out, resume=checkpoint,
                               on_checkpoint=lambda step: self.record("running", checkpoint_step=step))
         timings["train"] = result["train_seconds"]
         if main:  # saved before the final evaluation: an evaluation that fails can be done again (unlearn eval)
-            save_trained(self.adapter.model, self.out, self.cfg.lora, self.weights_file, self.only_trained)
+            if algo.trains_weights:
+                save_trained(self.adapter.model, self.out, self.cfg.lora, self.weights_file, self.only_trained)
+            else:
+                algo.save(self.out)
             self.record("trained", history=result["history"], world_size=result["world_size"],
                         mixed_precision=result["mixed_precision"], timings_seconds=timings)
         t = time.perf_counter()
         metrics = self.evaluate("unlearned")
         timings["eval"] = time.perf_counter() - t
-        metrics = mark_non_finite({**metrics, "steps": self.cfg.steps, "images": self.images, "method": self.method,
+        steps = self.cfg.steps if algo.trains_weights else 0  # an inference-time method takes no training step
+        metrics = mark_non_finite({**metrics, "steps": steps, "images": self.images, "method": self.method,
                                    "concept": self.key, "original": original})
         if main:
             self.save_samples("unlearned")
@@ -546,19 +555,40 @@ def reload(run: Path, world_dir=None, world_config=None):
     manifest = read_manifest(run)
     kind = run_kind(manifest.get("kind", "mllm"))  # runs from before "kind" existed were MLLM runs
     adapter = kind.load_model(manifest["model"], world_dir, world_config)
-    adapter.model = load_trained(adapter.model, run, manifest["train"]["lora"], kind.weights_file, kind.only_trained)
+    method = run_method(manifest)
+    if method.trains_weights:
+        adapter.model = load_trained(adapter.model, run, manifest["train"]["lora"], kind.weights_file,
+                                     kind.only_trained)
+    else:  # an inference-time method: the original model with the run's change (a hook) put back on
+        method.restore(adapter, Path(run))
     return adapter, manifest
+
+
+def run_method(manifest: dict):
+    """The method class of a run's manifest."""
+    from .methods import methods_of
+
+    kind, name = manifest.get("kind", "mllm"), manifest.get("method")
+    table = methods_of(kind)
+    if name not in table:
+        raise ValueError(f"the run's method {name!r} is not a {kind} method of this toolkit ({', '.join(sorted(table))})")
+    return table[name]
 
 
 MANIFEST_KEYS = ("concept", "method", "model", "seed", "images", "train")  # what re-evaluating reads
 
 
-def check_trained_files(run: Path) -> None:
-    """A run's trained parameters, checked before a model loads: missing or damaged files name themselves."""
+def check_trained_files(run: Path, manifest: dict | None = None) -> None:
+    """A run's trained parameters (an inference-time method: its own files), checked before a model loads:
+    missing or damaged files name themselves."""
     from knowtrace.files import read_json
 
     from .models.source import check_weights
 
+    method = run_method(read_manifest(run) if manifest is None else manifest)
+    if not method.trains_weights:
+        method.saved(Path(run))
+        return
     if (run / "adapter").is_dir():
         read_json(run / "adapter" / "adapter_config.json", "adapter configuration")
     trained = sorted((run / "adapter").glob("*.safetensors")) + sorted((run / "weights").glob("*.safetensors"))
@@ -580,13 +610,14 @@ def evaluate_run(run: Path, world_dir=None, **settings) -> dict:
     state = run_state(run, manifest)
     if state not in ("complete", "trained"):
         raise ValueError(describe_state(run, manifest))
-    check_trained_files(Path(run))
+    check_trained_files(Path(run), manifest)
     settings = {k: v for k, v in settings.items() if v is not None}
     again = run_kind(manifest.get("kind", "mllm")).from_manifest(Path(run), manifest, world_dir, **settings)
     again.adapter, _ = reload(run, world_dir, again.world_config)
     again.load_data()
     metrics = again.evaluate("unlearned")
-    metrics = mark_non_finite({**metrics, "steps": manifest["train"]["steps"], "images": manifest["images"],
+    steps = manifest["train"]["steps"] if run_method(manifest).trains_weights else 0
+    metrics = mark_non_finite({**metrics, "steps": steps, "images": manifest["images"],
                                "method": manifest["method"], "concept": again.key})
     own = all(manifest.get("eval", {}).get(k) == v for k, v in settings.items() if k != "world_config")
     if state == "trained" and own:  # evaluated as the run itself would have been

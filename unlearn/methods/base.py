@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -89,6 +90,7 @@ class StepContext:
     run_reference: Callable[[Callable], object] | None = None
     generator: torch.Generator | None = None  # seeded randomness of the step (diffusion noise, timesteps)
     seed: int = 0  # the run's seed, the same on every process: for setup draws that all processes must share
+    progress: bool = True  # show progress bars of long setup work (e.g. training an SAE)
 
     def reference(self, fn: Callable, method: str = "") -> object:
         """``fn(reference_model)`` without gradients: the frozen starting model's view of anything."""
@@ -124,6 +126,26 @@ class Method:
     # attributes (plain numbers) that change as training goes on, e.g. a cursor through constructed
     # targets: a checkpoint stores them so that a resumed run goes on where it stopped
     resume_state: ClassVar[tuple[str, ...]] = ()
+    # False for inference-time methods (SAUCE): ``setup`` changes how the model computes (a hook), no
+    # weight is trained; the run saves the method's own files (``save``) and a reload calls ``restore``
+    trains_weights: ClassVar[bool] = True
+
+    def check_model(self, adapter, model: str) -> None:
+        """Checks that need the loaded model (``model``: the run's --model), before the run writes anything."""
+
+    def save(self, out: Path) -> None:
+        """An inference-time method: write what reproduces it into run directory ``out``."""
+        raise NotImplementedError
+
+    @classmethod
+    def restore(cls, adapter, run: Path) -> None:
+        """An inference-time method: put run ``run``'s change back on ``adapter.model`` (its original model)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def saved(run: Path) -> object:
+        """An inference-time method: check run ``run``'s files (before a model loads)."""
+        raise NotImplementedError
 
     def train_targets(self, adapter, lora: bool) -> str | None:
         """Which parts this method trains: a peft target-module regex (``lora``) or a regex searched in
