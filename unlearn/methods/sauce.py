@@ -71,9 +71,10 @@ class SAUCE(MLLMMethod):
     needs_retain: ClassVar[bool] = True
     trains_weights: ClassVar[bool] = False
     sae: str = ""  # an SAE directory (SAELens layout); "": train one on the run's records (saved in RUN/sae)
-    layer: int = 1  # decoder layer (negative: from the end); the world's choice: docs/sauce.md
-    features: int = 8
-    rule: str = "frequency"
+    # defaults: the world's measured choice (docs/sauce.md, benchmarks/sauce_world.py); the paper gives none
+    layer: int = 0  # decoder layer (negative: from the end)
+    features: int = 128
+    rule: str = "ratio"
     intervention: str = "clamp"
     value: float = 0.0
     positions: str = "image,question,answer"  # where features are scored (and a run's SAE is trained)
@@ -125,8 +126,9 @@ class SAUCE(MLLMMethod):
                              f"{width}: it was trained on another model")
         return sae
 
-    def setup(self, ctx, forget, retain) -> None:
-        """Capture the residuals, train the SAE if none was given, choose the features, install the hook."""
+    def setup(self, ctx, forget, retain, sae=None) -> None:
+        """Capture the residuals, train the SAE if none was given, choose the features, install the hook.
+        ``sae``: a TopKSAE already in memory for this layer (sweeps over the other options), used as given."""
         from knowtrace.sae import sae_quality, train_sae
         from knowtrace.sae_capture import capture_residuals, layer_index, residual_module
         from knowtrace.sae_edit import FeatureEdit, feature_statistics, install_feature_edit, top_features
@@ -140,7 +142,9 @@ class SAUCE(MLLMMethod):
             return capture_residuals(model, batches, index, self.kinds, progress=False)
 
         res_forget, res_retain = residuals(forget), residuals(retain)
-        if self.sae:
+        if sae is not None:
+            pass
+        elif self.sae:
             sae = self._load_sae(model, index, None)  # the model was checked by check_model
         else:
             rows = torch.cat([res_forget.acts, res_retain.acts])
@@ -159,7 +163,8 @@ class SAUCE(MLLMMethod):
                            for part, s in (("forget", stats[0]), ("retain", stats[1]))
                            for i, stat in enumerate(("frequency", "mean"))}
         self.layer_index, self.hook_name = index, residual_module(model, index)[0]
-        install_feature_edit(model, index, FeatureEdit(sae, tuple(self.chosen), self.intervention, self.value))
+        self.handle = install_feature_edit(model, index, FeatureEdit(sae, tuple(self.chosen), self.intervention,
+                                                                    self.value))  # .remove() takes it off
 
     def save(self, out: Path) -> None:
         """``intervention.json`` (and the SAE the run trained, in ``sae/``) into run directory ``out``."""
