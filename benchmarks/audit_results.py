@@ -121,14 +121,15 @@ def summarise(rows: list[dict], concepts, methods, kind: str = "mllm") -> tuple[
     return table, "\n".join(lines) + "\n\n" + legend
 
 
-def claim_over(rows: list[dict], runs_dir: Path, kind: str):
+def claim_over(rows: list[dict], kind: str):
     """The paper claim these audits test, by unlearn.claims' rule: (f) "FTTP removes the concept rather than
     hiding it" on MLLM runs, (g) the same for pixel FTTP on SD runs; None when no FTTP run was audited."""
     from unlearn.claims import verdict_f, verdict_g
 
     if not any(r["method"] == "fttp" for r in rows):
         return None
-    reports = [json.loads((runs_dir / "runs" / r["name"] / "audit" / "audit.json").read_text()) for r in rows]
+    # the rows hold what the rule reads (each audit's method, overall verdict, attacks' verdicts): no file re-read
+    reports = [{"method": r["method"], "overall": {"verdict": r["overall"]}, "attacks": r["attacks"]} for r in rows]
     return {"mllm": verdict_f, "sd": verdict_g}[kind](reports)
 
 
@@ -165,7 +166,7 @@ def main() -> None:
                   + " ".join(f"{a}={v['verdict']}" for a, v in done[r["name"]]["attacks"].items()), flush=True)
         rows.append(done[r["name"]])
     table, text = summarise(rows, args.concepts, args.methods, args.kind)
-    claim = claim_over(rows, runs_dir, args.kind)
+    claim = claim_over(rows, args.kind)
     if claim is not None:
         text += (f"\n\nclaim ({claim.claim}) over these audits (unlearn.claims' rule; FTTP: {claim.numbers['n']} audits, "
                  f"shares {claim.numbers['fttp_share']}): **{claim.verdict}**")

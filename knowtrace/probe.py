@@ -65,6 +65,9 @@ class ProbeRunner:
     def run(self, step: int) -> None:
         model = self.forwards.model
         device = next(model.parameters()).device
+        # the probe batches on the model's device, once for the probe forwards and the attribution
+        batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                   for batch in self.probes.batches]
         with ExitStack() as stack:
             for capture in (self.forwards.attention, self.forwards.sae):  # those attached for probes alone
                 if capture is not None and not capture.attached:
@@ -73,15 +76,14 @@ class ProbeRunner:
             stack.enter_context(eval_mode(model))
             stack.enter_context(torch.inference_mode())
             stack.enter_context(self.probes.precision())
-            for batch in self.probes.batches:
-                model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            for batch in batches:
+                model(**batch)
         if len(calls) != len(self.probes.batches):
             raise RuntimeError(f"{len(self.probes.batches)} probe batches ran but {len(calls)} forwards were captured; "
                                f"is the tracer attached (inside its `with` block)?")
         if self.attribution is not None and step % (self.attribution.options.every or self.probes.every) == 0:
-            for call, batch in zip(calls, self.probes.batches):
-                call.attr = self.attribution.attribute({k: v.to(device) if torch.is_tensor(v) else v
-                                                        for k, v in batch.items()}, self.probes.precision)
+            for call, batch in zip(calls, batches):
+                call.attr = self.attribution.attribute(batch, self.probes.precision)
         rows, i = [], 0
         for call in calls:
             for r in range(call.labels.shape[0]):

@@ -152,6 +152,7 @@ def train_sae(acts: torch.Tensor, d_sae: int, k: int, steps: int = 1000, lr: flo
     with torch.no_grad():  # fold the scale: the SAE reads raw activations
         sae.b_enc.div_(scale)
         sae.b_dec.div_(scale)
+    sae.zero_grad(set_to_none=True)  # a trained SAE carries no gradients (they would follow it across devices)
     return sae.requires_grad_(False)
 
 

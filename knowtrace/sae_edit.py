@@ -61,6 +61,12 @@ class FeatureEdit:
             raise ValueError(f"features must be distinct indices in 0..{d_sae - 1} (the SAE's d_sae = {d_sae}), "
                              f"got {list(self.features)}")
         object.__setattr__(self, "features", features)
+        object.__setattr__(self, "_index", {})  # device -> the features as an index tensor, made once per device
+
+    def chosen(self, device: torch.device) -> torch.Tensor:
+        if device not in self._index:  # one host-to-device copy, not one per forward
+            self._index[device] = torch.as_tensor(self.features, device=device)
+        return self._index[device]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., d_in) with the chosen features edited (module docstring); ``x`` itself if none are.
@@ -68,7 +74,7 @@ class FeatureEdit:
         if not self.features:
             return x
         sae = self.sae
-        chosen = torch.as_tensor(self.features, device=sae.W_enc.device)
+        chosen = self.chosen(sae.W_enc.device)
         acts = sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype))[..., chosen]  # (..., n)
         active = acts > 0
         edited = torch.where(active, INTERVENTIONS[self.intervention](acts, self.value), acts)

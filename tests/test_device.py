@@ -74,6 +74,27 @@ def test_mllm_methods_train_on_the_device(method, device, mllm_data):
     assert steps.toolkit[1] - steps.toolkit[0] == READS_PER_STEP.get(method, 1), dict(device.sites)
 
 
+def test_sauce_sets_up_and_edits_on_the_device(device, mllm_data):
+    """SAUCE's capture, SAE training, feature choice and edit hook on the device; a forward under the edit
+    makes no host read of the toolkit's."""
+    from unlearn.intervene import apply_method
+
+    concept, forget, retain = mllm_data
+    model, processor = tiny_llava()
+    adapter = LlavaAdapter(model.to(DEVICE), processor)
+    method = get_method("sauce", layer=0, features=4, sae_steps=20)
+    steps = Steps(device)
+    out = apply_method(adapter, method, forget, retain, TrainConfig(seed=0), concept.key, concept.names,
+                       callbacks=[steps], progress=False)
+    assert out["history"][0]["step"] == 0 and method.chosen
+    assert all(p.device == DEVICE for p in method.trained_sae[0].parameters())
+    batch = adapter.encode(forget[:2])
+    before = device.toolkit
+    with torch.no_grad():
+        adapter.model(**batch)
+    assert device.toolkit == before, dict(device.sites)
+
+
 @pytest.mark.parametrize("family,dtype", [("llava", torch.bfloat16), ("qwen2_vl", torch.float32)],
                          ids=["llava-bf16", "qwen2_vl-fp32"])
 def test_traced_training_of_other_families_and_dtypes(family, dtype, device, mllm_data, tmp_path):
