@@ -65,7 +65,8 @@ class FeatureEdit:
 
     def chosen(self, device: torch.device) -> torch.Tensor:
         if device not in self._index:  # one host-to-device copy, not one per forward
-            self._index[device] = torch.as_tensor(self.features, device=device)
+            with torch.inference_mode(False):  # a normal tensor even if made in inference mode: autograd may save it
+                self._index[device] = torch.as_tensor(self.features, device=device)
         return self._index[device]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,8 @@ def install_feature_edit(model: torch.nn.Module, layer: int, edit: FeatureEdit) 
     if edit.sae.W_enc.shape[0] != width:
         raise ValueError(f"the SAE reads width {edit.sae.W_enc.shape[0]}, but {name} outputs width {width}: it was "
                          f"trained on another model")
-    edit.sae.to(next(model.parameters()).device)
+    with torch.inference_mode(False):  # the SAE's weights stay usable by autograd (fine-tuning under the edit)
+        edit.sae.to(next(model.parameters()).device)
 
     def hook(module, args, output):
         if isinstance(output, tuple):  # decoder layers of some transformers versions return (hidden, ...)

@@ -47,6 +47,17 @@ def test_the_edit_is_the_edited_reconstruction_plus_the_sae_error(intervention, 
     assert (acts[..., chosen] > 0).any() and not torch.allclose(got, x)  # the test data does exercise the edit
 
 
+def test_the_edit_is_differentiable_after_use_in_inference_mode():
+    """An evaluation under inference mode first, fine-tuning through the edit afterwards (the audit's relearning)."""
+    sae = random_sae(8)
+    edit = FeatureEdit(sae, (2, 7), "clamp", 0.0)
+    with torch.inference_mode():
+        edit.apply(torch.randn(2, 3, 8))
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    edit.apply(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("family", [tiny_llava, tiny_qwen2vl], ids=["llava", "qwen2_vl"])
 def test_untouched_features_pass_through_exactly(family):
     model, processor = family()
