@@ -83,13 +83,13 @@ class SAUCE(MLLMMethod):
     sae_steps: int = 1000
 
     def __post_init__(self):
-        from knowtrace.sae_capture import check_kinds
         from knowtrace.sae_edit import check_intervention
 
         if self.rule not in RULES:
             raise ValueError(f"unknown feature rule {self.rule!r}; rules: {', '.join(RULES)}")
         check_intervention(self.intervention)
-        check_kinds(tuple(p.strip() for p in self.positions.split(",")))
+        if not self.kinds:  # (an unknown position kind raises in kinds)
+            raise ValueError("positions: give some of image, question, answer")
         bad = [f"{k}={getattr(self, k)} (must be >= 1)" for k in ("features", "sae_k", "sae_expansion", "sae_steps")
                if getattr(self, k) < 1]
         bad += [f"value={self.value} (must be finite)"] if not math.isfinite(self.value) else []
@@ -99,6 +99,7 @@ class SAUCE(MLLMMethod):
         self.chosen: list[int] = []
         self.scores: list[float] = []
         self.trained_sae = None  # (sae, context size, quality) when the run trained it
+        self.statistics: dict[str, list[float]] = {}  # frequency / mean of the chosen features on both sets
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -141,18 +142,18 @@ class SAUCE(MLLMMethod):
                        for s in range(0, len(records), ENCODE_BATCH)]
             return capture_residuals(model, batches, index, self.kinds, progress=False)
 
-        res_forget, res_retain = residuals(forget), residuals(retain)
-        if sae is not None:
-            pass
-        elif self.sae:
+        res_forget, res_retain = residuals(forget), residuals(retain)  # rows on the CPU
+        device = next(model.parameters()).device
+        if sae is None and self.sae:
             sae = self._load_sae(model, index, None)  # the model was checked by check_model
-        else:
-            rows = torch.cat([res_forget.acts, res_retain.acts])
+        elif sae is None:  # trained where the model is (a GPU when there is one)
+            rows = torch.cat([res_forget.acts, res_retain.acts]).to(device)
             sae = train_sae(rows, self.sae_expansion * rows.shape[1], self.sae_k, steps=self.sae_steps, seed=ctx.seed,
                             progress=ctx.progress)
             self.trained_sae = (sae, max(res_forget.context_size, res_retain.context_size), sae_quality(sae, rows))
+        sae = sae.to(device)
         with torch.no_grad():
-            stats = [feature_statistics(sae.encode(r.acts)) for r in (res_forget, res_retain)]
+            stats = [feature_statistics(sae.encode(r.acts.to(device))) for r in (res_forget, res_retain)]
         scores = RULES[self.rule](*stats)
         self.chosen = top_features(scores, self.features)
         if not self.chosen:
