@@ -200,6 +200,9 @@ def test_bad_input_is_a_clear_error_before_anything_is_written(world_dir, tmp_pa
         assert not out.exists()
 
     refused(ValueError, "unknown feature rule", rule="best")
+    with pytest.raises(ValueError, match="no checkpoints"):
+        run_mllm("vorn", "sauce", tmp_path / "ck", world_dir=world_dir, world_config=WORLD, checkpoint_every=2)
+    assert not (tmp_path / "ck").exists()
     refused(ValueError, "unknown intervention", intervention="zero")
     refused(ValueError, "does not exist", layer="7")
     sae, cfg = load_sae(sae_dir)

@@ -309,6 +309,8 @@ class Run:
         train, options = split_options(self.method, dict(self.options or {}), self.kind)
         self.cfg = train_config({**self.train_defaults(), **train, "steps": self.steps, "seed": self.seed})
         self.algo = get_method(self.method, modality=self.kind, **options)
+        if not self.algo.trains_weights and self.checkpoint_every:
+            raise ValueError(f"method {self.method!r} trains no weight, so it has no checkpoints: drop --checkpoint-every")
         if self.data is not None:  # every record checked, nothing loaded yet
             self.records = rd = self.read_records()
             if self.concept is not None and self.concept.lower() not in {n.lower() for n in rd.names}:
