@@ -508,9 +508,9 @@ class Run:
             algo = dataclasses.replace(self.algo, **filled) if filled else self.algo
             apply = run_loop if algo.trains_weights else apply_method  # apply_method: an inference-time method
             result = apply(self.adapter, algo, self.forget, self.retain if self.algo.needs_retain else [],
-                              self.cfg, self.key, self.names, callbacks=callbacks, progress=self.progress,
-                              checkpoint_every=self.checkpoint_every, checkpoint_dir=self.out, resume=checkpoint,
-                              on_checkpoint=lambda step: self.record("running", checkpoint_step=step))
+                           self.cfg, self.key, self.names, callbacks=callbacks, progress=self.progress,
+                           checkpoint_every=self.checkpoint_every, checkpoint_dir=self.out, resume=checkpoint,
+                           on_checkpoint=lambda step: self.record("running", checkpoint_step=step))
         timings["train"] = result["train_seconds"]
         if main:  # saved before the final evaluation: an evaluation that fails can be done again (unlearn eval)
             if algo.trains_weights:
