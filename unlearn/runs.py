@@ -1,6 +1,7 @@
 """One run, start to finish, the same for every kind (MLLM, SD, ...), and its run directory:
 ``manifest.json`` (resolved config, seed, versions, git commit, timings), ``metrics.json``, the
-trained parameters (safetensors), ``samples/``, ``trace.zarr``; each file complete or absent.
+trained parameters (safetensors; an inference-time method such as SAUCE: what it saves instead,
+``intervention.json``), ``samples/``, ``trace.zarr``; each file complete or absent.
 
 A kind is a :class:`Run` subclass in ``unlearn/run_<kind>.py`` (:func:`run_kind`) supplying only
 what differs; :func:`evaluate_run` reloads any kind.
