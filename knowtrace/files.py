@@ -56,6 +56,14 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
                          f"save it as UTF-8") from None
 
 
+def write_json(path: str | os.PathLike, data) -> None:
+    """``data`` as JSON, atomically; a NaN or inf is an error (not valid JSON, and never a result)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str, allow_nan=False))
+    os.replace(tmp, path)
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file"):
     """A regular UTF-8 file's JSON value; a syntax error names the file, line and column."""
     text = read_text(path, what)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sae_capture import residual_module
+from .sae_capture import residual_module, text_config
 
 # intervention name -> (active feature activations (..., n), value) -> edited activations (..., n)
 INTERVENTIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
@@ -88,8 +88,7 @@ def install_feature_edit(model: torch.nn.Module, layer: int, edit: FeatureEdit) 
     model's device); returns the handle (``.remove()`` takes it off). A layer the model does not have, or an
     SAE of another width, is a ValueError before anything is hooked."""
     name, module = residual_module(model, layer)  # checks the layer
-    width = int(getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
-                        "hidden_size"))
+    width = int(text_config(model).hidden_size)
     if edit.sae.W_enc.shape[0] != width:
         raise ValueError(f"the SAE reads width {edit.sae.W_enc.shape[0]}, but {name} outputs width {width}: it was "
                          f"trained on another model")

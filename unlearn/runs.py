@@ -35,6 +35,8 @@ from typing import ClassVar
 
 import torch
 
+from knowtrace.files import write_json  # noqa: F401  (unlearn.runs.write_json, as before)
+
 from .intervene import apply_method
 from .loop import TrainConfig, run_loop
 from .methods import get_method
@@ -59,14 +61,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
-
-
-def write_json(path: Path, data) -> None:
-    """``data`` as JSON, atomically; a NaN or inf is an error (not valid JSON, and never a result)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str, allow_nan=False))
-    os.replace(tmp, path)
 
 
 def mark_non_finite(metrics: dict) -> dict:

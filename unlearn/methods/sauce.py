@@ -29,9 +29,7 @@ model (:meth:`restore`).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -60,13 +58,6 @@ def _ratio(forget: tuple, retain: tuple) -> torch.Tensor:
 
 # rule -> ((frequency, mean) on the forget records, the same on the retain records) -> score per feature
 RULES = {"frequency": _frequency, "mean": _mean, "ratio": _ratio}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """``data`` as JSON at ``path``, written whole or not at all (methods may not import the run layer's writer)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
 
 
 def sha256(path: Path) -> str:
@@ -178,6 +169,7 @@ class SAUCE(MLLMMethod):
 
     def save(self, out: Path) -> None:
         """``intervention.json`` (and the SAE the run trained, in ``sae/``) into run directory ``out``."""
+        from knowtrace.files import write_json
         from knowtrace.sae import SAE_WEIGHTS_FILE, save_sae
 
         if self.trained_sae is not None:
@@ -188,7 +180,7 @@ class SAUCE(MLLMMethod):
             where, path = RUN_SAE_DIR, out / RUN_SAE_DIR
         else:
             where = path = Path(self.sae).resolve()
-        write_json_atomic(out / INTERVENTION_FILE, {
+        write_json(out / INTERVENTION_FILE, {
             "sae": str(where), "sae_sha256": sha256(path / SAE_WEIGHTS_FILE), "layer": self.layer_index,
             "hook_name": self.hook_name, "features": self.chosen, "scores": self.scores,
             "statistics": self.statistics, "rule": self.rule, "intervention": self.intervention, "value": self.value,
