@@ -22,12 +22,17 @@ Reduction: a patch's score is the *sum* of its attribution over the hidden dimen
 convention for layer attributions; the sum keeps completeness, so the map's total is the log-prob
 change the image's representations account for; signed: positive patches raise the log-prob).
 Output per batch row: ``(n_answer, gy, gx)`` maps and ``(n_answer,)`` convergence deltas, float32, NaN
-for answer tokens not attributed. Answer token ``t`` is scored by the position predicting it (the
-log-prob convention: ``logprob[t]``, ``xattn`` row ``t``).
+for answer tokens not attributed (deltas: NaN everywhere with ``delta=False``). Answer token ``t`` is scored
+by the position predicting it (the log-prob convention: ``logprob[t]``, ``xattn`` row ``t``).
+
+Cost per batch: every attributed token in one captum call (the batch tiled once per token); captum's two
+end-point forwards, whose outputs also give the convergence delta (no further forwards); the path's
+``n_steps`` forwards and backwards; the image encoder once (:mod:`knowtrace.image_features`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import host_copies
+from .image_features import ImageFeatureReuse
 from .mllm_attention import LAYOUTS, ImageLayout, image_side, image_token_id, language_model, targets
 from .modes import eval_mode
 
@@ -49,7 +55,11 @@ class AttributionOptions:
     points of the integrated-gradients path (captum's ``n_steps``); ``method``: captum's quadrature rule;
     ``tokens``: answer-token indices to attribute (None: every answer token; each costs one path of
     ``n_steps`` forwards and backwards per probe batch); ``baseline``: "zeros" or "mean" (module doc);
-    ``internal_batch_size``: rows per forward along the path (captum's; None: the whole path at once)."""
+    ``internal_batch_size``: rows per forward along the path (captum's; None: the whole path at once);
+    ``reuse_image_features``: run the image encoder once per batch and give its output to the path's forwards
+    (:mod:`knowtrace.image_features`; the same maps, without the vision tower's cost on every path point);
+    ``delta``: compute captum's convergence delta, which takes the two end-point forwards to the model's output
+    (False: they stop at the attributed layer, whose input is all captum needs of them; ``attr_delta`` is NaN)."""
 
     every: int | None = None
     n_steps: int = 16
@@ -57,6 +67,8 @@ class AttributionOptions:
     tokens: tuple[int, ...] | None = None
     baseline: str = "zeros"
     internal_batch_size: int | None = None
+    reuse_image_features: bool = True
+    delta: bool = True
 
     def __post_init__(self):
         if self.every is not None and self.every < 1:
@@ -79,6 +91,14 @@ class AttributionOptions:
             object.__setattr__(self, "tokens", tokens)
 
 
+class _Stopped(Exception):
+    """Ends an end-point forward at the attributed layer (``AttributionOptions.delta`` False)."""
+
+
+def _stop_forward(module, args):
+    raise _Stopped
+
+
 class ImageAttribution:
     """Integrated gradients of answer tokens' log-probs with respect to ``model``'s image patch
     representations (module doc). Built on the model (a model without image-token positions fails here);
@@ -97,6 +117,9 @@ class ImageAttribution:
         self.merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
         self.layer = language_model(model).layers[0]  # its input: the sequence the language model's layers receive
         self._gate = None  # (gate (rows,), image mask (rows, seq)) of the forward in progress
+        # transformers' logits_to_keep: the head on the scored positions only (memory: rows x positions x vocab)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+        self._ends: list[torch.Tensor] = []  # (rows,) outputs of captum's end-point forwards (input, baseline)
 
     # ----------------------------------------------------------------- where
     def targets(self, batch: dict):
@@ -138,20 +161,47 @@ class ImageAttribution:
         gated = base + gate.to(hidden.dtype)[:, None, None] * (hidden - base)
         return (torch.where(image[..., None], gated, hidden), *args[1:])
 
-    def _forward(self, keys: Sequence[str]) -> Callable:
+    def _forward(self, keys: Sequence[str], reuse: ImageFeatureReuse, rows: int, keep: torch.Tensor | None) -> Callable:
         """captum's forward function: (gate, image mask, predicting positions, token ids, *model inputs) ->
         (rows,) log-prob of each row's token; every tensor argument arrives tiled along its first dimension once
         per path point (captum's expansion), which keeps per-row and per-image tensors (Qwen2-VL's
-        pixel_values, image_grid_thw) in step."""
+        pixel_values, image_grid_thw) in step. The end-point forwards captum runs for the layer's values (at the
+        input, then at the baseline; without autograd, unlike the path's) keep their outputs in ``self._ends``:
+        the convergence delta is computed from them instead of from two more forwards. ``reuse``: the image
+        encoder's output, recorded in the first forward and given to the later ones in place of the pixels
+        (``rows``: the batch's rows, of which each call holds whole copies). ``keep``: the sorted positions whose
+        logits are scored, passed as ``logits_to_keep`` (the language-model head runs on those alone; None: the
+        model takes no such argument)."""
 
         def forward(gate, image, position, token, *tensors):
+            inputs = dict(zip(keys, tensors))
+            if keep is not None:
+                inputs["logits_to_keep"] = keep
+            if reuse.ready:
+                if gate.shape[0] % rows:
+                    raise RuntimeError(f"captum split the path into {gate.shape[0]} rows, not whole copies of the "
+                                       f"batch's {rows}: set internal_batch_size to a multiple of it")
+                inputs = reuse.inputs(inputs, gate.shape[0] // rows)
+            end_point = not torch.is_grad_enabled()  # captum's layer evaluations run without autograd, the path with
+            # without the delta, an end point's forward only has to reach the layer (captum's pre-hook, registered
+            # before this call, has recorded its input when ours stops the forward)
+            stop = self.layer.register_forward_pre_hook(_stop_forward) if end_point and not self.options.delta else None
             self._gate = (gate, image)
             try:
-                logits = self.model(**dict(zip(keys, tensors))).logits  # (rows, seq, vocab)
+                with reuse.recording():
+                    logits = self.model(**inputs).logits  # (rows, seq, vocab)
+            except _Stopped:
+                return torch.full((gate.shape[0],), float("nan"), device=gate.device)
             finally:
                 self._gate = None
-            rows = torch.arange(logits.shape[0], device=logits.device)
-            return logits[rows, position].float().log_softmax(-1)[rows, token]
+                if stop is not None:
+                    stop.remove()
+            index = torch.arange(logits.shape[0], device=logits.device)
+            column = position if keep is None else torch.searchsorted(keep, position)  # logits: (rows, len(keep), vocab)
+            out = logits[index, column].float().log_softmax(-1)[index, token]
+            if end_point:
+                self._ends.append(out.detach())
+            return out
 
         return forward
 
@@ -172,40 +222,51 @@ class ImageAttribution:
             raise ValueError("attribution takes images of one size per batch")
         longest = max(t.rows.numel() for t in present)
         tokens = self.options.tokens if self.options.tokens is not None else tuple(range(longest))
-        n_rows = len(found)
+        n_rows, n_tokens = len(found), len(tokens)
         device = batch["input_ids"].device
         seq = batch["input_ids"].shape[1]
         image = torch.zeros(n_rows, seq, dtype=torch.bool)
         cols = torch.zeros(n_rows, grid[0] * grid[1], dtype=torch.long)
+        # per (token, row): the position predicting the token; a row whose answer is shorter scores its last
+        # token (discarded below)
+        pos = torch.zeros(n_tokens, n_rows, dtype=torch.long)
         for b, t in enumerate(found):
             if t is not None:
                 image[b, t.cols], cols[b] = True, t.cols
-        image, cols = image.to(device), cols.to(device)
+                pos[:, b] = t.rows[torch.tensor(tokens).clamp(max=t.rows.numel() - 1)]
+        # Every token in one call: the batch tiled once per token (row j * n_rows + b is row b for token j), so
+        # the end points and the path are one forward (and backward) each instead of one per token.
+        image, cols, pos = image.to(device).repeat(n_tokens, 1), cols.to(device), pos.to(device).reshape(-1)
         keys = [k for k, v in batch.items() if torch.is_tensor(v) and k != "labels"]
-        tensors = tuple(batch[k] for k in keys)
-        labels = batch["labels"]
-        ig = LayerIntegratedGradients(self._forward(keys), self.layer)
-        maps, deltas = [], []
+        tensors = tuple(batch[k].repeat(n_tokens, *([1] * (batch[k].dim() - 1))) for k in keys)
+        labels = batch["labels"].repeat(n_tokens, 1)
+        rows = n_rows * n_tokens
+        token = labels[torch.arange(rows, device=device), pos + 1].clamp(min=0)
+        ones = torch.ones(rows, device=device)
+        reuse = ImageFeatureReuse(self.model, batch if self.options.reuse_image_features else {})
+        keep = torch.unique(pos) if self._keeps_logits else None  # sorted
+        ig = LayerIntegratedGradients(self._forward(keys, reuse, rows, keep), self.layer)
         handle = self.layer.register_forward_pre_hook(self._gate_hook)  # before captum's hooks: runs first
+        self._ends = []
         try:
             with eval_mode(self.model), torch.enable_grad(), precision():
-                for t in tokens:
-                    # a row whose answer is shorter scores its last token (discarded below)
-                    pos = torch.tensor([int(x.rows[min(t, x.rows.numel() - 1)]) if x is not None else 0 for x in found])
-                    pos = pos.to(device)
-                    token = labels[torch.arange(n_rows, device=device), pos + 1]
-                    ones = torch.ones(n_rows, device=device)
-                    attr, delta = ig.attribute(ones, baselines=torch.zeros_like(ones),
-                                               additional_forward_args=(image, pos, token.clamp(min=0), *tensors),
-                                               n_steps=self.options.n_steps, method=self.options.method,
-                                               internal_batch_size=self._internal_batch(n_rows),
-                                               return_convergence_delta=True, attribute_to_layer_input=True)
-                    # attr: (rows, seq, d) -> the image positions' sums over d, row-major over the grid
-                    maps.append(attr.detach().sum(-1).gather(1, cols).float())
-                    deltas.append(delta.detach().float())
+                attr = ig.attribute(ones, baselines=torch.zeros_like(ones),
+                                    additional_forward_args=(image, pos, token, *tensors),
+                                    n_steps=self.options.n_steps, method=self.options.method,
+                                    internal_batch_size=self._internal_batch(rows), attribute_to_layer_input=True)
+            if self.options.delta and len(self._ends) != 2:
+                raise RuntimeError(f"captum ran {len(self._ends)} forwards without autograd, expected 2 (its layer "
+                                   f"values at the input and at the baseline); this captum version is not supported")
+            at_input, at_baseline = self._ends if self.options.delta else (float("nan"), float("nan"))
         finally:
             handle.remove()
-        maps_t, deltas_t = host_copies([torch.stack(maps, 1), torch.stack(deltas, 1)])  # (rows, n_tokens, ...)
+            self._ends = []
+        attr = attr.detach()  # (rows, seq, d); zero at every text position (the gate leaves them fixed)
+        # captum's convergence delta (completeness): the map's total minus f(input) - f(baseline)
+        deltas = attr.float().sum((1, 2)) - (at_input - at_baseline)
+        maps = attr.sum(-1).gather(1, cols.repeat(n_tokens, 1)).float()  # the image positions, row-major on the grid
+        maps_t, deltas_t = host_copies([maps.reshape(n_tokens, n_rows, -1).transpose(0, 1),
+                                        deltas.reshape(n_tokens, n_rows).T])  # (rows, n_tokens, ...)
         out = []
         for b, t in enumerate(found):
             if t is None:
