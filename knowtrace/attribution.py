@@ -236,6 +236,7 @@ class ImageAttribution:
                 pos[:, b] = t.rows[torch.tensor(tokens).clamp(max=t.rows.numel() - 1)]
         # Every token in one call: the batch tiled once per token (row j * n_rows + b is row b for token j), so
         # the end points and the path are one forward (and backward) each instead of one per token.
+        keep = torch.unique(pos).to(device) if self._keeps_logits else None  # sorted; on the host: no device sync
         image, cols, pos = image.to(device).repeat(n_tokens, 1), cols.to(device), pos.to(device).reshape(-1)
         keys = [k for k, v in batch.items() if torch.is_tensor(v) and k != "labels"]
         tensors = tuple(batch[k].repeat(n_tokens, *([1] * (batch[k].dim() - 1))) for k in keys)
@@ -244,7 +245,6 @@ class ImageAttribution:
         token = labels[torch.arange(rows, device=device), pos + 1].clamp(min=0)
         ones = torch.ones(rows, device=device)
         reuse = ImageFeatureReuse(self.model, batch if self.options.reuse_image_features else {})
-        keep = torch.unique(pos) if self._keeps_logits else None  # sorted
         ig = LayerIntegratedGradients(self._forward(keys, reuse, rows, keep), self.layer)
         handle = self.layer.register_forward_pre_hook(self._gate_hook)  # before captum's hooks: runs first
         self._ends = []

@@ -103,6 +103,22 @@ def test_sauce_sets_up_and_edits_on_the_device(device, mllm_data, tmp_path):
     assert device.toolkit == before, dict(device.sites)
 
 
+def test_attribution_runs_on_the_device_with_two_host_reads(device, mllm_data):
+    """Integrated gradients (every token in one captum call, the image encoder once, the head on the scored
+    positions) on the device, with two host reads of the toolkit's per probe batch: the answer positions (ids
+    and labels) and the final copy of the maps."""
+    from knowtrace import AttributionOptions, ImageAttribution
+
+    _, forget, _ = mllm_data
+    model, processor = tiny_llava()
+    adapter = LlavaAdapter(model.to(DEVICE), processor)
+    batch = adapter.encode(forget[:2])
+    before = device.toolkit
+    out = ImageAttribution(adapter.model, AttributionOptions(n_steps=3, tokens=(0, 1))).attribute(batch)
+    assert device.toolkit - before == 2, dict(device.sites)
+    assert all(o is not None and o[0].device.type == "cpu" and torch.isfinite(o[0][:2]).all() for o in out)
+
+
 @pytest.mark.parametrize("family,dtype", [("llava", torch.bfloat16), ("qwen2_vl", torch.float32)],
                          ids=["llava-bf16", "qwen2_vl-fp32"])
 def test_traced_training_of_other_families_and_dtypes(family, dtype, device, mllm_data, tmp_path):
