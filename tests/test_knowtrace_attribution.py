@@ -99,22 +99,25 @@ def test_attribution_equals_a_hand_riemann_sum_of_autograd_gradients(family):
         torch.testing.assert_close(chunked[r][0][t], got[r][0][t], rtol=1e-5, atol=1e-8)
 
 
+def attribute_counting_calls(model, batch, module, options):
+    """(attribute's output, how many forwards of ``module`` it ran)."""
+    calls = []
+    handle = module.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        return ImageAttribution(model, options).attribute(batch), len(calls)
+    finally:
+        handle.remove()
+
+
 def test_the_image_encoder_runs_once_and_the_maps_are_those_of_encoding_every_path_point(family):
     name, model, _, _, batch = family
     encoder = model.model.visual if name == "qwen2_vl" else model.model.vision_tower
-    calls = []
-    handle = encoder.register_forward_hook(lambda m, a, o: calls.append(1))
-    try:
-        maps = {}
-        for reuse in (True, False):
-            calls.clear()
-            options = AttributionOptions(n_steps=5, tokens=(0, 1), internal_batch_size=6, reuse_image_features=reuse)
-            maps[reuse] = ImageAttribution(model, options).attribute(batch)
-            maps[f"calls {reuse}"] = len(calls)
-    finally:
-        handle.remove()
-    assert maps["calls True"] == 1  # the input end point; the baseline and every chunk of the path reuse it
-    assert maps["calls False"] > 3  # both end points and every path chunk encode the images
+    maps, calls = {}, {}
+    for reuse in (True, False):
+        options = AttributionOptions(n_steps=5, tokens=(0, 1), internal_batch_size=6, reuse_image_features=reuse)
+        maps[reuse], calls[reuse] = attribute_counting_calls(model, batch, encoder, options)
+    assert calls[True] == 1  # the input end point; the baseline and every chunk of the path reuse it
+    assert calls[False] > 3  # both end points and every path chunk encode the images
     for r in image_rows(model, batch):
         for part in (0, 1):  # the maps and the deltas
             torch.testing.assert_close(maps[True][r][part], maps[False][r][part], rtol=1e-5, atol=1e-7, equal_nan=True)
@@ -123,17 +126,11 @@ def test_the_image_encoder_runs_once_and_the_maps_are_those_of_encoding_every_pa
 def test_without_the_delta_the_end_points_stop_at_the_layer_and_the_maps_are_unchanged(family):
     name, model, _, _, batch = family
     last = language_model(model).layers[-1]
-    calls = []
-    handle = last.register_forward_hook(lambda m, a, o: calls.append(1))
-    try:
-        got = {}
-        for delta in (True, False):
-            calls.clear()
-            got[delta] = ImageAttribution(model, AttributionOptions(n_steps=4, tokens=(0, 1), delta=delta)).attribute(batch)
-            got[f"calls {delta}"] = len(calls)
-    finally:
-        handle.remove()
-    assert got["calls True"] == got["calls False"] + 2  # the two end-point forwards end at the first layer
+    got, calls = {}, {}
+    for delta in (True, False):
+        options = AttributionOptions(n_steps=4, tokens=(0, 1), delta=delta)
+        got[delta], calls[delta] = attribute_counting_calls(model, batch, last, options)
+    assert calls[True] == calls[False] + 2  # the two end-point forwards end at the first layer
     for r in image_rows(model, batch):
         torch.testing.assert_close(got[False][r][0], got[True][r][0], rtol=1e-6, atol=1e-8, equal_nan=True)
         assert torch.isnan(got[False][r][1]).all() and not torch.isnan(got[True][r][1][:2]).any()
