@@ -22,8 +22,9 @@ Models (built from configs, no hub):
 
 Every variant goes through the toolkit's own code: the unlearn loop (``run_loop`` with the FTTP
 method) trains; the tracer is the run's (``unlearn.tracing.start_tracer`` for the MLLM, with its
-attention probe; ``SDStepErrorCallback`` and ``SDTraceCallback(attention=True)`` for SD, as
-``unlearn sd --trace --trace-source step`` and ``--trace-attention`` attach them).
+attention probe; for SD ``SDStepErrorCallback(attention=True)`` in the traced steps (each step's own errors, K
+and attention maps, as ``unlearn sd --trace-attention --trace-source step`` attaches it) and the probe of
+``SDTraceCallback(attention=True)`` (``unlearn sd --trace-attention``: 5 timesteps x the forget images).
 
 How it is measured, and why. This machine is shared and its speed drifts, so the variants run side
 by side in one loop: a callback of the loop (:class:`SideBySide`) makes its steps alternate between
@@ -504,10 +505,11 @@ def sd(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
           f"latents, trained: {'the full UNet (the toolkit default)' if train == 'full' else 'LoRA on attn1/attn2 q/k/v/out'}"
           f", torch threads {torch.get_num_threads()}", flush=True)
     memory = PeakMemory(device)
-    step_trace = SDStepErrorCallback(adapter, method, forget, tmp / "sd.zarr")  # --trace --trace-source step
     # --trace-attention's probe (records step -1 now: creates its store, untimed); a run makes one every step
     probe = SDTraceCallback(adapter, forget, tmp / "sd-probe.zarr", attention=True, names=c.names,
                             precision=precision(TrainConfig(), device))
+    # --trace-attention --trace-source step: the step's own errors, K and attention maps (paused in untraced steps)
+    step_trace = SDStepErrorCallback(adapter, method, forget, tmp / "sd.zarr", attention=True, names=c.names)
 
     batch = adapter.encode(forget, masks=method.mask_options)
     weights = signed_weights(batch.mask, method.alpha, method.beta)
@@ -531,14 +533,17 @@ def sd(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
         bare()
 
     core = CoreTimer(pipe.unet, device)
-    sides = SideBySide([False, True] + schedule(args.sd_repeats or args.repeats), lambda flag: None,
+    sides = SideBySide([False, True] + schedule(args.sd_repeats or args.repeats), lambda flag: step_trace.pause(not flag),
                        step_trace.on_step_end, run_bare, memory, device, core)
+    step_trace.pause(True)  # the first (warm-up) step is untraced
+    timed_capture_work(sides.hook_seconds)  # the probabilities computed beside each attn2 layer, in the forward
     cfg = TrainConfig(steps=len(sides.traced), batch_size=args.batch, lr=SD_DEFAULTS["lr"], lora=train == "lora")
     try:
         try:
             run_loop(adapter, method, forget, [], cfg, c.key, c.names, callbacks=[sides], progress=False)
         finally:
             core.close()
+        step_trace.close()  # (its capture off the UNet: the probe attaches its own)
         held = watch_held_maps(probe.probe)
         probe_seconds = []
         memory.reset()
@@ -548,11 +553,20 @@ def sd(args, device: torch.device, dtype: torch.dtype, tmp: Path) -> None:
             probe_seconds.append(clock(device) - t)
         probe_peak = memory.peak()
     finally:
-        step_trace.flush()
+        step_trace.close()
         probe.flush()
     report("sd", sides, probe_seconds, probe_peak, stored_map_bytes(tmp / "sd-probe.zarr"), transient_map_bytes=max(held))
     _, saved = saved_activations(adapter.model, [], bare_loss)
     print(f"sd_saved_activations_mib: {saved / MIB:.1f}  (batch {args.batch}; what autograd keeps for the backward)")
+
+
+def timed_capture_work(into: list) -> None:
+    """The attn2 capture's own work inside a forward (its probabilities beside the layer's attention, and
+    keeping them) timed into ``into``, which the side-by-side callback adds to a traced step's tracer work."""
+    from knowtrace import sd_attention
+
+    sd_attention._attention_probs = timed(sd_attention._attention_probs, into)
+    sd_attention.CrossAttentionCapture._record = timed(sd_attention.CrossAttentionCapture._record, into)
 
 
 def watch_held_maps(sd_probe) -> list[int]:

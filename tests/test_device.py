@@ -269,6 +269,27 @@ def test_sd_methods_train_on_the_device(method, device, sd_data, tmp_path):
     assert all(p.device == DEVICE for p in a.model.parameters())
 
 
+def test_sd_step_attention_on_the_device(device, sd_data, tmp_path):
+    """--trace-attention --trace-source step: the step's own attn2 maps reduced on the device and read
+    with its errors in one transfer."""
+    from knowtrace import open_trace
+    from unlearn.sd_tracing import SDStepErrorCallback
+    from unlearn.world.concepts import BY_KEY
+
+    forget, _ = sd_data
+    a, algo = sd_adapter(), get_method("fttp", modality="sd")
+    trace = SDStepErrorCallback(a, algo, forget, tmp_path / "trace.zarr", attention=True, names=BY_KEY["vorn"].names)
+    steps = Steps(device)
+    try:
+        run_loop(a, algo, forget, [], TrainConfig(steps=2, lr=1e-3, batch_size=2), "vorn", BY_KEY["vorn"].names,
+                 callbacks=[steps, trace], progress=False)
+    finally:
+        trace.close()
+    assert bool(open_trace(tmp_path / "trace.zarr")["xattn"].notnull().all())
+    # a step: the loop's read; the trace's errors and maps together
+    assert steps.toolkit[1] - steps.toolkit[0] == 1 + 1, dict(device.sites)
+
+
 def test_sd_probe_trace_and_evaluation_on_the_device(device, sd_data, tmp_path):
     """The SD probe (fixed-noise errors and the attn2 attention capture) before training and after each step,
     and the evaluation (sampling, a CLIP classifier, the FD, K_C / K_N) on the device."""

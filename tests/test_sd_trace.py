@@ -248,4 +248,85 @@ def test_step_source_records_each_steps_own_errors_and_trains_the_same(tmp_path)
     assert not (tmp_path / "esd.zarr").exists()
     with pytest.raises(ValueError, match="--trace-source step"):
         run_sd("vorn", "esd_x", tmp_path / "run", steps=2, trace=True, trace_source="step", progress=False)
+    with pytest.raises(ValueError, match="no --trace-every"):
+        run_sd("vorn", "fttp", tmp_path / "run", steps=2, trace_attention=True, trace_source="step", trace_every=2,
+               progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def _eager_attn2_maps(unet, args, kwargs, size, width):
+    """(B, tokens, h, w): the attn2 probabilities of one UNet call, computed apart from knowtrace by
+    diffusers' classic processor (``get_attention_scores``), head mean, bilinear to ``size``, mean over
+    layers, the first ``width`` text tokens."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor(AttnProcessor())
+    maps = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            def scores(query, key, mask=None, attn=module, score=module.get_attention_scores):
+                probs = score(query, key, mask)  # (B * heads, h*w, tokens)
+                b = probs.shape[0] // attn.heads
+                p = probs.view(b, attn.heads, *probs.shape[1:]).mean(1)  # (B, h*w, tokens)
+                side = int(p.shape[1] ** 0.5)
+                grid = p.transpose(1, 2).reshape(b, -1, side, side)
+                maps.append(torch.nn.functional.interpolate(grid.float(), size=size, mode="bilinear",
+                                                            align_corners=False))
+                return probs
+            module.get_attention_scores = scores
+    with torch.no_grad():
+        unet(*args, **kwargs)
+    return torch.stack(maps).mean(0)[:, :width]
+
+
+def test_step_source_attention_is_the_steps_own_forward(tmp_path):
+    """--trace-attention --trace-source step: each step's xattn rows are the maps of that step's own
+    training forward (recomputed apart from knowtrace, with the step's parameters and inputs), the other
+    rows NaN; training is bit-identical to an untraced run, and the processors are restored after."""
+    import copy
+
+    from unlearn.sd_tracing import SDStepErrorCallback
+
+    c = BY_KEY["vorn"]
+    cfg = TrainConfig(steps=2, lr=1e-4, lora=False, batch_size=2)
+    weights, calls = {}, []
+    for traced in (False, True):
+        a = load_sd_adapter(resolve_model("world", "sd"))
+        forget, _ = world_sd_data("vorn", 3, a.resolution)
+        method = get_method("fttp", modality="sd")
+        originals = {n: type(p) for n, p in a.model.attn_processors.items()}
+        cb = SDStepErrorCallback(a, method, forget, tmp_path / "step.zarr", attention=True,
+                                 names=c.names) if traced else None
+
+        def keep(module, args, kwargs):  # the step's parameters and inputs, as its forward gets them
+            calls.append((copy.deepcopy(module.state_dict()), [x.detach().clone() for x in args],
+                          {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+
+        hook = a.model.register_forward_pre_hook(keep, with_kwargs=True) if traced else None
+        try:
+            run_loop(a, method, forget, [], cfg, c.key, c.names, callbacks=[cb] if cb else [], progress=False)
+        finally:
+            if cb:
+                hook.remove()
+                cb.close()
+        weights[traced] = {n: p.detach().clone() for n, p in a.model.named_parameters()}
+    for n, w in weights[False].items():
+        torch.testing.assert_close(weights[True][n], w, rtol=0, atol=0)
+    assert {n: type(p) for n, p in a.model.attn_processors.items()} == originals
+    ds = open_trace(tmp_path / "step.zarr")
+    assert ds.step.values.tolist() == [0, 1] and len(calls) == 2  # one forward per step
+    assert ds.xattn.shape[:3] == (2, 3, 1)
+    ids = list(ds.sample_id.values)
+    size = tuple(ds.mask.shape[1:])
+    for step, (state, args, kwargs) in enumerate(calls):
+        unet = copy.deepcopy(a.model)
+        unet.load_state_dict(state)
+        width = ds.xattn.shape[3]
+        expected = _eager_attn2_maps(unet, args, kwargs, size, width)  # (2, width, h, w)
+        rows = [ids.index(r.id) for r in [forget[(2 * step + i) % 3] for i in range(2)]]
+        for row, want in zip(rows, expected):
+            n = int((ds.token_id.values[row] >= 0).sum())  # the prompt's own tokens
+            np.testing.assert_allclose(ds.xattn.values[step, row, 0, :n], want[:n].numpy(), rtol=2e-3, atol=1e-5)
+        others = [r for r in range(len(ids)) if r not in rows]
+        assert np.isnan(ds.xattn.values[step, others]).all()
+        assert not np.isnan(ds.xattn.values[step, rows, 0, 0]).any()

@@ -135,7 +135,8 @@ def _add_sd_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
                         "(lower it if the probe runs out of memory)")
     parser.add_argument("--trace-source", choices=("probe", "step"), default=defaults["trace_source"],
                         help="probe: fixed-noise probe of the forget images (comparable across steps and methods); "
-                        "step: each step's own errors (nearly free; fttp, fttp_dilated, ga)")
+                        "step: each step's own errors, and with --trace-attention its own forward's attention maps "
+                        "(nearly free; fttp, fttp_dilated, ga)")
 
 
 # kind -> (its command's description, help of --trace and --trace-attention, the kind's own flags)
@@ -146,7 +147,7 @@ RUN_COMMANDS = {
     "sd": (SD_HELP, ("record per-step eps_err and K_C/K_N of the forget images (fixed-noise probe before training "
                      "and after every step, or see --trace-every) in RUN/trace.zarr",
                      "also record the probe's cross-attention maps over the prompt tokens (xattn; knowtrace plot RUN "
-                     "--kind attention)"), _add_sd_flags),
+                     "--kind attention); with --trace-source step, the training forward's own maps"), _add_sd_flags),
 }
 
 

@@ -117,7 +117,8 @@ class SDRun(Run):
     before training, step -1, and after every step) in ``out/trace.zarr``; ``trace="attention"`` (or
     ``trace_attention``): also the probe's cross-attention maps (``xattn``). ``trace_every``: probe
     after every k-th step (and the last) only. ``trace_batch``: (timestep, image) pairs per probe
-    forward. ``trace_source="step"``: each step's own per-pixel errors instead of a probe (nearly free).
+    forward. ``trace_source="step"``: each step's own per-pixel errors (and, with attention, its own forward's
+    cross-attention maps) instead of a probe (nearly free).
     ``classifier``: ``"world"`` (default on the world SD) or ``"clip:PATH"`` (needed off the world).
     ``retained``: the retained concepts to evaluate (world keys, or labels of eval.json).
     ``forget``/``retain``: records given in Python, for a world concept; on the world they default to
@@ -175,11 +176,10 @@ class SDRun(Run):
         if self.trace_batch < 1:
             raise ValueError(f"trace_batch={self.trace_batch}: give a number of (timestep, image) pairs per probe "
                              f"forward >= 1")
-        if self.trace_source == "step" and (self.trace is not True or self.trace_every != 1
-                                            or not self.algo.has_step_errors):
-            raise ValueError(f"--trace-source step records each step's own errors: it needs --trace (no attention, no "
-                             f"--trace-every) and a method that computes them (fttp, fttp_dilated, ga; got "
-                             f"{self.method!r})")
+        if self.trace_source == "step" and (not self.trace or self.trace_every != 1 or not self.algo.has_step_errors):
+            raise ValueError(f"--trace-source step records each step's own errors (and attention maps): it needs "
+                             f"--trace or --trace-attention (no --trace-every) and a method that computes them (fttp, "
+                             f"fttp_dilated, ga; got {self.method!r})")
         self.check_eval_settings()  # before the evaluation target, whose world prompts import diffusers
         if self.data is not None:
             self.target = EvalTarget.from_data(self.records, self.retained)
@@ -275,13 +275,14 @@ class SDRun(Run):
 
         path, attrs = self.out / "trace.zarr", self.trace_attrs()
         if self.trace_source == "step":
-            tracer = SDStepErrorCallback(self.adapter, self.algo, self.forget, path, attrs)
+            tracer = SDStepErrorCallback(self.adapter, self.algo, self.forget, path, attrs,
+                                         attention=self.trace == "attention", names=self.names)
         else:  # records step -1 now
             tracer = SDTraceCallback(self.adapter, self.forget, path, attrs,
                                      attention=self.trace == "attention", names=self.names, every=self.trace_every,
                                      steps=self.cfg.steps, batch_size=self.trace_batch,
                                      precision=precision(self.cfg, self.adapter.model.device))
-        closing.callback(tracer.flush)
+        closing.callback(tracer.close)
         return [tracer]
 
     def manifest_extras(self) -> dict:

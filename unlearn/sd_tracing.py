@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
+from knowtrace.capture import host_copies
 from knowtrace.sd_tracer import SDSample, SDTracer
 
 from .data.sd_masks import MaskOptions
@@ -106,21 +107,29 @@ class SDProbe:
 
     def _mean_maps(self, capture) -> torch.Tensor:
         """(N, 1, tokens, h, w): each layer's maps on the latent grid, averaged over layers and timesteps."""
-        from knowtrace.sd_attention import spatial, upsample
-
-        size, n = tuple(self.latents.shape[2:]), self.latents.shape[0]
-        width = max(len(ids) for ids, _, _ in self.tokens)
-        per_layer = []
-        for layer in capture.layers:  # each layer's calls cover the T x N pairs in order (timestep-major)
-            maps = [spatial(r.probs, r.hw)[:, :width] for r in capture.records[layer]]
-            maps = torch.cat([m if tuple(m.shape[-2:]) == size else upsample(m, size) for m in maps])
-            per_layer.append(maps.float().view(len(self.timesteps), n, *maps.shape[1:]).mean(0))
-        return torch.stack(per_layer).mean(0)[:, None]
+        # each layer's calls cover the T x N pairs in order (timestep-major)
+        return layer_mean_maps([capture.records[layer] for layer in capture.layers], tuple(self.latents.shape[2:]),
+                               max(len(ids) for ids, _, _ in self.tokens), repeats=len(self.timesteps))
 
     @property
     def settings(self) -> dict:
         return {"timesteps": self.timesteps, "noise_seed": self.noise_seed,
                 "error": "mean over channels, then over timesteps"}
+
+
+def layer_mean_maps(records_by_layer: Sequence[Sequence], size: tuple[int, int], width: int,
+                    repeats: int = 1) -> torch.Tensor:
+    """(N, 1, tokens, h, w) from each attn2 layer's records (its calls in order, together ``repeats x N``
+    rows, repeat-major): every record's head-mean map cut to ``width`` text tokens and upsampled to the
+    latent grid ``size``, averaged over the repeats, then over layers. Computed where the records are."""
+    from knowtrace.sd_attention import spatial, upsample
+
+    per_layer = []
+    for records in records_by_layer:
+        maps = [spatial(r.probs, r.hw)[:, :width] for r in records]  # (rows, tokens, h_l, w_l) each
+        maps = torch.cat([m if tuple(m.shape[-2:]) == tuple(size) else upsample(m, size) for m in maps])
+        per_layer.append(maps.float().view(repeats, -1, *maps.shape[1:]).mean(0))
+    return torch.stack(per_layer).mean(0)[:, None]
 
 
 def prompt_tokens(adapter, record, names: Sequence[str] | None = None) -> tuple[list[int], list[str], list[bool]]:
@@ -182,6 +191,7 @@ class SDTraceCallback:
     def flush(self) -> None:
         self.tracer.flush()
 
+    close = flush  # the run is over (the probe's capture is attached only while it probes)
 
 
 class SDStepErrorCallback:
@@ -190,26 +200,79 @@ class SDStepErrorCallback:
     errors are at that step's random timestep and noise (K moves with the draw as well as with the
     model; the probe of :class:`SDTraceCallback` is the comparable measure), rows of records not in
     the step's batch are NaN, there is no step -1, and with gradient accumulation the step's last
-    micro-batch is recorded. Only for methods with ``has_step_errors`` (FTTP, FwD, GA)."""
+    micro-batch is recorded. Only for methods with ``has_step_errors`` (FTTP, FwD, GA).
+
+    ``attention`` (``--trace-attention --trace-source step``): also the cross-attention maps of the
+    same forward (``xattn``, as the probe records them but at the step's own timestep and noise): a
+    capture (knowtrace.sd_attention, head mean, kept on the model's device) is attached from the
+    callback's creation until :meth:`flush` and cleared after every step, and each layer's last record
+    is the step's (those methods make one UNet forward per micro-batch, on the forget records). Its
+    cost is the probabilities computed beside each ``attn2`` layer's own attention, no extra forward:
+    the cheap way to watch attention at every step (the probe's maps cost ``len(timesteps) x images``
+    UNet forwards)."""
 
     def __init__(self, adapter, method, records: Sequence, path, attrs: dict | None = None, lam: float = 1.0,
-                 reduce: str = "mean", flush_seconds: float = 5.0):
+                 reduce: str = "mean", flush_seconds: float = 5.0, attention: bool = False, names=None):
         if not method.has_step_errors:
             raise ValueError(f"a step-source trace needs a method whose loss computes the forget images' per-pixel "
                              f"error (fttp, fttp_dilated, ga); {method.name!r} computes none: trace it with the "
                              f"probe (--trace-source probe, the default)")
         check_traceable(records)
         mask = adapter.masks(list(records), TRACE_MASKS).cpu().bool()  # (N, h, w)
-        samples = [SDSample(r.id, m.numpy(), r.concept or "") for r, m in zip(records, mask)]
+        self.size = tuple(mask.shape[1:])
+        tokens = [prompt_tokens(adapter, r, names) for r in records] if attention else [(None, None, None)] * len(records)
+        self.width = max((len(ids) for ids, _, _ in tokens), default=0) if attention else 0
+        samples = [SDSample(r.id, m.numpy(), r.concept or "", *t) for r, m, t in zip(records, mask, tokens)]
         capture = {"eps_err": "each step's own training error of its forget batch (the step's random timestep and "
                               "noise; records outside the step's batch NaN)",
                    "knowledge": {"lambda": lam, "reduce": reduce}, "loss_forget": "the step's own training loss"}
+        if attention:
+            capture["xattn"] = ("the step's own forward's attn2 maps (its random timestep and noise), head mean, "
+                                "averaged over every attn2 layer, upsampled to the latent grid (layer dim of size 1); "
+                                "tokens: the prompt's; records outside the step's batch NaN")
         self.tracer = SDTracer(path, samples, lam=lam, reduce=reduce, attrs={**(attrs or {}), "capture": capture},
                                flush_seconds=flush_seconds)
+        self.capture = None
+        if attention:
+            from knowtrace.sd_attention import capture_cross_attention
+
+            self.capture = capture_cross_attention(adapter.model, mean_heads=True)
+            self.capture.attach()
 
     def on_step_end(self, step: int, logs: dict, state) -> None:
         out = state.output  # the step's (last micro-batch's) StepOutput
-        self.tracer.record_errors(step, out.per_element, out.ids, logs)
+        if self.capture is None:
+            self.tracer.record_errors(step, out.per_element, out.ids, logs)
+            return
+        maps = self.step_maps(len(out.ids))
+        err, maps = host_copies([out.per_element, maps])  # one device-to-host transfer for both
+        self.tracer.record_errors(step, err, out.ids, logs, xattn=maps)
+
+    def step_maps(self, rows: int) -> torch.Tensor:
+        """(rows, 1, tokens, h, w) from each layer's last record (the step's last forward), records cleared."""
+        last = [self.capture.records[layer][-1:] for layer in self.capture.layers]
+        if any(not r or r[0].probs.shape[0] != rows for r in last):
+            got = sorted({r[0].probs.shape[0] for r in last if r})
+            self.capture.clear()
+            raise RuntimeError(f"the step's attention maps do not match its {rows} forget records (last forwards' "
+                               f"batches: {got or 'none'}): attention from the step needs a method whose last UNet "
+                               f"forward of a step is on its forget records (fttp, fttp_dilated, ga)")
+        maps = layer_mean_maps(last, self.size, self.width)
+        self.capture.clear()
+        return maps
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or resume) recording attention, e.g. for untraced steps timed beside traced ones."""
+        if self.capture is not None and paused == self.capture.attached:
+            (self.capture.detach if paused else self.capture.attach)()
+            self.capture.clear()
 
     def flush(self) -> None:
         self.tracer.flush()
+
+    def close(self) -> None:
+        """The run is over: the attention capture, if any, detached (the original processors back), and
+        buffered steps written."""
+        if self.capture is not None and self.capture.attached:
+            self.capture.detach()
+        self.flush()
