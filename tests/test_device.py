@@ -269,6 +269,47 @@ def test_sd_methods_train_on_the_device(method, device, sd_data, tmp_path):
     assert all(p.device == DEVICE for p in a.model.parameters())
 
 
+def test_a_run_resumed_on_the_device_trains_as_one_that_never_stopped(device, sd_data, tmp_path):
+    """A checkpoint written from the device (parameters, Adam moments, random streams) and resumed there:
+    the resumed run ends with the weights of an uninterrupted one, every parameter on the device."""
+    from unlearn.checkpoints import find_checkpoint, load_checkpoint
+    from unlearn.world.concepts import BY_KEY
+
+    class Stop(Exception):
+        pass
+
+    def stop(step):
+        raise Stop
+
+    def loop(a, **kw):  # accelerate's state, made afresh per run as in a new process (it names the fake device)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        run_loop(a, get_method("fttp", modality="sd"), forget, [], cfg, "vorn", names, callbacks=[], progress=False,
+                 checkpoint_dir=tmp_path / run, **kw)
+
+    forget, retain = sd_data
+    cfg = TrainConfig(steps=3, lr=1e-3, batch_size=1, lora=True)
+    names = BY_KEY["vorn"].names
+    trained = {}
+    for run in ("whole", "resumed"):
+        torch.manual_seed(0)
+        a, resume = sd_adapter(), None
+        if run == "resumed":
+            with pytest.raises(Stop):  # stopped right after the checkpoint of step 1
+                loop(a, checkpoint_every=2, on_checkpoint=stop)
+            torch.manual_seed(0)
+            a = sd_adapter()
+            resume = load_checkpoint(find_checkpoint(tmp_path / run), "cpu")  # as a run reads it (runs.py)
+            assert resume.step == 1
+        loop(a, resume=resume)
+        assert all(p.device == DEVICE for p in a.model.parameters())
+        trained[run] = {n: p.detach().clone() for n, p in a.model.named_parameters() if p.requires_grad}
+    assert trained["whole"].keys() == trained["resumed"].keys() and trained["whole"]
+    for n, w in trained["whole"].items():
+        torch.testing.assert_close(trained["resumed"][n], w, rtol=0, atol=0)
+
+
 def test_sd_step_attention_on_the_device(device, sd_data, tmp_path):
     """--trace-attention --trace-source step: the step's own attn2 maps reduced on the device and read
     with its errors in one transfer."""

@@ -45,8 +45,8 @@ def save_checkpoint(run: Path, ck: Checkpoint) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_file({n: t.detach().contiguous().cpu() for n, t in ck.trained.items()}, partial / "trained.safetensors")
-    torch.save({"optimizer": ck.optimizer, "generator": ck.generator, "torch_rng": ck.torch_rng,
-                "cuda_rng": ck.cuda_rng}, partial / "state.pt")
+    torch.save(on_host({"optimizer": ck.optimizer, "generator": ck.generator, "torch_rng": ck.torch_rng,
+                        "cuda_rng": ck.cuda_rng}), partial / "state.pt")
     (partial / "progress.json").write_text(json.dumps({"step": ck.step, **ck.progress}, allow_nan=False))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -54,6 +54,18 @@ def save_checkpoint(run: Path, ck: Checkpoint) -> Path:
     partial.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def on_host(obj):
+    """``obj`` with every tensor in its dicts, lists and tuples copied to the CPU: a checkpoint names no
+    device (the optimizer puts its state back on its parameters' device when it loads it)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_host(v) for v in obj)
+    return obj
 
 
 def find_checkpoint(run: Path) -> Path | None:
