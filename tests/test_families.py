@@ -202,6 +202,48 @@ def test_attention_that_bypasses_the_attention_interface_is_a_clear_error(tmp_pa
                 model(**adapter.encode(records))
 
 
+@pytest.mark.parametrize("tiles", [(1, 2), (2, 1), (2, 2)])
+def test_mllama_maps_of_a_split_image_are_the_eager_attention_over_its_tiles(tiles, tmp_path):
+    """A real Mllama forward on images split into tiles: each cell (y, x) of the recorded grid is the eager
+    cross-attention weight on the vision key of that spot of the image. Which tile holds which part of the
+    image is read from the processor's own pixel values (each part of the image has its own brightness)."""
+    import knowtrace
+    from unlearn.data.records import Record
+    from unlearn.tracing import traced_samples
+
+    model, processor = tiny_models.tiny_mllama(max_tiles=4)
+    adapter = adapter_for(model, processor)
+    ty, tx = tiles
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(2):  # part (r, c) of the image, 32 px square, has brightness 60 * (r * tx + c) plus noise
+        part = np.kron(np.arange(ty * tx).reshape(ty, tx) * 60, np.ones((32, 32)))[..., None]
+        images.append(Image.fromarray((part + rng.integers(0, 20, (32 * ty, 32 * tx, 3))).astype(np.uint8)))
+    records = [Record(id=f"r{i}", question=q, answer=a, image=im, concept="Vorn", qtype=t)
+               for i, ((q, a, t), im) in enumerate(zip(QUESTIONS, images))]
+    batch = adapter.encode(records)
+    n = ty * tx
+    means = batch["pixel_values"][:, 0, :n].mean((-1, -2, -3))  # (batch, n): the real tiles' brightness
+    part_of_tile = means.argsort(-1).argsort(-1)  # tile k shows part part_of_tile[k] (brightness rank)
+    with knowtrace.trace(model, tmp_path / "t.zarr", traced_samples(adapter, records, ("Vorn",)),
+                         attention=knowtrace.AttentionOptions(layers=(-1,), heads="all")) as tracer:
+        with torch.no_grad():
+            model(**batch)
+        forwards = tracer.forwards.read()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(**batch, output_attentions=True).attentions[1]  # (batch, heads, seq, 4 tiles x 17 keys)
+    assert eager.shape[-1] == 4 * 17  # (padded to the most tiles)
+    for row in range(2):
+        tile_of_part = {int(p): k for k, p in enumerate(part_of_tile[row])}
+        cols = torch.tensor([tile_of_part[(y // 4) * tx + x // 4] * 17 + 1 + (y % 4) * 4 + x % 4
+                             for y in range(4 * ty) for x in range(4 * tx)])  # key: tile, class token, patch
+        maps = forwards[0].maps[row][1]  # (heads, n_answer, gy, gx)
+        assert tuple(maps.shape[-2:]) == (4 * ty, 4 * tx)
+        rows = (batch["labels"][row] != -100).nonzero().squeeze(1) - 1
+        assert torch.allclose(maps.flatten(-2), eager[row][:, rows][:, :, cols], atol=1e-5)
+
+
 def test_tiles_are_assembled_row_major_into_one_grid():
     """Mllama's vision keys per tile: a class token, then side x side patches; a (1, 2)-tile image is one
     (2, 4) grid whose rows run across both tiles."""

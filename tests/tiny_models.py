@@ -149,8 +149,9 @@ LLAMA3_TEMPLATE = (
     "{% endif %}")
 
 
-def tiny_mllama(seed: int = 0):
-    """(MllamaForConditionalGeneration, MllamaProcessor): one 32 px tile of 4 x 4 patches (+ a class token);
+def tiny_mllama(seed: int = 0, max_tiles: int = 1):
+    """(MllamaForConditionalGeneration, MllamaProcessor): 32 px tiles of 4 x 4 patches (+ a class token), one
+    per image unless ``max_tiles`` (2: a wide image is split into (1, 2) tiles, a tall one into (2, 1));
     decoder layer 1 is a cross-attention layer (the image enters there only)."""
     specials = ["<|finetune_right_pad_id|>", "<|begin_of_text|>", "<|eot_id|>", "<|image|>", "<|start_header_id|>",
                 "<|end_header_id|>", "<|python_tag|>"]
@@ -161,11 +162,13 @@ def tiny_mllama(seed: int = 0):
     torch.manual_seed(seed)
     cfg = MllamaConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1,
-                           attention_heads=2, image_size=32, patch_size=8, max_num_tiles=1,
-                           intermediate_layers_indices=[0], vision_output_dim=64, supported_aspect_ratios=[[1, 1]]),
+                           attention_heads=2, image_size=32, patch_size=8, max_num_tiles=max_tiles,
+                           intermediate_layers_indices=[0], vision_output_dim=64,
+                           supported_aspect_ratios=[[h, w] for h in range(1, max_tiles + 1)
+                                                    for w in range(1, max_tiles + 1) if h * w <= max_tiles]),
         text_config=dict(vocab_size=len(tok), **TEXT, cross_attention_layers=[1], **ids),
         image_token_index=tok.convert_tokens_to_ids("<|image|>"))
-    image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=1)
+    image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=max_tiles)
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=LLAMA3_TEMPLATE)
     return MllamaForConditionalGeneration(cfg).eval(), processor
 
