@@ -29,6 +29,7 @@ import xarray as xr
 from . import plots
 from .schema import JSON_ATTRS, PROBE_GROUP, SAMPLE, STEP
 from .files import read_image
+from .run_lock import live_state
 from .store import export_netcdf, is_decoding_error, netcdf_groups, open_trace
 
 TRACE_NAME = "trace.zarr"
@@ -145,8 +146,9 @@ def summarize(ds: xr.Dataset, trace: Path, run_dir: Path | None, probe: bool = F
     if run_dir is not None:
         manifest = _read_json(run_dir / "manifest.json")
         metrics = _read_json(run_dir / "metrics.json")
-        # the state unlearn records: running, trained, complete, failed, interrupted (older runs: none)
-        out["run"] = {"dir": str(run_dir), "state": manifest.get("state", "complete"),
+        # the state unlearn records (running, trained, complete, failed, interrupted; older runs: none), read
+        # against the run's lock: a "running" run whose process died is interrupted
+        out["run"] = {"dir": str(run_dir), "state": live_state(run_dir, manifest.get("state", "complete")),
                       **({"error": manifest["error"]} if manifest.get("error") else {}),
                       **{k: manifest[k] for k in ("concept", "method", "seed", "images") if k in manifest},
                       **{k: metrics[k] for k in ("steps", "efficacy", "em", "specificity", "diversity") if k in metrics}}
@@ -178,7 +180,7 @@ def _add_summary(parser: argparse.ArgumentParser) -> None:
 def _run_summary(args: argparse.Namespace) -> int:
     info = summarize(*load(args.run, args.probe), probe=args.probe)
     state = info.get("run", {}).get("state", "complete")
-    if state != "complete":  # (a "running" run whose process died shows as running: its writer recorded no end)
+    if state != "complete":
         print(f"knowtrace: note: the run is not complete ({state}): its trace holds the steps it reached",
               file=sys.stderr)
     if args.json:

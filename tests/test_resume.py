@@ -22,7 +22,7 @@ from tests.test_unlearn_mllm import WORLD, world_dir  # noqa: F401  (fixture)
 from unlearn.cli import main
 from unlearn.run_mllm import MLLMRun, run_mllm
 from unlearn.run_sd import run_sd
-from unlearn.runs import Run, evaluate_run, run_state
+from unlearn.runs import Run, evaluate_run, run_dir_lock, run_state
 from unlearn.world.source import resolve_model
 
 
@@ -108,13 +108,18 @@ run_mllm("vorn", "graddiff", Path(sys.argv[1]), steps=6, world_dir=Path(sys.argv
 """
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, world_dir):  # noqa: F811
+def test_a_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, world_dir, capsys):  # noqa: F811
     out = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-c", KILL, str(out), str(world_dir)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["state"] == "running" and run_state(out) == "interrupted"  # its lock died with it
+    assert knowtrace_main(["summary", str(out), "--json"]) == 0  # knowtrace reads the lock too
+    assert json.loads(capsys.readouterr().out)["run"]["state"] == "interrupted"
+    with run_dir_lock(out):  # a process at work on it: running
+        assert knowtrace_main(["summary", str(out), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["run"]["state"] == "running"
     MLLMRun.resumed(out, world_dir, progress=False, world_config=WORLD).run()
     run_mllm("vorn", "graddiff", tmp_path / "whole", steps=6, world_dir=world_dir, world_config=WORLD, progress=False,
              trace=True, checkpoint_every=2)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import importlib
 import json
 import math
@@ -28,7 +27,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -36,6 +35,7 @@ from typing import ClassVar
 import torch
 
 from knowtrace.files import write_json  # noqa: F401  (unlearn.runs.write_json, as before)
+from knowtrace.run_lock import live_state, run_dir_lock
 
 from .intervene import apply_method
 from .loop import TrainConfig, run_loop
@@ -77,42 +77,6 @@ RUN_ARTIFACTS = ("manifest.json", "metrics.json", "trace.zarr", "adapter", "weig
                  "report.html", "summary.txt", "checkpoint", ".checkpoint.old", ".checkpoint.partial",
                  "intervention.json", "sae")  # the last two: an inference-time method's (SAUCE)
 RUN_ARTIFACT_PATTERNS = ("eval-*.json",)  # cached re-evaluations (figures/sd_common.py)
-
-
-def lock_file(out: Path) -> Path:
-    """The lock of run directory ``out``: keyed on the real directory, so a symlinked --out finds the same lock."""
-    resolved = Path(out).resolve()
-    return resolved.parent / f".{resolved.name}.lock"
-
-
-_HELD: set[str] = set()  # run directories this process holds the lock of (the lock is re-entrant per process)
-
-
-@contextlib.contextmanager
-def run_dir_lock(out: Path, wait: bool = False, enabled: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on run directory ``out`` so that two processes never write one directory
-    (one's ``--overwrite`` or clean-up would delete the other's files): ``flock`` on ``.<name>.lock``
-    beside it (removing the directory cannot drop it; the OS releases it if the process dies). Held
-    elsewhere: an error, or with ``wait`` block until free (figure scripts then reuse the finished
-    run). ``enabled=False`` (the non-main processes of a multi-process run): no lock."""
-    path = lock_file(out)
-    key = str(Path(out).resolve())
-    if not enabled or key in _HELD:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise RuntimeError(f"run directory {out} is being written by another process (lock {path}); wait for it "
-                               f"to finish or choose another --out") from None
-        _HELD.add(key)
-        yield
-    finally:
-        _HELD.discard(key)
-        os.close(fd)  # releases the lock
 
 
 def remove_run_files(out: Path) -> None:
@@ -196,31 +160,11 @@ def read_manifest(run: Path) -> dict:
     return manifest
 
 
-def lock_held(run: Path) -> bool:
-    """Whether a process holds the run directory's lock now (is writing it)."""
-    if str(Path(run).resolve()) in _HELD:
-        return True
-    path = lock_file(run)
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def run_state(run: Path, manifest: dict | None = None) -> str:
     """running, trained (training saved, final evaluation not done), complete, failed or interrupted (a
     "running" run nobody holds the lock of was killed); runs from before states were recorded are complete."""
     manifest = read_manifest(run) if manifest is None else manifest
-    state = manifest.get("state", "complete")
-    if state in ("running", "trained"):  # by the lock: still at work, or killed without a word
-        return "running" if lock_held(run) else "interrupted" if state == "running" else state
-    return state
+    return live_state(run, manifest.get("state", "complete"))
 
 
 def describe_state(run: Path, manifest: dict) -> str:
