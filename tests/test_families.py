@@ -134,6 +134,29 @@ def test_maps_are_the_eager_attention_on_the_images_grid(family, tmp_path):
         assert torch.allclose(maps.flatten(-2), eager[row][:, rows][:, :, cols], atol=1e-5)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_mllm_method_trains_on_the_family(family, tmp_path):
+    """Each MLLM method that trains weights (its default options; SIU with the substitute a concept outside
+    the world needs) takes two LoRA steps on the family: finite logs, and the LoRA weights moved."""
+    import math
+
+    from unlearn.data.record_files import load_record_data
+    from unlearn.loop import TrainConfig, run_loop
+    from unlearn.methods import METHODS, get_method
+
+    data = load_record_data(record_dir(tmp_path / "data"))
+    options = {"siu": {"substitute": "Oskel", "description": "a potter"}}
+    for method in sorted(n for n, c in METHODS.items() if c.trains_weights):
+        model, processor = FAMILIES[family][0]()
+        adapter = adapter_for(model, processor)
+        out = run_loop(adapter, get_method(method, **options.get(method, {})), data.forget, data.retain,
+                       TrainConfig(steps=2, seed=0, lr=1e-3), "vorn", ("Vorn",), progress=False)
+        logs = out["history"][-1]
+        assert all(math.isfinite(v) for k, v in logs.items() if k != "step"), (method, logs)
+        lora_b = [p for n, p in adapter.model.named_parameters() if "lora_B" in n]
+        assert lora_b and any(p.abs().sum() > 0 for p in lora_b), method  # B starts at zero: a step moved it
+
+
 def load_records(data):
     from unlearn.data.record_files import load_record_data
 
