@@ -205,7 +205,7 @@ class SDStepErrorCallback:
     ``attention`` (``--trace-attention --trace-source step``): also the cross-attention maps of the
     same forward (``xattn``, as the probe records them but at the step's own timestep and noise): a
     capture (knowtrace.sd_attention, head mean, kept on the model's device) is attached from the
-    callback's creation until :meth:`flush` and cleared after every step, and each layer's last record
+    callback's creation until :meth:`close` and cleared after every step, and each layer's last record
     is the step's (those methods make one UNet forward per micro-batch, on the forget records). Its
     cost is the probabilities computed beside each ``attn2`` layer's own attention, no extra forward:
     the cheap way to watch attention at every step (the probe's maps cost ``len(timesteps) x images``
