@@ -428,3 +428,38 @@ def test_probes_run_in_the_training_precision(sd_data, mllm_data, tmp_path):
                           precision=bf16)  # runs the step -1 probe
     tracer.__exit__(None, None, None)
     assert seen == [True]
+
+
+def _trains_under_bf16_autocast(adapter, model, algo, forget, retain, concept, names, cfg):
+    """One run of the loop with bf16 mixed precision (a GPU's default): the model's forwards in the steps run
+    under autocast, and the logs are finite numbers."""
+    import math
+
+    seen = []
+    model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    out = run_loop(adapter, algo, forget, retain, cfg, concept, names, progress=False)
+    assert out["mixed_precision"] == "bf16" and seen and any(seen)
+    logs = out["history"][-1]
+    assert all(math.isfinite(v) for k, v in logs.items() if k != "step"), (algo.name, logs)
+
+
+@pytest.mark.parametrize("method", sorted(SD_METHODS))
+def test_sd_methods_train_under_bf16_autocast(method, sd_data):
+    from tests.test_sd_unlearn import tiny_adapter
+    from unlearn.world.concepts import BY_KEY
+
+    forget, retain = sd_data
+    a = tiny_adapter()
+    _trains_under_bf16_autocast(a, a.model, get_method(method, modality="sd", **SD_OPTIONS.get(method, {})), forget,
+                                retain, "vorn", BY_KEY["vorn"].names,
+                                TrainConfig(steps=2, lr=1e-3, batch_size=2, mixed_precision="bf16"))
+
+
+@pytest.mark.parametrize("method", sorted(n for n, c in METHODS.items() if c.trains_weights))
+def test_mllm_methods_train_under_bf16_autocast(method, mllm_data):
+    concept, forget, retain = mllm_data
+    model, processor = tiny_llava()
+    options = {k: v for k, v in world_method_options("vorn").items() if k in get_method(method).__dataclass_fields__}
+    _trains_under_bf16_autocast(LlavaAdapter(model, processor), model, get_method(method, **options), forget, retain,
+                                concept.key, concept.names,
+                                TrainConfig(steps=2, seed=0, lr=1e-3, mixed_precision="bf16"))
