@@ -16,11 +16,11 @@ patch grid ``(y, x)``. Where they are (:class:`ImageLayout`, by ``model_type``; 
 and the forward's inputs, declared per family only where the position order is the family's own):
 
 - a family whose image features fill image-token positions of the sequence (LLaVA, LLaVA-NeXT,
-  Idefics3 / SmolVLM, Gemma 3, PaliGemma, Qwen2-VL): the positions of the config's ``image_token_id``
-  in ``input_ids``; the grid is ``(h / merge, w / merge)`` from ``image_grid_thw`` (Qwen2-VL), else the
-  square of their count; LLaVA-NeXT records its base image (the first ``image_seq_length``
-  positions; the high-resolution tiles and row newlines follow), Idefics3 / SmolVLM the global image
-  (the last ``image_seq_len``, after the tiles of a split image);
+  LLaVA-OneVision, Idefics3 / SmolVLM, Gemma 3, PaliGemma, Qwen2-VL): the positions of the config's
+  ``image_token_id`` in ``input_ids``; the grid is ``(h / merge, w / merge)`` from ``image_grid_thw``
+  (Qwen2-VL), else the square of their count; LLaVA-NeXT and LLaVA-OneVision record the base image
+  (the first ``side**2`` positions; the high-resolution tiles and row newlines follow), Idefics3 /
+  SmolVLM the global image (the last ``image_seq_len``, after the tiles of a split image);
 - a family whose images enter through cross-attention layers (Mllama: the language model config's
   ``cross_attention_layers``): only those layers attend to the image, so ``layers`` index them and
   the recorded ones are cross-attention layers; columns are key positions of the vision states, each
@@ -138,7 +138,7 @@ class ImageLayout:
 
 
 # the families whose image positions are not simply one image's grid (all others: ImageLayout())
-LAYOUTS = {"llava_next": ImageLayout("first"), "idefics3": ImageLayout("last"), "smolvlm": ImageLayout("last"),
+LAYOUTS = {"llava_next": ImageLayout("first"), "llava_onevision": ImageLayout("first"), "idefics3": ImageLayout("last"), "smolvlm": ImageLayout("last"),
            "mllama": ImageLayout(cross=True)}
 
 

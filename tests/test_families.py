@@ -19,6 +19,7 @@ from unlearn.models import ADAPTERS, MLLMAdapter, adapter_for, attention_project
 # family -> (builder, image grid recorded, decoder layers whose attention reads the image)
 FAMILIES = {
     "llava_next": (tiny_models.tiny_llava_next, (4, 4), [1]),  # the base image's 4 x 4 (tiles follow)
+    "llava_onevision": (tiny_models.tiny_llava_onevision, (4, 4), [1]),  # as LLaVA-NeXT; processor without video
     "mllama": (tiny_models.tiny_mllama, (4, 4), [1]),  # layer 1 is the only cross-attention layer
     "idefics3": (tiny_models.tiny_idefics3, (2, 2), [1]),  # the global image's 4 x 4 patches pixel-shuffled by 2
     "gemma3": (tiny_models.tiny_gemma3, (2, 2), [1]),  # 4 x 4 patches pooled to 4 soft tokens
@@ -99,6 +100,7 @@ COLUMNS = {
     "mllama": (1, lambda ids, tok: torch.arange(1, 17)),  # cross-attention keys: the class token, then 16 patches
     "idefics3": (1, _global_image),
     "llava_next": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
+    "llava_onevision": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
 }
 
 
@@ -177,6 +179,23 @@ def test_smolvlm_processor_needing_torchvision_is_a_clear_error(tmp_path, capsys
                     "--quiet", "--out", str(tmp_path / "run")],
            "processor of model type 'smolvlm' cannot be loaded here, because SmolVLMVideoProcessor requires the "
            "Torchvision library")
+
+
+def test_a_processor_whose_video_processor_needs_torchvision_loads_without_it(tmp_path):
+    """A checkpoint as published (LLaVA-OneVision's, with its video processor's config): AutoProcessor fails
+    (the video processor needs torchvision); the adapter's processor is the family's own class, without it."""
+    from transformers import AutoProcessor, LlavaOnevisionProcessor
+
+    from unlearn.models import load_mllm
+
+    save_checkpoint("llava_onevision", tmp_path)
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor"}))
+    with pytest.raises(ImportError, match="Torchvision"):
+        AutoProcessor.from_pretrained(tmp_path)
+    processor = load_mllm(str(tmp_path)).processor
+    assert isinstance(processor, LlavaOnevisionProcessor)
+    assert processor.get_attributes() == ["image_processor", "tokenizer"] and processor.num_image_tokens == 16
 
 
 def _fails(capsys, argv, words):

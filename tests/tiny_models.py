@@ -8,12 +8,14 @@ from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGe
                           Gemma3Processor, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
                           Idefics3Processor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                           LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor,
+                          LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                          LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor,
                           MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor,
                           PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
                           PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, SiglipImageProcessorPil)
 
-from unlearn.models import Qwen2VLInputs
+from unlearn.models import Qwen2VLInputs, image_only_processor
 from unlearn.world.texts import world_corpus
 from unlearn.world.tokenizer import build_processor
 
@@ -140,6 +142,31 @@ def tiny_llava_next(seed: int = 0):
                                    vision_feature_select_strategy="default", chat_template=VICUNA_TEMPLATE,
                                    num_additional_image_tokens=1)
     return LlavaNextForConditionalGeneration(cfg).eval(), processor
+
+
+CHATML_TEMPLATE = (  # Qwen2's conversation format with LLaVA's "<image>" placeholder (LLaVA-OneVision)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_llava_onevision(seed: int = 0):
+    """(LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor without its video processor, which
+    needs torchvision): SigLIP 4 x 4 patches, anyres with one 32 px tile, so an image is 16 base
+    positions then 4 x (4 + newline) high-resolution ones; a Qwen2 decoder."""
+    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"], CHATML_TEMPLATE,
+                        ("user\nassistant\n",), eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = _ids(tok, pad_token_id="<|endoftext|>", eos_token_id="<|im_end|>")
+    torch.manual_seed(seed)
+    cfg = LlavaOnevisionConfig(vision_config=dict(model_type="siglip_vision_model", **VISION),
+                               text_config=dict(model_type="qwen2", vocab_size=len(tok), **TEXT, **ids),
+                               **_ids(tok, image_token_index="<image>", video_token_index="<video>"),
+                               image_grid_pinpoints=[[32, 32]], vision_feature_layer=-1)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 32]])
+    processor = image_only_processor(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
+        chat_template=CHATML_TEMPLATE)
+    return LlavaOnevisionForConditionalGeneration(cfg).eval(), processor
 
 
 LLAMA3_TEMPLATE = (

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .base import MLLMAdapter, attention_projections
+from .base import MLLMAdapter, attention_projections, image_only_processor
 from .llava import LlavaAdapter
 from .paligemma import PaliGemmaAdapter
 from .qwen2vl import Qwen2VLAdapter, Qwen2VLInputs
@@ -56,4 +56,5 @@ def load_mllm(model) -> MLLMAdapter:
 
 
 __all__ = ["ADAPTERS", "CHECKPOINT_FILE", "LlavaAdapter", "MLLMAdapter", "PaliGemmaAdapter", "Qwen2VLAdapter",
-           "Qwen2VLInputs", "adapter_class", "adapter_for", "attention_projections", "load_mllm"]
+           "Qwen2VLInputs", "adapter_class", "adapter_for", "attention_projections", "image_only_processor",
+           "load_mllm"]
