@@ -20,7 +20,8 @@ and the forward's inputs, declared per family only where the position order is t
   ``image_token_id`` in ``input_ids``; the grid is ``(h / merge, w / merge)`` from ``image_grid_thw``
   (Qwen2-VL), else the square of their count; LLaVA-NeXT and LLaVA-OneVision record the base image
   (the first ``side**2`` positions; the high-resolution tiles and row newlines follow), Idefics3 /
-  SmolVLM the global image (the last ``image_seq_len``, after the tiles of a split image);
+  SmolVLM the global image (the last ``side**2``, after the tiles of a split image), InternVL the
+  thumbnail (after the tiles of a cropped image);
 - a family whose images enter through cross-attention layers (Mllama: the language model config's
   ``cross_attention_layers``): only those layers attend to the image, so ``layers`` index them and
   the recorded ones are cross-attention layers; columns are key positions of the vision states, each
@@ -138,7 +139,9 @@ class ImageLayout:
 
 
 # the families whose image positions are not simply one image's grid (all others: ImageLayout())
-LAYOUTS = {"llava_next": ImageLayout("first"), "llava_onevision": ImageLayout("first"), "idefics3": ImageLayout("last"), "smolvlm": ImageLayout("last"),
+LAYOUTS = {"llava_next": ImageLayout("first"), "llava_onevision": ImageLayout("first"),
+           "idefics3": ImageLayout("last"), "smolvlm": ImageLayout("last"),
+           "internvl": ImageLayout("last"),  # a cropped image's thumbnail follows its tiles
            "mllama": ImageLayout(cross=True)}
 
 

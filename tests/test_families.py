@@ -22,6 +22,7 @@ FAMILIES = {
     "llava_onevision": (tiny_models.tiny_llava_onevision, (4, 4), [1]),  # as LLaVA-NeXT; processor without video
     "mllama": (tiny_models.tiny_mllama, (4, 4), [1]),  # layer 1 is the only cross-attention layer
     "idefics3": (tiny_models.tiny_idefics3, (2, 2), [1]),  # the global image's 4 x 4 patches pixel-shuffled by 2
+    "internvl": (tiny_models.tiny_internvl, (2, 2), [1]),  # the thumbnail's 4 x 4 patches pixel-shuffled by 0.5
     "gemma3": (tiny_models.tiny_gemma3, (2, 2), [1]),  # 4 x 4 patches pooled to 4 soft tokens
     "paligemma": (tiny_models.tiny_paligemma, (4, 4), [1]),
     "qwen2_5_vl": (tiny_models.tiny_qwen2_5_vl, (2, 2), [1]),  # 28 px / 14 = 2 x 2 after merge 2
@@ -99,6 +100,7 @@ def _global_image(ids, tok):  # Idefics3: the 4 image positions after <global-im
 COLUMNS = {
     "mllama": (1, lambda ids, tok: torch.arange(1, 17)),  # cross-attention keys: the class token, then 16 patches
     "idefics3": (1, _global_image),
+    "internvl": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<IMG_CONTEXT>")).nonzero().squeeze(1)[-4:]),
     "llava_next": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
     "llava_onevision": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
 }
@@ -108,7 +110,8 @@ COLUMNS = {
 def test_maps_are_the_eager_attention_on_the_images_grid(family, tmp_path):
     """The recorded maps equal eager attention weights over the image's own grid: Mllama's cross-attention
     layer over the vision keys (a self-attention-only index is refused), Idefics3's global image after the
-    tiles of a split image, LLaVA-NeXT's base image before its high-resolution tiles."""
+    tiles of a split image (InternVL's thumbnail after its tiles), LLaVA-NeXT's (and LLaVA-OneVision's) base
+    image before its high-resolution tiles."""
     import knowtrace
     from knowtrace.mllm_attention import AttentionCapture
     from unlearn.tracing import traced_samples

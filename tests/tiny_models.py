@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
-                          Gemma3Processor, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
-                          Idefics3Processor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor,
-                          LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                          LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor,
-                          MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor,
-                          PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
-                          PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, SiglipImageProcessorPil)
+                          Gemma3Processor, GotOcr2ImageProcessorPil, Idefics3Config, Idefics3ForConditionalGeneration,
+                          Idefics3ImageProcessorPil, Idefics3Processor, InternVLConfig,
+                          InternVLForConditionalGeneration, InternVLProcessor, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaOnevisionConfig,
+                          LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
+                          LlavaOnevisionProcessor, MllamaConfig, MllamaForConditionalGeneration,
+                          MllamaImageProcessorPil, MllamaProcessor, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                          PaliGemmaProcessor, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                          Qwen2VLImageProcessorPil, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          SiglipImageProcessorPil)
 
 from unlearn.models import Qwen2VLInputs, image_only_processor
 from unlearn.world.texts import world_corpus
@@ -167,6 +169,31 @@ def tiny_llava_onevision(seed: int = 0):
         image_processor=image_processor, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
         chat_template=CHATML_TEMPLATE)
     return LlavaOnevisionForConditionalGeneration(cfg).eval(), processor
+
+
+INTERNVL_TEMPLATE = CHATML_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")
+
+
+def tiny_internvl(seed: int = 0):
+    """(InternVLForConditionalGeneration, InternVLProcessor without its video processor): images cropped
+    into 2 x 2 tiles of 32 px, then the thumbnail, each 4 x 4 patches pixel-shuffled (0.5) into 4 image
+    positions between <img> and </img>; a Qwen2 decoder."""
+    names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *names.values()], INTERNVL_TEMPLATE,
+                        ("user\nassistant\n",), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                        extra_special_tokens=names)
+    ids = _ids(tok, pad_token_id="<|endoftext|>", eos_token_id="<|im_end|>")
+    torch.manual_seed(seed)
+    cfg = InternVLConfig(vision_config=dict(VISION, image_size=[32, 32], patch_size=[8, 8]),
+                         text_config=dict(model_type="qwen2", vocab_size=len(tok), **TEXT, **ids),
+                         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
+                         downsample_ratio=0.5)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=4,
+                                               max_patches=4)
+    processor = image_only_processor(InternVLProcessor)(image_processor=image_processor, tokenizer=tok,
+                                                        image_seq_length=4, chat_template=INTERNVL_TEMPLATE)
+    return InternVLForConditionalGeneration(cfg).eval(), processor
 
 
 LLAMA3_TEMPLATE = (

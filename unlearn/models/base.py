@@ -140,7 +140,9 @@ class MLLMAdapter:
         """Tensors for ``texts`` (image placeholders expanded into the model's image positions by the
         processor) and ``images`` (per text, its images), padded on the tokenizer's side."""
         flat = [im for row in images for im in row]
-        batch = self.processor(text=texts, images=images if flat else None, padding=True, return_tensors="pt")
+        # the side is passed, not left to the tokenizer: some processors default to their own (InternVL: left)
+        batch = self.processor(text=texts, images=images if flat else None, padding=True,
+                               padding_side=self.tokenizer.padding_side, return_tensors="pt")
         batch.pop("labels", None)  # some processors add their own (PaliGemma); the adapter's are computed below
         return dict(batch)
 
