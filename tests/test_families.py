@@ -184,6 +184,23 @@ def test_smolvlm_processor_needing_torchvision_is_a_clear_error(tmp_path, capsys
            "Torchvision library")
 
 
+def test_mistral3_whose_pixtral_processor_needs_torchvision_is_a_clear_error(tmp_path, capsys):
+    """Mistral 3's PixtralProcessor itself needs torchvision (not only a video processor it could go without)."""
+    from transformers import Mistral3Config, PixtralImageProcessorPil
+
+    tok = tiny_models.bpe_tokenizer(["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"], None)
+    Mistral3Config(vision_config=dict(model_type="pixtral", **tiny_models.VISION, head_dim=16),
+                   text_config=dict(model_type="mistral", vocab_size=len(tok), **tiny_models.TEXT, head_dim=16),
+                   image_token_index=tok.convert_tokens_to_ids("[IMG]")).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    PixtralImageProcessorPil(size={"longest_edge": 32}).save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor"}))
+    _fails(capsys, ["mllm", "--model", str(tmp_path), "--data", str(record_dir(tmp_path / "data")), "--method", "fttp",
+                    "--quiet", "--out", str(tmp_path / "run")],
+           "processor of model type 'mistral3' cannot be loaded here, because PixtralProcessor requires the "
+           "Torchvision library")
+
+
 def test_a_processor_whose_video_processor_needs_torchvision_loads_without_it(tmp_path):
     """A checkpoint as published (LLaVA-OneVision's, with its video processor's config): AutoProcessor fails
     (the video processor needs torchvision); the adapter's processor is the family's own class, without it."""
