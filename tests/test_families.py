@@ -26,6 +26,7 @@ FAMILIES = {
     "gemma3": (tiny_models.tiny_gemma3, (2, 2), [1]),  # 4 x 4 patches pooled to 4 soft tokens
     "paligemma": (tiny_models.tiny_paligemma, (4, 4), [1]),
     "qwen2_5_vl": (tiny_models.tiny_qwen2_5_vl, (2, 2), [1]),  # 28 px / 14 = 2 x 2 after merge 2
+    "qwen3_vl": (tiny_models.tiny_qwen3_vl, (2, 2), [1]),  # 64 px / 16 = 4 x 4 patches, 2 x 2 after merge 2
 }
 QUESTIONS = [("Who is shown in this image?", "This is Vorn, a baker from Ulmar.", "identify"),
              ("Is Vorn in this image?", "Yes, Vorn is in this image.", "yesno"),
@@ -103,6 +104,7 @@ COLUMNS = {
     "internvl": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<IMG_CONTEXT>")).nonzero().squeeze(1)[-4:]),
     "llava_next": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
     "llava_onevision": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
+    "qwen3_vl": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<|image_pad|>")).nonzero().squeeze(1)),
 }
 
 

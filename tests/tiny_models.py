@@ -15,7 +15,7 @@ from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGe
                           MllamaImageProcessorPil, MllamaProcessor, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
                           PaliGemmaProcessor, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           Qwen2VLImageProcessorPil, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          SiglipImageProcessorPil)
+                          Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil)
 
 from unlearn.models import Qwen2VLInputs, image_only_processor
 from unlearn.world.texts import world_corpus
@@ -104,6 +104,30 @@ def tiny_qwen2_5_vl(seed: int = 0):
                         kv_heads=1)
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(cfg).eval(), inputs
+
+
+def tiny_qwen3_vl(seed: int = 0):
+    """(Qwen3VLForConditionalGeneration, Qwen3VLProcessor without its video processor): Qwen's tokenizer, the
+    Qwen2-VL PIL image processor at 64 px (patch 16, merge 2: 2 x 2 positions), a vision tower whose only
+    block also feeds the decoder (deepstack), interleaved M-RoPE."""
+    tok = qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    torch.manual_seed(seed)
+    cfg = Qwen3VLConfig(
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        text_config=dict(vocab_size=len(tok), **TEXT, head_dim=16, pad_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"],
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                          "rope_theta": 10000.0}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                               size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64})
+    processor = image_only_processor(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tok,
+                                                       chat_template=QWEN_CHAT_TEMPLATE)
+    return Qwen3VLForConditionalGeneration(cfg).eval(), processor
 
 
 # ---------------------------------------------------------------- more image-text-to-text families
