@@ -21,7 +21,8 @@ and the forward's inputs, declared per family only where the position order is t
   (Qwen2-VL), else the square of their count; LLaVA-NeXT and LLaVA-OneVision record the base image
   (the first ``side**2`` positions; the high-resolution tiles and row newlines follow), Idefics3 /
   SmolVLM the global image (the last ``side**2``, after the tiles of a split image), InternVL the
-  thumbnail (after the tiles of a cropped image);
+  thumbnail (after the tiles of a cropped image); Idefics2's image positions are a perceiver
+  resampler's latents, no grid: its capture is an error saying so;
 - a family whose images enter through cross-attention layers (Mllama: the language model config's
   ``cross_attention_layers``): only those layers attend to the image, so ``layers`` index them and
   the recorded ones are cross-attention layers; columns are key positions of the vision states, each
@@ -136,13 +137,27 @@ class ImageLayout:
 
     part: str = "all"
     cross: bool = False
+    no_grid: str = ""  # what the image positions are where they are no patch grid (the capture refuses them)
 
 
 # the families whose image positions are not simply one image's grid (all others: ImageLayout())
 LAYOUTS = {"llava_next": ImageLayout("first"), "llava_onevision": ImageLayout("first"),
            "idefics3": ImageLayout("last"), "smolvlm": ImageLayout("last"),
            "internvl": ImageLayout("last"),  # a cropped image's thumbnail follows its tiles
-           "mllama": ImageLayout(cross=True)}
+           "mllama": ImageLayout(cross=True),
+           "idefics2": ImageLayout(no_grid="the perceiver resampler's latents")}
+
+
+def image_layout(model: torch.nn.Module) -> ImageLayout:
+    """``model``'s :class:`ImageLayout`; an error for a family whose image positions have no patch grid (a
+    map over them would be drawn as the image's (y, x) and be wrong)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layout = LAYOUTS.get(model_type, ImageLayout())
+    if layout.no_grid:
+        raise ValueError(f"model type {model_type!r}: its image positions are {layout.no_grid}, not the image's "
+                         f"patches, so attention over them has no (y, x) grid to record; trace without attention "
+                         f"(no --trace-attention)")
+    return layout
 
 
 def image_side(config) -> int:
@@ -229,7 +244,7 @@ class AttentionCapture(Capture):
         self.decoder = language_model(model)
         self.config = self.decoder.config
         top = getattr(model, "config", None)
-        self.layout = LAYOUTS.get(getattr(top, "model_type", None), ImageLayout())
+        self.layout = image_layout(model)
         # the decoder layers whose attention reads the image: all, or a cross-attention family's own
         image_layers = (sorted(self.config.cross_attention_layers) if self.layout.cross
                         else list(range(self.config.num_hidden_layers)))

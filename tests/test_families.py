@@ -16,8 +16,10 @@ from tests import tiny_models
 from unlearn.cli import main
 from unlearn.models import ADAPTERS, MLLMAdapter, adapter_for, attention_projections
 
-# family -> (builder, image grid recorded, decoder layers whose attention reads the image)
+# family -> (builder, image grid recorded, decoder layers whose attention reads the image); grid None: the
+# image positions are no grid (a resampler's latents), so --trace-attention is an error and the run traces without
 FAMILIES = {
+    "idefics2": (tiny_models.tiny_idefics2, None, None),  # 4 perceiver latents per image
     "llava_next": (tiny_models.tiny_llava_next, (4, 4), [1]),  # the base image's 4 x 4 (tiles follow)
     "llava_onevision": (tiny_models.tiny_llava_onevision, (4, 4), [1]),  # as LLaVA-NeXT; processor without video
     "mllama": (tiny_models.tiny_mllama, (4, 4), [1]),  # layer 1 is the only cross-attention layer
@@ -65,12 +67,22 @@ def save_checkpoint(family, path):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_end_to_end_through_the_cli(family, tmp_path):
+def test_family_end_to_end_through_the_cli(family, tmp_path, capsys):
     model = save_checkpoint(family, tmp_path / "model")
     data = record_dir(tmp_path / "data", text_only=not ADAPTERS.get(family, MLLMAdapter).images_required)
     out = tmp_path / "run"
-    assert main(["mllm", "--model", str(tmp_path / "model"), "--data", str(data), "--method", "fttp", "--steps", "2",
-                 "--trace", "--trace-attention", "--quiet", "--out", str(out), "batch_size=2"]) == 0
+    argv = ["mllm", "--model", str(tmp_path / "model"), "--data", str(data), "--method", "fttp", "--steps", "2",
+            "--trace", "--trace-attention", "--quiet", "--out", str(out), "batch_size=2"]
+    _, grid, layers = FAMILIES[family]
+    if grid is None:
+        from knowtrace import AttentionOptions
+        from knowtrace.mllm_attention import AttentionCapture
+
+        with pytest.raises(ValueError, match="no \\(y, x\\) grid"):
+            AttentionCapture(model, AttentionOptions())
+        _fails(capsys, argv, f"model type {family!r}: its image positions are")
+        argv.remove("--trace-attention")
+    assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"efficacy", "specificity", "K_C", "original"} <= set(metrics)
     # trained: LoRA on exactly the language model's attention projections (found, not named), and they moved
@@ -81,8 +93,9 @@ def test_family_end_to_end_through_the_cli(family, tmp_path):
     # traced: per-step log-probs of the forget answers, and the probes' attention over the image grid
     trace = xr.open_zarr(out / "trace.zarr", consolidated=False)
     assert trace.sizes["step"] == 2 and np.isfinite(trace["K_C"].values).sum(1).tolist() == [2, 2]  # batch 2
+    if grid is None:
+        return
     probe = xr.open_zarr(out / "trace.zarr", group="probe", consolidated=False)
-    _, grid, layers = FAMILIES[family]
     assert probe["layer"].values.tolist() == layers
     xattn = probe["xattn"].values  # (step, sample, layer, token, gy, gx)
     assert xattn.shape[-2:] == grid

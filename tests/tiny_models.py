@@ -5,17 +5,18 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
-                          Gemma3Processor, GotOcr2ImageProcessorPil, Idefics3Config, Idefics3ForConditionalGeneration,
-                          Idefics3ImageProcessorPil, Idefics3Processor, InternVLConfig,
-                          InternVLForConditionalGeneration, InternVLProcessor, LlamaConfig, LlavaConfig,
+                          Gemma3Processor, GotOcr2ImageProcessorPil, Idefics2Config, Idefics2ForConditionalGeneration,
+                          Idefics2ImageProcessorPil, Idefics2Processor, Idefics3Config,
+                          Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor,
+                          InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaOnevisionConfig,
                           LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
                           LlavaOnevisionProcessor, MllamaConfig, MllamaForConditionalGeneration,
                           MllamaImageProcessorPil, MllamaProcessor, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
                           PaliGemmaProcessor, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                          Qwen2VLImageProcessorPil, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil)
+                          Qwen2VLImageProcessorPil, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil)
 
 from unlearn.models import Qwen2VLInputs, image_only_processor
 from unlearn.world.texts import world_corpus
@@ -275,6 +276,26 @@ def tiny_idefics3(seed: int = 0):
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
                                   chat_template=IDEFICS3_TEMPLATE)
     return Idefics3ForConditionalGeneration(cfg).eval(), processor
+
+
+def tiny_idefics2(seed: int = 0):
+    """(Idefics2ForConditionalGeneration, Idefics2Processor): Idefics3's conversation format; an image's 4 x 4
+    patches are resampled by a perceiver into 4 latents (the image positions: no patch grid)."""
+    template = IDEFICS3_TEMPLATE.replace("<|im_start|>", "<s>")
+    tok = bpe_tokenizer(["<unk>", "<s>", "</s>", "<end_of_utterance>", "<image>", "<fake_token_around_image>"],
+                        template, ("User:Assistant:",), bos_token="<s>", eos_token="<end_of_utterance>",
+                        pad_token="<unk>")
+    ids = _ids(tok, pad_token_id="<unk>", bos_token_id="<s>", eos_token_id="<end_of_utterance>")
+    torch.manual_seed(seed)
+    cfg = Idefics2Config(vision_config=dict(VISION), text_config=dict(model_type="mistral", vocab_size=len(tok), **TEXT,
+                                                                      **ids),
+                         perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1,
+                                               resampler_n_heads=2, resampler_head_dim=16, num_key_value_heads=1),
+                         image_token_id=tok.convert_tokens_to_ids("<image>"))
+    image_processor = Idefics2ImageProcessorPil(do_image_splitting=False, size={"shortest_edge": 32, "longest_edge": 32})
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=template)
+    return Idefics2ForConditionalGeneration(cfg).eval(), processor
 
 
 GEMMA3_TEMPLATE = (
