@@ -24,6 +24,7 @@ FAMILIES = {
     "llava_onevision": (tiny_models.tiny_llava_onevision, (4, 4), [1]),  # as LLaVA-NeXT; processor without video
     "mllama": (tiny_models.tiny_mllama, (4, 4), [1]),  # layer 1 is the only cross-attention layer
     "idefics3": (tiny_models.tiny_idefics3, (2, 2), [1]),  # the global image's 4 x 4 patches pixel-shuffled by 2
+    "aya_vision": (tiny_models.tiny_aya_vision, (2, 2), [1]),  # the global tile's 4 x 4 patches shuffled by 2
     "internvl": (tiny_models.tiny_internvl, (2, 2), [1]),  # the thumbnail's 4 x 4 patches pixel-shuffled by 0.5
     "gemma3": (tiny_models.tiny_gemma3, (2, 2), [1]),  # 4 x 4 patches pooled to 4 soft tokens
     "paligemma": (tiny_models.tiny_paligemma, (4, 4), [1]),
@@ -114,6 +115,7 @@ def _global_image(ids, tok):  # Idefics3: the 4 image positions after <global-im
 COLUMNS = {
     "mllama": (1, lambda ids, tok: torch.arange(1, 17)),  # cross-attention keys: the class token, then 16 patches
     "idefics3": (1, _global_image),
+    "aya_vision": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<|IMG_PATCH|>")).nonzero().squeeze(1)[-4:]),
     "internvl": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<IMG_CONTEXT>")).nonzero().squeeze(1)[-4:]),
     "llava_next": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
     "llava_onevision": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),

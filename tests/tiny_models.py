@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
-                          Gemma3Processor, GotOcr2ImageProcessorPil, Idefics2Config, Idefics2ForConditionalGeneration,
+from transformers import (AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, CLIPVisionConfig,
+                          Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
+                          GotOcr2ImageProcessorPil, Idefics2Config, Idefics2ForConditionalGeneration,
                           Idefics2ImageProcessorPil, Idefics2Processor, Idefics3Config,
                           Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor,
                           InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, LlamaConfig, LlavaConfig,
@@ -219,6 +220,31 @@ def tiny_internvl(seed: int = 0):
     processor = image_only_processor(InternVLProcessor)(image_processor=image_processor, tokenizer=tok,
                                                         image_seq_length=4, chat_template=INTERNVL_TEMPLATE)
     return InternVLForConditionalGeneration(cfg).eval(), processor
+
+
+AYA_TEMPLATE = CHATML_TEMPLATE.replace("<|im_start|>", "<BOS_TOKEN>").replace("<|im_end|>", "<|END_OF_TURN_TOKEN|>")
+
+
+def tiny_aya_vision(seed: int = 0):
+    """(AyaVisionForConditionalGeneration, AyaVisionProcessor): images cropped into 2 x 2 tiles of 32 px, then
+    the global tile, each 4 x 4 SigLIP patches pixel-shuffled (downsample 2) into 4 image positions; a
+    Cohere2 decoder (sliding-window and global layers)."""
+    specials = ["<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>",
+                "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"]
+    tok = bpe_tokenizer(specials, AYA_TEMPLATE, ("user\nassistant\n",), bos_token="<BOS_TOKEN>",
+                        eos_token="<|END_OF_TURN_TOKEN|>", pad_token="<PAD>")
+    ids = _ids(tok, pad_token_id="<PAD>", bos_token_id="<BOS_TOKEN>", eos_token_id="<|END_OF_TURN_TOKEN|>")
+    torch.manual_seed(seed)
+    cfg = AyaVisionConfig(vision_config=dict(model_type="siglip_vision_model", **VISION),
+                          text_config=dict(model_type="cohere2", vocab_size=len(tok), **TEXT, head_dim=16,
+                                           sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                           **ids),
+                          image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=2)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=4,
+                                               max_patches=4)
+    processor = AyaVisionProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, img_size=32,
+                                   downsample_factor=2, chat_template=AYA_TEMPLATE)
+    return AyaVisionForConditionalGeneration(cfg).eval(), processor
 
 
 LLAMA3_TEMPLATE = (
