@@ -25,7 +25,7 @@ def adapter_class(model_type: str) -> type[MLLMAdapter]:
         raise ValueError(f"model type {model_type!r} has no image-text-to-text class (AutoModelForImageTextToText), "
                          f"so it is not a multimodal LLM this toolkit can unlearn; served: any model type of "
                          f"transformers' image-text-to-text mapping (e.g. {', '.join(sorted(ADAPTERS))}, llava_next, "
-                         f"mllama, idefics3, gemma3)")
+                         f"llava_onevision, internvl, aya_vision, mllama, idefics3, gemma3, qwen3_vl)")
     return MLLMAdapter
 
 
