@@ -16,11 +16,13 @@ patch grid ``(y, x)``. Where they are (:class:`ImageLayout`, by ``model_type``; 
 and the forward's inputs, declared per family only where the position order is the family's own):
 
 - a family whose image features fill image-token positions of the sequence (LLaVA, LLaVA-NeXT,
-  Idefics3 / SmolVLM, Gemma 3, PaliGemma, Qwen2-VL): the positions of the config's ``image_token_id``
-  in ``input_ids``; the grid is ``(h / merge, w / merge)`` from ``image_grid_thw`` (Qwen2-VL), else the
-  square of their count; LLaVA-NeXT records its base image (the first ``image_seq_length``
-  positions; the high-resolution tiles and row newlines follow), Idefics3 / SmolVLM the global image
-  (the last ``image_seq_len``, after the tiles of a split image);
+  LLaVA-OneVision, Idefics3 / SmolVLM, InternVL, Aya Vision, Gemma 3, PaliGemma, Qwen2-VL / Qwen3-VL):
+  the positions of the config's ``image_token_id`` in ``input_ids``; the grid is ``(h / merge, w /
+  merge)`` from ``image_grid_thw`` (Qwen2-VL), else the square of their count; LLaVA-NeXT and
+  LLaVA-OneVision record the base image (the first ``side**2`` positions; the high-resolution tiles and
+  row newlines follow), Idefics3 / SmolVLM, InternVL and Aya Vision the global image (the last
+  ``side**2``, after the tiles of a split image); Idefics2's image positions are a perceiver
+  resampler's latents, no grid: its capture is an error saying so;
 - a family whose images enter through cross-attention layers (Mllama: the language model config's
   ``cross_attention_layers``): only those layers attend to the image, so ``layers`` index them and
   the recorded ones are cross-attention layers; columns are key positions of the vision states, each
@@ -135,22 +137,39 @@ class ImageLayout:
 
     part: str = "all"
     cross: bool = False
+    no_grid: str = ""  # what the image positions are where they are no patch grid (the capture refuses them)
 
 
 # the families whose image positions are not simply one image's grid (all others: ImageLayout())
-LAYOUTS = {"llava_next": ImageLayout("first"), "idefics3": ImageLayout("last"), "smolvlm": ImageLayout("last"),
-           "mllama": ImageLayout(cross=True)}
+LAYOUTS = {"llava_next": ImageLayout("first"), "llava_onevision": ImageLayout("first"),
+           "idefics3": ImageLayout("last"), "smolvlm": ImageLayout("last"),
+           "internvl": ImageLayout("last"), "aya_vision": ImageLayout("last"),  # the thumbnail follows the tiles
+           "mllama": ImageLayout(cross=True),
+           "idefics2": ImageLayout(no_grid="the perceiver resampler's latents")}
+
+
+def image_layout(model: torch.nn.Module) -> ImageLayout:
+    """``model``'s :class:`ImageLayout`; an error for a family whose image positions have no patch grid (a
+    map over them would be drawn as the image's (y, x) and be wrong)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layout = LAYOUTS.get(model_type, ImageLayout())
+    if layout.no_grid:
+        raise ValueError(f"model type {model_type!r}: its image positions are {layout.no_grid}, not the image's "
+                         f"patches, so attention over them has no (y, x) grid to record; trace without attention "
+                         f"(no --trace-attention)")
+    return layout
 
 
 def image_side(config) -> int:
     """Patches per side of one image (tile) in the language model's input: ``image_seq_length`` when the
-    config has it (LLaVA-NeXT), else the vision tower's ``image_size / patch_size`` over the connector's
-    ``scale_factor`` (Idefics3's pixel shuffle; 1 elsewhere)."""
+    config has it (LLaVA-NeXT, InternVL), else the vision tower's ``image_size / patch_size`` over the
+    connector's ``scale_factor`` (Idefics3's pixel shuffle) or ``downsample_factor`` (Aya Vision's; 1 elsewhere)."""
     n = getattr(config, "image_seq_length", None)
     if n:
         return math.isqrt(n)
     vision = config.vision_config
-    return vision.image_size // vision.patch_size // int(getattr(config, "scale_factor", 1) or 1)
+    shuffle = getattr(config, "scale_factor", None) or getattr(config, "downsample_factor", None) or 1
+    return vision.image_size // vision.patch_size // int(shuffle)
 
 
 def _answer_rows(lab: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -226,7 +245,7 @@ class AttentionCapture(Capture):
         self.decoder = language_model(model)
         self.config = self.decoder.config
         top = getattr(model, "config", None)
-        self.layout = LAYOUTS.get(getattr(top, "model_type", None), ImageLayout())
+        self.layout = image_layout(model)
         # the decoder layers whose attention reads the image: all, or a cross-attention family's own
         image_layers = (sorted(self.config.cross_attention_layers) if self.layout.cross
                         else list(range(self.config.num_hidden_layers)))

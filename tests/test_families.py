@@ -16,14 +16,20 @@ from tests import tiny_models
 from unlearn.cli import main
 from unlearn.models import ADAPTERS, MLLMAdapter, adapter_for, attention_projections
 
-# family -> (builder, image grid recorded, decoder layers whose attention reads the image)
+# family -> (builder, image grid recorded, decoder layers whose attention reads the image); grid None: the
+# image positions are no grid (a resampler's latents), so --trace-attention is an error and the run traces without
 FAMILIES = {
+    "idefics2": (tiny_models.tiny_idefics2, None, None),  # 4 perceiver latents per image
     "llava_next": (tiny_models.tiny_llava_next, (4, 4), [1]),  # the base image's 4 x 4 (tiles follow)
+    "llava_onevision": (tiny_models.tiny_llava_onevision, (4, 4), [1]),  # as LLaVA-NeXT; processor without video
     "mllama": (tiny_models.tiny_mllama, (4, 4), [1]),  # layer 1 is the only cross-attention layer
     "idefics3": (tiny_models.tiny_idefics3, (2, 2), [1]),  # the global image's 4 x 4 patches pixel-shuffled by 2
+    "aya_vision": (tiny_models.tiny_aya_vision, (2, 2), [1]),  # the global tile's 4 x 4 patches shuffled by 2
+    "internvl": (tiny_models.tiny_internvl, (2, 2), [1]),  # the thumbnail's 4 x 4 patches pixel-shuffled by 0.5
     "gemma3": (tiny_models.tiny_gemma3, (2, 2), [1]),  # 4 x 4 patches pooled to 4 soft tokens
     "paligemma": (tiny_models.tiny_paligemma, (4, 4), [1]),
     "qwen2_5_vl": (tiny_models.tiny_qwen2_5_vl, (2, 2), [1]),  # 28 px / 14 = 2 x 2 after merge 2
+    "qwen3_vl": (tiny_models.tiny_qwen3_vl, (2, 2), [1]),  # 64 px / 16 = 4 x 4 patches, 2 x 2 after merge 2
 }
 QUESTIONS = [("Who is shown in this image?", "This is Vorn, a baker from Ulmar.", "identify"),
              ("Is Vorn in this image?", "Yes, Vorn is in this image.", "yesno"),
@@ -62,12 +68,22 @@ def save_checkpoint(family, path):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_end_to_end_through_the_cli(family, tmp_path):
+def test_family_end_to_end_through_the_cli(family, tmp_path, capsys):
     model = save_checkpoint(family, tmp_path / "model")
     data = record_dir(tmp_path / "data", text_only=not ADAPTERS.get(family, MLLMAdapter).images_required)
     out = tmp_path / "run"
-    assert main(["mllm", "--model", str(tmp_path / "model"), "--data", str(data), "--method", "fttp", "--steps", "2",
-                 "--trace", "--trace-attention", "--quiet", "--out", str(out), "batch_size=2"]) == 0
+    argv = ["mllm", "--model", str(tmp_path / "model"), "--data", str(data), "--method", "fttp", "--steps", "2",
+            "--trace", "--trace-attention", "--quiet", "--out", str(out), "batch_size=2"]
+    _, grid, layers = FAMILIES[family]
+    if grid is None:
+        from knowtrace import AttentionOptions
+        from knowtrace.mllm_attention import AttentionCapture
+
+        with pytest.raises(ValueError, match="no \\(y, x\\) grid"):
+            AttentionCapture(model, AttentionOptions())
+        _fails(capsys, argv, f"model type {family!r}: its image positions are")
+        argv.remove("--trace-attention")
+    assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"efficacy", "specificity", "K_C", "original"} <= set(metrics)
     # trained: LoRA on exactly the language model's attention projections (found, not named), and they moved
@@ -78,8 +94,9 @@ def test_family_end_to_end_through_the_cli(family, tmp_path):
     # traced: per-step log-probs of the forget answers, and the probes' attention over the image grid
     trace = xr.open_zarr(out / "trace.zarr", consolidated=False)
     assert trace.sizes["step"] == 2 and np.isfinite(trace["K_C"].values).sum(1).tolist() == [2, 2]  # batch 2
+    if grid is None:
+        return
     probe = xr.open_zarr(out / "trace.zarr", group="probe", consolidated=False)
-    _, grid, layers = FAMILIES[family]
     assert probe["layer"].values.tolist() == layers
     xattn = probe["xattn"].values  # (step, sample, layer, token, gy, gx)
     assert xattn.shape[-2:] == grid
@@ -98,7 +115,11 @@ def _global_image(ids, tok):  # Idefics3: the 4 image positions after <global-im
 COLUMNS = {
     "mllama": (1, lambda ids, tok: torch.arange(1, 17)),  # cross-attention keys: the class token, then 16 patches
     "idefics3": (1, _global_image),
+    "aya_vision": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<|IMG_PATCH|>")).nonzero().squeeze(1)[-4:]),
+    "internvl": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<IMG_CONTEXT>")).nonzero().squeeze(1)[-4:]),
     "llava_next": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
+    "llava_onevision": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<image>")).nonzero().squeeze(1)[:16]),
+    "qwen3_vl": (1, lambda ids, tok: (ids == tok.convert_tokens_to_ids("<|image_pad|>")).nonzero().squeeze(1)),
 }
 
 
@@ -106,7 +127,8 @@ COLUMNS = {
 def test_maps_are_the_eager_attention_on_the_images_grid(family, tmp_path):
     """The recorded maps equal eager attention weights over the image's own grid: Mllama's cross-attention
     layer over the vision keys (a self-attention-only index is refused), Idefics3's global image after the
-    tiles of a split image, LLaVA-NeXT's base image before its high-resolution tiles."""
+    tiles of a split image (InternVL's thumbnail after its tiles), LLaVA-NeXT's (and LLaVA-OneVision's) base
+    image before its high-resolution tiles."""
     import knowtrace
     from knowtrace.mllm_attention import AttentionCapture
     from unlearn.tracing import traced_samples
@@ -177,6 +199,40 @@ def test_smolvlm_processor_needing_torchvision_is_a_clear_error(tmp_path, capsys
                     "--quiet", "--out", str(tmp_path / "run")],
            "processor of model type 'smolvlm' cannot be loaded here, because SmolVLMVideoProcessor requires the "
            "Torchvision library")
+
+
+def test_mistral3_whose_pixtral_processor_needs_torchvision_is_a_clear_error(tmp_path, capsys):
+    """Mistral 3's PixtralProcessor itself needs torchvision (not only a video processor it could go without)."""
+    from transformers import Mistral3Config, PixtralImageProcessorPil
+
+    tok = tiny_models.bpe_tokenizer(["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"], None)
+    Mistral3Config(vision_config=dict(model_type="pixtral", **tiny_models.VISION, head_dim=16),
+                   text_config=dict(model_type="mistral", vocab_size=len(tok), **tiny_models.TEXT, head_dim=16),
+                   image_token_index=tok.convert_tokens_to_ids("[IMG]")).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    PixtralImageProcessorPil(size={"longest_edge": 32}).save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor"}))
+    _fails(capsys, ["mllm", "--model", str(tmp_path), "--data", str(record_dir(tmp_path / "data")), "--method", "fttp",
+                    "--quiet", "--out", str(tmp_path / "run")],
+           "processor of model type 'mistral3' cannot be loaded here, because PixtralProcessor requires the "
+           "Torchvision library")
+
+
+def test_a_processor_whose_video_processor_needs_torchvision_loads_without_it(tmp_path):
+    """A checkpoint as published (LLaVA-OneVision's, with its video processor's config): AutoProcessor fails
+    (the video processor needs torchvision); the adapter's processor is the family's own class, without it."""
+    from transformers import AutoProcessor, LlavaOnevisionProcessor
+
+    from unlearn.models import load_mllm
+
+    save_checkpoint("llava_onevision", tmp_path)
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor"}))
+    with pytest.raises(ImportError, match="Torchvision"):
+        AutoProcessor.from_pretrained(tmp_path)
+    processor = load_mllm(str(tmp_path)).processor
+    assert isinstance(processor, LlavaOnevisionProcessor)
+    assert processor.get_attributes() == ["image_processor", "tokenizer"] and processor.num_image_tokens == 16
 
 
 def _fails(capsys, argv, words):

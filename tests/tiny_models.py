@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
-                          Gemma3Processor, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
-                          Idefics3Processor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor,
-                          MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor,
-                          PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
-                          PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, SiglipImageProcessorPil)
+from transformers import (AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, CLIPVisionConfig,
+                          Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
+                          GotOcr2ImageProcessorPil, Idefics2Config, Idefics2ForConditionalGeneration,
+                          Idefics2ImageProcessorPil, Idefics2Processor, Idefics3Config,
+                          Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor,
+                          InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaOnevisionConfig,
+                          LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
+                          LlavaOnevisionProcessor, MllamaConfig, MllamaForConditionalGeneration,
+                          MllamaImageProcessorPil, MllamaProcessor, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                          PaliGemmaProcessor, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                          Qwen2VLImageProcessorPil, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil)
 
-from unlearn.models import Qwen2VLInputs
+from unlearn.models import Qwen2VLInputs, image_only_processor
 from unlearn.world.texts import world_corpus
 from unlearn.world.tokenizer import build_processor
 
@@ -102,6 +108,30 @@ def tiny_qwen2_5_vl(seed: int = 0):
     return Qwen2_5_VLForConditionalGeneration(cfg).eval(), inputs
 
 
+def tiny_qwen3_vl(seed: int = 0):
+    """(Qwen3VLForConditionalGeneration, Qwen3VLProcessor without its video processor): Qwen's tokenizer, the
+    Qwen2-VL PIL image processor at 64 px (patch 16, merge 2: 2 x 2 positions), a vision tower whose only
+    block also feeds the decoder (deepstack), interleaved M-RoPE."""
+    tok = qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    torch.manual_seed(seed)
+    cfg = Qwen3VLConfig(
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        text_config=dict(vocab_size=len(tok), **TEXT, head_dim=16, pad_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"],
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                          "rope_theta": 10000.0}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                               size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64})
+    processor = image_only_processor(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tok,
+                                                       chat_template=QWEN_CHAT_TEMPLATE)
+    return Qwen3VLForConditionalGeneration(cfg).eval(), processor
+
+
 # ---------------------------------------------------------------- more image-text-to-text families
 # Each: a byte-level BPE tokenizer with the family's special tokens, its conversation format reduced to
 # what the records use, the family's own processor class over a PIL image processor (32 px images, 8 px
@@ -140,6 +170,81 @@ def tiny_llava_next(seed: int = 0):
                                    vision_feature_select_strategy="default", chat_template=VICUNA_TEMPLATE,
                                    num_additional_image_tokens=1)
     return LlavaNextForConditionalGeneration(cfg).eval(), processor
+
+
+CHATML_TEMPLATE = (  # Qwen2's conversation format with LLaVA's "<image>" placeholder (LLaVA-OneVision)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_llava_onevision(seed: int = 0):
+    """(LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor without its video processor, which
+    needs torchvision): SigLIP 4 x 4 patches, anyres with one 32 px tile, so an image is 16 base
+    positions then 4 x (4 + newline) high-resolution ones; a Qwen2 decoder."""
+    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"], CHATML_TEMPLATE,
+                        ("user\nassistant\n",), eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = _ids(tok, pad_token_id="<|endoftext|>", eos_token_id="<|im_end|>")
+    torch.manual_seed(seed)
+    cfg = LlavaOnevisionConfig(vision_config=dict(model_type="siglip_vision_model", **VISION),
+                               text_config=dict(model_type="qwen2", vocab_size=len(tok), **TEXT, **ids),
+                               **_ids(tok, image_token_index="<image>", video_token_index="<video>"),
+                               image_grid_pinpoints=[[32, 32]], vision_feature_layer=-1)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 32]])
+    processor = image_only_processor(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
+        chat_template=CHATML_TEMPLATE)
+    return LlavaOnevisionForConditionalGeneration(cfg).eval(), processor
+
+
+INTERNVL_TEMPLATE = CHATML_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")
+
+
+def tiny_internvl(seed: int = 0):
+    """(InternVLForConditionalGeneration, InternVLProcessor without its video processor): images cropped
+    into 2 x 2 tiles of 32 px, then the thumbnail, each 4 x 4 patches pixel-shuffled (0.5) into 4 image
+    positions between <img> and </img>; a Qwen2 decoder."""
+    names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *names.values()], INTERNVL_TEMPLATE,
+                        ("user\nassistant\n",), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                        extra_special_tokens=names)
+    ids = _ids(tok, pad_token_id="<|endoftext|>", eos_token_id="<|im_end|>")
+    torch.manual_seed(seed)
+    cfg = InternVLConfig(vision_config=dict(VISION, image_size=[32, 32], patch_size=[8, 8]),
+                         text_config=dict(model_type="qwen2", vocab_size=len(tok), **TEXT, **ids),
+                         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
+                         downsample_ratio=0.5)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=4,
+                                               max_patches=4)
+    processor = image_only_processor(InternVLProcessor)(image_processor=image_processor, tokenizer=tok,
+                                                        image_seq_length=4, chat_template=INTERNVL_TEMPLATE)
+    return InternVLForConditionalGeneration(cfg).eval(), processor
+
+
+AYA_TEMPLATE = CHATML_TEMPLATE.replace("<|im_start|>", "<BOS_TOKEN>").replace("<|im_end|>", "<|END_OF_TURN_TOKEN|>")
+
+
+def tiny_aya_vision(seed: int = 0):
+    """(AyaVisionForConditionalGeneration, AyaVisionProcessor): images cropped into 2 x 2 tiles of 32 px, then
+    the global tile, each 4 x 4 SigLIP patches pixel-shuffled (downsample 2) into 4 image positions; a
+    Cohere2 decoder (sliding-window and global layers)."""
+    specials = ["<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>",
+                "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"]
+    tok = bpe_tokenizer(specials, AYA_TEMPLATE, ("user\nassistant\n",), bos_token="<BOS_TOKEN>",
+                        eos_token="<|END_OF_TURN_TOKEN|>", pad_token="<PAD>")
+    ids = _ids(tok, pad_token_id="<PAD>", bos_token_id="<BOS_TOKEN>", eos_token_id="<|END_OF_TURN_TOKEN|>")
+    torch.manual_seed(seed)
+    cfg = AyaVisionConfig(vision_config=dict(model_type="siglip_vision_model", **VISION),
+                          text_config=dict(model_type="cohere2", vocab_size=len(tok), **TEXT, head_dim=16,
+                                           sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                           **ids),
+                          image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=2)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=4,
+                                               max_patches=4)
+    processor = AyaVisionProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, img_size=32,
+                                   downsample_factor=2, chat_template=AYA_TEMPLATE)
+    return AyaVisionForConditionalGeneration(cfg).eval(), processor
 
 
 LLAMA3_TEMPLATE = (
@@ -197,6 +302,26 @@ def tiny_idefics3(seed: int = 0):
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
                                   chat_template=IDEFICS3_TEMPLATE)
     return Idefics3ForConditionalGeneration(cfg).eval(), processor
+
+
+def tiny_idefics2(seed: int = 0):
+    """(Idefics2ForConditionalGeneration, Idefics2Processor): Idefics3's conversation format; an image's 4 x 4
+    patches are resampled by a perceiver into 4 latents (the image positions: no patch grid)."""
+    template = IDEFICS3_TEMPLATE.replace("<|im_start|>", "<s>")
+    tok = bpe_tokenizer(["<unk>", "<s>", "</s>", "<end_of_utterance>", "<image>", "<fake_token_around_image>"],
+                        template, ("User:Assistant:",), bos_token="<s>", eos_token="<end_of_utterance>",
+                        pad_token="<unk>")
+    ids = _ids(tok, pad_token_id="<unk>", bos_token_id="<s>", eos_token_id="<end_of_utterance>")
+    torch.manual_seed(seed)
+    cfg = Idefics2Config(vision_config=dict(VISION), text_config=dict(model_type="mistral", vocab_size=len(tok), **TEXT,
+                                                                      **ids),
+                         perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1,
+                                               resampler_n_heads=2, resampler_head_dim=16, num_key_value_heads=1),
+                         image_token_id=tok.convert_tokens_to_ids("<image>"))
+    image_processor = Idefics2ImageProcessorPil(do_image_splitting=False, size={"shortest_edge": 32, "longest_edge": 32})
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=template)
+    return Idefics2ForConditionalGeneration(cfg).eval(), processor
 
 
 GEMMA3_TEMPLATE = (

@@ -99,6 +99,10 @@ class MLLMRun(Run):
             self.images = len({r.image.tobytes() for r in rd.forget if r.image is not None})  # distinct images
         ev = self.evalset  # a record the model's family cannot take is an error before the run directory is made
         self.adapter.check_records([*self.forget, *self.retain, *ev.efficacy, *ev.test, *ev.retain])
+        if self.trace_attention:  # so is a family whose image positions have no grid to record
+            from knowtrace.mllm_attention import image_layout
+
+            image_layout(self.adapter.model)
 
     def evaluate(self, stage: str) -> dict:
         metrics = evaluate(self.adapter, self.evalset, self.names)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .base import MLLMAdapter, attention_projections
+from .base import MLLMAdapter, attention_projections, image_only_processor
 from .llava import LlavaAdapter
 from .paligemma import PaliGemmaAdapter
 from .qwen2vl import Qwen2VLAdapter, Qwen2VLInputs
@@ -25,7 +25,7 @@ def adapter_class(model_type: str) -> type[MLLMAdapter]:
         raise ValueError(f"model type {model_type!r} has no image-text-to-text class (AutoModelForImageTextToText), "
                          f"so it is not a multimodal LLM this toolkit can unlearn; served: any model type of "
                          f"transformers' image-text-to-text mapping (e.g. {', '.join(sorted(ADAPTERS))}, llava_next, "
-                         f"mllama, idefics3, gemma3)")
+                         f"llava_onevision, internvl, aya_vision, mllama, idefics3, gemma3, qwen3_vl)")
     return MLLMAdapter
 
 
@@ -56,4 +56,5 @@ def load_mllm(model) -> MLLMAdapter:
 
 
 __all__ = ["ADAPTERS", "CHECKPOINT_FILE", "LlavaAdapter", "MLLMAdapter", "PaliGemmaAdapter", "Qwen2VLAdapter",
-           "Qwen2VLInputs", "adapter_class", "adapter_for", "attention_projections", "load_mllm"]
+           "Qwen2VLInputs", "adapter_class", "adapter_for", "attention_projections", "image_only_processor",
+           "load_mllm"]

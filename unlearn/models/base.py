@@ -46,6 +46,34 @@ def attention_projections(model: torch.nn.Module) -> list[str]:
     return names
 
 
+def processor_class(path: str) -> type:
+    """The processor class a checkpoint names (processor_config.json), else its model type's."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+
+    config = Path(path) / "processor_config.json"
+    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+    name = name or PROCESSOR_MAPPING_NAMES.get(AutoConfig.from_pretrained(path).model_type)
+    cls = processor_class_from_name(name) if name else None
+    if cls is None:
+        raise ValueError(f"{path}: no processor class for this checkpoint")
+    return cls
+
+
+def image_only_processor(cls: type) -> type:
+    """``cls`` (a ``ProcessorMixin``) without its video processor: the sub-processors it loads, checks and
+    saves are the others. Its video processor needs torchvision (absent here), and without the
+    subclass even ``video_processor=None`` fails transformers' check of the sub-processor classes; the
+    processor's image and text path does not use it."""
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+    if len(attributes) == len(cls.get_attributes()):
+        raise ValueError(f"{cls.__name__} has no video processor to leave out")
+    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: attributes)})
+
+
 def target_regex(names: list[str], all_names) -> str:
     """A regex (peft's ``target_modules``, full match) that matches exactly ``names`` among ``all_names``:
     layer numbers written as ``\\d+`` (a short pattern), or the literal names where that would match more."""
@@ -73,10 +101,18 @@ class MLLMAdapter:
 
     @classmethod
     def load_processor(cls, path: str):
-        """The checkpoint's processor (a declared family whose processor cannot run here overrides it)."""
+        """The checkpoint's processor (a declared family whose processor cannot run here overrides it). A
+        processor whose video processor cannot load (it needs torchvision) is loaded without it
+        (:func:`image_only_processor`): records have images, never videos."""
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path)
+        try:
+            return AutoProcessor.from_pretrained(path)
+        except (ImportError, OSError, AttributeError) as e:
+            try:
+                return image_only_processor(processor_class(path)).from_pretrained(path)
+            except Exception:
+                raise e from None  # the video processor was not what failed: the original error says what did
 
     @property
     def tokenizer(self):
@@ -104,7 +140,9 @@ class MLLMAdapter:
         """Tensors for ``texts`` (image placeholders expanded into the model's image positions by the
         processor) and ``images`` (per text, its images), padded on the tokenizer's side."""
         flat = [im for row in images for im in row]
-        batch = self.processor(text=texts, images=images if flat else None, padding=True, return_tensors="pt")
+        # the side is passed, not left to the tokenizer: some processors default to their own (InternVL: left)
+        batch = self.processor(text=texts, images=images if flat else None, padding=True,
+                               padding_side=self.tokenizer.padding_side, return_tensors="pt")
         batch.pop("labels", None)  # some processors add their own (PaliGemma); the adapter's are computed below
         return dict(batch)
 
