@@ -41,7 +41,7 @@ import torch
 
 from .capture import host_copies
 from .image_features import ImageFeatureReuse
-from .mllm_attention import LAYOUTS, ImageLayout, image_side, image_token_id, language_model, targets
+from .mllm_attention import image_layout, image_side, image_token_id, language_model, targets
 from .modes import eval_mode
 
 BASELINES = ("zeros", "mean")
@@ -108,7 +108,7 @@ class ImageAttribution:
         self.model, self.options = model, options
         top = model.config
         self.image_id = image_token_id(top)  # ValueError for a model without an image token
-        self.layout = LAYOUTS.get(getattr(top, "model_type", None), ImageLayout())
+        self.layout = image_layout(model)  # ValueError for image positions with no patch grid (Idefics2's latents)
         if self.layout.cross:
             raise ValueError(f"{type(model).__name__}'s image enters through cross-attention layers, not image-token "
                              f"positions of the sequence: attribution to patch representations needs the latter")

@@ -21,23 +21,35 @@ import torch
 # How each known field of ``get_image_features``' output is laid out, so that k copies of the batch get k copies of
 # their images in batch order (copy 0's images, then copy 1's, ...).
 PER_IMAGE = ("pooler_output",)  # a sequence with one tensor per image (forwards concatenate it)
-PER_LAYER = ("hidden_states", "attentions", "deepstack_features")  # a sequence over layers of (images | patches, ...)
+PER_LAYER = ("hidden_states", "attentions", "deepstack_features")  # a sequence over layers, each as PER_IMAGE or ONE_TENSOR
 ONE_TENSOR = ("last_hidden_state",)  # (images | patches, ...)
 KNOWN = set(PER_IMAGE + PER_LAYER + ONE_TENSOR)
 
 
-def _tile_tensor(x: torch.Tensor | None, k: int) -> torch.Tensor | None:
-    return x if k == 1 or x is None else torch.cat([x] * k)
+def _tile_images(x, k: int):
+    """k copies, in batch order, of ``x``: a (images | patches, ...) tensor, or a sequence of one tensor per image
+    (None: a layer an output leaves out, e.g. ``hidden_states[0]``)."""
+    if x is None or k == 1:
+        return x
+    return tuple(x) * k if isinstance(x, (list, tuple)) else torch.cat([x] * k)
 
 
 def _tile_field(name: str, value, k: int):
-    if value is None or k == 1:
-        return value
-    if name in PER_IMAGE:
-        return tuple(value) * k if isinstance(value, (list, tuple)) else _tile_tensor(value, k)
+    if name in PER_LAYER:  # each layer's entry: a tensor, or one tensor per image (Qwen3-VL's deepstack features)
+        return value if value is None or k == 1 else tuple(_tile_images(v, k) for v in value)
+    return _tile_images(value, k)  # PER_IMAGE, ONE_TENSOR
+
+
+def _tileable(name: str, value) -> bool:
+    """Whether ``value`` has the layout :func:`_tile_field` knows for ``name`` (else a wrong tiling would be silent)."""
+    def images(x):
+        return x is None or torch.is_tensor(x) or (isinstance(x, (list, tuple)) and all(torch.is_tensor(t) for t in x))
+
+    if value is None:
+        return True
     if name in PER_LAYER:
-        return tuple(_tile_tensor(v, k) for v in value)
-    return _tile_tensor(value, k)  # ONE_TENSOR
+        return isinstance(value, (list, tuple)) and all(images(v) for v in value)
+    return name in KNOWN and images(value)
 
 
 def _encoder_module(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -80,7 +92,8 @@ class ImageFeatureReuse:
         def record(*args, **kwargs):
             out = original(*args, **kwargs)
             fields = {name for name, value in out.items() if value is not None} if hasattr(out, "items") else set()
-            if self.output is None and "pooler_output" in fields and fields <= KNOWN:
+            if self.output is None and "pooler_output" in fields and fields <= KNOWN and \
+                    all(_tileable(name, value) for name, value in out.items()):
                 self.output = out
             return out
 

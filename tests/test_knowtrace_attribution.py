@@ -238,3 +238,38 @@ def test_a_model_without_an_image_token_is_an_error():
                                          num_attention_heads=2, num_key_value_heads=2)).eval()
     with pytest.raises(ValueError, match="no image_token_id / image_token_index"):
         ImageAttribution(model)
+
+
+@pytest.mark.parametrize("family,match", [("tiny_idefics2", "perceiver resampler's latents"),
+                                          ("tiny_mllama", "enters through cross-attention layers")])
+def test_image_positions_with_no_patch_grid_are_an_error(family, match):
+    """Attribution maps need image-token positions that are the image's patches: Idefics2's perceiver latents and
+    Mllama's cross-attention keys are refused, saying why."""
+    from tests import tiny_models
+
+    model, _ = getattr(tiny_models, family)()
+    with pytest.raises(ValueError, match=match):
+        ImageAttribution(model)
+
+
+@pytest.mark.parametrize("name", ["aya_vision", "gemma3", "idefics3", "internvl", "llava_next", "llava_onevision",
+                                  "paligemma", "qwen2_5_vl", "qwen3_vl"])
+def test_every_family_attributes_with_its_encoder_run_once(name, tmp_path):
+    """On each image-token family: finite maps on the family's grid, the vision tower run once per call when its
+    output is reused (Qwen3-VL's per-image deepstack features tiled too), and the same maps as without reuse."""
+    from tests.test_families import FAMILIES as ALL, load_records, record_dir
+
+    model, processor = ALL[name][0]()
+    adapter = adapter_for(model, processor)
+    batch = adapter.encode(load_records(record_dir(tmp_path / "data"))[:3])
+    tower = next(getattr(model.model, n) for n in ("visual", "vision_tower", "vision_model") if hasattr(model.model, n))
+    maps, calls = {}, {}
+    for reuse in (True, False):
+        options = AttributionOptions(n_steps=4, tokens=(0,), internal_batch_size=8, reuse_image_features=reuse)
+        maps[reuse], calls[reuse] = attribute_counting_calls(model, batch, tower, options)
+    assert calls[True] == 1 and calls[False] > 1
+    rows = [r for r, o in enumerate(maps[True]) if o is not None]
+    assert rows and [r for r, o in enumerate(maps[False]) if o is not None] == rows
+    for r in rows:
+        assert tuple(maps[True][r][0].shape[1:]) == ALL[name][1] and torch.isfinite(maps[True][r][0][0]).all()
+        torch.testing.assert_close(maps[True][r][0], maps[False][r][0], rtol=1e-4, atol=1e-6, equal_nan=True)
