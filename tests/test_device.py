@@ -463,3 +463,16 @@ def test_mllm_methods_train_under_bf16_autocast(method, mllm_data):
     _trains_under_bf16_autocast(LlavaAdapter(model, processor), model, get_method(method, **options), forget, retain,
                                 concept.key, concept.names,
                                 TrainConfig(steps=2, seed=0, lr=1e-3, mixed_precision="bf16"))
+
+
+def test_runs_of_another_precision_follow_in_one_process(mllm_data):
+    """A notebook's second run in another precision trains (accelerate keeps one precision per process)."""
+    concept, forget, retain = mllm_data
+    for mixed, autocast in (("bf16", True), ("no", False), ("bf16", True)):
+        model, processor = tiny_llava()
+        seen = []
+        model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        out = run_loop(LlavaAdapter(model, processor), get_method("fttp"), forget, retain,
+                       TrainConfig(steps=1, seed=0, lr=1e-3, mixed_precision=mixed), concept.key, concept.names,
+                       progress=False)
+        assert out["mixed_precision"] == mixed and any(seen) is autocast

@@ -98,6 +98,17 @@ def resolved_mixed_precision(cfg: TrainConfig) -> str:
     return cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
 
 
+def fresh_precision(mixed: str) -> None:
+    """accelerate keeps one precision per process and refuses an ``Accelerator`` of another one; a second run in
+    the same process (a notebook, a sweep, an audit's relearning) may train in another, so that part of its state
+    is made anew when it differs. The process group and device (``PartialState``) stay as they are."""
+    from accelerate.state import AcceleratorState
+
+    recorded = AcceleratorState._shared_state.get("_mixed_precision")
+    if recorded is not None and recorded != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def precision(cfg: TrainConfig, device: torch.device):
     """A function returning the autocast context the loop's steps run in (a no-op context without mixed
     precision): probes and tracers enter it, so they measure the model as the steps compute it (on a GPU
@@ -162,6 +173,7 @@ def run_loop(adapter, method: Method, forget: list, retain: list, cfg: TrainConf
         raise ValueError(f"method {method.name!r} needs retain records; none were given")
     seed_everything(cfg.seed)
     mixed = resolved_mixed_precision(cfg)
+    fresh_precision(mixed)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
                               cpu=not torch.cuda.is_available())
     model = adapter.model
